@@ -1,0 +1,23 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both set up .venv first.
+PY := .venv/bin/python
+SETUP := .venv/.setup-stamp
+
+.PHONY: setup demo test test-fast bench clean
+
+$(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
+	bash scripts/setup-env.sh
+
+setup: $(SETUP)
+
+demo: $(SETUP)
+	$(PY) -m pipeline.cli run configs/demo.yaml
+	@echo "demo finished: see results/demo/report.md"
+
+test: $(SETUP)
+	$(PY) -m pytest -q
+
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

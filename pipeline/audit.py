@@ -1,0 +1,79 @@
+"""Stage `audit`: per-sample losses of a trained model on every user's marked images, then ROC.
+
+The model runs in eval mode on the marked images with normalisation only (no augmentation).
+Losses are computed in fp32 from the logit margin m = z_y - logsumexp_{j != y} z_j as
+CE = softplus(-m): the same number as cross-entropy, but it does not round to zero for confident
+predictions, so memorised members stay distinguishable from merely easy non-members.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .betons import make_loader
+from .config import AuditConfig
+from .metrics import roc_metrics, user_scores
+from .models import load_weights
+from .store import Stage, StageError, save_npz, write_json
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y - logsumexp over the other classes, in fp32: log(p_y / (1 - p_y))."""
+    logits = logits.float()
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return true - torch.logsumexp(others, dim=1)
+
+
+@torch.no_grad()
+def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
+    """Loss and margin of every record in `beton`, in file order, into preallocated arrays."""
+    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False)
+    n = loader.num_samples
+    out = {
+        "loss": np.empty(n, np.float32), "margin": np.empty(n, np.float32),
+        "user": np.empty(n, np.int64), "sample": np.empty(n, np.int64), "label": np.empty(n, np.int64),
+    }
+    model.eval().to(device)
+    pos = 0
+    for images, labels, samples, users in loader:
+        margin = logit_margin(model(images.to(device, non_blocking=True)), labels.to(device))
+        end = pos + len(labels)
+        out["margin"][pos:end] = margin.cpu().numpy()
+        out["loss"][pos:end] = torch.nn.functional.softplus(-margin).cpu().numpy()
+        out["user"][pos:end], out["sample"][pos:end], out["label"][pos:end] = users, samples, labels
+        pos = end
+    if pos != n:
+        raise StageError(f"{beton}: scored {pos} of {n} records")
+    return out
+
+
+def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) -> dict[str, Any]:
+    per_user = user_scores(scores, users)
+    members = {u["user_id"] for u in users if u["role"] == "member"}
+    sample_is_member = np.isin(scores["user"], list(members))
+    return {
+        "set_based": roc_metrics(per_user["is_member"], -per_user["mean_loss"]),
+        "instance_based": roc_metrics(sample_is_member, -scores["loss"].astype(np.float64)),
+        "set_based_logit": roc_metrics(per_user["is_member"], per_user["mean_margin"]),
+        "member_mean_loss": float(per_user["mean_loss"][per_user["is_member"]].mean()),
+        "nonmember_mean_loss": float(per_user["mean_loss"][~per_user["is_member"]].mean()),
+    }
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]]) -> None:
+    model, _ = load_weights(weights)
+    scores = score_samples(model, audit_beton, cfg, pick_device())
+    expected = sum(len(u["sample_ids"]) for u in users)
+    if len(scores["loss"]) != expected:
+        raise StageError(f"{audit_beton}: {len(scores['loss'])} records but the plan has {expected} user samples")
+    save_npz(stage.path("losses.npz"), **scores)
+    write_json(stage.path("metrics.json"), audit_metrics(scores, users))
+    stage.finish(["losses.npz", "metrics.json"])

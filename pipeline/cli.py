@@ -1,0 +1,88 @@
+"""Command line: one subcommand per stage, plus `run` for the whole DAG.
+
+    mtrack run CONFIG [--set section.key=value ...] [--force]
+    mtrack plan|mark|write|report CONFIG [--set ...] [--force]
+    mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
+
+Errors in configs, data or the run directory end in one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .config import ConfigError, load_config
+from .dag import ARM_STAGES, RUNNERS, Task, run_task, tasks
+from .sources import DataSourceError
+from .store import StageError
+
+log = logging.getLogger("pipeline")
+USER_ERRORS = (ConfigError, StageError, DataSourceError)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--force", action="store_true", help="re-run even if the manifest says done")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtrack", description="Data-use auditing benchmark pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every stage of the DAG, skipping finished ones")
+    _common(run)
+    run.add_argument("--launcher", choices=["local"], default="local",
+                     help="where stages run: 'local' runs each stage in its own process here")
+    for stage in RUNNERS:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        _common(p)
+        if stage in ARM_STAGES:
+            p.add_argument("--arm", choices=["marked", "control"], required=True)
+    return parser
+
+
+def run_local(config: str, overrides: list[str], force: bool) -> None:
+    """Run each task of the DAG in its own Python process, in order, stopping at the first failure.
+
+    Separate processes keep every stage's memory and DDP workers to itself, exactly as a cluster
+    job would run it."""
+    cfg = load_config(config, overrides)
+    for task in tasks(cfg):
+        cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config]
+        cmd += [f"--set={o}" for o in overrides]
+        cmd += ["--arm", task.arm] if task.arm else []
+        cmd += ["--force"] if force else []
+        started = time.perf_counter()
+        result = subprocess.run(cmd, env=os.environ.copy())
+        if result.returncode != 0:
+            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
+                             "finished stages are skipped")
+        log.info("%s: %.1f s", task.name, time.perf_counter() - started)
+    log.info("results in %s", cfg.results_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            run_local(args.config, args.overrides, args.force)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_task(cfg, Task(args.command, getattr(args, "arm", None)), force=args.force)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Typed, strictly validated run configuration.
+
+One YAML file describes a whole run; each stage reads only its own section. Unknown or misspelt
+keys, wrong types and out-of-range values are rejected with a one-line error naming the file and
+the key, before any stage touches the run directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where images come from and the pixel grid they are stored (and marked) on."""
+
+    source: Literal["fashion_mnist", "synthetic"] = "fashion_mnist"
+    root: str | None = None  # directory with the IDX files; None searches the usual places
+    download: bool = False  # fetch from the official location when the files are missing
+    image_size: int = Field(32, ge=8, le=1024)  # images are padded/resized to this square grid
+    n_train: int = Field(10_000, ge=10)  # training subset drawn from the train split
+    n_test: int | None = Field(None, ge=1)  # cap on the test split (None = all)
+    synthetic_per_class: int = Field(1_200, ge=10)  # synthetic source: train images per class
+    synthetic_classes: int = Field(10, ge=2, le=100)
+
+
+class PlanConfig(_Strict):
+    """Who the users are: members mark training images, non-members mark held-out ones."""
+
+    n_member_users: int = Field(10, ge=1)
+    n_nonmember_users: int = Field(200, ge=1)
+    samples_per_user: int = Field(10, ge=1)
+
+
+class MarkConfig(_Strict):
+    """The two-step mark: sign noise of amplitude epsilon, then a blend with the user's pattern."""
+
+    noise: Literal["perlin", "uniform", "none"] = "perlin"
+    epsilon: float = Field(8 / 255, ge=0.0, le=1.0)
+    pattern: Literal["stripes"] = "stripes"
+    alpha: float = Field(0.7, gt=0.0, le=1.0)
+    n_stripes: int = Field(16, ge=1, le=256)
+    examples_users: int = Field(6, ge=1)  # users shown in the originals-vs-marked grid
+
+
+class TrainConfig(_Strict):
+    """Training recipe. `arms` lists the models to train: the marked one and the unmarked control."""
+
+    arch: str = "small_cnn"
+    width: int = Field(32, ge=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    augment: Literal["flip_translate", "flip", "none"] = "flip_translate"
+    translate_pixels: int = Field(2, ge=0)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp"] = "auto"
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = "auto"
+    num_workers: int = Field(2, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU (None = torch default)
+    arms: tuple[Literal["marked", "control"], ...] = ("marked", "control")
+    checkpoint_every_n_steps: int = Field(500, ge=1)
+
+
+class AuditConfig(_Strict):
+    batch_size: int = Field(512, ge=1)
+    num_workers: int = Field(2, ge=1)
+
+
+class RunConfig(_Strict):
+    """A whole run: where it lives, its seed, and one section per stage."""
+
+    name: str = "run"
+    run_dir: str = "runs/run"
+    results_dir: str = "results/run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    plan: PlanConfig = PlanConfig()
+    mark: MarkConfig = MarkConfig()
+    train: TrainConfig = TrainConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        k, n = self.plan.samples_per_user, self.plan.n_member_users
+        if k * n > self.data.n_train:
+            raise ValueError(
+                f"plan.n_member_users * plan.samples_per_user = {k * n} exceeds data.n_train = {self.data.n_train}"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (and the seed): what a stage's outputs depend on."""
+        payload = {"seed": self.seed, **{s: getattr(self, s).model_dump(mode="json") for s in sections}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` are `section.key=value` strings parsed as YAML values."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from None

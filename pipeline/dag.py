@@ -1,0 +1,137 @@
+"""The stage DAG: which tasks a config implies, what each depends on, and how one task runs.
+
+A task is a stage, optionally for one arm (the marked model or the unmarked control). Its config
+hash covers exactly the config sections its outputs depend on, plus the arm, so a finished task is
+skipped and a changed upstream setting is detected. Launchers only decide where `run_task` runs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+from .plan import child_seed
+from .store import Stage, StageError, load_npz, read_json
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Task:
+    stage: str
+    arm: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.arm}" if self.arm else self.stage
+
+
+# Sections of the config each stage's outputs depend on (cumulative along the chain).
+STAGE_SECTIONS = {
+    "plan": ("data", "plan"),
+    "mark": ("data", "plan", "mark"),
+    "write": ("data", "plan", "mark"),
+    "train": ("data", "plan", "mark", "train"),
+    "audit": ("data", "plan", "mark", "train", "audit"),
+    "report": ("data", "plan", "mark", "train", "audit"),
+}
+ARM_STAGES = ("train", "audit")
+
+
+def tasks(cfg: RunConfig) -> list[Task]:
+    """All tasks in a valid execution order."""
+    arms = cfg.train.arms
+    return [Task("plan"), Task("mark"), Task("write"), *(Task("train", a) for a in arms),
+            *(Task("audit", a) for a in arms), Task("report")]
+
+
+def dependencies(cfg: RunConfig, task: Task) -> list[Task]:
+    previous = {"mark": [Task("plan")], "write": [Task("mark")], "train": [Task("write")],
+                "audit": [Task("train", task.arm)], "report": [Task("audit", a) for a in cfg.train.arms]}
+    return previous.get(task.stage, [])
+
+
+def stage_for(cfg: RunConfig, task: Task) -> Stage:
+    digest = cfg.section_hash(*STAGE_SECTIONS[task.stage])
+    if task.stage == "report":
+        digest = f"{digest}-{'+'.join(cfg.train.arms)}"
+    return Stage(Path(cfg.run_dir), task.name, f"{digest}-{task.arm}" if task.arm else digest)
+
+
+# Stage modules are imported inside the runners: a process running one stage loads only what
+# that stage needs (plan and mark never import torch or FFCV).
+
+
+def _users(cfg: RunConfig) -> list[dict]:
+    return read_json(Path(cfg.run_dir) / "plan" / "users.json")["users"]
+
+
+def _run_plan(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .plan import run_plan
+    from .sources import load_source
+
+    run_plan(cfg, stage, load_source(cfg.data))
+
+
+def _run_mark(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .mark import run_mark
+    from .sources import load_source
+
+    run_mark(cfg, stage, load_source(cfg.data), _users(cfg))
+
+
+def _run_write(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .sources import load_source
+    from .write import run_write
+
+    run_dir = Path(cfg.run_dir)
+    train_ids = load_npz(run_dir / "plan" / "train_ids.npz")["train_ids"]
+    marked = load_npz(run_dir / "mark" / "marked.npz")
+    run_write(cfg, stage, load_source(cfg.data), _users(cfg), train_ids, marked)
+
+
+def _run_train(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .train import run_train
+
+    write = read_json(Path(cfg.run_dir) / "write" / "manifest.json")
+    run_train(stage, task.arm, cfg.train, Path(cfg.run_dir) / "write", write["num_classes"], write["mean"],
+              write["std"], seed=child_seed(cfg.seed, 3) % 2**31, val_every=max(1, cfg.train.epochs // 4))
+
+
+def _run_audit(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .audit import run_audit
+
+    run_dir = Path(cfg.run_dir)
+    run_audit(stage, cfg.audit, run_dir / "write" / "audit.beton", run_dir / f"train-{task.arm}" / "model.pt",
+              _users(cfg))
+
+
+def _run_report(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .report import run_report
+
+    run_report(stage, Path(cfg.run_dir), Path(cfg.results_dir), cfg.train.arms, f"Audit report: {cfg.name}")
+
+
+RUNNERS: dict[str, Callable[[RunConfig, Stage, Task], None]] = {
+    "plan": _run_plan, "mark": _run_mark, "write": _run_write,
+    "train": _run_train, "audit": _run_audit, "report": _run_report,
+}
+
+
+def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
+    """Run one task unless it is already done; returns True when it ran."""
+    stage = stage_for(cfg, task)
+    if force:
+        stage.invalidate()
+    elif stage.done():
+        log.info("%s: done already, skipped", task.name)
+        return False
+    for dep in dependencies(cfg, task):
+        if not stage_for(cfg, dep).done():
+            raise StageError(f"{task.name}: needs stage '{dep.name}' finished first (in {cfg.run_dir})")
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: running", task.name)
+    RUNNERS[task.stage](cfg, stage, task)
+    return True

@@ -1,0 +1,95 @@
+"""Model registry: architectures by name, so configs pick a model without if-chains in the trainer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from .store import StageError, atomic_path
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def wrap(fn: ModelBuilder) -> ModelBuilder:
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_model(arch: str, num_classes: int, width: int = 32) -> nn.Module:
+    if arch not in MODELS:
+        raise ValueError(f"train.arch: unknown architecture '{arch}' (known: {', '.join(sorted(MODELS))})")
+    return MODELS[arch](num_classes=num_classes, width=width)
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+@register_model("small_cnn")
+def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
+    """A VGG-style CNN for small images (three stages of two 3x3 convolutions): enough capacity to
+    memorise a few tens of thousands of images, cheap enough to train on two CPU cores."""
+    w = width
+    return nn.Sequential(
+        _conv_bn(3, w), _conv_bn(w, w), nn.MaxPool2d(2),
+        _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+        _conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w), nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(), nn.Linear(4 * w, num_classes),
+    )
+
+
+@register_model("resnet18_cifar")
+def resnet18_cifar(num_classes: int, width: int = 64) -> nn.Module:
+    """torchvision's ResNet-18 with the small-image stem (3x3 stride-1 conv, no max-pool)."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+for _name in ("resnet18", "resnet50"):
+    register_model(_name)(
+        lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
+    )
+
+
+class Normalized(nn.Module):
+    """Wraps a classifier so it takes uint8-range images: normalisation is part of the model, hence
+    identical in training, audit and any black-box use of the checkpoint."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float() - self.mean) / self.std)
+
+
+def save_weights(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> None:
+    """Plain tensors plus JSON metadata: loadable with `torch.load(weights_only=True)`."""
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, tmp)
+
+
+def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a saved classifier without executing any code from the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        model = Normalized(build_model(meta["arch"], meta["num_classes"], meta["width"]), meta["mean"], meta["std"])
+        model.load_state_dict(blob["state_dict"])
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing model weights (run the train stage first)") from None
+    except (RuntimeError, KeyError, ValueError, EOFError) as exc:
+        raise StageError(f"{path}: not a usable checkpoint ({str(exc).splitlines()[0]})") from None
+    return model.eval(), meta

@@ -1,0 +1,86 @@
+"""Stage `plan`: who the users are.
+
+Draws the training subset, then member users (K training images of one class each) and
+non-member users (K images of one class each from the part of the train split that is never
+trained on). No image belongs to two users. The manifest rows (user id, role, class, split,
+sample ids, pattern seed) define the users for every later stage; nothing depends on file order.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+from .sources import ImageSplits
+from .store import Stage, StageError, save_npz, write_json
+
+MEMBER, NONMEMBER = "member", "nonmember"
+
+
+def child_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys: independent streams for users and images."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _assign_classes(n_users: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Spread users over classes as evenly as possible, in a seeded random order."""
+    classes = np.concatenate([rng.permutation(n_classes) for _ in range(-(-n_users // n_classes))])
+    return classes[:n_users]
+
+
+def _draw_users(
+    role: str, first_id: int, n_users: int, pool: np.ndarray, labels: np.ndarray, k: int,
+    n_classes: int, rng: np.random.Generator, seed: int,
+) -> list[dict[str, Any]]:
+    users = []
+    available = {c: list(rng.permutation(pool[labels[pool] == c])) for c in range(n_classes)}
+    for offset, cls in enumerate(_assign_classes(n_users, n_classes, rng)):
+        cls = int(cls)
+        if len(available[cls]) < k:
+            raise StageError(
+                f"plan: class {cls} has only {len(available[cls])} unused {role} images left, "
+                f"need plan.samples_per_user={k}; lower samples_per_user or the number of {role} users"
+            )
+        ids = sorted(int(i) for i in available[cls][:k])
+        del available[cls][:k]
+        uid = first_id + offset
+        users.append(
+            {"user_id": uid, "role": role, "class": cls, "split": "train", "sample_ids": ids,
+             "pattern_seed": child_seed(seed, 1, uid)}
+        )
+    return users
+
+
+def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.ndarray]:
+    """Return (manifest body, training subset ids). Pure function of the config and the data."""
+    rng = np.random.default_rng(child_seed(cfg.seed, 0))
+    n_total = len(data.train_labels)
+    if cfg.data.n_train >= n_total:
+        raise StageError(
+            f"plan: data.n_train={cfg.data.n_train} leaves no held-out images in the {n_total}-image train split "
+            "for non-member users"
+        )
+    order = rng.permutation(n_total)
+    train_ids, heldout_ids = np.sort(order[: cfg.data.n_train]), np.sort(order[cfg.data.n_train :])
+    k, labels, n_classes = cfg.plan.samples_per_user, data.train_labels, data.num_classes
+    members = _draw_users(MEMBER, 0, cfg.plan.n_member_users, train_ids, labels, k, n_classes, rng, cfg.seed)
+    nonmembers = _draw_users(
+        NONMEMBER, len(members), cfg.plan.n_nonmember_users, heldout_ids, labels, k, n_classes, rng, cfg.seed
+    )
+    body = {
+        "dataset": data.name,
+        "classes": list(data.classes),
+        "n_train": int(cfg.data.n_train),
+        "n_test": int(len(data.test_labels)),
+        "samples_per_user": k,
+        "users": members + nonmembers,
+    }
+    return body, train_ids
+
+
+def run_plan(cfg: RunConfig, stage: Stage, data: ImageSplits) -> None:
+    body, train_ids = make_plan(cfg, data)
+    save_npz(stage.path("train_ids.npz"), train_ids=train_ids)
+    write_json(stage.path("users.json"), body)
+    stage.finish(["users.json", "train_ids.npz"])

@@ -1,0 +1,154 @@
+"""Stage `report`: metrics.json, report.md and plots in the results directory.
+
+`metrics.json` keeps a fixed schema (later additions add keys, never rename): dataset sizes, the
+marked fraction, test accuracy, the FPR resolution 1/M, seconds per stage, and the blocks
+`set_based`, `instance_based` (marked model) and `control_unmarked` (set-based audit of a model
+trained with the same member users left unmarked).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .metrics import FPR_TARGETS, roc_points, user_scores  # noqa: E402
+from .store import Stage, atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
+
+ROC_BLOCKS = ("set_based", "instance_based", "control_unmarked")
+
+
+def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) -> dict[str, Any]:
+    users = plan["users"]
+    n_members = sum(u["role"] == "member" for u in users)
+    n_nonmembers = len(users) - n_members
+    k, n_train = plan["samples_per_user"], plan["n_train"]
+    train = {arm: read_json(run_dir / f"train-{arm}" / "metrics.json") for arm in arms}
+    audit = {arm: read_json(run_dir / f"audit-{arm}" / "metrics.json") for arm in arms}
+    stages = ["plan", "mark", "write", *(f"{s}-{a}" for s in ("train", "audit") for a in arms)]
+    marked, control = audit.get("marked"), audit.get("control")
+    quality = read_json(run_dir / "mark" / "quality.json")["per_user"]
+    return {
+        "dataset": plan["dataset"],
+        "n_train": n_train,
+        "n_member_users": n_members,
+        "n_nonmember_users": n_nonmembers,
+        "samples_per_user": k,
+        "marked_fraction": k / n_train,
+        "marked_fraction_all_members": n_members * k / n_train,
+        "test_accuracy": train["marked"]["test_accuracy"] if "marked" in train else None,
+        "fpr_resolution": 1.0 / n_nonmembers,
+        "seconds": {s: read_json(run_dir / s / "manifest.json")["seconds"] for s in stages},
+        "set_based": marked["set_based"] if marked else None,
+        "instance_based": marked["instance_based"] if marked else None,
+        "control_unmarked": control["set_based"] if control else None,
+        "set_based_logit": marked["set_based_logit"] if marked else None,
+        "control_unmarked_logit": control["set_based_logit"] if control else None,
+        "training": {arm: {key: t[key] for key in ("epochs", "train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+                     for arm, t in train.items()},
+        "mean_user_loss": {arm: {"member": a["member_mean_loss"], "nonmember": a["nonmember_mean_loss"]}
+                           for arm, a in audit.items()},
+        "psnr_db": float(np.mean([q["psnr_mean"] for q in quality])),
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def report_markdown(m: dict[str, Any], title: str) -> str:
+    rows = [
+        ("set-based, marked model (paper's score: mean loss)", m["set_based"]),
+        ("instance-based, marked model (per-sample loss)", m["instance_based"]),
+        ("set-based, control model (members unmarked)", m["control_unmarked"]),
+        ("set-based, marked model, logit-margin score", m["set_based_logit"]),
+        ("set-based, control model, logit-margin score", m["control_unmarked_logit"]),
+    ]
+    lines = [
+        f"# {title}",
+        "",
+        f"Dataset **{m['dataset']}**: {m['n_train']} training images, {m['n_member_users']} member users and "
+        f"{m['n_nonmember_users']} non-member users with K = {m['samples_per_user']} images each "
+        f"({100 * m['marked_fraction']:.3f}% of the training set per user). FPR resolution 1/M = {m['fpr_resolution']:.4f}: "
+        "every FPR target below it reads as FPR = 0. Mean PSNR of marked images: "
+        f"{m['psnr_db']:.1f} dB.",
+        "",
+        "| audit | AUC | FPR @ 100% TPR | " + " | ".join(f"TPR @ FPR≤{t}" for t in FPR_TARGETS) + " |",
+        "|---|---|---|" + "---|" * len(FPR_TARGETS),
+    ]
+    for name, block in rows:
+        if block is not None:
+            tprs = " | ".join(_fmt(block["tpr_at_fpr"][t]) for t in FPR_TARGETS)
+            lines.append(f"| {name} | {_fmt(block['auc'])} | {_fmt(block['fpr_at_tpr_1'])} | {tprs} |")
+    lines += ["", "| model | epochs | train loss | train acc | test loss | test acc | mean user loss: members | non-members |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, t in m["training"].items():
+        u = m["mean_user_loss"][arm]
+        lines.append(f"| {arm} | {t['epochs']} | {t['train_loss']:.4f} | {t['train_accuracy']:.4f} | {t['test_loss']:.4f} | "
+                     f"{t['test_accuracy']:.4f} | {u['member']:.3g} | {u['nonmember']:.3g} |")
+    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + ".", "",
+              "Plots: `roc.png` (log-scale FPR), `loss_hist.png` (per-user mean loss), `marked_examples.png`.", ""]
+    return "\n".join(lines)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], fpr_floor: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for label, (fpr, tpr) in curves.items():
+        ax.step(np.maximum(fpr, fpr_floor), tpr, where="post", label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(fpr_floor, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"false positive rate (log; values below 1/M = {fpr_floor:.1e} drawn at 1/M)")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_loss_hist(per_arm: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(per_arm), figsize=(5 * len(per_arm), 3.6), squeeze=False)
+    for ax, (arm, s) in zip(axes[0], per_arm.items()):
+        loss = np.maximum(s["mean_loss"], 1e-12)
+        bins = np.logspace(np.log10(loss.min()), np.log10(loss.max()) + 1e-9, 40)
+        ax.hist(loss[~s["is_member"]], bins=bins, alpha=0.6, label="non-member users")
+        ax.hist(loss[s["is_member"]], bins=bins, alpha=0.8, label="member users")
+        ax.set_xscale("log")
+        ax.set_title(f"{arm} model: per-user mean loss", fontsize=9)
+        ax.set_xlabel("mean cross-entropy over the user's K marked images")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def run_report(stage: Stage, run_dir: Path, results_dir: Path, arms: tuple[str, ...], title: str) -> None:
+    plan = read_json(run_dir / "plan" / "users.json")
+    metrics = build_metrics(run_dir, plan, arms)
+    per_arm = {arm: user_scores(load_npz(run_dir / f"audit-{arm}" / "losses.npz"), plan["users"]) for arm in arms}
+    curves = {}
+    for arm, s in per_arm.items():
+        curves[f"set-based, {arm} model"] = roc_points(s["is_member"], -s["mean_loss"])
+    if "marked" in arms:
+        losses = load_npz(run_dir / "audit-marked" / "losses.npz")
+        members = [u["user_id"] for u in plan["users"] if u["role"] == "member"]
+        curves["instance-based, marked model"] = roc_points(np.isin(losses["user"], members), -losses["loss"])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plot_roc(curves, metrics["fpr_resolution"], stage.path("roc.png"))
+    plot_loss_hist(per_arm, stage.path("loss_hist.png"))
+    copy_file(run_dir / "mark" / "marked_examples.png", stage.path("marked_examples.png"))
+    write_json(stage.path("metrics.json"), metrics)
+    with atomic_path(stage.path("report.md")) as tmp:
+        tmp.write_text(report_markdown(metrics, title))
+    outputs = ["metrics.json", "report.md", "roc.png", "loss_hist.png", "marked_examples.png"]
+    for name in outputs:
+        copy_file(stage.path(name), results_dir / name)
+    stage.finish(outputs, results_dir=str(results_dir))

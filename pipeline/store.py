@@ -1,0 +1,146 @@
+"""The run directory: atomic writes and stage manifests.
+
+Every file appears whole or not at all (written to a temporary name in the same folder, flushed,
+then renamed). A stage is done when its `manifest.json` exists and records the hash of the config
+it was built from; a re-run with the same config skips it, a different config is refused rather
+than silently mixing outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: one line saying which file or setting is wrong."""
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it over `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(target: str | Path, obj: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def copy_file(src: str | Path, target: str | Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the stage that writes it first)") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def save_npz(target: str | Path, **arrays: np.ndarray) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the stage that writes it first)") from None
+    except (ValueError, OSError) as exc:
+        raise StageError(f"{path}: unreadable array file ({exc})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Stage:
+    """One stage's folder in the run directory and its completion record."""
+
+    run_dir: Path
+    name: str
+    config_hash: str
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def done(self) -> bool:
+        """True when a manifest for this exact config exists and every output it lists is intact."""
+        manifest_path = self.path(MANIFEST)
+        if not manifest_path.exists():
+            return False
+        manifest = read_json(manifest_path)
+        if manifest.get("config_hash") != self.config_hash:
+            raise StageError(
+                f"{manifest_path}: stage '{self.name}' was built from a different config "
+                f"(hash {manifest.get('config_hash')} != {self.config_hash}); use a new run_dir or --force"
+            )
+        for rel, digest in manifest.get("outputs", {}).items():
+            out = self.path(rel)
+            if not out.exists():
+                raise StageError(f"{out}: listed in {manifest_path} but missing; re-run with --force")
+            if out.stat().st_size != manifest.get("sizes", {}).get(rel, out.stat().st_size):
+                raise StageError(f"{out}: size differs from {manifest_path}; re-run with --force")
+        return True
+
+    def finish(self, outputs: list[str], **extra: Any) -> dict[str, Any]:
+        """Record the stage as done; written last, so a killed stage is never taken as finished."""
+        manifest = {
+            "stage": self.name,
+            "status": "done",
+            "config_hash": self.config_hash,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
+            "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
+            **extra,
+        }
+        write_json(self.path(MANIFEST), manifest)
+        return manifest
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.path(MANIFEST))
+
+    def invalidate(self) -> None:
+        """Forget that the stage finished (used by --force); its outputs are overwritten atomically."""
+        self.path(MANIFEST).unlink(missing_ok=True)

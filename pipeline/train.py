@@ -1,0 +1,158 @@
+"""Stage `train`: a Lightning classifier on FFCV data, for one arm (`marked` or `control`).
+
+The trainer knows nothing of its launcher: accelerator, precision and DDP come from the config
+and the environment (Lightning detects SLURM and torchrun), and the stage always resumes from
+its own last checkpoint, so a killed or requeued run continues where it stopped.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from .betons import BetonLoader, make_loader
+from .config import TrainConfig
+from .models import Normalized, build_model, save_weights
+from .store import Stage, StageError, write_json
+
+ARM_TRAIN_SET = {"marked": "train_marked.beton", "control": "train_clean.beton"}
+
+
+class BetonData(L.LightningDataModule):
+    """Train/validation loaders built inside the hooks, so each DDP rank gets its own shard."""
+
+    def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int) -> None:
+        super().__init__()
+        self.train_path, self.val_path, self.cfg, self.seed = train_path, val_path, cfg, seed
+        self.train_loader: BetonLoader | None = None
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def train_dataloader(self) -> BetonLoader:
+        c = self.cfg
+        self.train_loader = make_loader(
+            self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
+            translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
+        )
+        return self.train_loader
+
+    def val_dataloader(self) -> BetonLoader:
+        return make_loader(self.val_path, 512, self.cfg.num_workers, train=False, distributed=self._distributed(),
+                           torch_threads=self.cfg.threads)
+
+
+class Classifier(L.LightningModule):
+    """Image classifier taking uint8 NCHW batches; normalisation lives inside the model."""
+
+    def __init__(self, arch: str, num_classes: int, width: int, mean: list[float], std: list[float],
+                 cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = TrainConfig.model_validate(cfg)
+        self.model = Normalized(build_model(arch, num_classes, width), tuple(mean), tuple(std))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.datamodule.train_loader
+        if loader is not None:
+            loader.epoch = self.current_epoch
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({"train_loss": loss, "train_acc": acc}, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        logits = self(images).float()
+        self.log_dict(
+            {"val_loss": F.cross_entropy(logits, labels), "val_acc": (logits.argmax(1) == labels).float().mean()},
+            on_epoch=True, sync_dist=True, batch_size=len(labels),
+        )
+
+    def configure_optimizers(self) -> Any:
+        c = self.cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.SGD(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
+        )
+        if c.schedule == "constant":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if c.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """bf16 mixed precision where the GPU supports it, fp16 mixed on older GPUs, fp32 on CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if cfg.accelerator != "cpu" and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode over every sample of `loader`."""
+    model.eval().to(device)
+    total_loss, correct, count = 0.0, 0, 0
+    for images, labels, *_ in loader:
+        logits = model(images.to(device)).float()
+        labels = labels.to(device)
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_classes: int,
+              mean: list[float], std: list[float], seed: int, val_every: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+    train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
+    module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
+    data = BetonData(train_path, test_path, cfg, seed)
+    ckpt_dir = stage.path("checkpoints")
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=CSVLogger(stage.dir, name="logs"),
+        callbacks=[checkpoint], check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=False,
+    )
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if trainer.global_rank != 0:
+        return
+    device = module.device
+    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm}
+    save_weights(module.model, meta, stage.path("model.pt"))
+    train_loss, train_acc = evaluate(module.model, make_loader(train_path, 512, cfg.num_workers, train=False), device)
+    test_loss, test_acc = evaluate(module.model, make_loader(test_path, 512, cfg.num_workers, train=False), device)
+    metrics = {
+        "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
+        "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "global_step": trainer.global_step,
+    }
+    if not math.isfinite(train_loss):
+        raise StageError(f"train-{arm}: training diverged (train loss {train_loss}); lower train.lr")
+    write_json(stage.path("metrics.json"), metrics)
+    stage.finish(["model.pt", "metrics.json"], **metrics)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load(repo: Path) -> None:
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "mark:\n  alpah: 0.5\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: mark.alpah: Extra inputs are not permitted"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [("mark:\n  alpha: 1.5\n", "mark.alpha"), ("mark:\n  alpha: 0\n", "mark.alpha"),
+     ("mark:\n  epsilon: -0.1\n", "mark.epsilon"), ("train:\n  epochs: many\n", "train.epochs"),
+     ("data:\n  source: imagenet21k\n", "data.source")],
+)
+def test_bad_values_are_named(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
+
+
+def test_overrides_and_missing_file(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "seed: 3\n"), ["train.epochs=7", "mark.noise=uniform"])
+    assert cfg.train.epochs == 7 and cfg.mark.noise == "uniform" and cfg.seed == 3
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_members_must_fit_training_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exceeds data.n_train"):
+        load_config(_write(tmp_path, "data:\n  n_train: 50\nplan:\n  n_member_users: 10\n  samples_per_user: 10\n"))

@@ -1,0 +1,84 @@
+"""The whole DAG on the synthetic source, through the command line, as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.dag import stage_for, tasks
+
+pytestmark = pytest.mark.slow
+
+SCHEMA_KEYS = {"dataset", "n_train", "n_member_users", "n_nonmember_users", "samples_per_user", "marked_fraction",
+               "test_accuracy", "fpr_resolution", "seconds", "set_based", "instance_based", "control_unmarked"}
+BLOCK_KEYS = {"auc", "fpr_at_tpr_1", "tpr_at_fpr"}
+
+
+def _mtrack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, repo: Path = Path(__file__).resolve().parents[1]) -> Path:
+    tmp = tmp_path_factory.mktemp("tiny")
+    tree = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
+    tree["run_dir"], tree["results_dir"] = str(tmp / "run"), str(tmp / "results")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = _mtrack("run", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config
+
+
+def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
+    cfg = load_config(tiny_run)
+    for task in tasks(cfg):
+        stage = stage_for(cfg, task)
+        assert stage.done(), task.name
+        for rel in stage.manifest()["outputs"]:
+            assert stage.path(rel).stat().st_size > 0
+    run = Path(cfg.run_dir)
+    marked = np.load(run / "mark" / "marked.npz")
+    assert marked["images"].shape == (24 * 8, 16, 16, 3)
+    losses = np.load(run / "audit-marked" / "losses.npz")
+    assert sorted(losses["sample"].tolist()) == sorted(marked["sample_ids"].tolist())
+    assert np.isfinite(losses["loss"]).all() and (losses["loss"] >= 0).all()
+
+
+def test_metrics_file_schema(tiny_run: Path) -> None:
+    cfg = load_config(tiny_run)
+    results = Path(cfg.results_dir)
+    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "marked_examples.png"):
+        assert (results / name).stat().st_size > 0, name
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert SCHEMA_KEYS <= metrics.keys()
+    assert metrics["n_member_users"] == 4 and metrics["n_nonmember_users"] == 20
+    assert metrics["fpr_resolution"] == pytest.approx(1 / 20)
+    assert metrics["marked_fraction"] == pytest.approx(8 / 800)
+    assert 0 <= metrics["test_accuracy"] <= 1
+    for block in ("set_based", "instance_based", "control_unmarked"):
+        assert BLOCK_KEYS <= metrics[block].keys()
+        assert set(metrics[block]["tpr_at_fpr"]) == {"0", "0.0001", "0.001", "0.01"}
+        assert 0 <= metrics[block]["auc"] <= 1
+    assert set(metrics["seconds"]) >= {"plan", "mark", "write", "train-marked", "train-control"}
+    assert "| set-based, marked model" in (results / "report.md").read_text()
+
+
+def test_rerun_skips_finished_stages(tiny_run: Path) -> None:
+    cfg = load_config(tiny_run)
+    before = {t.name: stage_for(cfg, t).manifest()["outputs"] for t in tasks(cfg)}
+    result = _mtrack("plan", str(tiny_run))
+    assert result.returncode == 0 and "skipped" in result.stderr
+    assert {t.name: stage_for(cfg, t).manifest()["outputs"] for t in tasks(cfg)} == before
+
+
+def test_changed_config_is_refused_not_mixed(tiny_run: Path) -> None:
+    result = _mtrack("mark", str(tiny_run), "--set", "mark.alpha=0.5")
+    assert result.returncode == 2
+    assert "different config" in result.stderr and len(result.stderr.strip().splitlines()) == 1

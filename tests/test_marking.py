@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import MarkConfig
+from pipeline.marking import mark_batch, noise_delta, perlin_signs, stripe_pattern
+
+EPS = 8 / 255
+
+
+def _images(n: int = 4, h: int = 28, w: int = 28, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["perlin", "uniform"])
+def test_noise_is_plus_minus_epsilon(kind: str) -> None:
+    delta = noise_delta(kind, np.arange(5, dtype=np.uint64), 20, 24, EPS)
+    assert delta.shape == (5, 20, 24, 3)
+    assert np.allclose(np.unique(delta), [-EPS, EPS])
+
+
+def test_perlin_signs_balanced_and_seeded() -> None:
+    signs = perlin_signs(np.arange(8, dtype=np.uint64), 64, 64)
+    assert 0.3 < (signs > 0).mean() < 0.7
+    assert not np.array_equal(signs[0], signs[1])
+    assert np.array_equal(signs[3], perlin_signs(np.array([3], dtype=np.uint64), 64, 64)[0])  # batch-independent
+
+
+def test_noise_step_bounded_and_clipped() -> None:
+    """With alpha = 1 the output is x + delta clipped: every pixel moves by at most epsilon (+ rounding)."""
+    imgs = _images()
+    imgs[0] = 0
+    imgs[1] = 255
+    cfg = MarkConfig(noise="perlin", epsilon=EPS, alpha=1.0)
+    out = mark_batch(imgs, np.zeros((28, 28, 3), np.float32), np.arange(4, dtype=np.uint64), cfg)
+    diff = out.astype(int) - imgs.astype(int)
+    assert np.abs(diff).max() <= round(EPS * 255)
+    assert out.dtype == np.uint8
+    assert (out[0] >= 0).all() and (out[1] <= 255).all()
+    assert (np.abs(diff[2:]) == round(EPS * 255)).mean() > 0.9  # away from the clip bounds the full step lands
+
+
+def test_blend_formula_and_range() -> None:
+    imgs = _images()
+    pattern = stripe_pattern(7, 28, 28)
+    cfg = MarkConfig(noise="none", alpha=0.7)
+    out = mark_batch(imgs, pattern, np.arange(4, dtype=np.uint64), cfg)
+    expected = np.rint((0.7 * imgs / 255.0 + 0.3 * pattern) * 255)
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    full = mark_batch(imgs, pattern, np.arange(4, dtype=np.uint64), MarkConfig(noise="perlin", alpha=0.7))
+    assert full.min() >= 0 and full.max() <= 255
+
+
+def test_identity_when_unmarked() -> None:
+    imgs = _images()
+    cfg = MarkConfig(noise="none", epsilon=0.0, alpha=1.0)
+    assert np.array_equal(mark_batch(imgs, stripe_pattern(1, 28, 28), np.arange(4, dtype=np.uint64), cfg), imgs)
+
+
+def test_marks_are_deterministic() -> None:
+    imgs = _images()
+    cfg = MarkConfig()
+    a = mark_batch(imgs, stripe_pattern(3, 28, 28), np.arange(4, dtype=np.uint64), cfg)
+    b = mark_batch(imgs, stripe_pattern(3, 28, 28), np.arange(4, dtype=np.uint64), cfg)
+    assert np.array_equal(a, b)
+
+
+def test_users_get_different_patterns() -> None:
+    patterns = [stripe_pattern(seed, 32, 32) for seed in range(50)]
+    flat = {p.tobytes() for p in patterns}
+    assert len(flat) == 50
+
+
+@pytest.mark.parametrize("height", [7, 16, 28, 30, 33, 224])
+def test_stripe_geometry(height: int) -> None:
+    """No row is left uncoloured (the official code leaves leftover rows black), each band is one
+    colour, and for H >= 16 all 16 bands appear with heights differing by at most one row."""
+    n = 16
+    pattern = stripe_pattern(11, height, 5, n)
+    reference = stripe_pattern(11, n, 5, n)  # one row per band: the band colours in order
+    assert pattern.shape == (height, 5, 3)
+    assert pattern.min() >= 128 / 255 - 1e-6 and pattern.max() < 160 / 255  # compressed palette, no black rows
+    assert (pattern == pattern[:, :1]).all()  # horizontal stripes
+    # walk the rows: each row is the colour of the band it falls in, bands appear in order
+    band_of_row = (np.arange(height) * n) // height
+    assert np.array_equal(pattern[:, 0], reference[band_of_row, 0])
+    if height >= n:
+        heights = np.bincount(band_of_row, minlength=n)
+        assert heights.min() >= 1 and heights.max() - heights.min() <= 1
+        assert np.array_equal(pattern[-1], reference[-1])
