@@ -19,5 +19,10 @@ test: $(SETUP)
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow"
 
+bench: $(SETUP)
+	$(PY) -m bench.marking
+	$(PY) -m bench.survival
+	@echo "benchmarks written under results/bench/ and results/marking/"
+
 clean:
 	rm -rf runs .pytest_cache

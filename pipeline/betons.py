@@ -108,7 +108,7 @@ def make_loader(
         image_ops.append(RandomHorizontalFlip())
     if train and augment == "flip_translate" and translate_pixels > 0:
         image_ops.append(RandomTranslate(padding=translate_pixels))
-    image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
+    image_ops += [ToTensor(), ToTorchImage(channels_last=True)]  # NCHW shape, NHWC memory: no copy
     int_ops = [IntDecoder(), ToTensor(), Squeeze(1)]
     loader = Loader(
         str(path),

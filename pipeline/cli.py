@@ -1,7 +1,9 @@
 """Command line: one subcommand per stage, plus `run` for the whole DAG.
 
     mtrack run CONFIG [--set section.key=value ...] [--force]
-    mtrack plan|mark|write|report CONFIG [--set ...] [--force]
+    mtrack plan|write|report CONFIG [--set ...] [--force]
+    mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
+    mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
     mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
 
 Errors in configs, data or the run directory end in one line on stderr and exit status 2.
@@ -14,14 +16,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, MarkConfig, load_config
 from .dag import ARM_STAGES, RUNNERS, Task, run_task, tasks
+from .images import ImageError
 from .sources import DataSourceError
 from .store import StageError
 
 log = logging.getLogger("pipeline")
-USER_ERRORS = (ConfigError, StageError, DataSourceError)
+USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if stage in ARM_STAGES:
             p.add_argument("--arm", choices=["marked", "control"], required=True)
+        if stage == "mark":
+            p.help = "run the mark stage, or mark a folder of your own images (with --out)"
+            p.add_argument("--shard", type=int, help="mark only this shard of the users (0-based)")
+            p.add_argument("--num-shards", type=int, default=1, help="number of shards the users are split into")
+            owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
+            owner.add_argument("--out", help="output folder for the marked copies and the key file")
+            owner.add_argument("--seed", type=int, help="secret seed (default: random, saved in the key)")
+            owner.add_argument("--noise", choices=["perlin", "uniform", "none"], default="perlin")
+            owner.add_argument("--epsilon", type=float, default=8 / 255)
+            owner.add_argument("--alpha", type=float, default=0.7)
+            owner.add_argument("--pattern", choices=["stripes", "ood_image"], default="stripes")
+            owner.add_argument("--ood-folder", help="with --pattern ood_image: folder the pattern image is drawn from")
+            owner.add_argument("--max-resolution", type=int,
+                               help="shrink so the longer side is at most this (mark on the grid a model will store)")
     return parser
+
+
+def mark_own_folder(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from .owner import KEY_NAME, mark_folder
+
+    if not args.out:
+        raise ConfigError(f"{args.config}: is a folder; pass --out FOLDER to mark your own images")
+    try:
+        cfg = MarkConfig(noise=args.noise, epsilon=args.epsilon, alpha=args.alpha, pattern=args.pattern,
+                         ood_folder=args.ood_folder)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{'-'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}") from None
+    key = mark_folder(args.config, args.out, cfg, args.seed, args.max_resolution, args.force)
+    print(f"marked {len(key['files'])} images into {args.out}; keep {Path(args.out) / KEY_NAME} private: "
+          "the audit needs it")
 
 
 def run_local(config: str, overrides: list[str], force: bool) -> None:
@@ -75,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             run_local(args.config, args.overrides, args.force)
+        elif args.command == "mark" and Path(args.config).is_dir():
+            mark_own_folder(args)
         else:
             cfg = load_config(args.config, args.overrides)
-            run_task(cfg, Task(args.command, getattr(args, "arm", None)), force=args.force)
+            task = Task(args.command, getattr(args, "arm", None), getattr(args, "shard", None),
+                        getattr(args, "num_shards", 1))
+            run_task(cfg, task, force=args.force)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

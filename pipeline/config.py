@@ -49,10 +49,22 @@ class MarkConfig(_Strict):
 
     noise: Literal["perlin", "uniform", "none"] = "perlin"
     epsilon: float = Field(8 / 255, ge=0.0, le=1.0)
-    pattern: Literal["stripes"] = "stripes"
+    pattern: Literal["stripes", "ood_image"] = "stripes"
     alpha: float = Field(0.7, gt=0.0, le=1.0)
     n_stripes: int = Field(16, ge=1, le=256)
+    ood_folder: str | None = None  # ood_image: draw each user's pattern from the images in this folder
+    ood_dataset: Literal["fashion_mnist", "synthetic"] | None = None  # ... or from this source's test split
+    device: Literal["auto", "numpy", "cpu", "cuda"] = "auto"  # auto: torch on CUDA when present, else numpy
     examples_users: int = Field(6, ge=1)  # users shown in the originals-vs-marked grid
+
+    @model_validator(mode="after")
+    def _ood_source(self) -> "MarkConfig":
+        sources = [s for s in (self.ood_folder, self.ood_dataset) if s is not None]
+        if self.pattern == "ood_image" and len(sources) != 1:
+            raise ValueError("pattern 'ood_image' needs exactly one of mark.ood_folder or mark.ood_dataset")
+        if self.pattern != "ood_image" and sources:
+            raise ValueError("mark.ood_folder / mark.ood_dataset are only used with pattern 'ood_image'")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -74,6 +86,7 @@ class TrainConfig(_Strict):
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp"] = "auto"
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = "auto"
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on GPUs and on CPUs with AMX
     num_workers: int = Field(2, ge=1)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU (None = torch default)
     arms: tuple[Literal["marked", "control"], ...] = ("marked", "control")

@@ -20,8 +20,13 @@ log = logging.getLogger("pipeline")
 
 @dataclass(frozen=True)
 class Task:
+    """A stage, for one arm where the stage has arms; `shard`/`num_shards` split the users of
+    sharded stages (one array task per shard; `shard=None` runs the missing shards and finishes)."""
+
     stage: str
     arm: str | None = None
+    shard: int | None = None
+    num_shards: int = 1
 
     @property
     def name(self) -> str:
@@ -79,17 +84,17 @@ def _run_mark(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .mark import run_mark
     from .sources import load_source
 
-    run_mark(cfg, stage, load_source(cfg.data), _users(cfg))
+    run_mark(cfg, stage, load_source(cfg.data), _users(cfg), task.num_shards, task.shard)
 
 
 def _run_write(cfg: RunConfig, stage: Stage, task: Task) -> None:
+    from .mark import load_marked
     from .sources import load_source
     from .write import run_write
 
-    run_dir = Path(cfg.run_dir)
+    run_dir, users = Path(cfg.run_dir), _users(cfg)
     train_ids = load_npz(run_dir / "plan" / "train_ids.npz")["train_ids"]
-    marked = load_npz(run_dir / "mark" / "marked.npz")
-    run_write(cfg, stage, load_source(cfg.data), _users(cfg), train_ids, marked)
+    run_write(cfg, stage, load_source(cfg.data), users, train_ids, load_marked(run_dir / "mark", users))
 
 
 def _run_train(cfg: RunConfig, stage: Stage, task: Task) -> None:
@@ -123,6 +128,8 @@ RUNNERS: dict[str, Callable[[RunConfig, Stage, Task], None]] = {
 def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     """Run one task unless it is already done; returns True when it ran."""
     stage = stage_for(cfg, task)
+    if task.shard is not None and task.stage != "mark":
+        raise StageError(f"{task.stage}: --shard is only supported by the mark stage")
     if force:
         stage.invalidate()
     elif stage.done():

@@ -1,11 +1,15 @@
-"""Stage `mark`: apply every user's mark to their images.
+"""Stage `mark`: apply every user's mark to their images, optionally in shards.
 
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
-(user, sample) so the marks are bit-identical for a seed. Writes the marked images with their user,
-sample and label ids, per-user quality (PSNR), and a grid of originals next to marked versions.
+(user, sample), so marks are bit-identical for a seed whatever the sharding. Shard i of n marks
+users i, i+n, ... and writes only `shard-i-of-n.npz` (images, ids, PSNR and SSIM per image), so an
+array job can split the users; a finished shard is skipped. Finishing the stage checks that every
+shard is there, then writes per-user quality, a grid of originals next to marked versions, and the
+mark's survival under JPEG re-encoding.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -13,12 +17,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
 
-from .config import RunConfig  # noqa: E402
-from .marking import mark_batch, stripe_pattern  # noqa: E402
+from .config import MarkConfig, RunConfig  # noqa: E402
+from .marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
 from .plan import child_seed  # noqa: E402
-from .sources import ImageSplits  # noqa: E402
-from .store import Stage, atomic_path, save_npz, write_json  # noqa: E402
+from .sources import ImageSplits, load_source  # noqa: E402
+from .store import Stage, StageError, atomic_path, load_npz, read_json, save_npz, write_json  # noqa: E402
+from .survival import mark_survival  # noqa: E402
+
+SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
 
 
 def psnr(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
@@ -27,15 +35,89 @@ def psnr(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
     return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
-def mark_user(user: dict[str, Any], images: np.ndarray, cfg: RunConfig) -> np.ndarray:
+def ssim(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (scikit-image, colour, 7x7 windows shrunk to fit small images)."""
+    win = min(7, original.shape[1], original.shape[2])
+    win -= 1 - win % 2
+    return np.array([structural_similarity(o, m, channel_axis=-1, data_range=255, win_size=win)
+                     for o, m in zip(original, marked)])
+
+
+def ood_pool(cfg: MarkConfig, image_size: int) -> OODPool | None:
+    if cfg.pattern != "ood_image":
+        return None
+    if cfg.ood_folder:
+        return OODPool.from_folder(cfg.ood_folder)
+    from .config import DataConfig
+
+    source = load_source(DataConfig(source=cfg.ood_dataset, image_size=image_size, n_train=10))
+    return OODPool.from_array(source.test_images, f"{cfg.ood_dataset} test split")
+
+
+def noise_seeds(user: dict[str, Any]) -> np.ndarray:
+    return np.array([child_seed(user["pattern_seed"], 2, sid) for sid in user["sample_ids"]], dtype=np.uint64)
+
+
+def mark_user(user: dict[str, Any], images: np.ndarray, cfg: MarkConfig, pool: OODPool | None = None,
+              device: str | None = None) -> np.ndarray:
     """Marked copies of one user's images, given in the order of `user['sample_ids']`."""
     _, h, w, _ = images.shape
-    pattern = stripe_pattern(user["pattern_seed"], h, w, cfg.mark.n_stripes)
-    seeds = np.array([child_seed(user["pattern_seed"], 2, sid) for sid in user["sample_ids"]], dtype=np.uint64)
-    return mark_batch(images, pattern, seeds, cfg.mark)
+    pattern = make_pattern(cfg, user["pattern_seed"], h, w, pool)
+    return mark_batch(images, pattern, noise_seeds(user), cfg, device)
 
 
-def save_examples(path: Any, originals: list[np.ndarray], marked: list[np.ndarray], titles: list[str]) -> None:
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:04d}-of-{num_shards:04d}.npz"
+
+
+def run_mark_shard(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
+                   shard: int, num_shards: int) -> bool:
+    """Mark users shard, shard + num_shards, ...; returns False when the shard was already done."""
+    if not 0 <= shard < num_shards:
+        raise StageError(f"mark: --shard {shard} is outside 0..{num_shards - 1}")
+    name = shard_name(shard, num_shards)
+    record = stage.path(name.replace(".npz", ".json"))
+    if record.exists() and read_json(record).get("config_hash") == stage.config_hash and stage.path(name).exists():
+        return False
+    pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
+    for user in users[shard::num_shards]:
+        originals = data.train_images[user["sample_ids"]]
+        marked = mark_user(user, originals, cfg.mark, pool, device)
+        k = len(marked)
+        for key, value in (("images", marked), ("user_ids", np.full(k, user["user_id"])),
+                           ("sample_ids", np.array(user["sample_ids"])), ("labels", np.full(k, user["class"])),
+                           ("psnr", psnr(originals, marked)), ("ssim", ssim(originals, marked))):
+            parts[key].append(value)
+    h, w = data.train_images.shape[1:3]
+    empty = {"images": np.zeros((0, h, w, 3), np.uint8)}
+    save_npz(stage.path(name), **{k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in parts.items()})
+    write_json(record, {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
+    return True
+
+
+def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """All shards of a finished mark stage, rows in manifest order (user, then sample)."""
+    return merge_shards(mark_dir, read_json(mark_dir / "manifest.json")["shards"], users)
+
+
+def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Concatenate shard files and order rows by manifest position: the result does not depend on
+    how many shards there were."""
+    missing = [n for n in names if not (mark_dir / n).exists()]
+    if missing:
+        raise StageError(f"{mark_dir}: shards {', '.join(missing)} are not done yet")
+    shards = [load_npz(mark_dir / name) for name in names]
+    merged = {k: np.concatenate([s[k] for s in shards]) for k in SHARD_ARRAYS}
+    position = {u["user_id"]: i for i, u in enumerate(users)}
+    order = np.lexsort((merged["sample_ids"], [position[int(u)] for u in merged["user_ids"]]))
+    expected = sum(len(u["sample_ids"]) for u in users)
+    if len(order) != expected:
+        raise StageError(f"{mark_dir}: shards hold {len(order)} marked images, the plan has {expected}")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def save_examples(path: Path, originals: list[np.ndarray], marked: list[np.ndarray], titles: list[str]) -> None:
     """A grid with one user per row pair: originals on top, their marked versions below."""
     n_cols = min(8, min(len(o) for o in originals))
     fig, axes = plt.subplots(2 * len(originals), n_cols, figsize=(1.3 * n_cols, 2.7 * len(originals)), squeeze=False)
@@ -53,28 +135,56 @@ def save_examples(path: Any, originals: list[np.ndarray], marked: list[np.ndarra
     plt.close(fig)
 
 
-def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]]) -> None:
-    marked, user_ids, sample_ids, labels, per_user = [], [], [], [], []
-    shown_orig, shown_marked, shown_titles = [], [], []
+def quality_by_user(marked: dict[str, np.ndarray], users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
     for user in users:
-        originals = data.train_images[user["sample_ids"]]
-        out = mark_user(user, originals, cfg)
-        marked.append(out)
-        user_ids += [user["user_id"]] * len(out)
-        sample_ids += user["sample_ids"]
-        labels += [user["class"]] * len(out)
-        quality = psnr(originals, out)
-        per_user.append({"user_id": user["user_id"], "psnr_mean": float(quality.mean()), "psnr_min": float(quality.min())})
-        if len(shown_orig) < cfg.mark.examples_users and (len(shown_orig) < cfg.mark.examples_users // 2 or user["role"] != "member"):
-            shown_orig.append(originals), shown_marked.append(out)
-            shown_titles.append(f"user {user['user_id']} ({user['role']}, {data.classes[user['class']]})")
-    save_npz(
-        stage.path("marked.npz"),
-        images=np.concatenate(marked),
-        user_ids=np.array(user_ids, dtype=np.int64),
-        sample_ids=np.array(sample_ids, dtype=np.int64),
-        labels=np.array(labels, dtype=np.int64),
-    )
-    write_json(stage.path("quality.json"), {"per_user": per_user})
-    save_examples(stage.path("marked_examples.png"), shown_orig, shown_marked, shown_titles)
-    stage.finish(["marked.npz", "quality.json", "marked_examples.png"])
+        sel = marked["user_ids"] == user["user_id"]
+        rows.append({"user_id": user["user_id"], "role": user["role"],
+                     "psnr_mean": float(marked["psnr"][sel].mean()), "psnr_min": float(marked["psnr"][sel].min()),
+                     "ssim_mean": float(marked["ssim"][sel].mean()), "ssim_min": float(marked["ssim"][sel].min())})
+    return rows
+
+
+def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, np.ndarray],
+                pool: OODPool | None, max_users: int = 50) -> dict[str, Any]:
+    """How much of the mark survives JPEG re-encoding, measured on the first `max_users` users."""
+    originals, stored, patterns, seeds = [], [], [], []
+    h, w = data.train_images.shape[1:3]
+    for user in users[:max_users]:
+        originals.append(data.train_images[user["sample_ids"]])
+        stored.append(marked["images"][marked["user_ids"] == user["user_id"]])
+        patterns.append(np.broadcast_to(make_pattern(cfg.mark, user["pattern_seed"], h, w, pool),
+                                        (len(user["sample_ids"]), h, w, 3)))
+        seeds.append(noise_seeds(user))
+    storage = mark_survival(np.concatenate(originals), np.concatenate(stored), cfg.mark, np.concatenate(patterns),
+                            np.concatenate(seeds))
+    n_images = storage.pop("n_images")
+    return {"n_images": n_images, "storage": storage}
+
+
+def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
+             num_shards: int = 1, only_shard: int | None = None) -> None:
+    """Mark the missing shards (or only `only_shard`); once all are there, finish the stage."""
+    shards = [only_shard] if only_shard is not None else range(num_shards)
+    for shard in shards:
+        run_mark_shard(cfg, stage, data, users, shard, num_shards)
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    if only_shard is not None and not all(stage.path(n).exists() for n in names):
+        return  # other array tasks still own the rest; the stage finishes when all are there
+    marked = merge_shards(stage.dir, names, users)
+    quality = quality_by_user(marked, users)
+    members = [u for u in users if u["role"] == "member"][: cfg.mark.examples_users // 2]
+    others = [u for u in users if u["role"] != "member"][: cfg.mark.examples_users - len(members)]
+    shown = members + others
+    originals = [data.train_images[u["sample_ids"]] for u in shown]
+    save_examples(stage.path("marked_examples.png"), originals,
+                  [marked["images"][marked["user_ids"] == u["user_id"]] for u in shown],
+                  [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown])
+    survival = survival_of(cfg, data, users, marked, pool=ood_pool(cfg.mark, cfg.data.image_size))
+    write_json(stage.path("quality.json"), {"per_user": quality})
+    write_json(stage.path("survival.json"), survival)
+    summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
+                      "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role]))}
+               for role in ("member", "nonmember")}
+    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png"], shards=names, quality=summary,
+                 per_user_quality=quality)

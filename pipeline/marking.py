@@ -7,9 +7,16 @@ so the same seeds give bit-identical marks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
 import numpy as np
+import torch
 
 from .config import MarkConfig
+from .images import list_images, read_rgb
 
 # Common colours (RGB, 0-255) for stripes; compressed to c/8 + 128 so every channel lies in
 # [128, 160): a low-contrast wash the model can memorise without it dominating the image.
@@ -38,66 +45,199 @@ def stripe_pattern(seed: int, height: int, width: int, n_stripes: int = 16) -> n
     return np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (height, width, 3)), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """The handful of array operations whose spelling differs between numpy and torch; the noise
+    math below is written once against it and runs on numpy (CPU) or torch (any device)."""
+
+    name: str
+    asarray: Callable[[np.ndarray], Any]
+    to_numpy: Callable[[Any], np.ndarray]
+    to_int: Callable[[Any], Any]
+    take: Callable[[Any, Any], Any]  # take along axis 1
+    amin: Callable[[Any], Any]  # min over axis 1, kept
+    amax: Callable[[Any], Any]
+    floor: Callable[[Any], Any]
+    sin: Callable[[Any], Any]
+    where: Callable[[Any, Any, Any], Any]
+    clip: Callable[[Any, float, float], Any]
+    rint: Callable[[Any], Any]
+    f32: Callable[[Any], Any]
+    stack: Callable[[list[Any]], Any]
+
+
+NUMPY = Backend(
+    "numpy", np.asarray, np.asarray, lambda a: a.astype(np.int64), lambda a, i: np.take_along_axis(a, i, axis=1),
+    lambda a: a.min(axis=1, keepdims=True), lambda a: a.max(axis=1, keepdims=True), np.floor, np.sin, np.where,
+    np.clip, np.rint, lambda a: a.astype(np.float32), np.stack,
+)
+
+
+def torch_backend(device: str | torch.device) -> Backend:
+    """Torch on `device`: the same math as NUMPY, for GPUs (and checked against it on CPU).
+
+    The noise map stays in float64 like numpy's, because its sign is a threshold: float32 rounding
+    flips about 1 pixel in 4000 by 2 * alpha * epsilon."""
+    dev = torch.device(device)
+
+    def asarray(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    return Backend(
+        f"torch:{dev}", asarray, lambda t: t.cpu().numpy(), lambda t: t.long(),
+        lambda a, i: torch.take_along_dim(a, i, dim=1), lambda t: t.amin(dim=1, keepdim=True),
+        lambda t: t.amax(dim=1, keepdim=True), torch.floor, torch.sin, torch.where, torch.clamp, torch.round,
+        lambda t: t.float(), torch.stack,
+    )
+
+
+def get_backend(device: str | None) -> Backend:
+    """`None`/"numpy" for numpy; a torch device name ("cpu", "cuda", "cuda:1") for torch."""
+    return NUMPY if device in (None, "numpy") else torch_backend(device)
+
+
+class OODPool:
+    """The out-of-distribution images users' patterns are drawn from, loaded on demand."""
+
+    def __init__(self, size: int, load: Callable[[int], np.ndarray], name: str) -> None:
+        if size < 1:
+            raise ValueError(f"{name}: no images to draw OOD patterns from")
+        self.size, self.load, self.name = size, load, name
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "OODPool":
+        files = list_images(folder)
+        return cls(len(files), lambda i: read_rgb(Path(folder) / files[i]), str(folder))
+
+    @classmethod
+    def from_array(cls, images: np.ndarray, name: str) -> "OODPool":
+        return cls(len(images), lambda i: images[i], name)
+
+    def pattern(self, seed: int, height: int, width: int) -> np.ndarray:
+        """The image the seed picks, resized to the marking grid, (H, W, 3) float32 in [0, 1]."""
+        image = self.load(int(np.random.default_rng(seed).integers(self.size)))
+        shrink = image.shape[0] > height or image.shape[1] > width
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return resized.astype(np.float32) / 255.0
+
+
+def make_pattern(cfg: MarkConfig, seed: int, height: int, width: int, pool: OODPool | None = None) -> np.ndarray:
+    """A user's pattern p: stripes, or an OOD image drawn from `pool`."""
+    if cfg.pattern == "stripes":
+        return stripe_pattern(seed, height, width, cfg.n_stripes)
+    if pool is None:
+        raise ValueError("mark.pattern 'ood_image' needs an OOD pool")
+    return pool.pattern(seed, height, width)
+
+
+def resolve_device(device: str) -> str | None:
+    """Marking backend for a config value: torch on CUDA when asked or available, else numpy."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    return None if device == "numpy" else device
+
+
 def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
-def _perlin(x: np.ndarray, y: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """2-D gradient noise at (x, y) of shape (B, P) with one 512-entry permutation table per image."""
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = x - x0, y - y0
-    xi, yi = x0.astype(np.int64) & 255, y0.astype(np.int64) & 255
-
-    def corner_hash(dx: int, dy: int) -> np.ndarray:
-        a = np.take_along_axis(perm, xi + dx, axis=1)
-        return np.take_along_axis(perm, a + yi + dy, axis=1) & 7
-
-    def dot(h: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-        g = _GRADIENTS[h]
-        return g[..., 0] * dx + g[..., 1] * dy
-
-    u, v = _fade(fx), _fade(fy)
-    n00 = dot(corner_hash(0, 0), fx, fy)
-    n10 = dot(corner_hash(1, 0), fx - 1, fy)
-    n01 = dot(corner_hash(0, 1), fx, fy - 1)
-    n11 = dot(corner_hash(1, 1), fx - 1, fy - 1)
-    return (n00 + u * (n10 - n00)) + v * ((n01 + u * (n11 - n01)) - (n00 + u * (n10 - n00)))
+def _axis(n_pixels: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lattice cell, offset inside the cell, and fade weight of each pixel along one axis."""
+    coord = np.arange(n_pixels) * scale
+    cell = np.floor(coord).astype(np.int64)
+    offset = coord - cell
+    return cell, offset, _fade(offset)
 
 
-def _minmax(a: np.ndarray) -> np.ndarray:
-    lo = a.min(axis=1, keepdims=True)
-    hi = a.max(axis=1, keepdims=True)
-    return (a - lo) / np.maximum(hi - lo, 1e-12)
+def _octave_factors(perm: np.ndarray, scale: float, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One Perlin octave as a product of two small matrices: noise = rows @ cols, (H, 2m) @ (2m, W).
+
+    Within a lattice cell, Perlin noise is separable: interpolating the four corner gradients along
+    x gives, for each lattice row j, a value P[j, x] and a slope Q[j, x] in y; the noise at (y, x)
+    is (1-v) (P[j, x] + fy Q[j, x]) + v (P[j+1, x] + (fy-1) Q[j+1, x]) with j the pixel's cell row.
+    So the whole map is one matrix product with at most four non-zeros per row on the left."""
+    cx, fx, u = _axis(width, scale)
+    cy, fy, v = _axis(height, scale)
+    n_rows, n_cols = int(cy[-1]) + 2, int(cx[-1]) + 2
+    # corner hash exactly as Perlin's: perm[perm[x & 255] + (y & 255)] & 7 (perm holds 512 entries)
+    corner = perm[perm[np.arange(n_cols) & 255][None, :] + (np.arange(n_rows) & 255)[:, None]] & 7
+    gx, gy = _GRADIENTS[corner, 0], _GRADIENTS[corner, 1]
+    p_rows = (1 - u) * gx[:, cx] * fx + u * gx[:, cx + 1] * (fx - 1)  # (n_rows, W)
+    q_rows = (1 - u) * gy[:, cx] + u * gy[:, cx + 1]
+    left = np.zeros((height, 2 * n_rows))
+    r = np.arange(height)
+    left[r, cy], left[r, n_rows + cy] = 1 - v, (1 - v) * fy
+    left[r, cy + 1], left[r, n_rows + cy + 1] = v, v * (fy - 1)
+    return left, np.concatenate([p_rows, q_rows])
 
 
-def perlin_signs(seeds: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(B, H, W) array of +-1: sign(n - 0.5) of a sin-warped fractal Perlin map, one per seed.
+def _minmax(a: Any, xp: Backend) -> Any:
+    lo, hi = xp.amin(a), xp.amax(a)
+    return (a - lo) / xp.clip(hi - lo, 1e-12, None)
 
-    Per image, a generator seeded by its seed draws the permutation table, the period in [30, 59],
-    the octave count in [1, 4] and the warp frequency f in [20, 59]; n = norm(sin(pi f norm(perlin)))."""
+
+def perlin_params(seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image, from a generator seeded by its seed: the permutation table, the period in
+    [30, 59], the octave count in [1, 4] and the warp frequency in [20, 59]."""
     seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
-    b = seeds.size
-    perms = np.empty((b, 512), dtype=np.int64)
-    period = np.empty(b)
-    octaves = np.empty(b, dtype=np.int64)
-    freq = np.empty(b)
+    params = {"perm": np.empty((seeds.size, 512), np.int64), "period": np.empty(seeds.size),
+              "octaves": np.empty(seeds.size, np.int64), "freq": np.empty(seeds.size)}
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng(int(seed))
         p = rng.permutation(256)
-        perms[i] = np.concatenate([p, p])
-        period[i] = rng.integers(30, 60)
-        octaves[i] = rng.integers(1, 5)
-        freq[i] = rng.integers(20, 60)
-    yy, xx = np.mgrid[0:height, 0:width]
-    x = xx.reshape(1, -1) / period[:, None]
-    y = yy.reshape(1, -1) / period[:, None]
-    total = np.zeros((b, height * width))
-    for octave in range(int(octaves.max())):
-        scale = 2.0**octave  # lacunarity 2, persistence 0.5
-        active = (octave < octaves)[:, None]
-        total += np.where(active, _perlin(x * scale, y * scale, perms) / scale, 0.0)
-    warped = _minmax(np.sin(np.pi * freq[:, None] * _minmax(total)))
-    return np.where(warped >= 0.5, 1.0, -1.0).astype(np.float32).reshape(b, height, width)
+        params["perm"][i] = np.concatenate([p, p])
+        params["period"][i] = rng.integers(30, 60)
+        params["octaves"][i] = rng.integers(1, 5)
+        params["freq"][i] = rng.integers(20, 60)
+    return params
+
+
+def perlin_signs(seeds: np.ndarray, height: int, width: int, xp: Backend = NUMPY) -> Any:
+    """(B, H, W) array of +-1: sign(n - 0.5) of n = norm(sin(pi f norm(fractal Perlin))), one per seed.
+
+    The fractal sum (lacunarity 2, persistence 0.5) of an image's octaves is a single matrix product
+    (see `_octave_factors`), done on the backend in float64. The warp's sign is then found without
+    evaluating the sine per pixel (see `_warp_signs`)."""
+    p = perlin_params(seeds)
+    out = []
+    for perm, period, octaves, freq in zip(p["perm"], p["period"], p["octaves"], p["freq"]):
+        total = fractal_perlin(perm, float(period), int(octaves), height, width, xp)
+        out.append(_warp_signs(total, float(freq), xp).reshape(height, width))
+    return xp.stack(out)
+
+
+def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, width: int,
+                   xp: Backend = NUMPY) -> Any:
+    """(H, W) sum over octaves k of perlin(x 2^k / period, y 2^k / period) / 2^k, as one matrix product."""
+    factors = [_octave_factors(perm, 2.0**k / period, height, width) for k in range(octaves)]
+    left = np.concatenate([f[0] / 2.0**k for k, f in enumerate(factors)], axis=1)
+    right = np.concatenate([f[1] for f in factors])
+    return xp.asarray(left) @ xp.asarray(right)
+
+
+def _warp_signs(total: Any, freq: float, xp: Backend) -> Any:
+    """+-1 where norm(sin(pi f norm(total))) >= 0.5, without evaluating a sine per pixel.
+
+    With q the phase (in periods) of the warp, sin(2 pi q) >= c, c the midpoint of the sine's range
+    over the pixels, holds exactly when (q - s) mod 1 <= 1/2 - 2 s with s = asin(c) / (2 pi); the
+    largest sine is cos(2 pi d) with d the smallest circular distance of a phase to 1/4, the smallest
+    is -cos(2 pi d') with d' that to 3/4. Per pixel only float32 additions, multiplications and
+    floors remain: exact IEEE operations, so numpy and torch (CPU or CUDA) give the same signs."""
+    total = xp.f32(total.reshape(1, -1))
+    lo, hi = float(xp.amin(total).item()), float(xp.amax(total).item())
+    scale = np.float32(freq / 2 / max(hi - lo, 1e-12))  # periods of the warp across the range of total
+    periods = total * scale + np.float32(-lo * float(scale))
+    phase = periods - xp.floor(periods)
+
+    def nearest(target: float) -> float:
+        gap = abs(phase - np.float32(target))
+        return min(float(xp.amin(gap).item()), 1.0 - float(xp.amax(gap).item()))
+
+    mid = (np.cos(2 * np.pi * nearest(0.25)) - np.cos(2 * np.pi * nearest(0.75))) / 2
+    start = float(np.arcsin(np.clip(mid, -1.0, 1.0)) / (2 * np.pi))
+    shifted = phase - np.float32(start)
+    shifted = shifted - xp.floor(shifted)
+    return xp.where(shifted <= np.float32(0.5 - 2 * start), np.float32(1.0), np.float32(-1.0))
 
 
 def uniform_signs(seeds: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -109,24 +249,31 @@ def uniform_signs(seeds: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def noise_delta(kind: str, seeds: np.ndarray, height: int, width: int, epsilon: float) -> np.ndarray:
-    """Step 1's perturbation, (B, H, W, 3) float32 with every entry in {-epsilon, 0, +epsilon}."""
+def noise_delta(kind: str, seeds: np.ndarray, height: int, width: int, epsilon: float, xp: Backend = NUMPY) -> Any:
+    """Step 1's perturbation with every entry in {-epsilon, 0, +epsilon}: (B, H, W, 1) for Perlin
+    noise (one map on all three channels, broadcast), (B, H, W, 3) for uniform noise."""
     if kind == "perlin":
-        return (epsilon * perlin_signs(seeds, height, width))[..., None].repeat(3, axis=-1)
+        return epsilon * perlin_signs(seeds, height, width, xp)[..., None]
     if kind == "uniform":
-        return epsilon * uniform_signs(seeds, height, width)
+        return epsilon * xp.asarray(uniform_signs(seeds, height, width))
     if kind == "none":
-        return np.zeros((len(seeds), height, width, 3), dtype=np.float32)
+        return xp.asarray(np.zeros((len(seeds), height, width, 3), dtype=np.float32))
     raise ValueError(f"mark.noise: unknown noise '{kind}'")
 
 
-def mark_batch(images: np.ndarray, pattern: np.ndarray, noise_seeds: np.ndarray, cfg: MarkConfig) -> np.ndarray:
+def mark_batch(
+    images: np.ndarray, pattern: np.ndarray, noise_seeds: np.ndarray, cfg: MarkConfig, device: str | None = None
+) -> np.ndarray:
     """Mark a batch of one user's images: (B, H, W, 3) uint8 -> (B, H, W, 3) uint8.
 
-    Computed in float32 on [0, 1]; the noisy image is clipped to [0, 1] before blending, so the
-    result stays in range and rounds to the nearest stored value."""
-    x = images.astype(np.float32) / 255.0
+    Blended in float32 with numpy (`device=None`) or torch on `device`, on the 0..255 scale; the
+    noisy image is clipped to the valid range before blending, so the result stays in range and
+    rounds to the nearest stored value."""
+    xp = get_backend(device)
     _, h, w, _ = images.shape
-    noisy = np.clip(x + noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon), 0.0, 1.0)
-    marked = cfg.alpha * noisy + (1.0 - cfg.alpha) * pattern[None]
-    return np.clip(np.rint(marked * 255.0), 0, 255).astype(np.uint8)
+    x = xp.f32(xp.asarray(images))  # on the 0..255 scale: x + 255 delta, then the blend, then round
+    if cfg.noise != "none":
+        x = xp.clip(x + xp.f32(noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon * 255.0, xp)), 0.0, 255.0)
+    blend = xp.asarray(((1.0 - cfg.alpha) * 255.0 * np.asarray(pattern, dtype=np.float64)).astype(np.float32))
+    marked = xp.rint(x * np.float32(cfg.alpha) + blend[None])  # within [0, 255]: no clipping needed
+    return xp.to_numpy(marked).astype(np.uint8)

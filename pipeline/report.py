@@ -31,7 +31,7 @@ def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) ->
     audit = {arm: read_json(run_dir / f"audit-{arm}" / "metrics.json") for arm in arms}
     stages = ["plan", "mark", "write", *(f"{s}-{a}" for s in ("train", "audit") for a in arms)]
     marked, control = audit.get("marked"), audit.get("control")
-    quality = read_json(run_dir / "mark" / "quality.json")["per_user"]
+    mark_manifest = read_json(run_dir / "mark" / "manifest.json")
     return {
         "dataset": plan["dataset"],
         "n_train": n_train,
@@ -52,7 +52,8 @@ def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) ->
                      for arm, t in train.items()},
         "mean_user_loss": {arm: {"member": a["member_mean_loss"], "nonmember": a["nonmember_mean_loss"]}
                            for arm, a in audit.items()},
-        "psnr_db": float(np.mean([q["psnr_mean"] for q in quality])),
+        "mark_quality": mark_manifest["quality"],
+        "mark_survival": read_json(run_dir / "mark" / "survival.json"),
     }
 
 
@@ -74,8 +75,9 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
         f"Dataset **{m['dataset']}**: {m['n_train']} training images, {m['n_member_users']} member users and "
         f"{m['n_nonmember_users']} non-member users with K = {m['samples_per_user']} images each "
         f"({100 * m['marked_fraction']:.3f}% of the training set per user). FPR resolution 1/M = {m['fpr_resolution']:.4f}: "
-        "every FPR target below it reads as FPR = 0. Mean PSNR of marked images: "
-        f"{m['psnr_db']:.1f} dB.",
+        "every FPR target below it reads as FPR = 0. Marked images against their originals: PSNR "
+        f"{m['mark_quality']['member']['psnr_mean']:.1f} dB, SSIM {m['mark_quality']['member']['ssim_mean']:.3f} "
+        "(member users' mean).",
         "",
         "| audit | AUC | FPR @ 100% TPR | " + " | ".join(f"TPR @ FPR≤{t}" for t in FPR_TARGETS) + " |",
         "|---|---|---|" + "---|" * len(FPR_TARGETS),
@@ -90,6 +92,11 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
         u = m["mean_user_loss"][arm]
         lines.append(f"| {arm} | {t['epochs']} | {t['train_loss']:.4f} | {t['train_accuracy']:.4f} | {t['test_loss']:.4f} | "
                      f"{t['test_accuracy']:.4f} | {u['member']:.3g} | {u['nonmember']:.3g} |")
+    lines += ["", "Mark survival (correlation between the stored residual and the intended mark):", "",
+              "| storage | whole mark | noise part |", "|---|---|---|"]
+    for storage, corr in m["mark_survival"]["storage"].items():
+        noise = "—" if corr["noise"] is None else f"{corr['noise']:.3f}"
+        lines.append(f"| {storage} | {corr['full']:.3f} | {noise} |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + ".", "",
               "Plots: `roc.png` (log-scale FPR), `loss_hist.png` (per-user mean loss), `marked_examples.png`.", ""]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.dag import stage_for, tasks
+from pipeline.mark import load_marked
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,8 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
         for rel in stage.manifest()["outputs"]:
             assert stage.path(rel).stat().st_size > 0
     run = Path(cfg.run_dir)
-    marked = np.load(run / "mark" / "marked.npz")
+    users = json.loads((run / "plan" / "users.json").read_text())["users"]
+    marked = load_marked(run / "mark", users)
     assert marked["images"].shape == (24 * 8, 16, 16, 3)
     losses = np.load(run / "audit-marked" / "losses.npz")
     assert sorted(losses["sample"].tolist()) == sorted(marked["sample_ids"].tolist())

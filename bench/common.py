@@ -1,0 +1,56 @@
+"""What the benchmarks share: where results go, the machine they ran on, and the README index."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.store import atomic_path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform's guess where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """One line stored with every result, enough to tell whether two result files are comparable."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+BENCH_README_HEADER = """# Benchmarks
+
+Each line summarises one JSON file in this folder. `ratio` is ours / baseline on the same machine in
+the same run, so a ratio above 1 means ours is faster. The numbers come from `make bench`, which
+rewrites the files and their lines here.
+"""
+
+
+def update_bench_readme(name: str, line: str, readme: Path = RESULTS / "bench" / "README.md") -> None:
+    """Replace the line for result file `name` in the benchmark README (append it if absent), so
+    every benchmark keeps its own line however many have run."""
+    lines = readme.read_text().splitlines() if readme.exists() else BENCH_README_HEADER.splitlines() + [""]
+    prefix = f"- `{name}`"
+    index = next((i for i, existing in enumerate(lines) if existing.startswith(prefix)), None)
+    if index is None:
+        lines.append(line)
+    else:
+        lines[index] = line
+    write_text(readme, "\n".join(lines) + "\n")

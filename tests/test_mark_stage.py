@@ -1,0 +1,51 @@
+"""The mark stage: sharded marking gives the same marks as one process, shards are idempotent."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.config import load_config
+from pipeline.dag import Task, run_task, stage_for
+from pipeline.mark import load_marked
+from pipeline.store import read_json
+
+
+def _config(tmp_path: Path, repo: Path, name: str) -> Path:
+    tree = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
+    tree["run_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_shards_match_a_single_process(tmp_path: Path, repo: Path) -> None:
+    whole = load_config(_config(tmp_path, repo, "whole"))
+    split = load_config(_config(tmp_path, repo, "split"))
+    for cfg in (whole, split):
+        run_task(cfg, Task("plan"))
+    run_task(whole, Task("mark"))
+    for shard in (2, 0):
+        assert run_task(split, Task("mark", shard=shard, num_shards=3))
+    assert not stage_for(split, Task("mark")).path("manifest.json").exists()  # shard 1 still missing
+    run_task(split, Task("mark", shard=1, num_shards=3))  # the last shard finishes the stage
+    assert stage_for(split, Task("mark")).done()
+    users = read_json(Path(whole.run_dir) / "plan" / "users.json")["users"]
+    a = load_marked(Path(whole.run_dir) / "mark", users)
+    b = load_marked(Path(split.run_dir) / "mark", users)
+    for key in ("images", "user_ids", "sample_ids", "labels"):
+        assert np.array_equal(a[key], b[key]), key
+    quality = read_json(Path(split.run_dir) / "mark" / "quality.json")["per_user"]
+    assert all(q["psnr_mean"] > 10 and 0 < q["ssim_mean"] <= 1 for q in quality)
+
+
+def test_finished_shard_is_a_no_op(tmp_path: Path, repo: Path) -> None:
+    cfg = load_config(_config(tmp_path, repo, "again"))
+    run_task(cfg, Task("plan"))
+    stage = stage_for(cfg, Task("mark"))
+    assert run_task(cfg, Task("mark", shard=0, num_shards=2))
+    shard_file = stage.path("shard-0000-of-0002.npz")
+    mtime = shard_file.stat().st_mtime_ns
+    run_task(cfg, Task("mark", shard=0, num_shards=2))
+    assert shard_file.stat().st_mtime_ns == mtime

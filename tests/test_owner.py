@@ -1,0 +1,89 @@
+"""A data owner marking their own folder: formats, the key file, and never touching originals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import MarkConfig
+from pipeline.images import ImageError, read_rgb
+from pipeline.owner import KEY_NAME, mark_folder
+from pipeline.store import StageError, file_sha256
+
+
+def _folder(root: Path) -> Path:
+    src = root / "photos"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(src / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(src / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (16, 24, 4), dtype=np.uint8), mode="RGBA").save(src / "sub" / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (18, 18), dtype=np.uint16)).save(src / "deep16.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).convert("P").save(src / "palette.gif")
+    rotated = Image.fromarray(rng.integers(0, 256, (10, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    rotated.save(src / "phone.jpg", exif=exif, quality=95)
+    (src / "notes.txt").write_text("not an image, ignored")
+    return src
+
+
+def test_marks_every_format_losslessly_with_a_key(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    before = {p: file_sha256(p) for p in src.rglob("*") if p.is_file()}
+    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=42)
+    assert {p: file_sha256(p) for p in src.rglob("*") if p.is_file()} == before  # originals untouched
+    assert len(key["files"]) == 6
+    entries = {e["original"]: e for e in key["files"]}
+    assert entries["phone.jpg"]["height"] == 30 and entries["phone.jpg"]["width"] == 10  # EXIF applied
+    for entry in key["files"]:
+        marked = read_rgb(tmp_path / "out" / entry["marked"])
+        assert marked.shape == (entry["height"], entry["width"], 3)
+        assert file_sha256(tmp_path / "out" / entry["marked"]) == entry["marked_sha256"]
+    on_disk = json.loads((tmp_path / "out" / KEY_NAME).read_text())
+    assert on_disk["seed"] == 42 and on_disk["mark"]["alpha"] == 0.7
+    assert (tmp_path / "out" / KEY_NAME).stat().st_mode & 0o077 == 0  # private
+    # same seed, same marks
+    again = mark_folder(src, tmp_path / "out2", MarkConfig(), seed=42)
+    assert [e["marked_sha256"] for e in again["files"]] == [e["marked_sha256"] for e in key["files"]]
+
+
+def test_resizes_to_the_stored_grid(tmp_path: Path) -> None:
+    src = tmp_path / "big"
+    src.mkdir()
+    Image.fromarray(np.zeros((300, 150, 3), np.uint8)).save(src / "a.png")
+    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=1, max_resolution=100)
+    assert (key["files"][0]["height"], key["files"][0]["width"]) == (100, 50)
+
+
+@pytest.mark.parametrize("out", ["photos", "photos/marked"])
+def test_refuses_to_write_into_the_originals(tmp_path: Path, out: str) -> None:
+    src = _folder(tmp_path)
+    with pytest.raises(StageError, match="separate from the input folder"):
+        mark_folder(src, tmp_path / out, MarkConfig(), seed=1)
+
+
+def test_refuses_an_existing_key_and_names_corrupt_files(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    mark_folder(src, tmp_path / "out", MarkConfig(), seed=1)
+    with pytest.raises(StageError, match="key already exists"):
+        mark_folder(src, tmp_path / "out", MarkConfig(), seed=2)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        mark_folder(src, tmp_path / "out3", MarkConfig(), seed=1)
+
+
+def test_command_line(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "o"),
+                             "--seed", "3", "--alpha", "0.8"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "o" / KEY_NAME).read_text())["mark"]["alpha"] == 0.8
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "p"),
+                          "--alpha", "1.5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "alpha" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
