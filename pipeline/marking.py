@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cv2
+import numba
 import numpy as np
 import torch
 
@@ -218,26 +219,66 @@ def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, w
 def _warp_signs(total: Any, freq: float, xp: Backend) -> Any:
     """+-1 where norm(sin(pi f norm(total))) >= 0.5, without evaluating a sine per pixel.
 
-    With q the phase (in periods) of the warp, sin(2 pi q) >= c, c the midpoint of the sine's range
-    over the pixels, holds exactly when (q - s) mod 1 <= 1/2 - 2 s with s = asin(c) / (2 pi); the
-    largest sine is cos(2 pi d) with d the smallest circular distance of a phase to 1/4, the smallest
-    is -cos(2 pi d') with d' that to 3/4. Per pixel only float32 additions, multiplications and
-    floors remain: exact IEEE operations, so numpy and torch (CPU or CUDA) give the same signs."""
-    total = xp.f32(total.reshape(1, -1))
-    lo, hi = float(xp.amin(total).item()), float(xp.amax(total).item())
+    With q the phase (in periods) of the warp and c the midpoint of the sine's range over the pixels,
+    sin(2 pi q) >= c holds exactly when q lies within w = 1/4 - asin(c) / (2 pi) of 1/4 on the
+    circle. The largest sine is cos(2 pi d) with d the smallest circular distance of a phase to 1/4,
+    the smallest is -cos(2 pi d') with d' that to 3/4. Per pixel only float32 additions,
+    multiplications, floors and comparisons remain: exact IEEE operations, so numpy and torch (CPU
+    or CUDA) give the same signs."""
+    total = xp.f32(total.reshape(-1))
+    lo, hi = float(xp.amin(total[None]).item()), float(xp.amax(total[None]).item())
     scale = np.float32(freq / 2 / max(hi - lo, 1e-12))  # periods of the warp across the range of total
-    periods = total * scale + np.float32(-lo * float(scale))
+    offset = np.float32(-lo * float(scale))
+    if xp is NUMPY:  # the same float32 operations, fused into two passes
+        return _warp_signs_fused(total, scale, offset)
+    periods = total * scale + offset
     phase = periods - xp.floor(periods)
+    gap = abs(phase - np.float32(0.25))  # in [0, 3/4); the circular distance is min(gap, 1 - gap)
+    gap_far = abs(phase - np.float32(0.75))
+    width = _arc_width(float(xp.amin(gap[None]).item()), float(xp.amax(gap[None]).item()),
+                       float(xp.amin(gap_far[None]).item()), float(xp.amax(gap_far[None]).item()))
+    if width <= 0.25:  # the arc around 1/4 does not wrap past 0 or 1
+        inside = gap <= np.float32(width)
+    else:  # circular distance <= width  <=>  gap is not strictly between width and 1 - width
+        inside = abs(gap - np.float32(0.5)) >= np.float32(0.5 - width)
+    return xp.where(inside, np.float32(1.0), np.float32(-1.0))
 
-    def nearest(target: float) -> float:
-        gap = abs(phase - np.float32(target))
-        return min(float(xp.amin(gap).item()), 1.0 - float(xp.amax(gap).item()))
 
-    mid = (np.cos(2 * np.pi * nearest(0.25)) - np.cos(2 * np.pi * nearest(0.75))) / 2
-    start = float(np.arcsin(np.clip(mid, -1.0, 1.0)) / (2 * np.pi))
-    shifted = phase - np.float32(start)
-    shifted = shifted - xp.floor(shifted)
-    return xp.where(shifted <= np.float32(0.5 - 2 * start), np.float32(1.0), np.float32(-1.0))
+def _arc_width(gap_min: float, gap_max: float, far_min: float, far_max: float) -> float:
+    """Half-width w of the arc around phase 1/4 where the sine is at least its range's midpoint."""
+    d_top, d_bottom = min(gap_min, 1.0 - gap_max), min(far_min, 1.0 - far_max)
+    mid = (np.cos(2 * np.pi * d_top) - np.cos(2 * np.pi * d_bottom)) / 2
+    return 0.25 - float(np.arcsin(np.clip(mid, -1.0, 1.0))) / (2 * np.pi)
+
+
+@numba.njit(cache=True, nogil=True)
+def _warp_stats(total: np.ndarray, scale: np.float32, offset: np.float32) -> tuple[float, float, float, float]:
+    inf = np.float32(np.inf)
+    gap_min, gap_max, far_min, far_max = inf, -inf, inf, -inf
+    for v in total:
+        periods = v * scale + offset
+        phase = periods - np.floor(periods)
+        gap, far = abs(phase - np.float32(0.25)), abs(phase - np.float32(0.75))
+        gap_min, gap_max = min(gap_min, gap), max(gap_max, gap)
+        far_min, far_max = min(far_min, far), max(far_max, far)
+    return gap_min, gap_max, far_min, far_max
+
+
+@numba.njit(cache=True, nogil=True)
+def _warp_mark(total: np.ndarray, scale: np.float32, offset: np.float32, bound: np.float32, wraps: bool) -> np.ndarray:
+    out = np.empty(total.size, np.float32)
+    for i, v in enumerate(total):
+        periods = v * scale + offset
+        gap = abs(periods - np.floor(periods) - np.float32(0.25))
+        inside = abs(gap - np.float32(0.5)) >= bound if wraps else gap <= bound
+        out[i] = np.float32(1.0) if inside else np.float32(-1.0)
+    return out
+
+
+def _warp_signs_fused(total: np.ndarray, scale: np.float32, offset: np.float32) -> np.ndarray:
+    width = _arc_width(*(float(x) for x in _warp_stats(total, scale, offset)))
+    wraps = width > 0.25
+    return _warp_mark(total, scale, offset, np.float32(0.5 - width if wraps else width), wraps)
 
 
 def uniform_signs(seeds: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -270,10 +311,26 @@ def mark_batch(
     noisy image is clipped to the valid range before blending, so the result stays in range and
     rounds to the nearest stored value."""
     xp = get_backend(device)
-    _, h, w, _ = images.shape
-    x = xp.f32(xp.asarray(images))  # on the 0..255 scale: x + 255 delta, then the blend, then round
-    if cfg.noise != "none":
-        x = xp.clip(x + xp.f32(noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon * 255.0, xp)), 0.0, 255.0)
+    b, h, w, _ = images.shape
+    # on the 0..255 scale: clip(x + 255 delta), times alpha, plus (1 - alpha) 255 p, rounded
+    delta = (xp.f32(noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon * 255.0, xp)) if cfg.noise != "none"
+             else xp.asarray(np.zeros((b, h, w, 1), np.float32)))
     blend = xp.asarray(((1.0 - cfg.alpha) * 255.0 * np.asarray(pattern, dtype=np.float64)).astype(np.float32))
-    marked = xp.rint(x * np.float32(cfg.alpha) + blend[None])  # within [0, 255]: no clipping needed
-    return xp.to_numpy(marked).astype(np.uint8)
+    if xp is NUMPY:  # one fused pass instead of six array passes over every channel of every pixel
+        out = np.empty_like(images)
+        _blend_uint8(images, delta, blend, np.float32(cfg.alpha), out)
+        return out
+    x = xp.clip(xp.f32(xp.asarray(images)) + delta, 0.0, 255.0)
+    return xp.to_numpy(xp.rint(x * np.float32(cfg.alpha) + blend[None])).astype(np.uint8)
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_uint8(images: np.ndarray, delta: np.ndarray, blend: np.ndarray, alpha: np.float32, out: np.ndarray) -> None:
+    one_delta = delta.shape[3] == 1
+    for i in range(images.shape[0]):
+        for y in range(images.shape[1]):
+            for x in range(images.shape[2]):
+                for c in range(3):
+                    d = delta[i, y, x, 0] if one_delta else delta[i, y, x, c]
+                    v = min(max(np.float32(images[i, y, x, c]) + d, np.float32(0.0)), np.float32(255.0))
+                    out[i, y, x, c] = np.uint8(np.rint(v * alpha + blend[y, x, c]))

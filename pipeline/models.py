@@ -9,31 +9,21 @@ import torch
 import torchvision
 from torch import nn
 
+from .registry import Registry
 from .store import StageError, atomic_path
 
-ModelBuilder = Callable[..., nn.Module]
-MODELS: dict[str, ModelBuilder] = {}
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    def wrap(fn: ModelBuilder) -> ModelBuilder:
-        MODELS[name] = fn
-        return fn
-
-    return wrap
+MODELS: Registry[Callable[..., nn.Module]] = Registry("train.arch")
 
 
 def build_model(arch: str, num_classes: int, width: int = 32) -> nn.Module:
-    if arch not in MODELS:
-        raise ValueError(f"train.arch: unknown architecture '{arch}' (known: {', '.join(sorted(MODELS))})")
-    return MODELS[arch](num_classes=num_classes, width=width)
+    return MODELS.lookup(arch)(num_classes=num_classes, width=width)
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-@register_model("small_cnn")
+@MODELS.register("small_cnn")
 def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
     """A VGG-style CNN for small images (three stages of two 3x3 convolutions): enough capacity to
     memorise a few tens of thousands of images, cheap enough to train on two CPU cores."""
@@ -46,7 +36,7 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
     )
 
 
-@register_model("resnet18_cifar")
+@MODELS.register("resnet18_cifar")
 def resnet18_cifar(num_classes: int, width: int = 64) -> nn.Module:
     """torchvision's ResNet-18 with the small-image stem (3x3 stride-1 conv, no max-pool)."""
     model = torchvision.models.resnet18(num_classes=num_classes)
@@ -56,7 +46,7 @@ def resnet18_cifar(num_classes: int, width: int = 64) -> nn.Module:
 
 
 for _name in ("resnet18", "resnet50"):
-    register_model(_name)(
+    MODELS.register(_name)(
         lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
     )
 

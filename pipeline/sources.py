@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .config import DataConfig
+from .registry import Registry
 
 
 class DataSourceError(RuntimeError):
@@ -41,16 +42,7 @@ class ImageSplits:
         return len(self.classes)
 
 
-SourceLoader = Callable[[DataConfig], ImageSplits]
-SOURCES: dict[str, SourceLoader] = {}
-
-
-def register_source(name: str) -> Callable[[SourceLoader], SourceLoader]:
-    def wrap(fn: SourceLoader) -> SourceLoader:
-        SOURCES[name] = fn
-        return fn
-
-    return wrap
+SOURCES: Registry[Callable[[DataConfig], ImageSplits]] = Registry("data.source")
 
 
 def to_grid(images: np.ndarray, size: int) -> np.ndarray:
@@ -72,7 +64,7 @@ def to_grid(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_source(cfg: DataConfig) -> ImageSplits:
-    splits = SOURCES[cfg.source](cfg)
+    splits = SOURCES.lookup(cfg.source)(cfg)
     test_images, test_labels = splits.test_images, splits.test_labels
     if cfg.n_test is not None:
         test_images, test_labels = test_images[: cfg.n_test], test_labels[: cfg.n_test]
@@ -142,7 +134,7 @@ def _download_fashion_mnist(directory: Path) -> None:
         os.replace(tmp, target)
 
 
-@register_source("fashion_mnist")
+@SOURCES.register("fashion_mnist")
 def load_fashion_mnist(cfg: DataConfig) -> ImageSplits:
     candidates = [Path(cfg.root).expanduser()] if cfg.root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
     for directory in candidates:
@@ -194,7 +186,7 @@ def _synthetic_split(n_per_class: int, n_classes: int, size: int, rng: np.random
     return images[order], labels[order].astype(np.int64)
 
 
-@register_source("synthetic")
+@SOURCES.register("synthetic")
 def make_synthetic(cfg: DataConfig) -> ImageSplits:
     rng = np.random.default_rng(SYNTHETIC_SEED)
     size = cfg.image_size

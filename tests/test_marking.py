@@ -128,3 +128,21 @@ def test_separable_perlin_equals_per_pixel_definition() -> None:
     expected = np.array([[sum(_perlin_reference(x * 2**k / period, y * 2**k / period, perm) / 2**k for k in range(3))
                           for x in range(w)] for y in range(h)])
     assert np.allclose(ours, expected, atol=1e-12)
+
+
+def test_warp_signs_match_the_sine_definition() -> None:
+    """The phase-based threshold equals sign(norm(sin(pi f norm(perlin))) - 0.5) up to float32
+    rounding of phases that sit on a boundary (a few pixels in 10^4)."""
+    from pipeline.marking import NUMPY, _warp_signs
+
+    mismatched = total_pixels = 0
+    for seed in range(20):
+        p = perlin_params(np.array([seed], dtype=np.uint64))
+        total = fractal_perlin(p["perm"][0], float(p["period"][0]), int(p["octaves"][0]), 48, 48)
+        n = (total - total.min()) / (total.max() - total.min())
+        warp = np.sin(np.pi * p["freq"][0] * n)
+        reference = np.where((warp - warp.min()) / (warp.max() - warp.min()) >= 0.5, 1.0, -1.0)
+        ours = _warp_signs(total, float(p["freq"][0]), NUMPY).reshape(48, 48)
+        mismatched += int((ours != reference).sum())
+        total_pixels += reference.size
+    assert mismatched / total_pixels < 1e-3
