@@ -17,6 +17,7 @@ from .betons import make_loader
 from .config import AuditConfig
 from .metrics import roc_metrics, user_scores
 from .models import load_weights
+from .stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
 from .store import Stage, StageError, save_npz, write_json
 
 
@@ -51,6 +52,34 @@ def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device:
     return out
 
 
+def user_statistics(is_member: np.ndarray, score: np.ndarray, fdr_levels: tuple[float, ...] = (0.05, 0.1),
+                    confidence: float = 0.95) -> dict[str, Any]:
+    """Per member user the exact rank p-value among the non-member users; Clopper-Pearson intervals
+    on TPR at FPR = 0 and on FPR at TPR = 1; Benjamini-Hochberg decisions over all users (non-member
+    users get their leave-one-out p-value, as a never-trained-on user would)."""
+    member_scores, null = score[is_member], score[~is_member]
+    p_members, p_null = rank_p_values(member_scores, null), leave_one_out_p_values(null)
+    detected = int((member_scores > null.max()).sum())
+    above_worst_member = int((null >= member_scores.min()).sum())
+    bh = {}
+    for q in fdr_levels:
+        reject = benjamini_hochberg(np.concatenate([p_members, p_null]), q)
+        flagged_members, flagged_null = int(reject[: len(p_members)].sum()), int(reject[len(p_members):].sum())
+        bh[str(q)] = {"members_flagged": flagged_members, "nonmembers_flagged": flagged_null,
+                      "false_discovery_proportion": flagged_null / max(flagged_members + flagged_null, 1)}
+    return {
+        "member_p_values": p_members.tolist(),
+        "smallest_possible_p_value": 1.0 / (len(null) + 1),
+        "tpr_at_fpr_0": {"value": detected / len(member_scores),
+                         "interval": clopper_pearson(detected, len(member_scores), confidence)},
+        "fpr_at_tpr_1": {"value": above_worst_member / len(null),
+                         "interval": clopper_pearson(above_worst_member, len(null), confidence)},
+        "confidence": confidence,
+        "nonmember_p_at_most_0.05": float((p_null <= 0.05).mean()),
+        "benjamini_hochberg": bh,
+    }
+
+
 def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) -> dict[str, Any]:
     per_user = user_scores(scores, users)
     members = {u["user_id"] for u in users if u["role"] == "member"}
@@ -59,6 +88,7 @@ def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) ->
         "set_based": roc_metrics(per_user["is_member"], -per_user["mean_loss"]),
         "instance_based": roc_metrics(sample_is_member, -scores["loss"].astype(np.float64)),
         "set_based_logit": roc_metrics(per_user["is_member"], per_user["mean_margin"]),
+        "statistics": user_statistics(per_user["is_member"], -per_user["mean_loss"]),
         "member_mean_loss": float(per_user["mean_loss"][per_user["is_member"]].mean()),
         "nonmember_mean_loss": float(per_user["mean_loss"][~per_user["is_member"]].mean()),
     }

@@ -52,6 +52,8 @@ def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) ->
                      for arm, t in train.items()},
         "mean_user_loss": {arm: {"member": a["member_mean_loss"], "nonmember": a["nonmember_mean_loss"]}
                            for arm, a in audit.items()},
+        "statistics": marked["statistics"] if marked else None,
+        "control_statistics": control["statistics"] if control else None,
         "mark_quality": mark_manifest["quality"],
         "mark_survival": read_json(run_dir / "mark" / "survival.json"),
     }
@@ -75,9 +77,11 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
         f"Dataset **{m['dataset']}**: {m['n_train']} training images, {m['n_member_users']} member users and "
         f"{m['n_nonmember_users']} non-member users with K = {m['samples_per_user']} images each "
         f"({100 * m['marked_fraction']:.3f}% of the training set per user). FPR resolution 1/M = {m['fpr_resolution']:.4f}: "
-        "every FPR target below it reads as FPR = 0. Marked images against their originals: PSNR "
-        f"{m['mark_quality']['member']['psnr_mean']:.1f} dB, SSIM {m['mark_quality']['member']['ssim_mean']:.3f} "
-        "(member users' mean).",
+        "every FPR target below it reads as FPR = 0. Marked images against their originals (mean over users; "
+        "per user in the mark stage's manifest): member users PSNR "
+        f"{m['mark_quality']['member']['psnr_mean']:.1f} dB, SSIM {m['mark_quality']['member']['ssim_mean']:.3f}; "
+        f"non-member users PSNR {m['mark_quality']['nonmember']['psnr_mean']:.1f} dB, "
+        f"SSIM {m['mark_quality']['nonmember']['ssim_mean']:.3f}.",
         "",
         "| audit | AUC | FPR @ 100% TPR | " + " | ".join(f"TPR @ FPR≤{t}" for t in FPR_TARGETS) + " |",
         "|---|---|---|" + "---|" * len(FPR_TARGETS),
@@ -92,6 +96,19 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
         u = m["mean_user_loss"][arm]
         lines.append(f"| {arm} | {t['epochs']} | {t['train_loss']:.4f} | {t['train_accuracy']:.4f} | {t['test_loss']:.4f} | "
                      f"{t['test_accuracy']:.4f} | {u['member']:.3g} | {u['nonmember']:.3g} |")
+    for label, st in (("marked model", m["statistics"]), ("control model", m["control_statistics"])):
+        if st is None:
+            continue
+        p = np.array(st["member_p_values"])
+        tpr, fpr, bh = st["tpr_at_fpr_0"], st["fpr_at_tpr_1"], st["benjamini_hochberg"]["0.05"]
+        lines += ["", f"Statistics, {label}: member users' rank p-values among the non-member users "
+                  f"min {p.min():.4f} / median {np.median(p):.4f} / max {p.max():.4f} (smallest possible "
+                  f"{st['smallest_possible_p_value']:.4f}); TPR at FPR = 0 {tpr['value']:.3f} "
+                  f"[{tpr['interval'][0]:.3f}, {tpr['interval'][1]:.3f}], FPR at TPR = 1 {fpr['value']:.3f} "
+                  f"[{fpr['interval'][0]:.3f}, {fpr['interval'][1]:.3f}] ({100 * st['confidence']:.0f}% "
+                  f"Clopper–Pearson); Benjamini–Hochberg at FDR 0.05 flags {bh['members_flagged']} member and "
+                  f"{bh['nonmembers_flagged']} non-member users; {100 * st['nonmember_p_at_most_0.05']:.1f}% of "
+                  "non-member users have a leave-one-out p ≤ 0.05 (5% expected)."]
     lines += ["", "Mark survival (correlation between the stored residual and the intended mark):", "",
               "| storage | whole mark | noise part |", "|---|---|---|"]
     for storage, corr in m["mark_survival"]["storage"].items():

@@ -146,3 +146,26 @@ def test_warp_signs_match_the_sine_definition() -> None:
         mismatched += int((ours != reference).sum())
         total_pixels += reference.size
     assert mismatched / total_pixels < 1e-3
+
+
+def test_ood_image_patterns(tmp_path) -> None:
+    """OOD patterns: drawn per user from a folder (any size, resized to the grid) or a dataset,
+    deterministic for a seed, different across users."""
+    from PIL import Image
+
+    from pipeline.mark import ood_pool
+    from pipeline.marking import make_pattern
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (50 + i, 70, 3), dtype=np.uint8)).save(tmp_path / f"ood{i}.png")
+    cfg = MarkConfig(pattern="ood_image", ood_folder=str(tmp_path))
+    pool = ood_pool(cfg, 32)
+    patterns = [make_pattern(cfg, seed, 28, 30, pool) for seed in range(8)]
+    assert all(p.shape == (28, 30, 3) and p.dtype == np.float32 and 0 <= p.min() <= p.max() <= 1 for p in patterns)
+    assert np.array_equal(patterns[3], make_pattern(cfg, 3, 28, 30, pool))
+    assert len({p.tobytes() for p in patterns}) > 1
+    dataset_cfg = MarkConfig(pattern="ood_image", ood_dataset="synthetic")
+    assert make_pattern(dataset_cfg, 1, 16, 16, ood_pool(dataset_cfg, 16)).shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="ood_folder"):
+        MarkConfig(pattern="ood_image")
