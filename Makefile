@@ -22,6 +22,7 @@ test-fast: $(SETUP)
 bench: $(SETUP)
 	$(PY) -m bench.marking
 	$(PY) -m bench.survival
+	$(PY) -m bench.audit
 	@echo "benchmarks written under results/bench/ and results/marking/"
 
 clean:

@@ -18,7 +18,7 @@ from .config import AuditConfig
 from .metrics import roc_metrics, user_scores
 from .models import load_weights
 from .stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
-from .store import Stage, StageError, save_npz, write_json
+from .store import Stage, StageError, load_npz, run_shards, save_npz, write_json
 
 
 def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,10 +29,15 @@ def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return true - torch.logsumexp(others, dim=1)
 
 
+SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
+
+
 @torch.no_grad()
-def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device) -> dict[str, np.ndarray]:
-    """Loss and margin of every record in `beton`, in file order, into preallocated arrays."""
-    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False)
+def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device,
+                  indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Loss and margin of every record in `beton` (or of the records at `indices`), in file order,
+    into preallocated arrays."""
+    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices)
     n = loader.num_samples
     out = {
         "loss": np.empty(n, np.float32), "margin": np.empty(n, np.float32),
@@ -98,12 +103,46 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]]) -> None:
-    model, _ = load_weights(weights)
-    scores = score_samples(model, audit_beton, cfg, pick_device())
-    expected = sum(len(u["sample_ids"]) for u in users)
-    if len(scores["loss"]) != expected:
-        raise StageError(f"{audit_beton}: {len(scores['loss'])} records but the plan has {expected} user samples")
+def shard_records(users: list[dict[str, Any]], shard: int, num_shards: int) -> np.ndarray:
+    """Record positions in audit.beton of users shard, shard + num_shards, ...: the beton holds every
+    user's samples contiguously, in manifest order (see the write stage)."""
+    ends = np.cumsum([len(u["sample_ids"]) for u in users])
+    starts = ends - np.array([len(u["sample_ids"]) for u in users])
+    return np.concatenate([np.arange(starts[i], ends[i]) for i in range(shard, len(users), num_shards)]
+                          or [np.zeros(0, np.int64)])
+
+
+def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Concatenate shard scores and check that every user's every sample was scored exactly once."""
+    shards = [load_npz(stage.path(n)) for n in names]
+    scores = {k: np.concatenate([s[k] for s in shards]) for k in SCORE_ARRAYS}
+    scored = sorted(zip(scores["user"].tolist(), scores["sample"].tolist()))
+    expected = sorted((u["user_id"], sid) for u in users for sid in u["sample_ids"])
+    if scored != expected:
+        missing, extra = set(expected) - set(scored), len(scored) - len(set(scored))
+        raise StageError(f"{stage.dir}: shards do not cover the plan exactly once "
+                         f"({len(missing)} (user, sample) pairs missing, {extra} scored twice)")
+    return scores
+
+
+def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]],
+              num_shards: int = 1, only_shard: int | None = None) -> None:
+    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise."""
+    device, model = pick_device(), None
+
+    def score_shard(shard: int, path: Path) -> None:
+        nonlocal model
+        records = shard_records(users, shard, num_shards)
+        if len(records) == 0:  # more shards than users
+            save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
+            return
+        model = model or load_weights(weights)[0]
+        save_npz(path, **score_samples(model, audit_beton, cfg, device, records))
+
+    names = run_shards(stage, num_shards, only_shard, score_shard)
+    if names is None:
+        return
+    scores = merge_scores(stage, names, users)
     save_npz(stage.path("losses.npz"), **scores)
     write_json(stage.path("metrics.json"), audit_metrics(scores, users))
-    stage.finish(["losses.npz", "metrics.json"])
+    stage.finish(["losses.npz", "metrics.json", *names])

@@ -5,6 +5,7 @@
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
     mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
     mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
+    mtrack audit CONFIG --arm marked --shard I --num-shards N  (one array task of the audit)
 
 Errors in configs, data or the run directory end in one line on stderr and exit status 2.
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, MarkConfig, load_config
-from .dag import ARM_STAGES, RUNNERS, Task, run_task, tasks
+from .dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task, tasks
 from .images import ImageError
 from .sources import DataSourceError
 from .store import StageError
@@ -47,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if stage in ARM_STAGES:
             p.add_argument("--arm", choices=["marked", "control"], required=True)
+        if stage in SHARDED_STAGES:
+            p.add_argument("--shard", type=int, help="run only this shard of the users (0-based): one array task")
+            p.add_argument("--num-shards", type=int, default=1, help="number of shards the users are split into")
         if stage == "mark":
             p.help = "run the mark stage, or mark a folder of your own images (with --out)"
-            p.add_argument("--shard", type=int, help="mark only this shard of the users (0-based)")
-            p.add_argument("--num-shards", type=int, default=1, help="number of shards the users are split into")
             owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
             owner.add_argument("--out", help="output folder for the marked copies and the key file")
             owner.add_argument("--seed", type=int, help="secret seed (default: random, saved in the key)")

@@ -43,6 +43,7 @@ STAGE_SECTIONS = {
     "report": ("data", "plan", "mark", "train", "audit"),
 }
 ARM_STAGES = ("train", "audit")
+SHARDED_STAGES = ("mark", "audit")  # users split over array tasks
 
 
 def tasks(cfg: RunConfig) -> list[Task]:
@@ -110,7 +111,7 @@ def _run_audit(cfg: RunConfig, stage: Stage, task: Task) -> None:
 
     run_dir = Path(cfg.run_dir)
     run_audit(stage, cfg.audit, run_dir / "write" / "audit.beton", run_dir / f"train-{task.arm}" / "model.pt",
-              _users(cfg))
+              _users(cfg), task.num_shards, task.shard)
 
 
 def _run_report(cfg: RunConfig, stage: Stage, task: Task) -> None:
@@ -128,8 +129,8 @@ RUNNERS: dict[str, Callable[[RunConfig, Stage, Task], None]] = {
 def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     """Run one task unless it is already done; returns True when it ran."""
     stage = stage_for(cfg, task)
-    if task.shard is not None and task.stage != "mark":
-        raise StageError(f"{task.stage}: --shard is only supported by the mark stage")
+    if task.shard is not None and task.stage not in SHARDED_STAGES:
+        raise StageError(f"{task.stage}: --shard is only supported by the {' and '.join(SHARDED_STAGES)} stages")
     if force:
         stage.invalidate()
     elif stage.done():

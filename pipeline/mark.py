@@ -2,7 +2,7 @@
 
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
 (user, sample), so marks are bit-identical for a seed whatever the sharding. Shard i of n marks
-users i, i+n, ... and writes only `shard-i-of-n.npz` (images, ids, PSNR and SSIM per image), so an
+users i, i+n, ... and writes only its own shard file (images, ids, PSNR and SSIM per image), so an
 array job can split the users; a finished shard is skipped. Finishing the stage checks that every
 shard is there, then writes per-user quality, a grid of originals next to marked versions, and the
 mark's survival under JPEG re-encoding.
@@ -23,7 +23,7 @@ from .config import MarkConfig, RunConfig  # noqa: E402
 from .marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
 from .plan import child_seed  # noqa: E402
 from .sources import ImageSplits, load_source  # noqa: E402
-from .store import Stage, StageError, atomic_path, load_npz, read_json, save_npz, write_json  # noqa: E402
+from .store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
 from .survival import mark_survival  # noqa: E402
 
 SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
@@ -66,22 +66,11 @@ def mark_user(user: dict[str, Any], images: np.ndarray, cfg: MarkConfig, pool: O
     return mark_batch(images, pattern, noise_seeds(user), cfg, device)
 
 
-def shard_name(shard: int, num_shards: int) -> str:
-    return f"shard-{shard:04d}-of-{num_shards:04d}.npz"
-
-
-def run_mark_shard(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
-                   shard: int, num_shards: int) -> bool:
-    """Mark users shard, shard + num_shards, ...; returns False when the shard was already done."""
-    if not 0 <= shard < num_shards:
-        raise StageError(f"mark: --shard {shard} is outside 0..{num_shards - 1}")
-    name = shard_name(shard, num_shards)
-    record = stage.path(name.replace(".npz", ".json"))
-    if record.exists() and read_json(record).get("config_hash") == stage.config_hash and stage.path(name).exists():
-        return False
+def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path) -> None:
+    """Mark the given users' images and save them with their ids, PSNR and SSIM."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
-    for user in users[shard::num_shards]:
+    for user in users:
         originals = data.train_images[user["sample_ids"]]
         marked = mark_user(user, originals, cfg.mark, pool, device)
         k = len(marked)
@@ -91,9 +80,7 @@ def run_mark_shard(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[
             parts[key].append(value)
     h, w = data.train_images.shape[1:3]
     empty = {"images": np.zeros((0, h, w, 3), np.uint8)}
-    save_npz(stage.path(name), **{k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in parts.items()})
-    write_json(record, {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
-    return True
+    save_npz(path, **{k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in parts.items()})
 
 
 def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -165,11 +152,9 @@ def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], 
 def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
              num_shards: int = 1, only_shard: int | None = None) -> None:
     """Mark the missing shards (or only `only_shard`); once all are there, finish the stage."""
-    shards = [only_shard] if only_shard is not None else range(num_shards)
-    for shard in shards:
-        run_mark_shard(cfg, stage, data, users, shard, num_shards)
-    names = [shard_name(i, num_shards) for i in range(num_shards)]
-    if only_shard is not None and not all(stage.path(n).exists() for n in names):
+    names = run_shards(stage, num_shards, only_shard,
+                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path))
+    if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
     marked = merge_shards(stage.dir, names, users)
     quality = quality_by_user(marked, users)

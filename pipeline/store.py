@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -144,3 +144,31 @@ class Stage:
     def invalidate(self) -> None:
         """Forget that the stage finished (used by --force); its outputs are overwritten atomically."""
         self.path(MANIFEST).unlink(missing_ok=True)
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:04d}-of-{num_shards:04d}.npz"
+
+
+def run_shards(stage: Stage, num_shards: int, only_shard: int | None,
+               write_shard: Callable[[int, Path], None]) -> list[str] | None:
+    """Run a sharded stage's missing shards (all of them, or only `only_shard` for one array task).
+
+    `write_shard(i, path)` writes shard i to `path` (atomically); a shard is done when its file and a
+    record holding this stage's config hash exist, so re-running a finished shard is a no-op. Returns
+    the shard file names once every shard is done, else None (other array tasks still owe theirs)."""
+    if num_shards < 1 or (only_shard is not None and not 0 <= only_shard < num_shards):
+        raise StageError(f"{stage.name}: --shard {only_shard} is outside 0..{num_shards - 1}")
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+
+    def done(name: str) -> bool:
+        record = stage.path(name.replace(".npz", ".json"))
+        return (record.exists() and stage.path(name).exists()
+                and read_json(record).get("config_hash") == stage.config_hash)
+
+    for shard in [only_shard] if only_shard is not None else range(num_shards):
+        if not done(names[shard]):
+            write_shard(shard, stage.path(names[shard]))
+            write_json(stage.path(names[shard].replace(".npz", ".json")),
+                       {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
+    return names if all(done(n) for n in names) else None
