@@ -29,8 +29,8 @@ log = logging.getLogger("pipeline")
 USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config (YAML)")
+def _common(parser: argparse.ArgumentParser, optional_config: bool = False) -> None:
+    parser.add_argument("config", nargs="?" if optional_config else None, help="run config (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--force", action="store_true", help="re-run even if the manifest says done")
@@ -45,12 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where stages run: 'local' runs each stage in its own process here")
     for stage in RUNNERS:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
-        _common(p)
+        _common(p, optional_config=stage == "audit")
         if stage in ARM_STAGES:
-            p.add_argument("--arm", choices=["marked", "control"], required=True)
+            p.add_argument("--arm", choices=["marked", "control"], required=stage != "audit")
         if stage in SHARDED_STAGES:
             p.add_argument("--shard", type=int, help="run only this shard of the users (0-based): one array task")
             p.add_argument("--num-shards", type=int, default=1, help="number of shards the users are split into")
+        if stage == "audit":
+            p.help = "run the audit stage, or audit a model for your own marked images (with --model)"
+            owner = p.add_argument_group("auditing a model for your own images (CONFIG is then omitted)")
+            owner.add_argument("--model", help="checkpoint (weights only) or module:function returning logits")
+            owner.add_argument("--arch", help="architecture of a plain state_dict checkpoint")
+            owner.add_argument("--num-classes", type=int, help="classes of a plain state_dict checkpoint")
+            owner.add_argument("--user", help="your folder of marked images (the --out of mtrack mark)")
+            owner.add_argument("--key", help="the key file written when marking (default: in --user)")
+            owner.add_argument("--originals", help="the folder of your original images (default: from the key)")
+            owner.add_argument("--label", type=int, help="class index of your images (default: from the key)")
+            owner.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict")
         if stage == "mark":
             p.help = "run the mark stage, or mark a folder of your own images (with --out)"
             owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
@@ -63,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
             owner.add_argument("--ood-folder", help="with --pattern ood_image: folder the pattern image is drawn from")
             owner.add_argument("--max-resolution", type=int,
                                help="shrink so the longer side is at most this (mark on the grid a model will store)")
+            owner.add_argument("--n-patterns", type=int, default=100,
+                               help="secret candidate patterns; the audit's smallest p-value is 1/N")
+            owner.add_argument("--label", type=int, help="class index of these images, saved in the key")
     return parser
 
 
@@ -79,7 +93,8 @@ def mark_own_folder(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"--{'-'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}") from None
-    key = mark_folder(args.config, args.out, cfg, args.seed, args.max_resolution, args.force)
+    key = mark_folder(args.config, args.out, cfg, args.seed, args.max_resolution, args.force, args.n_patterns,
+                      args.label)
     print(f"marked {len(key['files'])} images into {args.out}; keep {Path(args.out) / KEY_NAME} private: "
           "the audit needs it")
 
@@ -104,6 +119,21 @@ def run_local(config: str, overrides: list[str], force: bool) -> None:
     log.info("results in %s", cfg.results_dir)
 
 
+def audit_own_model(args: argparse.Namespace) -> None:
+    from .owner import KEY_NAME, audit_owner, load_key, load_predictor
+
+    if not args.user:
+        raise ConfigError("audit --model: pass --user FOLDER (your marked images)")
+    key = load_key(args.key or Path(args.user) / KEY_NAME, args.user)
+    result = audit_owner(key, load_predictor(args.model, args.arch, args.num_classes), args.originals, args.label)
+    used = result["p_value"] <= args.alpha
+    print(f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"
+          f" (p = {result['p_value']:.4g}, level {args.alpha}; smallest possible p {result['smallest_possible_p_value']:.4g})")
+    print(f"evidence: mean loss on your {result['n_images']} images with the published pattern "
+          f"{result['published_pattern_loss']:.4g}; with the {key['n_patterns'] - 1} secret patterns: "
+          f"min {result['other_patterns_loss']['min']:.4g}, median {result['other_patterns_loss']['median']:.4g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
@@ -115,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             run_local(args.config, args.overrides, args.force)
         elif args.command == "mark" and Path(args.config).is_dir():
             mark_own_folder(args)
+        elif args.command == "audit" and args.model:
+            audit_own_model(args)
         else:
+            if args.config is None or (args.command in ARM_STAGES and not args.arm):
+                raise ConfigError(f"{args.command}: needs a CONFIG" + (" and --arm" if args.command in ARM_STAGES else ""))
             cfg = load_config(args.config, args.overrides)
             task = Task(args.command, getattr(args, "arm", None), getattr(args, "shard", None),
                         getattr(args, "num_shards", 1))
