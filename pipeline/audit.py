@@ -80,7 +80,6 @@ def user_statistics(is_member: np.ndarray, score: np.ndarray, fdr_levels: tuple[
         "fpr_at_tpr_1": {"value": above_worst_member / len(null),
                          "interval": clopper_pearson(above_worst_member, len(null), confidence)},
         "confidence": confidence,
-        "nonmember_p_at_most_0.05": float((p_null <= 0.05).mean()),
         "benjamini_hochberg": bh,
     }
 

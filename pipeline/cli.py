@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--launcher", choices=["local"], default="local",
                      help="where stages run: 'local' runs each stage in its own process here")
+    special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
+               "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
     for stage in RUNNERS:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p = sub.add_parser(stage, help=special.get(stage, f"run the {stage} stage"))
         _common(p, optional_config=stage == "audit")
         if stage in ARM_STAGES:
             p.add_argument("--arm", choices=["marked", "control"], required=stage != "audit")
@@ -52,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--shard", type=int, help="run only this shard of the users (0-based): one array task")
             p.add_argument("--num-shards", type=int, default=1, help="number of shards the users are split into")
         if stage == "audit":
-            p.help = "run the audit stage, or audit a model for your own marked images (with --model)"
             owner = p.add_argument_group("auditing a model for your own images (CONFIG is then omitted)")
             owner.add_argument("--model", help="checkpoint (weights only) or module:function returning logits")
             owner.add_argument("--arch", help="architecture of a plain state_dict checkpoint")
@@ -63,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
             owner.add_argument("--label", type=int, help="class index of your images (default: from the key)")
             owner.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict")
         if stage == "mark":
-            p.help = "run the mark stage, or mark a folder of your own images (with --out)"
             owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
             owner.add_argument("--out", help="output folder for the marked copies and the key file")
             owner.add_argument("--seed", type=int, help="secret seed (default: random, saved in the key)")

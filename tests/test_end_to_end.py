@@ -56,7 +56,7 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
 def test_metrics_file_schema(tiny_run: Path) -> None:
     cfg = load_config(tiny_run)
     results = Path(cfg.results_dir)
-    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "marked_examples.png"):
+    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "marked_examples.png"):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics.json").read_text())
     assert SCHEMA_KEYS <= metrics.keys()
