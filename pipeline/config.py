@@ -98,6 +98,15 @@ class AuditConfig(_Strict):
     num_workers: int = Field(2, ge=1)
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases logging through Lightning's logger: off unless enabled, offline unless told
+    otherwise (upload later with `wandb sync <run_dir>/train-*/wandb/offline-run-*`)."""
+
+    enabled: bool = False
+    project: str = "membership-audit"
+    mode: Literal["offline", "online"] = "offline"
+
+
 class RunConfig(_Strict):
     """A whole run: where it lives, its seed, and one section per stage."""
 
@@ -110,6 +119,7 @@ class RunConfig(_Strict):
     mark: MarkConfig = MarkConfig()
     train: TrainConfig = TrainConfig()
     audit: AuditConfig = AuditConfig()
+    wandb: WandbConfig = WandbConfig()  # logging only: not part of any stage's config hash
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

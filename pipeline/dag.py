@@ -103,7 +103,8 @@ def _run_train(cfg: RunConfig, stage: Stage, task: Task) -> None:
 
     write = read_json(Path(cfg.run_dir) / "write" / "manifest.json")
     run_train(stage, task.arm, cfg.train, Path(cfg.run_dir) / "write", write["num_classes"], write["mean"],
-              write["std"], seed=child_seed(cfg.seed, 3) % 2**31, val_every=max(1, cfg.train.epochs // 4))
+              write["std"], seed=child_seed(cfg.seed, 3) % 2**31, val_every=max(1, cfg.train.epochs // 4),
+              wandb=cfg.wandb, experiment=cfg.name)
 
 
 def _run_audit(cfg: RunConfig, stage: Stage, task: Task) -> None:

@@ -6,6 +6,7 @@ its own last checkpoint, so a killed or requeued run continues where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
-from .config import TrainConfig
+from .config import TrainConfig, WandbConfig
 from .models import Normalized, build_model, save_weights
 from .store import Stage, StageError, write_json
 
@@ -127,8 +128,23 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> tuple
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
+def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) -> list[Any]:
+    """CSV always; W&B when enabled, one run per (experiment, stage) with a fixed id so a resumed or
+    requeued job continues the same run. Lightning's loggers write from rank zero only."""
+    loggers: list[Any] = [CSVLogger(stage.dir, name="logs")]
+    if wandb.enabled:
+        from lightning.pytorch.loggers import WandbLogger
+
+        run_id = hashlib.sha256(f"{stage.dir.resolve()}:{stage.config_hash}".encode()).hexdigest()[:16]
+        loggers.append(WandbLogger(project=wandb.project, name=f"{experiment}/train-{arm}", group=experiment,
+                                   job_type="train", id=run_id, resume="allow", save_dir=str(stage.dir),
+                                   offline=wandb.mode == "offline"))
+    return loggers
+
+
 def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_classes: int,
-              mean: list[float], std: list[float], seed: int, val_every: int) -> None:
+              mean: list[float], std: list[float], seed: int, val_every: int,
+              wandb: WandbConfig = WandbConfig(), experiment: str = "run") -> None:
     L.seed_everything(seed, workers=True, verbose=False)
     train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
@@ -137,7 +153,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=CSVLogger(stage.dir, name="logs"),
+        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
         callbacks=[checkpoint], check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
