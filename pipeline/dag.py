@@ -132,6 +132,8 @@ def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     stage = stage_for(cfg, task)
     if task.shard is not None and task.stage not in SHARDED_STAGES:
         raise StageError(f"{task.stage}: --shard is only supported by the {' and '.join(SHARDED_STAGES)} stages")
+    if force and task.shard is not None:
+        raise StageError(f"{task.name}: --force deletes the whole stage; use it without --shard")
     if force:
         stage.invalidate()
     elif stage.done():
@@ -140,7 +142,7 @@ def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     for dep in dependencies(cfg, task):
         if not stage_for(cfg, dep).done():
             raise StageError(f"{task.name}: needs stage '{dep.name}' finished first (in {cfg.run_dir})")
-    stage.dir.mkdir(parents=True, exist_ok=True)
+    stage.begin()
     log.info("%s: running", task.name)
     RUNNERS[task.stage](cfg, stage, task)
     return True

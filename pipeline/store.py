@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 MANIFEST = "manifest.json"
+STARTED = "started.json"
 
 
 class StageError(RuntimeError):
@@ -141,34 +142,53 @@ class Stage:
     def manifest(self) -> dict[str, Any]:
         return read_json(self.path(MANIFEST))
 
+    def begin(self) -> None:
+        """Claim the folder for this config before any work, so that partial state a killed run left
+        (shards, training checkpoints) is resumed only by the same config, never by another."""
+        record = self.path(STARTED)
+        if record.exists() and read_json(record).get("config_hash") != self.config_hash:
+            raise StageError(f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
+                             "use a new run_dir or --force")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not record.exists():
+            write_json(record, {"stage": self.name, "config_hash": self.config_hash})
+
     def invalidate(self) -> None:
-        """Forget that the stage finished (used by --force); its outputs are overwritten atomically."""
-        self.path(MANIFEST).unlink(missing_ok=True)
+        """Delete the stage's folder (used by --force): a forced run starts from nothing, not from
+        the shards or checkpoints of the run it replaces."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:04d}-of-{num_shards:04d}.npz"
 
 
+def shard_done(stage: Stage, name: str) -> bool:
+    """A shard is done when its file and a record holding this stage's config hash exist."""
+    record = stage.path(name.replace(".npz", ".json"))
+    return (record.exists() and stage.path(name).exists()
+            and read_json(record).get("config_hash") == stage.config_hash)
+
+
+def missing_shards(stage: Stage, num_shards: int) -> list[int]:
+    """Shards of a sharded stage still to run: what a launcher submits as array tasks."""
+    return [i for i in range(num_shards) if not shard_done(stage, shard_name(i, num_shards))]
+
+
 def run_shards(stage: Stage, num_shards: int, only_shard: int | None,
                write_shard: Callable[[int, Path], None]) -> list[str] | None:
     """Run a sharded stage's missing shards (all of them, or only `only_shard` for one array task).
 
-    `write_shard(i, path)` writes shard i to `path` (atomically); a shard is done when its file and a
-    record holding this stage's config hash exist, so re-running a finished shard is a no-op. Returns
-    the shard file names once every shard is done, else None (other array tasks still owe theirs)."""
+    `write_shard(i, path)` writes shard i to `path` (atomically), then its record; re-running a
+    finished shard is a no-op. Returns the shard file names once every shard is done, else None
+    (other array tasks still owe theirs). Each task writes its record before checking the others,
+    so of several tasks finishing together at least one sees every shard and merges."""
     if num_shards < 1 or (only_shard is not None and not 0 <= only_shard < num_shards):
         raise StageError(f"{stage.name}: --shard {only_shard} is outside 0..{num_shards - 1}")
     names = [shard_name(i, num_shards) for i in range(num_shards)]
-
-    def done(name: str) -> bool:
-        record = stage.path(name.replace(".npz", ".json"))
-        return (record.exists() and stage.path(name).exists()
-                and read_json(record).get("config_hash") == stage.config_hash)
-
     for shard in [only_shard] if only_shard is not None else range(num_shards):
-        if not done(names[shard]):
+        if not shard_done(stage, names[shard]):
             write_shard(shard, stage.path(names[shard]))
             write_json(stage.path(names[shard].replace(".npz", ".json")),
                        {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
-    return names if all(done(n) for n in names) else None
+    return names if not missing_shards(stage, num_shards) else None
