@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean slurm-up slurm-down imagenet-audit
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -24,6 +24,12 @@ bench: $(SETUP)
 	$(PY) -m bench.survival
 	$(PY) -m bench.audit
 	@echo "benchmarks written under results/bench/ and results/marking/"
+
+slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
+	bash slurm/setup-local-slurm.sh
+
+slurm-down:
+	bash slurm/teardown-local-slurm.sh
 
 clean:
 	rm -rf runs .pytest_cache

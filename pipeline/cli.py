@@ -1,6 +1,7 @@
 """Command line: one subcommand per stage, plus `run` for the whole DAG.
 
     mtrack run CONFIG [--set section.key=value ...] [--force]
+    mtrack run CONFIG --launcher slurm [--dry-run] [--no-wait]   (every stage as SLURM jobs)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
     mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
@@ -13,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .config import ConfigError, MarkConfig, load_config
-from .dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task, tasks
+from .dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
 from .images import ImageError
+from .launch import LAUNCHERS, launch
 from .sources import DataSourceError
 from .store import StageError
 
@@ -41,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every stage of the DAG, skipping finished ones")
     _common(run)
-    run.add_argument("--launcher", choices=["local"], default="local",
-                     help="where stages run: 'local' runs each stage in its own process here")
+    run.add_argument("--launcher", choices=LAUNCHERS.names(), default="local",
+                     help="where stages run: 'local' runs each stage in its own process here, 'slurm' "
+                          "submits them as SLURM jobs through submitit")
+    run.add_argument("--dry-run", action="store_true", help="print the jobs that would run, and stop")
+    run.add_argument("--no-wait", dest="wait", action="store_false",
+                     help="slurm: return once submitted instead of following the jobs to the end")
     special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
                "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
     for stage in RUNNERS:
@@ -99,26 +102,6 @@ def mark_own_folder(args: argparse.Namespace) -> None:
           "the audit needs it")
 
 
-def run_local(config: str, overrides: list[str], force: bool) -> None:
-    """Run each task of the DAG in its own Python process, in order, stopping at the first failure.
-
-    Separate processes keep every stage's memory and DDP workers to itself, exactly as a cluster
-    job would run it."""
-    cfg = load_config(config, overrides)
-    for task in tasks(cfg):
-        cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config]
-        cmd += [f"--set={o}" for o in overrides]
-        cmd += ["--arm", task.arm] if task.arm else []
-        cmd += ["--force"] if force else []
-        started = time.perf_counter()
-        result = subprocess.run(cmd, env=os.environ.copy())
-        if result.returncode != 0:
-            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
-                             "finished stages are skipped")
-        log.info("%s: %.1f s", task.name, time.perf_counter() - started)
-    log.info("results in %s", cfg.results_dir)
-
-
 def audit_own_model(args: argparse.Namespace) -> None:
     from .owner import KEY_NAME, audit_owner, load_key, load_predictor
 
@@ -142,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            run_local(args.config, args.overrides, args.force)
+            launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "mark" and Path(args.config).is_dir():
             mark_own_folder(args)
         elif args.command == "audit" and args.model:

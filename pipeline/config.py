@@ -107,6 +107,46 @@ class WandbConfig(_Strict):
     mode: Literal["offline", "online"] = "offline"
 
 
+class Resources(_Strict):
+    """What one SLURM job of a stage asks for (per task; train's tasks, GPUs and nodes follow
+    train.devices, train.accelerator and train.num_nodes)."""
+
+    cpus_per_task: int = Field(2, ge=1)
+    mem_gb: float = Field(8, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    time_min: int = Field(60, ge=1)
+
+
+StageName = Literal["plan", "mark", "write", "train", "audit", "report"]
+
+
+class SlurmConfig(_Strict):
+    """Where and how SLURM runs the stages; used only by `run --launcher slurm`."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    log_dir: str | None = None  # submitit's job folders (None: <run_dir>/slurm)
+    array_parallelism: int = Field(64, ge=1)  # array tasks running at once
+    max_requeues: int = Field(3, ge=0)  # preemptions/time-outs survived before a job gives up
+    signal_delay_s: int = Field(120, ge=1)  # USR2 this long before the time limit: checkpoint and requeue
+    setup: tuple[str, ...] = ()  # shell lines run before each job (module load ..., source ...)
+    default: Resources = Resources()
+    stages: dict[StageName, Resources] = {}  # per-stage overrides of `default`
+
+    def resources(self, stage: str) -> Resources:
+        return self.stages.get(stage, self.default)  # type: ignore[call-overload]
+
+
+class LaunchConfig(_Strict):
+    """How a run is split into jobs. Not part of any stage's hash: the outputs do not depend on it."""
+
+    mark_shards: int = Field(1, ge=1)  # users split over this many array tasks
+    audit_shards: int = Field(1, ge=1)
+    slurm: SlurmConfig = SlurmConfig()
+
+
 class RunConfig(_Strict):
     """A whole run: where it lives, its seed, and one section per stage."""
 
@@ -120,6 +160,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     audit: AuditConfig = AuditConfig()
     wandb: WandbConfig = WandbConfig()  # logging only: not part of any stage's config hash
+    launch: LaunchConfig = LaunchConfig()  # where stages run: not part of any stage's config hash
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

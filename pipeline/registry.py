@@ -22,7 +22,10 @@ class Registry(Generic[T]):
 
         return wrap
 
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
     def lookup(self, name: str) -> T:
         if name not in self._items:
-            raise StageError(f"{self.key}: unknown '{name}' (known: {', '.join(sorted(self._items))})")
+            raise StageError(f"{self.key}: unknown '{name}' (known: {', '.join(self.names())})")
         return self._items[name]

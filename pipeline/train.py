@@ -7,14 +7,17 @@ its own last checkpoint, so a killed or requeued run continues where it stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
@@ -22,6 +25,7 @@ from .config import TrainConfig, WandbConfig
 from .models import Normalized, build_model, save_weights
 from .store import Stage, StageError, write_json
 
+log = logging.getLogger("pipeline")
 ARM_TRAIN_SET = {"marked": "train_marked.beton", "control": "train_clean.beton"}
 
 
@@ -104,6 +108,28 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class KeepLauncherSigterm(Callback):
+    """Put back a SIGTERM handler that the process's launcher installed before training.
+
+    Lightning turns SIGTERM into an exception that ends `fit`. Under submitit, SLURM sends SIGTERM
+    first when it preempts a job, then USR2, on which submitit requeues it: ending the run at the
+    SIGTERM would leave the job finished with no result instead of requeued. A process started
+    without such a handler (a local run) keeps Lightning's behaviour."""
+
+    def __init__(self) -> None:
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if callable(self.handler):  # Lightning registers its own handlers just before this hook
+            signal.signal(signal.SIGTERM, self.handler)
+
+
+def cluster_plugins() -> list[Any]:
+    """Inside a SLURM job, Lightning reads ranks and addresses from SLURM but must not requeue on
+    its own: requeueing belongs to the launcher (submitit), which also owns the signal."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def resolve_precision(cfg: TrainConfig) -> str:
     """Mixed precision where the hardware has it: bf16 on recent GPUs and on CPUs with native bf16
     (AVX512-BF16/AMX, about 2.5x faster here), fp16 on older GPUs, else fp32."""
@@ -154,10 +180,12 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
-        callbacks=[checkpoint], check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
+        callbacks=[checkpoint, KeepLauncherSigterm()], plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
     last = ckpt_dir / "last.ckpt"
+    if last.exists():
+        log.info("train-%s: resuming from %s", arm, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
     if trainer.global_rank != 0:
         return

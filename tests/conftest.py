@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -13,3 +16,28 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def mtrack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The command line as a user runs it, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def tiny_config(folder: Path, **overrides: object) -> Path:
+    """configs/tiny.yaml with its run and results under `folder` (and top-level overrides)."""
+    tree = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    tree.update(run_dir=str(folder / "run"), results_dir=str(folder / "results"), **overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DAG run once locally through the CLI; its config path (tests must not modify it)."""
+    config = tiny_config(tmp_path_factory.mktemp("tiny"))
+    result = mtrack("run", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +12,13 @@ from pipeline.config import load_config
 from pipeline.dag import stage_for, tasks
 from pipeline.mark import load_marked
 
+from conftest import mtrack
+
 pytestmark = pytest.mark.slow
 
 SCHEMA_KEYS = {"dataset", "n_train", "n_member_users", "n_nonmember_users", "samples_per_user", "marked_fraction",
                "test_accuracy", "fpr_resolution", "seconds", "set_based", "instance_based", "control_unmarked"}
 BLOCK_KEYS = {"auc", "fpr_at_tpr_1", "tpr_at_fpr"}
-
-
-def _mtrack(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, repo: Path = Path(__file__).resolve().parents[1]) -> Path:
-    tmp = tmp_path_factory.mktemp("tiny")
-    tree = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
-    tree["run_dir"], tree["results_dir"] = str(tmp / "run"), str(tmp / "results")
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    result = _mtrack("run", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return config
 
 
 def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
@@ -75,13 +59,13 @@ def test_metrics_file_schema(tiny_run: Path) -> None:
 def test_rerun_skips_finished_stages(tiny_run: Path) -> None:
     cfg = load_config(tiny_run)
     before = {t.name: stage_for(cfg, t).manifest()["outputs"] for t in tasks(cfg)}
-    result = _mtrack("plan", str(tiny_run))
+    result = mtrack("plan", str(tiny_run))
     assert result.returncode == 0 and "skipped" in result.stderr
     assert {t.name: stage_for(cfg, t).manifest()["outputs"] for t in tasks(cfg)} == before
 
 
 def test_changed_config_is_refused_not_mixed(tiny_run: Path) -> None:
-    result = _mtrack("mark", str(tiny_run), "--set", "mark.alpha=0.5")
+    result = mtrack("mark", str(tiny_run), "--set", "mark.alpha=0.5")
     assert result.returncode == 2
     assert "different config" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

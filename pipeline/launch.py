@@ -1,0 +1,285 @@
+"""Launchers: where the stage DAG runs. The DAG, the task code and the outputs are the same for all.
+
+- `local` runs each task in its own Python process on this machine, in order.
+- `slurm` submits every unfinished task through submitit: mark and audit as job arrays (one array
+  task per missing shard; the last shard to finish merges), write and report as single jobs, train
+  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies.
+
+A re-run plans only what is not done: finished stages are skipped and a sharded stage resubmits
+only its missing shards, so a failed array task is re-run alone. Every job is checkpointable:
+after a preemption or time-out submitit requeues it and the task resumes from its own state
+(training from Lightning's last checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, load_config
+from .dag import SHARDED_STAGES, Task, dependencies, run_task, stage_for, tasks
+from .registry import Registry
+from .store import StageError, missing_shards, read_json, write_json
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One submission: a task, as an array over `shards` when it is a sharded stage with shards
+    left to run (none left: one job that merges), waiting for the jobs of `after`."""
+
+    task: Task
+    shards: tuple[int, ...]
+    after: tuple[Task, ...]
+
+    @property
+    def is_array(self) -> bool:
+        return bool(self.shards)
+
+
+def num_shards(cfg: RunConfig, stage: str) -> int:
+    return {"mark": cfg.launch.mark_shards, "audit": cfg.launch.audit_shards}.get(stage, 1)
+
+
+def plan_jobs(cfg: RunConfig) -> list[Job]:
+    """The jobs a run still needs, in DAG order: one per unfinished task."""
+    jobs = []
+    for task in tasks(cfg):
+        task = replace(task, num_shards=num_shards(cfg, task.stage))
+        stage = stage_for(cfg, task)
+        if stage.done():
+            continue
+        shards = ()
+        if task.stage in SHARDED_STAGES and task.num_shards > 1:
+            shards = tuple(missing_shards(stage, task.num_shards))
+        jobs.append(Job(task, shards, tuple(dependencies(cfg, task))))
+    return jobs
+
+
+def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
+    """submitit parameters of a task's job: resources from `launch.slurm`, and for training the
+    tasks and nodes Lightning expects (one task per device)."""
+    slurm = cfg.launch.slurm
+    res = slurm.resources(task.stage)
+    params: dict[str, Any] = {
+        "name": f"mtrack-{task.name}", "timeout_min": res.time_min, "cpus_per_task": res.cpus_per_task,
+        "mem_gb": res.mem_gb, "gpus_per_node": res.gpus_per_node, "nodes": 1, "tasks_per_node": 1,
+        "slurm_array_parallelism": slurm.array_parallelism, "slurm_signal_delay_s": slurm.signal_delay_s,
+        "slurm_setup": list(slurm.setup),
+        # a job whose dependency failed is cancelled instead of pending forever
+        "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
+    }
+    if task.stage == "train":
+        devices = cfg.train.devices if isinstance(cfg.train.devices, int) else 1
+        if res.gpus_per_node and res.gpus_per_node != devices:
+            raise StageError(f"launch.slurm.stages.train.gpus_per_node ({res.gpus_per_node}) must equal "
+                             f"train.devices ({devices}): Lightning runs one task per device")
+        params.update(nodes=cfg.train.num_nodes, tasks_per_node=devices)
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(slurm, key) is not None:
+            params[f"slurm_{key}"] = getattr(slurm, key)
+    return params
+
+
+def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
+    """The job plan as a table: what `--dry-run` prints before anything is submitted."""
+    if not jobs:
+        return f"nothing to run: every stage of {cfg.run_dir} is done"
+    rows = [("job", "array tasks", "nodes x tasks", "cpus/task", "gpus/node", "mem GB", "time min", "after")]
+    for job in jobs:
+        if launcher == "slurm":
+            p = slurm_parameters(cfg, job.task)
+            shape = (f"{p['nodes']} x {p['tasks_per_node']}", str(p["cpus_per_task"]), str(p["gpus_per_node"]),
+                     f"{p['mem_gb']:g}", str(p["timeout_min"]))
+        else:
+            shape = ("this machine", "-", "-", "-", "-")
+        array = f"shards {','.join(map(str, job.shards))} of {job.task.num_shards}" if job.is_array else "-"
+        rows.append((job.task.name, array, *shape, ",".join(t.name for t in job.after) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+LAUNCHERS: Registry[Callable[..., None]] = Registry("--launcher")
+
+
+# --- local ---------------------------------------------------------------------------------------
+
+@LAUNCHERS.register("local")
+def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
+    """Run each task of the DAG in its own Python process, in order, stopping at the first failure
+    (always waiting). Separate processes keep every stage's memory and DDP workers to itself, as a
+    cluster job would."""
+    for task in tasks(cfg):
+        cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config_path, *(f"--set={o}" for o in overrides)]
+        cmd += ["--arm", task.arm] if task.arm else []
+        cmd += ["--num-shards", str(num_shards(cfg, task.stage))] if task.stage in SHARDED_STAGES else []
+        cmd += ["--force"] if force else []
+        started = time.perf_counter()
+        result = subprocess.run(cmd, env=os.environ.copy())
+        if result.returncode != 0:
+            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
+                             "finished stages are skipped")
+        log.info("%s: %.1f s", task.name, time.perf_counter() - started)
+
+
+# --- SLURM through submitit ----------------------------------------------------------------------
+
+def master_port(job_id: str) -> int:
+    """The DDP rendezvous port of a job, from its own SLURM job id (unique per array task), spread
+    over 15000-31999 (below Linux's ephemeral ports) so jobs sharing a node do not collide; Lightning's
+    default uses only the id's last four digits."""
+    return 15000 + int(job_id) % 17000
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
+class StageJob:
+    """One task as a submitit job. Requeued as is after a preemption or time-out (submitit's
+    `checkpoint` protocol): the stage itself resumes from what it has on disk."""
+
+    def __init__(self, cfg: RunConfig, task: Task) -> None:
+        self.cfg, self.task = cfg, task
+
+    def __call__(self, shard: int | None = None) -> str:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        if env.global_rank != 0:
+            # submitit checkpoints and requeues from rank 0 only; other ranks would keep training
+            # until SLURM kills the job, so they leave at once.
+            signal.signal(signal.SIGUSR2, _exit_now)
+        os.environ.setdefault("MASTER_PORT", str(master_port(os.environ.get("SLURM_JOB_ID", "0"))))
+        if not log.handlers:
+            _log_to_stderr()
+        run_task(self.cfg, replace(self.task, shard=shard))
+        return self.task.name
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _jobs_record(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir) / "launch" / "slurm-jobs.json"
+
+
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+
+
+def _still_queued(job_ids: list[str]) -> list[str]:
+    """Jobs among `job_ids` that are pending or running (squeue also lists recently ended ones)."""
+    if not job_ids:
+        return []
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    rows = [line.split() for line in out.stdout.splitlines()] if out.returncode == 0 else []
+    return [row[0] for row in rows if len(row) == 2 and row[1] not in ENDED_STATES]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submitted SLURM job (one array task for sharded stages) and what it runs."""
+
+    task: Task
+    shard: int | None
+    job: Any  # submitit.Job
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name} shard {self.shard}" if self.shard is not None else self.task.name
+
+
+def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> list[Submitted]:
+    """Submit the jobs in DAG order, each with afterok dependencies on the jobs of its upstream
+    tasks submitted before it (finished upstream tasks need none)."""
+    import submitit
+
+    record = _jobs_record(cfg)
+    if record.exists():
+        previous = sorted({j.split("_")[0] for entry in read_json(record)["jobs"] for j in entry["job_ids"]})
+        if queued := _still_queued(previous):
+            raise StageError(f"{record}: jobs {', '.join(queued)} of an earlier submission are still queued; "
+                             "wait for them or scancel them before submitting again")
+    folder = Path(cfg.launch.slurm.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.launch.slurm.max_requeues)
+    submitted: list[Submitted] = []
+    for job in jobs:
+        upstream = {dep.name for dep in job.after}
+        waits = sorted({s.job.job_id.split("_")[0] for s in submitted if s.task.name in upstream})
+        executor.update_parameters(**slurm_parameters(cfg, job.task),
+                                   slurm_dependency=f"afterok:{':'.join(waits)}" if waits else None)
+        stage_job = StageJob(cfg, job.task)
+        if job.is_array:
+            handles = executor.map_array(stage_job, list(job.shards))
+            submitted += [Submitted(job.task, shard, h) for shard, h in zip(job.shards, handles)]
+        else:
+            submitted.append(Submitted(job.task, None, executor.submit(stage_job)))
+        log.info("%s: submitted job %s", job.task.name, submitted[-1].job.job_id.split("_")[0])
+    write_json(record, {"log_dir": str(folder.parent), "jobs": [
+        {"task": s.task.name, "shard": s.shard, "job_ids": [s.job.job_id]} for s in submitted]})
+    return submitted
+
+
+def wait_slurm(submitted: list[Submitted]) -> None:
+    """Wait for every job in DAG order; on the first failure cancel what is left and say which
+    task (and shard) failed and where its log is."""
+    import submitit
+
+    for item in submitted:
+        try:
+            item.job.result()
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            for other in submitted:
+                if not other.job.done():
+                    other.job.cancel(check=False)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise StageError(f"{item.label} failed in SLURM job {item.job.job_id}: "
+                             f"{lines[-1] if lines else type(exc).__name__}; log: {item.job.paths.stderr}; "
+                             "fix the cause and re-run: only unfinished work is submitted") from None
+        log.info("%s: job %s done", item.label, item.job.job_id)
+
+
+@LAUNCHERS.register("slurm")
+def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
+    if force:
+        raise StageError("--force is not supported with --launcher slurm; use a new run_dir")
+    cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()),
+                                 "results_dir": str(Path(cfg.results_dir).resolve())})
+    jobs = plan_jobs(cfg)
+    if not jobs:
+        log.info("nothing to submit: every stage is done")
+        return
+    submitted = submit_slurm(cfg, jobs)
+    if wait:
+        wait_slurm(submitted)
+    else:
+        log.info("submitted %d job(s); follow them with squeue; re-running this command submits what is left "
+                 "once they have ended", len(submitted))
+
+
+def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
+           wait: bool = True) -> None:
+    """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
+    cfg = load_config(config_path, overrides)
+    if dry_run:
+        print(describe(cfg, plan_jobs(cfg), launcher))
+        return
+    LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
+    log.info("results in %s", cfg.results_dir)
