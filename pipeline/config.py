@@ -76,6 +76,7 @@ class TrainConfig(_Strict):
     """Training recipe. `arms` lists the models to train: the marked one and the unmarked control."""
 
     arch: str = "small_cnn"
+    init_weights: str | None = None  # state_dict file to fine-tune from (matching tensors; the head is new)
     width: int = Field(32, ge=4)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)

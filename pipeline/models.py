@@ -89,6 +89,23 @@ for _name in ("resnet18", "resnet50"):
     )
 
 
+def load_pretrained(net: nn.Module, path: str | Path) -> None:
+    """Start fine-tuning from a state_dict file (e.g. torchvision's resnet18 ImageNet weights): every
+    tensor whose name and shape match is loaded; a classifier head sized for another label set is
+    left freshly initialised."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"train.init_weights: {path} not found") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise StageError(f"train.init_weights: {path} is not a state_dict ({str(exc).splitlines()[0]})") from None
+    own = net.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise StageError(f"train.init_weights: no tensor of {path} fits train.arch")
+    net.load_state_dict(matching, strict=False)
+
+
 class Normalized(nn.Module):
     """Wraps a classifier so it takes uint8-range images: normalisation is part of the model, hence
     identical in training, audit and any black-box use of the checkpoint."""

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
-from .models import Normalized, build_model, save_weights
+from .models import Normalized, build_model, load_pretrained, save_weights
 from .store import Stage, StageError, atomic_path, write_json
 from .torchdata import TorchBetonLoader, make_torch_loader
 
@@ -87,7 +87,10 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = TrainConfig.model_validate(cfg)
-        self.model = Normalized(build_model(arch, num_classes, width), tuple(mean), tuple(std))
+        net = build_model(arch, num_classes, width)
+        if self.cfg.init_weights:
+            load_pretrained(net, self.cfg.init_weights)
+        self.model = Normalized(net, tuple(mean), tuple(std))
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
