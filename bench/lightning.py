@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Iterable, Iterator
 
 import lightning as L
 import torch
@@ -40,6 +41,30 @@ def new_module() -> Classifier:
     return Classifier(CONFIG.arch, 10, CONFIG.width, [0.5] * 3, [0.25] * 3, CONFIG.model_dump(mode="json"))
 
 
+class InMemoryBatches(L.LightningDataModule):
+    """The batches as the data module `Classifier` expects (no epoch-ordered loader to advance)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.batches, self.train_loader = batches, None
+
+    def train_dataloader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return BatchList(self.batches)
+
+
+class BatchList:
+    """One iterable over the batches (Lightning would read a bare list as a list of loaders)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.batches)
+
+
 class EpochTimer(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.start = time.perf_counter()
@@ -53,7 +78,7 @@ def lightning_rate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
                         callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(new_module(), train_dataloaders=batches)
+    trainer.fit(new_module(), datamodule=InMemoryBatches(batches))
     return len(batches) * BATCH / timer.seconds
 
 

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -54,19 +54,18 @@ def main() -> None:
         write_jpeg_folder(root, "val", CLASSES, 1, SIZES, seed=1)
         data = load_source(DataConfig(source="imagefolder", root=str(root), image_size=RESOLUTION, n_train=10))
         images, n = full_resolution(data.train_images), len(data.train_labels)
-        sides: dict[str, Callable[[], Iterable]] = {"torchvision": lambda: torchvision_loader(root)}
+        sides: dict[str, Iterable] = {"torchvision": torchvision_loader(root)}
         for mode in ("jpg", "raw"):
             beton = Path(tmp) / f"{mode}.beton"
             write_beton(beton, images, data.train_labels, np.arange(n), num_workers=WORKERS,
                         clean=CleanStorage(mode=mode, jpeg_quality=90))
-            sides[mode] = lambda beton=beton: make_loader(beton, BATCH, WORKERS, train=True, augment="flip",
-                                                          resolution=RESOLUTION)
-        for make in sides.values():  # warm-up: numba compilation, page cache
-            _rate(make())
+            sides[mode] = make_loader(beton, BATCH, WORKERS, train=True, augment="flip", resolution=RESOLUTION)
+        for loader in sides.values():  # warm-up epoch: numba compilation of FFCV's pipeline, page cache
+            _rate(loader)
         rates: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(REPEATS):
-            for name, make in sides.items():
-                rates[name].append(_rate(make()))
+        for _ in range(REPEATS):  # one epoch each per repeat; loaders are built once, as in training
+            for name, loader in sides.items():
+                rates[name].append(_rate(loader))
     median = {name: statistics.median(r) for name, r in rates.items()}
     where = f"{n} JPEGs of ~300 px, random-resized crop {RESOLUTION} + flip, batch {BATCH}, {WORKERS} workers"
     for mode, stored in (("jpg", "JPEG q90"), ("raw", "raw pixels")):
