@@ -147,5 +147,5 @@ def make_torch_loader(
     chosen = np.arange(len(records)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = EpochOrder(chosen, shuffle=train, seed=seed, distributed=distributed)
     loader = DataLoader(records, batch_sampler=BatchSampler(order, batch_size, drop_last=train),
-                        num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
+                        num_workers=num_workers, collate_fn=_collate)
     return TorchBetonLoader(loader, order)
