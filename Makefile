@@ -23,6 +23,8 @@ bench: $(SETUP)
 	$(PY) -m bench.marking
 	$(PY) -m bench.survival
 	$(PY) -m bench.audit
+	$(PY) -m bench.loader
+	$(PY) -m bench.lightning
 	@echo "benchmarks written under results/bench/ and results/marking/"
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests

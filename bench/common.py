@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.store import atomic_path
 
@@ -54,3 +55,18 @@ def update_bench_readme(name: str, line: str, readme: Path = RESULTS / "bench" /
     else:
         lines[index] = line
     write_text(readme, "\n".join(lines) + "\n")
+
+
+def write_jpeg_folder(root: Path, split: str, n_classes: int, per_class: int, sizes: tuple[tuple[int, int], ...],
+                      seed: int = 0) -> None:
+    """`root/split/class-<c>/img-<i>.JPEG`: per class a tint plus noise, with sizes cycling through
+    `sizes` (width, height), as an ImageNet-style folder for benchmarks and tests."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        folder = root / split / f"class-{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = rng.integers(40, 216, 3)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            pixels = np.clip(tint + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img-{i:04d}.JPEG", quality=90)

@@ -1,14 +1,17 @@
 """FFCV `.beton` files: writing them atomically and building loaders over them.
 
-Images are stored raw (lossless) on the grid they were marked on, so the model sees exactly the
-marked pixels. Every record carries `sample` (its id in the source split) and `user` (-1 for
+Marked images are always stored raw (lossless) on the grid they were marked on, so the model sees
+exactly the marked pixels. Clean images follow `CleanStorage`: raw or JPEG, optionally shrunk to
+a maximum side. Every record carries `sample` (its id in the source split) and `user` (-1 for
 images that belong to no user), so any loader's output can be traced back to the manifest.
-Augmentation runs inside FFCV's per-sample operations (each image its own flip and shift).
+Augmentation runs inside FFCV's per-sample operations (each image its own flip and shift, or its
+own random-resized crop).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +22,8 @@ import torch
 TORCH_THREADS = torch.get_num_threads()
 
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
+                                  SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
@@ -27,39 +31,88 @@ from ffcv.writer import DatasetWriter
 from .store import StageError, atomic_path
 
 FIELDS = ("image", "label", "sample", "user")
+EVAL_CROP_RATIO = 224 / 256  # centre crop for evaluation at a resolution, as FFCV's ImageNet example
 
 
-class _ArrayDataset:
-    """The indexable view FFCV's writer wants: one (image, label, sample, user) tuple per index."""
+@dataclass(frozen=True)
+class CleanStorage:
+    """How images without a mark are stored. FFCV's own `proportion` mode draws JPEG-or-raw per image
+    from numpy's global generator in each writer process, so two writes differ; here the draw is a
+    function of (seed, sample id), and the same images are JPEG in every write of a run."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, samples: np.ndarray, users: np.ndarray) -> None:
-        self.images, self.labels, self.samples, self.users = images, labels, samples, users
+    mode: Literal["raw", "jpg", "proportion"] = "raw"
+    max_resolution: int | None = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+    seed: int = 0
+
+    def as_jpeg(self, samples: np.ndarray) -> np.ndarray:
+        """Per record: True where the clean image is stored as JPEG."""
+        if self.mode != "proportion" or len(samples) == 0:
+            return np.full(len(samples), self.mode == "jpg")
+        draws = np.random.default_rng(self.seed).random(int(np.max(samples)) + 1)  # draw k belongs to sample k
+        return draws[np.asarray(samples)] < self.compress_probability
+
+
+class _EncodeByRecord:
+    """Encodes an (image, how) value: 'lossless' stores raw at the given size; 'raw' and 'jpg'
+    follow the clean storage settings."""
+
+    def __init__(self, clean: CleanStorage) -> None:
+        self.encoders = {
+            "lossless": RGBImageField(write_mode="raw"),
+            "raw": RGBImageField(write_mode="raw", max_resolution=clean.max_resolution),
+            "jpg": RGBImageField(write_mode="jpg", max_resolution=clean.max_resolution, jpeg_quality=clean.jpeg_quality),
+        }
+
+    def __call__(self, destination: Any, value: tuple[np.ndarray, str], malloc: Any) -> None:
+        image, how = value
+        self.encoders[how].encode(destination, image, malloc)
+
+
+def _image_field(clean: CleanStorage) -> RGBImageField:
+    """A plain `RGBImageField` (FFCV writes the field type into the header by exact class, so a
+    subclass would make the file unreadable to stock readers) whose encoding is chosen per record."""
+    field = RGBImageField(write_mode="raw")
+    field.encode = _EncodeByRecord(clean)
+    return field
+
+
+class _Records:
+    """The indexable view FFCV's writer wants: one ((image, how), label, sample, user) tuple per
+    index. Images are fetched (for file-backed sources: decoded) only when the writer asks."""
+
+    def __init__(self, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray, how: list[str]) -> None:
+        self.images, self.labels, self.samples, self.users, self.how = images, labels, samples, users, how
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int, int]:
-        return self.images[i], int(self.labels[i]), int(self.samples[i]), int(self.users[i])
+    def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, str], int, int, int]:
+        return (self.images[i], self.how[i]), int(self.labels[i]), int(self.samples[i]), int(self.users[i])
 
 
 def write_beton(
-    path: str | Path, images: np.ndarray, labels: np.ndarray, samples: np.ndarray, users: np.ndarray | None = None,
-    num_workers: int = 1,
+    path: str | Path, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray | None = None,
+    num_workers: int = 1, clean: CleanStorage | None = None, lossless: np.ndarray | None = None,
 ) -> None:
-    """Write (N, H, W, 3) uint8 images losslessly with their ids; the file appears only when complete."""
-    if users is None:
-        users = np.full(len(images), -1, dtype=np.int64)
-    if not (len(images) == len(labels) == len(samples) == len(users)):
+    """Write images (anything indexable by record giving (H, W, 3) uint8) with their ids; the file
+    appears only when complete. Without `clean` every image is stored raw as given; with it, records
+    flagged in `lossless` still are and the others are stored as `clean` says."""
+    n = len(labels)
+    users = np.full(n, -1, dtype=np.int64) if users is None else users
+    if clean is None:
+        lossless = np.ones(n, bool)
+    lossless = np.zeros(n, bool) if lossless is None else np.asarray(lossless, bool)
+    if not (len(images) == n == len(samples) == len(users) == len(lossless)):
         raise StageError(f"{path}: images, labels, samples and users differ in length")
-    fields = {
-        "image": RGBImageField(write_mode="raw"),
-        "label": IntField(),
-        "sample": IntField(),
-        "user": IntField(),
-    }
+    clean = clean or CleanStorage()
+    jpeg = clean.as_jpeg(samples)
+    how = ["lossless" if keep else ("jpg" if j else "raw") for keep, j in zip(lossless, jpeg)]
+    fields = {"image": _image_field(clean), "label": IntField(), "sample": IntField(), "user": IntField()}
     with atomic_path(path) as tmp:
         DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(
-            _ArrayDataset(images, labels, samples, users)
+            _Records(images, labels, samples, users, how)
         )
 
 
@@ -91,19 +144,32 @@ class BetonLoader:
         yield from iterator
 
 
+def image_decoder(train: bool, resolution: int | None) -> SimpleRGBImageDecoder:
+    """Stored pixels as they are (all images one size), or at `resolution`: a random-resized crop
+    for training, a centre crop of 224/256 of the shorter side for evaluation."""
+    if resolution is None:
+        return SimpleRGBImageDecoder()
+    if train:
+        return RandomResizedCropRGBImageDecoder((resolution, resolution))
+    return CenterCropRGBImageDecoder((resolution, resolution), ratio=EVAL_CROP_RATIO)
+
+
 def make_loader(
     path: str | Path, batch_size: int, num_workers: int, *, train: bool, augment: str = "none",
     translate_pixels: int = 0, seed: int = 0, distributed: bool = False, indices: Sequence[int] | None = None,
-    torch_threads: int | None = None,
+    torch_threads: int | None = None, resolution: int | None = None,
 ) -> BetonLoader:
     """An FFCV loader yielding (uint8 NCHW images, labels, sample ids, user ids) on the CPU.
 
     Training loaders shuffle (seeded) and augment per sample; evaluation loaders keep file order
-    and never drop the last partial batch, so every sample is scored exactly once."""
+    and never drop the last partial batch, so every sample is scored exactly once. With
+    `distributed`, FFCV orders through torch's DistributedSampler (rank and world size from
+    torch.distributed): each rank gets every world_size-th index of the (shuffled) order, padded
+    by repetition to equal length."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: missing .beton (run the write stage first)")
-    image_ops: list = [SimpleRGBImageDecoder()]
+    image_ops: list = [image_decoder(train, resolution)]
     if train and augment in ("flip", "flip_translate"):
         image_ops.append(RandomHorizontalFlip())
     if train and augment == "flip_translate" and translate_pixels > 0:

@@ -26,14 +26,19 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where images come from and the pixel grid they are stored (and marked) on."""
 
-    source: Literal["fashion_mnist", "synthetic"] = "fashion_mnist"
-    root: str | None = None  # directory with the IDX files; None searches the usual places
+    source: Literal["fashion_mnist", "synthetic", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    root: str | None = None  # dataset folder (IDX files, CIFAR archive, train/+val/ folders); None: usual places
     download: bool = False  # fetch from the official location when the files are missing
     image_size: int = Field(32, ge=8, le=1024)  # images are padded/resized to this square grid
     n_train: int = Field(10_000, ge=10)  # training subset drawn from the train split
     n_test: int | None = Field(None, ge=1)  # cap on the test split (None = all)
     synthetic_per_class: int = Field(1_200, ge=10)  # synthetic source: train images per class
     synthetic_classes: int = Field(10, ge=2, le=100)
+    # How the write stage stores images that carry no mark (marked ones are always raw, on the grid):
+    clean_write_mode: Literal["raw", "jpg", "proportion"] = "raw"  # proportion: JPEG for a seeded share
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    compress_probability: float = Field(0.5, ge=0.0, le=1.0)  # proportion: share of clean images as JPEG
+    max_resolution: int | None = Field(None, ge=8)  # clean images' longer side (image folders: from the file)
 
 
 class PlanConfig(_Strict):
@@ -71,6 +76,7 @@ class TrainConfig(_Strict):
     """Training recipe. `arms` lists the models to train: the marked one and the unmarked control."""
 
     arch: str = "small_cnn"
+    init_weights: str | None = None  # state_dict file to fine-tune from (matching tensors; the head is new)
     width: int = Field(32, ge=4)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -78,9 +84,17 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "linear", "multistep", "constant"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0.0)  # linear ramp from 0 (not used by onecycle, which has its own)
+    milestones: tuple[int, ...] = ()  # multistep: epochs at which the rate is multiplied by gamma
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
     augment: Literal["flip_translate", "flip", "none"] = "flip_translate"
     translate_pixels: int = Field(2, ge=0)
+    # Random-resized-crop training at this size and centre-crop evaluation (ratio 224/256) at
+    # eval_resolution, for images of varying size (data.max_resolution); None trains on stored pixels.
+    resolution: int | None = Field(None, ge=8)
+    eval_resolution: int | None = Field(None, ge=8)  # None: same as resolution
+    loader: Literal["ffcv", "torch"] = "ffcv"  # torch: plain DataLoader over the same .beton files
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
@@ -91,6 +105,15 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU (None = torch default)
     arms: tuple[Literal["marked", "control"], ...] = ("marked", "control")
     checkpoint_every_n_steps: int = Field(500, ge=1)
+    record_samples: bool = False  # save the sample ids each rank trained on, per epoch (seen/ in the stage)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.schedule == "multistep" and (not self.milestones or list(self.milestones) != sorted(self.milestones)):
+            raise ValueError("schedule 'multistep' needs train.milestones: epochs in increasing order")
+        if self.schedule == "onecycle" and self.warmup_epochs:
+            raise ValueError("schedule 'onecycle' has its own warm-up; set train.warmup_epochs to 0")
+        return self
 
 
 class AuditConfig(_Strict):
@@ -164,6 +187,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        if self.data.max_resolution is not None and self.train.resolution is None:
+            raise ValueError("data.max_resolution stores clean images at their own size: set train.resolution "
+                             "(random-resized-crop training) so batches have one size")
         k, n = self.plan.samples_per_user, self.plan.n_member_users
         if k * n > self.data.n_train:
             raise ValueError(

@@ -45,10 +45,65 @@ def resnet18_cifar(num_classes: int, width: int = 64) -> nn.Module:
     return model
 
 
+class _WideBlock(nn.Module):
+    """Pre-activation basic block of a wide ResNet (BN-ReLU-conv twice, 1x1 shortcut on shape change)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = None if (c_in, stride) == (c_out, 1) else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+def wide_resnet(depth: int, widen: int, num_classes: int) -> nn.Module:
+    """WRN-depth-widen of Zagoruyko & Komodakis (2016) for 32x32 inputs: three groups of
+    (depth - 4) / 6 blocks with 16k, 32k, 64k channels, strides 1, 2, 2."""
+    if (depth - 4) % 6:
+        raise StageError(f"train.arch: wide ResNet depth {depth} is not 6n + 4")
+    blocks, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False)]
+    for group, stride in zip(range(3), (1, 2, 2)):
+        for b in range(blocks):
+            layers.append(_WideBlock(widths[group] if b == 0 else widths[group + 1], widths[group + 1],
+                                     stride if b == 0 else 1))
+    layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(widths[3], num_classes)]
+    return nn.Sequential(*layers)
+
+
+@MODELS.register("wrn28_4")
+def wrn28_4(num_classes: int, width: int = 4) -> nn.Module:
+    """WRN-28-4 (5.9M parameters), the paper's CIFAR model; `train.width` is not used."""
+    return wide_resnet(28, 4, num_classes)
+
+
 for _name in ("resnet18", "resnet50"):
     MODELS.register(_name)(
         lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
     )
+
+
+def load_pretrained(net: nn.Module, path: str | Path) -> None:
+    """Start fine-tuning from a state_dict file (e.g. torchvision's resnet18 ImageNet weights): every
+    tensor whose name and shape match is loaded; a classifier head sized for another label set is
+    left freshly initialised."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"train.init_weights: {path} not found") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise StageError(f"train.init_weights: {path} is not a state_dict ({str(exc).splitlines()[0]})") from None
+    own = net.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise StageError(f"train.init_weights: no tensor of {path} fits train.arch")
+    net.load_state_dict(matching, strict=False)
 
 
 class Normalized(nn.Module):

@@ -3,22 +3,29 @@
 Sources are looked up in a registry by the config's `data.source` name. The pixel grid is fixed
 here (pad or area-resize to `data.image_size`) so that marking later happens on exactly the pixels
 that are stored and trained on.
+
+Small datasets (Fashion-MNIST, CIFAR, synthetic) are decoded into memory. An image-folder dataset
+(ImageNet, Tiny ImageNet) is not: its splits are `ImageFiles`, array-likes that know every file
+and label up front and decode an image only when it is indexed, so planning reads no pixels,
+marking decodes only the users' images and writing streams the files through FFCV's workers.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 import struct
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import cv2
 import numpy as np
 
 from .config import DataConfig
+from .images import IMAGE_SUFFIXES, read_rgb
 from .registry import Registry
 
 
@@ -26,15 +33,56 @@ class DataSourceError(RuntimeError):
     """The data cannot be found or read; the message names the path and what to do."""
 
 
+class ImageFiles:
+    """Image files as a lazy (N, size, size, 3) uint8 array: indexing decodes (EXIF-upright RGB)
+    and puts the image on the grid as `to_grid` does. An integer gives one image, a list or
+    array of integers a stacked batch, and a slice another lazy view (as numpy slices are views).
+    `originals()` is the same files decoded as they are, at their own size, for the writer."""
+
+    def __init__(self, root: Path, files: Sequence[str], size: int, on_grid: bool = True) -> None:
+        self.root, self.files, self.size, self.on_grid = root, files, size, on_grid
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), self.size, self.size, 3)
+
+    def _decode(self, i: int) -> np.ndarray:
+        image = read_rgb(self.root / self.files[i])
+        return to_grid(image[None], self.size)[0] if self.on_grid else image
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> Union[np.ndarray, "ImageFiles"]:
+        if isinstance(index, slice):
+            return ImageFiles(self.root, self.files[index], self.size, self.on_grid)
+        if np.ndim(index) == 0:
+            return self._decode(int(index))
+        batch = [self._decode(int(i)) for i in np.asarray(index).reshape(-1)]
+        return np.stack(batch) if batch else np.zeros((0, self.size, self.size, 3), np.uint8)
+
+    def originals(self) -> "ImageFiles":
+        return ImageFiles(self.root, self.files, self.size, on_grid=False)
+
+
+ImageArray = Union[np.ndarray, ImageFiles]
+
+
+def full_resolution(images: ImageArray) -> ImageArray:
+    """The images as a writer should store clean ones: file-backed images at their own size (FFCV's
+    writer shrinks them to `data.max_resolution`); in-memory sources only exist on the grid."""
+    return images.originals() if isinstance(images, ImageFiles) else images
+
+
 @dataclass(frozen=True)
 class ImageSplits:
-    """Train and test images as (N, H, W, 3) uint8 with int64 labels."""
+    """Train and test images as (N, H, W, 3) uint8 arrays (or lazy `ImageFiles`) with int64 labels."""
 
     name: str
     classes: tuple[str, ...]
-    train_images: np.ndarray
+    train_images: ImageArray
     train_labels: np.ndarray
-    test_images: np.ndarray
+    test_images: ImageArray
     test_labels: np.ndarray
 
     @property
@@ -63,6 +111,10 @@ def to_grid(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
 
 
+def _on_grid(images: ImageArray, size: int) -> ImageArray:
+    return images if isinstance(images, ImageFiles) else to_grid(images, size)
+
+
 def load_source(cfg: DataConfig) -> ImageSplits:
     splits = SOURCES.lookup(cfg.source)(cfg)
     test_images, test_labels = splits.test_images, splits.test_labels
@@ -71,9 +123,9 @@ def load_source(cfg: DataConfig) -> ImageSplits:
     return ImageSplits(
         name=splits.name,
         classes=splits.classes,
-        train_images=to_grid(splits.train_images, cfg.image_size),
+        train_images=_on_grid(splits.train_images, cfg.image_size),
         train_labels=splits.train_labels.astype(np.int64),
-        test_images=to_grid(test_images, cfg.image_size),
+        test_images=_on_grid(test_images, cfg.image_size),
         test_labels=test_labels.astype(np.int64),
     )
 
@@ -194,3 +246,143 @@ def make_synthetic(cfg: DataConfig) -> ImageSplits:
     test = _synthetic_split(max(cfg.synthetic_per_class // 5, 2), cfg.synthetic_classes, size, rng)
     classes = tuple(f"class-{c}" for c in range(cfg.synthetic_classes))
     return ImageSplits("synthetic", classes, train[0], train[1], test[0], test[1])
+
+
+# --- Image folders (ImageNet, Tiny ImageNet, ...) ----------------------------------------------------
+
+IMAGEFOLDER_HINT = "pass --set data.root=/path/to/dataset (a folder holding train/ and val/ class folders)"
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under `folder`, recursively, as sorted POSIX paths relative to it."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        found += [os.path.relpath(os.path.join(parent, n), folder) for n in names
+                  if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(Path(f).as_posix() for f in found)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def _labelled_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """Files of a class-folder split (`split/<class>/**/image`), sorted by class, then path."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in _class_folders(split_dir) if c not in index]
+    if unknown:
+        raise DataSourceError(f"{split_dir / unknown[0]}: class folder not in train/ ({len(unknown)} such folders)")
+    files, labels = [], []
+    for name in classes:
+        if (split_dir / name).is_dir():
+            found = _image_files(split_dir / name)
+            files += [f"{split_dir.name}/{name}/{f}" for f in found]
+            labels += [index[name]] * len(found)
+    return files, np.array(labels, dtype=np.int64)
+
+
+def _annotated_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """Tiny ImageNet's validation layout: `val/images/*` with `val/val_annotations.txt` giving each
+    file's class (tab-separated: file, class, box); sorted by class, then path."""
+    annotations = split_dir / "val_annotations.txt"
+    index = {c: i for i, c in enumerate(classes)}
+    rows = []
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, cls = (line.split("\t") + [""])[:2]
+        if cls not in index:
+            raise DataSourceError(f"{annotations}:{number}: class '{cls}' is not a folder of train/")
+        if not (split_dir / "images" / name).is_file():
+            raise DataSourceError(f"{annotations}:{number}: {split_dir / 'images' / name} does not exist")
+        rows.append((cls, f"images/{name}"))
+    rows.sort()
+    return [f"{split_dir.name}/{path}" for _, path in rows], np.array([index[c] for c, _ in rows], dtype=np.int64)
+
+
+@SOURCES.register("imagefolder")
+def load_imagefolder(cfg: DataConfig) -> ImageSplits:
+    """`root/train/<class>/**/image` and either `root/val/<class>/**/image` (ImageNet as torchvision
+    lays it out) or Tiny ImageNet's `root/val/images` + `val_annotations.txt`. Classes are the train
+    folder names, sorted; images are decoded lazily (see `ImageFiles`)."""
+    if cfg.root is None:
+        raise DataSourceError(f"data.source imagefolder needs data.root: {IMAGEFOLDER_HINT}")
+    root = Path(cfg.root).expanduser()
+    train_dir, val_dir = root / "train", root / "val"
+    for needed in (train_dir, val_dir):
+        if not needed.is_dir():
+            raise DataSourceError(f"{needed}: not found; {IMAGEFOLDER_HINT}")
+    classes = tuple(_class_folders(train_dir))
+    if not classes:
+        raise DataSourceError(f"{train_dir}: no class folders; {IMAGEFOLDER_HINT}")
+    train_files, train_labels = _labelled_split(train_dir, classes)
+    split_reader = _annotated_split if (val_dir / "val_annotations.txt").is_file() else _labelled_split
+    test_files, test_labels = split_reader(val_dir, classes)
+    for split_dir, files in ((train_dir, train_files), (val_dir, test_files)):
+        if not files:
+            raise DataSourceError(f"{split_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageSplits(root.name, classes, ImageFiles(root, train_files, cfg.image_size), train_labels,
+                       ImageFiles(root, test_files, cfg.image_size), test_labels)
+
+
+# --- CIFAR (the python pickle archives) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CifarArchive:
+    """Where a CIFAR variant keeps its batches inside the extracted `*-python.tar.gz`."""
+
+    folder: str
+    train_batches: tuple[str, ...]
+    test_batch: str
+    meta: str
+    label_key: bytes
+    names_key: bytes
+
+
+CIFAR_ARCHIVES = {
+    "cifar10": CifarArchive("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
+                            "batches.meta", b"labels", b"label_names"),
+    "cifar100": CifarArchive("cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    """One batch of the official archive (a pickled dict with bytes keys). Pickle runs code from the
+    file: point data.root only at archives from the official source."""
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except FileNotFoundError:
+        raise DataSourceError(f"{path}: missing from the CIFAR archive") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataSourceError(f"{path}: not a CIFAR python batch ({exc})") from None
+
+
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    try:
+        rows, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
+    except KeyError as exc:
+        raise DataSourceError(f"{path}: no {exc.args[0]!r} entry") from None
+    if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32 or len(rows) != len(labels):
+        raise DataSourceError(f"{path}: expected (N, 3072) pixels and N labels, got {rows.shape} and {len(labels)}")
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _load_cifar(cfg: DataConfig, name: str) -> ImageSplits:
+    archive = CIFAR_ARCHIVES[name]
+    if cfg.root is None:
+        raise DataSourceError(f"data.source {name} needs data.root: the folder holding {archive.folder}/")
+    root = Path(cfg.root).expanduser()
+    folder = root / archive.folder if (root / archive.folder).is_dir() else root
+    if not (folder / archive.meta).is_file():
+        raise DataSourceError(f"{folder / archive.meta}: not found; data.root must hold the extracted {archive.folder}/")
+    train = [_cifar_batch(folder / b, archive.label_key) for b in archive.train_batches]
+    test_images, test_labels = _cifar_batch(folder / archive.test_batch, archive.label_key)
+    classes = tuple(n.decode() for n in _unpickle(folder / archive.meta)[archive.names_key])
+    return ImageSplits(name, classes, np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
+                       test_images, test_labels)
+
+
+for _variant in CIFAR_ARCHIVES:
+    SOURCES.register(_variant)(lambda cfg, _variant=_variant: _load_cifar(cfg, _variant))

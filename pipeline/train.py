@@ -11,9 +11,10 @@ import logging
 import math
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -22,11 +23,17 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
-from .models import Normalized, build_model, save_weights
-from .store import Stage, StageError, write_json
+from .models import Normalized, build_model, load_pretrained, save_weights
+from .store import Stage, StageError, atomic_path, write_json
+from .torchdata import TorchBetonLoader, make_torch_loader
 
 log = logging.getLogger("pipeline")
 ARM_TRAIN_SET = {"marked": "train_marked.beton", "control": "train_clean.beton"}
+LOADERS: dict[str, Callable[..., BetonLoader | TorchBetonLoader]] = {"ffcv": make_loader, "torch": make_torch_loader}
+
+
+def eval_resolution(cfg: TrainConfig) -> int | None:
+    return cfg.eval_resolution or cfg.resolution
 
 
 class BetonData(L.LightningDataModule):
@@ -35,22 +42,45 @@ class BetonData(L.LightningDataModule):
     def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int) -> None:
         super().__init__()
         self.train_path, self.val_path, self.cfg, self.seed = train_path, val_path, cfg, seed
-        self.train_loader: BetonLoader | None = None
+        self.train_loader: BetonLoader | TorchBetonLoader | None = None
 
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
 
-    def train_dataloader(self) -> BetonLoader:
+    def train_dataloader(self) -> BetonLoader | TorchBetonLoader:
         c = self.cfg
-        self.train_loader = make_loader(
+        self.train_loader = LOADERS[c.loader](
             self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
             translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
+            resolution=c.resolution,
         )
         return self.train_loader
 
-    def val_dataloader(self) -> BetonLoader:
-        return make_loader(self.val_path, 512, self.cfg.num_workers, train=False, distributed=self._distributed(),
-                           torch_threads=self.cfg.threads)
+    def val_dataloader(self) -> BetonLoader | TorchBetonLoader:
+        return LOADERS[self.cfg.loader](self.val_path, 512, self.cfg.num_workers, train=False,
+                                        distributed=self._distributed(), torch_threads=self.cfg.threads,
+                                        resolution=eval_resolution(self.cfg))
+
+
+class SampleRecorder(Callback):
+    """Saves the sample ids each rank trained on in each epoch (`seen/rank<r>-epoch<e>.npy`): a record
+    of exactly which images went into the model, and of how DDP split them between ranks."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seen = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.seen.append(batch[2].cpu())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        ids = torch.cat(self.seen).numpy() if self.seen else np.zeros(0, np.int64)
+        with atomic_path(self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, ids)
 
 
 class Classifier(L.LightningModule):
@@ -61,7 +91,10 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = TrainConfig.model_validate(cfg)
-        self.model = Normalized(build_model(arch, num_classes, width), tuple(mean), tuple(std))
+        net = build_model(arch, num_classes, width)
+        if self.cfg.init_weights:
+            load_pretrained(net, self.cfg.init_weights)
+        self.model = Normalized(net, tuple(mean), tuple(std))
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -98,13 +131,11 @@ class Classifier(L.LightningModule):
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
         )
-        if c.schedule == "constant":
-            return opt
         total = self.trainer.estimated_stepping_batches
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
         else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, total / c.epochs, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -128,6 +159,29 @@ def cluster_plugins() -> list[Any]:
     """Inside a SLURM job, Lightning reads ranks and addresses from SLURM but must not requeue on
     its own: requeueing belongs to the launcher (submitit), which also owns the signal."""
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+# Learning-rate decay after warm-up: (config, progress through the decay in [0, 1], epoch) -> factor.
+DECAYS: dict[str, Callable[[TrainConfig, float, float], float]] = {
+    "constant": lambda c, progress, epoch: 1.0,
+    "cosine": lambda c, progress, epoch: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda c, progress, epoch: 1.0 - progress,
+    "multistep": lambda c, progress, epoch: c.gamma ** sum(epoch >= m for m in c.milestones),
+}
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of train.lr at each optimizer step: a linear ramp over warmup_epochs, then the
+    schedule's decay over the remaining steps (multistep milestones count whole epochs)."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    decay = DECAYS[cfg.schedule]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return decay(cfg, (step - warmup) / max(1, total_steps - warmup), step / steps_per_epoch)
+
+    return factor
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -177,10 +231,11 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     data = BetonData(train_path, test_path, cfg, seed)
     ckpt_dir = stage.path("checkpoints")
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
+    callbacks: list[Callback] = [checkpoint, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
-        callbacks=[checkpoint, KeepLauncherSigterm()], plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
     last = ckpt_dir / "last.ckpt"
@@ -192,8 +247,11 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     device = module.device
     meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm}
     save_weights(module.model, meta, stage.path("model.pt"))
-    train_loss, train_acc = evaluate(module.model, make_loader(train_path, 512, cfg.num_workers, train=False), device)
-    test_loss, test_acc = evaluate(module.model, make_loader(test_path, 512, cfg.num_workers, train=False), device)
+    res = eval_resolution(cfg)
+    train_loss, train_acc = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
+                                                               resolution=res), device)
+    test_loss, test_acc = evaluate(module.model, LOADERS[cfg.loader](test_path, 512, cfg.num_workers, train=False,
+                                                             resolution=res), device)
     metrics = {
         "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,

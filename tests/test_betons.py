@@ -3,9 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from pipeline.betons import make_loader, read_all, write_beton
+from pipeline.betons import CleanStorage, make_loader, read_all, write_beton
+from pipeline.torchdata import make_torch_loader
 
 
 def _data(n: int = 37, size: int = 12):
@@ -65,3 +67,78 @@ def test_loader_keeps_torch_threads(tmp_path: Path) -> None:
     write_beton(path, images, labels, samples)
     for _ in make_loader(path, 8, 1, train=False, torch_threads=2):
         assert torch.get_num_threads() == 2
+
+
+def _storage_data(n: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth images (ramps with a per-image colour, little noise): JPEG changes them, but only a little."""
+    rng = np.random.default_rng(5)
+    ramp = np.linspace(0, 120, 32)[None, :, None, None] + np.linspace(0, 60, 32)[None, None, :, None]
+    images = ramp + rng.integers(20, 70, (n, 1, 1, 3)) + rng.normal(0, 3, (n, 32, 32, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), rng.integers(0, 3, n), np.arange(100, 100 + n)
+
+
+def test_clean_images_follow_the_storage_and_marked_ones_stay_raw(tmp_path: Path) -> None:
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    images, labels, samples = _storage_data()
+    marked = np.zeros(len(images), bool)
+    marked[[1, 5]] = True
+    clean = CleanStorage(mode="proportion", compress_probability=0.5, jpeg_quality=75, seed=7)
+    modes = []
+    for name in ("a.beton", "b.beton"):
+        write_beton(tmp_path / name, images, labels, samples, clean=clean, lossless=marked, num_workers=2)
+        modes.append(Reader(str(tmp_path / name)).metadata["f0"]["mode"])
+    assert np.array_equal(modes[0], modes[1]), "the JPEG draw must not depend on the write"
+    as_jpeg = modes[0] == IMAGE_MODES["jpg"]
+    assert np.array_equal(as_jpeg, clean.as_jpeg(samples) & ~marked)
+    assert 0 < as_jpeg.sum() < len(images) - 2 and not as_jpeg[marked].any()
+    back = read_all(tmp_path / "a.beton")["image"].permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(back[~as_jpeg], images[~as_jpeg])  # raw and marked records are exact
+    assert not np.array_equal(back[as_jpeg], images[as_jpeg]) and np.abs(back[as_jpeg] - images[as_jpeg].astype(int)).mean() < 5
+
+
+def test_max_resolution_shrinks_clean_images_only(tmp_path: Path) -> None:
+    from ffcv.reader import Reader
+
+    images, labels, samples = _storage_data(6)
+    marked = np.array([True, False, False, False, False, False])
+    write_beton(tmp_path / "r.beton", images, labels, samples, clean=CleanStorage(mode="jpg", max_resolution=16),
+                lossless=marked)
+    meta = Reader(str(tmp_path / "r.beton")).metadata["f0"]
+    assert meta["width"].tolist() == [32] + [16] * 5 and meta["height"].tolist() == [32] + [16] * 5
+    # images of two sizes need a cropping decoder: random-resized for training, centre crop for evaluation
+    batch = next(iter(make_loader(tmp_path / "r.beton", 6, 1, train=False, resolution=12)))[0]
+    assert batch.shape == (6, 3, 12, 12)
+
+
+def _ids(loader) -> tuple[list[int], list[int]]:
+    samples, labels = [], []
+    for batch in loader:
+        samples += batch[2].tolist()
+        labels += batch[1].tolist()
+    return samples, labels
+
+
+@pytest.mark.parametrize("resolution", [None, 24])
+def test_torch_loader_matches_ffcv(tmp_path: Path, resolution: int | None) -> None:
+    images, labels, samples = _storage_data(37)
+    path = tmp_path / "t.beton"
+    write_beton(path, images, labels, samples, clean=CleanStorage(mode="proportion", seed=1))
+    kwargs = dict(augment="flip_translate", translate_pixels=2, seed=3, resolution=resolution)
+    for train in (False, True):
+        ffcv_loader = make_loader(path, 8, 1, train=train, **kwargs)
+        torch_loader = make_torch_loader(path, 8, 1, train=train, **kwargs)
+        assert len(ffcv_loader) == len(torch_loader) == (4 if train else 5)
+        for epoch in (0, 1):
+            ffcv_loader.epoch = torch_loader.epoch = epoch
+            assert _ids(ffcv_loader) == _ids(torch_loader)  # same order, same labels, same batches dropped
+        if not train:
+            ffcv_batch, torch_batch = next(iter(ffcv_loader)), next(iter(torch_loader))
+            assert ffcv_batch[0].shape == torch_batch[0].shape and torch_batch[0].dtype == torch.uint8
+            assert torch_batch[0].is_contiguous(memory_format=torch.channels_last)
+            raw = ~CleanStorage(mode="proportion", seed=1).as_jpeg(samples[:8])
+            if resolution is None:  # stored pixels: identical wherever they are raw
+                assert torch.equal(ffcv_batch[0][raw], torch_batch[0][raw])
+    epoch_ids = _ids(make_torch_loader(path, 8, 1, train=True, **kwargs))[0]
+    assert len(set(epoch_ids)) == 32 and set(epoch_ids) <= set(samples.tolist())

@@ -45,3 +45,23 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
 def test_members_must_fit_training_set(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exceeds data.n_train"):
         load_config(_write(tmp_path, "data:\n  n_train: 50\nplan:\n  n_member_users: 10\n  samples_per_user: 10\n"))
+
+
+def test_imagenet_recipe_plans_at_full_scale(repo: Path) -> None:
+    """The ImageNet config's users fit ImageNet's class sizes (732 to 1300 images per class): every
+    non-member user finds K held-out images of its class."""
+    import numpy as np
+
+    from pipeline.plan import make_plan
+    from pipeline.sources import ImageSplits
+
+    cfg = load_config(repo / "configs" / "imagenet-rn50.yaml", ["data.root=/nonexistent"])
+    sizes = np.full(1000, 1300)
+    sizes[:300] = np.linspace(732, 1299, 300).astype(int)
+    sizes[-1] += 1_281_167 - sizes.sum()
+    labels = np.repeat(np.arange(1000), sizes)
+    data = ImageSplits("imagenet", tuple(f"n{i:08d}" for i in range(1000)), np.zeros(0), labels, np.zeros(0),
+                       np.zeros(50_000, np.int64))
+    body, train_ids = make_plan(cfg, data)
+    assert len(train_ids) == 1_131_167 and len(body["users"]) == 1500
+    assert {len(u["sample_ids"]) for u in body["users"]} == {64}
