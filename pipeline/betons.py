@@ -69,13 +69,25 @@ class BetonLoader:
     - torch keeps its own thread count (FFCV resets it on every `iter()`);
     - the shuffle epoch is set by the caller (`epoch`), not by how often `iter()` was called, so a
       resumed run replays the same order and Lightning's probing `iter()` changes nothing;
-    - the FFCV iterator starts lazily on the first batch, so a probe starts no prefetch."""
+    - the FFCV iterator starts lazily on the first batch, so a probe starts no prefetch;
+    - its position in the epoch is saved in Lightning checkpoints (`state_dict`), so a run resumed
+      mid-epoch goes on with the batches that epoch had not reached instead of starting it over."""
 
     def __init__(self, loader: Loader, torch_threads: int) -> None:
         self.loader = loader
         self.torch_threads = torch_threads
         self.epoch = 0
+        self.batches_done = 0  # batches of the current epoch handed out so far
+        self.skip_batches = 0  # batches to pass over at the next iter(), set when resuming
         torch.set_num_threads(torch_threads)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
+        if self.skip_batches >= len(self):  # saved after the epoch's last batch: the next one starts afresh
+            self.epoch, self.skip_batches = self.epoch + 1, 0
 
     @property
     def num_samples(self) -> int:
@@ -88,7 +100,11 @@ class BetonLoader:
         self.loader.next_epoch = self.epoch
         iterator = iter(self.loader)
         torch.set_num_threads(self.torch_threads)
-        yield from iterator
+        skip, self.skip_batches, self.batches_done = self.skip_batches, 0, 0
+        for batch in iterator:
+            self.batches_done += 1
+            if self.batches_done > skip:
+                yield batch
 
 
 def make_loader(
