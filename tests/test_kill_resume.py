@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.store import file_sha256, read_json
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +57,6 @@ def _finish(stage: str, root: Path) -> float:
 
 def _outputs(root: Path, stage: str) -> dict[str, str]:
     """SHA-256 of every output the stage's manifest lists (the manifest itself also holds timings)."""
-    from pipeline.store import read_json
-
     return read_json(_stage_dir(root, stage) / "manifest.json")["outputs"]
 
 
@@ -67,15 +67,8 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     return root, {stage: _finish(stage, root) for stage in STAGES}
 
 
-def _latest_step(checkpoints: Path) -> int:
-    steps = [int(p.stem.split("step=")[1]) for p in checkpoints.glob("*/epoch=*-step=*.ckpt")]
-    return max(steps, default=0)
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_path: Path) -> None:
-    from pipeline.store import file_sha256
-
     ref_root, seconds = reference
     expected = _outputs(ref_root, stage)
     for upstream in STAGES[: STAGES.index(stage)]:
@@ -84,7 +77,7 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
     proc = _start(stage, tmp_path, tmp_path / f"{stage}-killed.log")
     if stage == "train":  # kill soon after a checkpoint taken mid-run, so the re-run has to resume
         checkpoints = _stage_dir(tmp_path, stage) / "checkpoints"
-        while proc.poll() is None and _latest_step(checkpoints) < CHECKPOINT_EVERY:
+        while proc.poll() is None and not list(checkpoints.glob("*/last.ckpt")):
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.5))
     else:
@@ -99,15 +92,12 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
             assert file_sha256(out / rel) == digest, f"{rel} exists but is not the finished file"
 
     if stage == "train":
-        resumed_from = _latest_step(checkpoints)
-        assert was_running and 0 < resumed_from < EPOCHS * STEPS_PER_EPOCH, "the kill missed the mid-run window"
         last = next(checkpoints.glob("*/last.ckpt"))
-        assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= resumed_from
+        resumed_from = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+        assert was_running and 0 < resumed_from < EPOCHS * STEPS_PER_EPOCH, "the kill missed the mid-run window"
     _finish(stage, tmp_path)
     assert _outputs(tmp_path, stage) == expected
     assert not list(out.glob(".*.tmp")), "temporary files of the killed run were left behind"
     if stage == "train":
-        from pipeline.store import read_json
-
-        assert "Restoring states from the checkpoint path" in (tmp_path / "train.log").read_text()
+        assert f"Restoring states from the checkpoint path at {last}" in (tmp_path / "train.log").read_text()
         assert read_json(out / "metrics.json")["global_step"] == EPOCHS * STEPS_PER_EPOCH
