@@ -116,18 +116,40 @@ def write_beton(
         )
 
 
-class BetonLoader:
-    """An FFCV loader as training and audit code should see it.
+class EpochPosition:
+    """Which epoch a loader serves and how far into it it got: the caller sets `epoch` (so a resumed
+    run replays the same order and a probing `iter()` changes nothing), and the position is saved
+    in Lightning checkpoints (`state_dict`), so a run resumed mid-epoch goes on with the batches the
+    epoch had not reached instead of starting it over."""
 
-    - torch keeps its own thread count (FFCV resets it on every `iter()`);
-    - the shuffle epoch is set by the caller (`epoch`), not by how often `iter()` was called, so a
-      resumed run replays the same order and Lightning's probing `iter()` changes nothing;
-    - the FFCV iterator starts lazily on the first batch, so a probe starts no prefetch."""
+    epoch: int = 0
+    batches_done: int = 0  # batches of the current epoch handed out so far
+    skip_batches: int = 0  # batches to pass over at the next iter(), set when resuming
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
+        if self.skip_batches >= len(self):  # saved after the epoch's last batch: the next one starts afresh
+            self.epoch, self.skip_batches = self.epoch + 1, 0
+
+    def _from_position(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+        skip, self.skip_batches, self.batches_done = self.skip_batches, 0, 0
+        for batch in batches:
+            self.batches_done += 1
+            if self.batches_done > skip:
+                yield batch
+
+
+class BetonLoader(EpochPosition):
+    """An FFCV loader as training and audit code should see it: with its `EpochPosition`; torch
+    keeps its own thread count (FFCV resets it on every `iter()`); the FFCV iterator starts lazily
+    on the first batch, so Lightning's probe starts no prefetch."""
 
     def __init__(self, loader: Loader, torch_threads: int) -> None:
         self.loader = loader
         self.torch_threads = torch_threads
-        self.epoch = 0
         torch.set_num_threads(torch_threads)
 
     @property
@@ -141,7 +163,7 @@ class BetonLoader:
         self.loader.next_epoch = self.epoch
         iterator = iter(self.loader)
         torch.set_num_threads(self.torch_threads)
-        yield from iterator
+        yield from self._from_position(iterator)
 
 
 def image_decoder(train: bool, resolution: int | None) -> SimpleRGBImageDecoder:

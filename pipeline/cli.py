@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(build_parser().parse_args(argv))
+    finally:
+        log.removeHandler(handler)  # called again in one process (tests, scripts): log each line once
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)

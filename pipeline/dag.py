@@ -54,9 +54,12 @@ def tasks(cfg: RunConfig) -> list[Task]:
 
 
 def dependencies(cfg: RunConfig, task: Task) -> list[Task]:
-    previous = {"mark": [Task("plan")], "write": [Task("mark")], "train": [Task("write")],
-                "audit": [Task("train", task.arm)], "report": [Task("audit", a) for a in cfg.train.arms]}
-    return previous.get(task.stage, [])
+    """Every stage whose files this task reads: each must be finished, with its files as recorded."""
+    arms = cfg.train.arms
+    reads = {"mark": [Task("plan")], "write": [Task("plan"), Task("mark")], "train": [Task("write")],
+             "audit": [Task("plan"), Task("write"), Task("train", task.arm)],
+             "report": [Task("plan"), Task("mark"), *(Task(s, a) for s in ("train", "audit") for a in arms)]}
+    return reads.get(task.stage, [])
 
 
 def stage_for(cfg: RunConfig, task: Task) -> Stage:
@@ -134,14 +137,14 @@ def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
         raise StageError(f"{task.stage}: --shard is only supported by the {' and '.join(SHARDED_STAGES)} stages")
     if force and task.shard is not None:
         raise StageError(f"{task.name}: --force deletes the whole stage; use it without --shard")
-    if force:
-        stage.invalidate()
-    elif stage.done():
+    if not force and stage.done():
         log.info("%s: done already, skipped", task.name)
         return False
     for dep in dependencies(cfg, task):
-        if not stage_for(cfg, dep).done():
+        if not stage_for(cfg, dep).done(verify_hashes=True):
             raise StageError(f"{task.name}: needs stage '{dep.name}' finished first (in {cfg.run_dir})")
+    if force:  # only once the inputs are known good: a refused --force leaves the finished stage as it was
+        stage.invalidate()
     stage.begin()
     log.info("%s: running", task.name)
     RUNNERS[task.stage](cfg, stage, task)

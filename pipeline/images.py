@@ -15,7 +15,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .store import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-MAX_PIXELS = 20_000 * 20_000  # refuse decompression bombs rather than exhaust memory
 
 
 class ImageError(ValueError):
@@ -48,23 +47,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, upright."""
+    """(H, W, 3) uint8 RGB of an image file, upright. Images over PIL's decompression-bomb limit
+    (`Image.MAX_IMAGE_PIXELS`) are refused from their header, before any pixel is decoded."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {img.width}x{img.height} pixels is larger than the {MAX_PIXELS} allowed")
                 img.load()
                 return np.asarray(_to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: too large to decode safely ({exc})") from None
+    except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,20 +122,35 @@ class Normalized(nn.Module):
 
 
 def save_weights(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> None:
-    """Plain tensors plus JSON metadata: loadable with `torch.load(weights_only=True)`."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, tmp)
+    """Plain tensors plus JSON metadata: loadable with `torch.load(weights_only=True)`. Saved through a
+    file object, so the archive is not named after the temporary file: equal weights, equal bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, fh)
+
+
+def read_checkpoint(path: Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers (`weights_only`), so nothing in the
+    file is executed; every failure becomes one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"{path}: model checkpoint not found") from None
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("Weights only load failed"):
+            raise StageError(f"{path}: refused: it holds Python objects other than tensors, and loading those "
+                             "could run code") from None
+        raise StageError(f"{path}: not a loadable checkpoint ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise StageError(f"{path}: not a loadable checkpoint ({str(exc).splitlines()[0]})") from None
 
 
 def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a saved classifier without executing any code from the file."""
+    """Rebuild a classifier saved by `save_weights`, without executing any code from the file."""
+    blob = read_checkpoint(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = json.loads(blob["meta"])
         model = Normalized(build_model(meta["arch"], meta["num_classes"], meta["width"]), meta["mean"], meta["std"])
         model.load_state_dict(blob["state_dict"])
-    except FileNotFoundError:
-        raise StageError(f"{path}: missing model weights (run the train stage first)") from None
-    except (RuntimeError, KeyError, ValueError, EOFError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, StageError) as exc:
         raise StageError(f"{path}: not a usable checkpoint ({str(exc).splitlines()[0]})") from None
     return model.eval(), meta

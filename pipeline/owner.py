@@ -4,14 +4,14 @@ Marks every image in a folder (any size or format; grey, RGBA, 16-bit, palette a
 images become upright RGB) and writes lossless PNG copies plus a private key file holding what a
 later audit needs: the seed, the pattern, the parameters and the hashes of every original and
 marked file. Originals are never touched: the output folder may not be, contain, or sit inside the
-input folder.
+input folder. Nothing is written unless every image reads and no file appears twice (a duplicate
+would count twice in the audit's mean loss).
 """
 from __future__ import annotations
 
 import datetime as dt
 import importlib
 import os
-import pickle
 import secrets
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +25,7 @@ from .config import MarkConfig
 from .images import list_images, read_rgb, write_png
 from .mark import ood_pool
 from .marking import make_pattern, mark_batch, resolve_device
-from .models import Normalized, build_model, load_weights
+from .models import Normalized, build_model, load_weights, read_checkpoint
 from .plan import child_seed
 from .audit import logit_margin
 from .store import StageError, file_sha256, read_json, write_json
@@ -51,6 +51,8 @@ def _check_folders(src: Path, out: Path, force: bool) -> None:
     if out == src or src in out.parents or out in src.parents:
         raise StageError(f"{out}: the output folder must be separate from the input folder {src} "
                          "(marking never overwrites originals)")
+    if (src / KEY_NAME).exists():
+        raise StageError(f"{src}: holds a {KEY_NAME}, so it is already marked; mark your originals instead")
     if (out / KEY_NAME).exists() and not force:
         raise StageError(f"{out / KEY_NAME}: a key already exists here; choose another --out or pass --force")
 
@@ -84,11 +86,17 @@ def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: int | N
     if not files:
         raise StageError(f"{src}: no image files found")
     targets: dict[Path, Path] = {}
+    hashes: dict[Path, str] = {}
+    first_with_hash: dict[str, Path] = {}
     for rel in files:
         target = rel.with_suffix(".png")
         if target in targets:
             raise StageError(f"{src / rel}: would write the same {target} as {src / targets[target]}; rename one")
-        targets[target] = rel
+        read_rgb(src / rel)  # every image must read before anything is written
+        targets[target], hashes[rel] = rel, file_sha256(src / rel)
+        if hashes[rel] in first_with_hash:  # it would count twice in the audit's mean loss
+            raise StageError(f"{src / rel}: the same file as {src / first_with_hash[hashes[rel]]}; keep one")
+        first_with_hash[hashes[rel]] = rel
     if n_patterns < 2:
         raise StageError(f"--n-patterns {n_patterns}: need at least 2 candidate patterns for a p-value")
     seed = secrets.randbits(63) if seed is None else seed
@@ -99,7 +107,7 @@ def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: int | N
     entries = []
     for target, rel in targets.items():
         image = fit_to_grid(read_rgb(src / rel), max_resolution)
-        original_sha = file_sha256(src / rel)
+        original_sha = hashes[rel]
         write_png(out / target, mark_image(image, original_sha, pattern_seed, cfg, pool, device))
         entries.append({"original": rel.as_posix(), "original_sha256": original_sha, "marked": target.as_posix(),
                         "marked_sha256": file_sha256(out / target), "height": image.shape[0],
@@ -199,12 +207,7 @@ def load_predictor(spec: str, arch: str | None = None, num_classes: int | None =
             return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             raise StageError(f"--model {spec}: cannot import the callable ({exc})") from None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"{path}: model checkpoint not found") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise StageError(f"{path}: not a loadable weights-only checkpoint ({str(exc).splitlines()[0]})") from None
+    blob = read_checkpoint(path)
     if isinstance(blob, dict) and "meta" in blob:
         return load_weights(path)[0]
     if arch is None or num_classes is None:
@@ -212,6 +215,6 @@ def load_predictor(spec: str, arch: str | None = None, num_classes: int | None =
     model = Normalized(build_model(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD)
     try:
         model.net.load_state_dict(blob.get("state_dict", blob))
-    except (RuntimeError, AttributeError) as exc:
+    except (RuntimeError, AttributeError, TypeError) as exc:
         raise StageError(f"{path}: does not fit --arch {arch} ({str(exc).splitlines()[0]})") from None
     return model.eval()

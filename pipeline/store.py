@@ -63,6 +63,8 @@ def read_json(path: str | Path) -> Any:
         raise StageError(f"{path}: missing (run the stage that writes it first)") from None
     except json.JSONDecodeError as exc:
         raise StageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise StageError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def save_npz(target: str | Path, **arrays: np.ndarray) -> None:
@@ -98,6 +100,7 @@ class Stage:
     name: str
     config_hash: str
     started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
 
     @property
     def dir(self) -> Path:
@@ -106,8 +109,18 @@ class Stage:
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def done(self) -> bool:
-        """True when a manifest for this exact config exists and every output it lists is intact."""
+    def output_path(self, rel: str, manifest_path: Path) -> Path:
+        """The file a manifest names, refused unless it lies inside this stage's folder (a manifest
+        edited or copied from elsewhere must not make a stage read or trust files outside its run)."""
+        out = self.path(rel)
+        if Path(rel).is_absolute() or not out.resolve().is_relative_to(self.dir.resolve()):
+            raise StageError(f"{manifest_path}: output '{rel}' lies outside {self.dir}")
+        return out
+
+    def done(self, verify_hashes: bool = False) -> bool:
+        """True when a manifest for this exact config exists and every output it lists is intact:
+        present with the recorded size, and with the recorded SHA-256 when `verify_hashes` (used for
+        the stages another stage is about to read, so a file replaced by another run is caught)."""
         manifest_path = self.path(MANIFEST)
         if not manifest_path.exists():
             return False
@@ -118,11 +131,14 @@ class Stage:
                 f"(hash {manifest.get('config_hash')} != {self.config_hash}); use a new run_dir or --force"
             )
         for rel, digest in manifest.get("outputs", {}).items():
-            out = self.path(rel)
-            if not out.exists():
-                raise StageError(f"{out}: listed in {manifest_path} but missing; re-run with --force")
+            out = self.output_path(rel, manifest_path)
+            if not out.is_file():
+                raise StageError(f"{out}: listed in {manifest_path} but missing; re-run the stage with --force")
             if out.stat().st_size != manifest.get("sizes", {}).get(rel, out.stat().st_size):
-                raise StageError(f"{out}: size differs from {manifest_path}; re-run with --force")
+                raise StageError(f"{out}: size differs from {manifest_path}; re-run the stage with --force")
+            if verify_hashes and file_sha256(out) != digest:
+                raise StageError(f"{out}: content differs from {manifest_path} (replaced since the stage ran?); "
+                                 "re-run the stage with --force")
         return True
 
     def finish(self, outputs: list[str], **extra: Any) -> dict[str, Any]:
@@ -137,7 +153,15 @@ class Stage:
             **extra,
         }
         write_json(self.path(MANIFEST), manifest)
+        self.remove_stale_temporaries()
         return manifest
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files that killed runs of this stage left behind (a SIGKILL skips the
+        cleanup in `atomic_path`); only ones older than this run, so no live writer loses its file."""
+        for tmp in self.dir.glob(".*.tmp"):
+            if tmp.stat().st_mtime < self.started_at:
+                tmp.unlink(missing_ok=True)
 
     def manifest(self) -> dict[str, Any]:
         return read_json(self.path(MANIFEST))

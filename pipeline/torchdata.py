@@ -24,7 +24,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, get_center_crop, get_random_crop
 from ffcv.reader import Reader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from .betons import EVAL_CROP_RATIO, FIELDS
+from .betons import EVAL_CROP_RATIO, FIELDS, EpochPosition
 from .store import StageError
 
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # FFCV's RandomResizedCropRGBImageDecoder defaults
@@ -114,12 +114,11 @@ def _collate(batch: list[tuple[np.ndarray, int, int, int]]) -> tuple[torch.Tenso
     return (images, *(torch.tensor([b[k] for b in batch], dtype=torch.int64) for k in (1, 2, 3)))
 
 
-class TorchBetonLoader:
+class TorchBetonLoader(EpochPosition):
     """The DataLoader with `BetonLoader`'s interface: `epoch` set by the caller picks the order."""
 
     def __init__(self, loader: DataLoader, order: EpochOrder) -> None:
         self.loader, self.order = loader, order
-        self.epoch = 0
 
     @property
     def num_samples(self) -> int:
@@ -130,7 +129,7 @@ class TorchBetonLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.order.epoch = self.epoch
-        yield from self.loader
+        yield from self._from_position(iter(self.loader))
 
 
 def make_torch_loader(

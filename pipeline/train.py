@@ -2,7 +2,8 @@
 
 The trainer knows nothing of its launcher: accelerator, precision and DDP come from the config
 and the environment (Lightning detects SLURM and torchrun), and the stage always resumes from
-its own last checkpoint, so a killed or requeued run continues where it stopped.
+its own last checkpoint, so a killed or requeued run continues where it stopped (checkpoints are
+kept per config hash: a run forced with a changed config starts afresh).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
-from .models import Normalized, build_model, load_pretrained, save_weights
+from .models import Normalized, build_model, load_pretrained, read_checkpoint, save_weights
 from .store import Stage, StageError, atomic_path, write_json
 from .torchdata import TorchBetonLoader, make_torch_loader
 
@@ -43,6 +44,7 @@ class BetonData(L.LightningDataModule):
         super().__init__()
         self.train_path, self.val_path, self.cfg, self.seed = train_path, val_path, cfg, seed
         self.train_loader: BetonLoader | TorchBetonLoader | None = None
+        self.resume_position: dict[str, int] | None = None
 
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
@@ -54,7 +56,18 @@ class BetonData(L.LightningDataModule):
             translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
             resolution=c.resolution,
         )
+        if self.resume_position is not None:
+            self.train_loader.load_state_dict(self.resume_position)
         return self.train_loader
+
+    def state_dict(self) -> dict[str, int]:
+        """The training loader's place in its epoch, saved in every checkpoint. Restored through the
+        data module because Lightning's own loader restore is skipped when the loader was built
+        before the restore (as `estimated_stepping_batches` does for the LR schedule)."""
+        return self.train_loader.state_dict() if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_position = state or None
 
     def val_dataloader(self) -> BetonLoader | TorchBetonLoader:
         return LOADERS[self.cfg.loader](self.val_path, 512, self.cfg.num_workers, train=False,
@@ -229,7 +242,13 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
     data = BetonData(train_path, test_path, cfg, seed)
-    ckpt_dir = stage.path("checkpoints")
+    ckpt_dir = stage.path("checkpoints") / stage.config_hash  # resume only what this config started
+    last = ckpt_dir / "last.ckpt"
+    if last.exists():  # one clear line, rather than a traceback from inside fit, if it cannot be resumed
+        try:
+            read_checkpoint(last)
+        except StageError as exc:
+            raise StageError(f"{exc}; delete it to train from the start") from None
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
     callbacks: list[Callback] = [checkpoint, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
     trainer = L.Trainer(
@@ -238,10 +257,9 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
-    last = ckpt_dir / "last.ckpt"
     if last.exists():
         log.info("train-%s: resuming from %s", arm, last)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     if trainer.global_rank != 0:
         return
     device = module.device

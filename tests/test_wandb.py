@@ -1,26 +1,38 @@
-"""W&B logging through Lightning's logger: offline by default, one run per stage with a fixed id."""
+"""W&B logging through Lightning's logger: offline by default, one run per stage with a fixed id, and
+the API key never written anywhere in the run directory or the results."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.dag import Task, run_task, stage_for
+from pipeline.dag import run_task, stage_for, tasks
+
+pytestmark = pytest.mark.slow
+
+SENTINEL = "mtrack-test-key-0123456789abcdef0123456789abcdef01234567"  # shaped like a 40-character key
 
 
-def test_offline_wandb_run_with_stable_id(tmp_path: Path, repo: Path) -> None:
+def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, repo: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
     tree = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
-    tree.update(run_dir=str(tmp_path / "run"), wandb={"enabled": True})
+    tree.update(run_dir=str(tmp_path / "run"), results_dir=str(tmp_path / "results"), wandb={"enabled": True})
     tree["train"].update(epochs=1, arms=["marked"])
     path = tmp_path / "wb.yaml"
     path.write_text(yaml.safe_dump(tree))
     cfg = load_config(path)
-    for task in (Task("plan"), Task("mark"), Task("write"), Task("train", "marked")):
+    for task in tasks(cfg):
         run_task(cfg, task)
-    runs = list((stage_for(cfg, Task("train", "marked")).dir / "wandb").glob("offline-run-*"))
+    train = next(t for t in tasks(cfg) if t.stage == "train")
+    runs = list((stage_for(cfg, train).dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    written = [p for folder in (tmp_path / "run", tmp_path / "results") for p in folder.rglob("*") if p.is_file()]
+    assert len(written) > 20
+    leaked = [p for p in written if SENTINEL.encode() in p.read_bytes()]
+    assert not leaked, f"the W&B API key was written to {leaked}"
     # logging settings are not part of any stage's hash: turning W&B off keeps the run valid
     tree["wandb"] = {"enabled": False}
     path.write_text(yaml.safe_dump(tree))
-    assert stage_for(load_config(path), Task("train", "marked")).done()
+    assert stage_for(load_config(path), train).done()
