@@ -127,11 +127,13 @@ class EpochPosition:
     skip_batches: int = 0  # batches to pass over at the next iter(), set when resuming
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "batches_per_epoch": len(self)}  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Saved after an epoch's last batch (judged by that run's epoch length, which differs when
+        resumed on another number of processes), the next epoch starts afresh."""
         self.epoch, self.skip_batches = state["epoch"], state["batches_done"]
-        if self.skip_batches >= len(self):  # saved after the epoch's last batch: the next one starts afresh
+        if self.skip_batches >= state.get("batches_per_epoch", len(self)):  # type: ignore[arg-type]
             self.epoch, self.skip_batches = self.epoch + 1, 0
 
     def _from_position(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -148,4 +148,8 @@ def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     stage.begin()
     log.info("%s: running", task.name)
     RUNNERS[task.stage](cfg, stage, task)
+    if cfg.wandb.enabled and task.stage != "train" and stage.done():  # train logs through Lightning
+        from .tracking import publish
+
+        publish(cfg, stage, task.stage)
     return True

@@ -88,6 +88,17 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
     return params
 
 
+def ranges(numbers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8": sbatch's array notation."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    return ",".join(parts)
+
+
 def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
     """The job plan as a table: what `--dry-run` prints before anything is submitted."""
     if not jobs:
@@ -100,7 +111,7 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
                      f"{p['mem_gb']:g}", str(p["timeout_min"]))
         else:
             shape = ("this machine", "-", "-", "-", "-")
-        array = f"shards {','.join(map(str, job.shards))} of {job.task.num_shards}" if job.is_array else "-"
+        array = f"shards {ranges(job.shards)} of {job.task.num_shards}" if job.is_array else "-"
         rows.append((job.task.name, array, *shape, ",".join(t.name for t in job.after) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

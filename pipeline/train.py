@@ -2,12 +2,11 @@
 
 The trainer knows nothing of its launcher: accelerator, precision and DDP come from the config
 and the environment (Lightning detects SLURM and torchrun), and the stage always resumes from
-its own last checkpoint, so a killed or requeued run continues where it stopped (checkpoints are
-kept per config hash: a run forced with a changed config starts afresh).
+its own last checkpoint, so a killed or requeued run continues where it stopped (the stage folder
+is claimed for one config, so only the same config resumes them; --force starts afresh).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import signal
@@ -228,9 +227,10 @@ def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) ->
     if wandb.enabled:
         from lightning.pytorch.loggers import WandbLogger
 
-        run_id = hashlib.sha256(f"{stage.dir.resolve()}:{stage.config_hash}".encode()).hexdigest()[:16]
+        from .tracking import run_id
+
         loggers.append(WandbLogger(project=wandb.project, name=f"{experiment}/train-{arm}", group=experiment,
-                                   job_type="train", id=run_id, resume="allow", save_dir=str(stage.dir),
+                                   job_type="train", id=run_id(stage), resume="allow", save_dir=str(stage.dir),
                                    offline=wandb.mode == "offline"))
     return loggers
 
@@ -242,7 +242,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
     data = BetonData(train_path, test_path, cfg, seed)
-    ckpt_dir = stage.path("checkpoints") / stage.config_hash  # resume only what this config started
+    ckpt_dir = stage.path("checkpoints")
     last = ckpt_dir / "last.ckpt"
     if last.exists():  # one clear line, rather than a traceback from inside fit, if it cannot be resumed
         try:
@@ -260,6 +260,10 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     if last.exists():
         log.info("train-%s: resuming from %s", arm, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+    if wandb.enabled and trainer.global_rank == 0:  # Lightning leaves the run open; close it with the stage
+        import wandb as wandb_sdk
+
+        wandb_sdk.finish()
     if trainer.global_rank != 0:
         return
     device = module.device

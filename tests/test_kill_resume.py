@@ -77,7 +77,7 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
     proc = _start(stage, tmp_path, tmp_path / f"{stage}-killed.log")
     if stage == "train":  # kill soon after a checkpoint taken mid-run, so the re-run has to resume
         checkpoints = _stage_dir(tmp_path, stage) / "checkpoints"
-        while proc.poll() is None and not list(checkpoints.glob("*/last.ckpt")):
+        while proc.poll() is None and not (checkpoints / "last.ckpt").exists():
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.5))
     else:
@@ -92,7 +92,7 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
             assert file_sha256(out / rel) == digest, f"{rel} exists but is not the finished file"
 
     if stage == "train":
-        last = next(checkpoints.glob("*/last.ckpt"))
+        last = checkpoints / "last.ckpt"
         resumed_from = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
         assert was_running and 0 < resumed_from < EPOCHS * STEPS_PER_EPOCH, "the kill missed the mid-run window"
     _finish(stage, tmp_path)

@@ -2,6 +2,7 @@
 the API key never written anywhere in the run directory or the results."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,15 @@ def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, rep
     for task in tasks(cfg):
         run_task(cfg, task)
     train = next(t for t in tasks(cfg) if t.stage == "train")
-    runs = list((stage_for(cfg, train).dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    for task in tasks(cfg):  # one offline run per stage
+        runs = list((stage_for(cfg, task).dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and any(runs[0].glob("*.wandb")), task.name
+    audit = stage_for(cfg, next(t for t in tasks(cfg) if t.stage == "audit")).dir / "wandb"
+    (table,) = audit.glob("offline-run-*/files/media/table/users_*.table.json")  # one row per user
+    assert len(json.loads(table.read_text())["data"]) == cfg.plan.n_member_users + cfg.plan.n_nonmember_users
+    assert b"set_based/auc" in next(audit.glob("offline-run-*/*.wandb")).read_bytes()
+    report = stage_for(cfg, tasks(cfg)[-1]).dir / "wandb"
+    assert {p.name.split("_0_")[0] for p in report.glob("offline-run-*/files/media/images/*.png")} >= {"roc", "p_values"}
     written = [p for folder in (tmp_path / "run", tmp_path / "results") for p in folder.rglob("*") if p.is_file()]
     assert len(written) > 20
     leaked = [p for p in written if SENTINEL.encode() in p.read_bytes()]

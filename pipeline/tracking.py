@@ -1,0 +1,80 @@
+"""Weights & Biases: one run per stage (`job_type` = the stage), grouped by experiment, offline unless
+the config says otherwise.
+
+Training logs through Lightning's `WandbLogger`; every other stage is published here from the files
+it wrote, once it has finished, so stage code knows nothing of W&B and the numbers on the dashboard
+are exactly those on disk. Run ids are fixed by the stage folder and config hash: a re-run or a
+requeued job continues the same run instead of starting a second one.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+from .store import Stage, load_npz, read_json
+
+
+def run_id(stage: Stage) -> str:
+    return hashlib.sha256(f"{stage.dir.resolve()}:{stage.config_hash}".encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested dicts as `a/b/c` keys (W&B summary and charts want flat scalars)."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-user verdicts as a table, the ROC over users, and the member users' p-values."""
+    from .metrics import roc_points, user_scores
+    from .stats import leave_one_out_p_values, rank_p_values
+
+    per_user = user_scores(load_npz(stage.path("losses.npz")), users)
+    member, score = per_user["is_member"], -per_user["mean_loss"]
+    p_values = np.empty(len(score))
+    p_values[member] = rank_p_values(score[member], score[~member])
+    p_values[~member] = leave_one_out_p_values(score[~member])
+    table = wandb.Table(columns=["user_id", "role", "class", "mean_loss", "p_value"], data=[
+        [u["user_id"], u["role"], u["class"], float(loss), float(p)]
+        for u, loss, p in zip(users, per_user["mean_loss"], p_values)])
+    fpr, tpr = roc_points(member, score)
+    roc = wandb.Table(columns=["fpr", "tpr"], data=[[float(f), float(t)] for f, t in zip(fpr, tpr)])
+    return {"users": table,
+            "roc": wandb.plot.line(roc, "fpr", "tpr", title=f"{stage.name}: ROC over users (set-based)"),
+            "member_p_values": wandb.Histogram(p_values[member].tolist())}
+
+
+def publish(cfg: RunConfig, stage: Stage, job_type: str) -> None:
+    """Log a finished stage to W&B: its manifest's numbers; for an audit the per-user table, ROC and
+    p-values; for the report its metrics and plots."""
+    import wandb
+
+    manifest = stage.manifest()
+    summary = flatten({k: v for k, v in manifest.items() if k not in ("outputs", "sizes", "config_hash")})
+    logged: dict[str, Any] = {}
+    if job_type == "audit":
+        summary.update(flatten(read_json(stage.path("metrics.json"))))
+        logged.update(_audit_tables(wandb, stage, read_json(Path(cfg.run_dir) / "plan" / "users.json")["users"]))
+    if job_type == "report":
+        results = Path(cfg.results_dir)
+        summary.update(flatten(read_json(results / "metrics.json")))
+        logged.update({p.stem: wandb.Image(str(p)) for p in sorted(results.glob("*.png"))})
+    run = wandb.init(project=cfg.wandb.project, group=cfg.name, job_type=job_type, name=f"{cfg.name}/{stage.name}",
+                     id=run_id(stage), resume="allow", dir=str(stage.dir), mode=cfg.wandb.mode,
+                     config={"stage": stage.name, "config_hash": stage.config_hash})
+    try:
+        if logged:
+            run.log(logged)
+        run.summary.update(summary)
+    finally:
+        run.finish()
