@@ -10,7 +10,6 @@ Run `python -m bench.audit` from the repository root; it writes results/bench/au
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS, machine, update_bench_readme
+from bench.common import comparison, interleaved_medians, machine, publish
 from pipeline.audit import pick_device, score_samples
 from pipeline.betons import make_loader, write_beton
 from pipeline.config import AuditConfig
 from pipeline.models import Normalized, build_model
-from pipeline.store import write_json
 
 N_IMAGES, SIZE, BATCH, REPEATS = 8192, 32, 512, 5
 
@@ -68,26 +66,15 @@ def main() -> None:
         }
         for run in sides.values():  # warm-up: numba compilation of the FFCV pipeline, allocator
             run()
-        rates: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(REPEATS):
-            for name, run in sides.items():
-                rates[name].append(_rate(run))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+        median = interleaved_medians({name: (lambda run=run: _rate(run)) for name, run in sides.items()}, REPEATS)
     where = f"{SIZE}x{SIZE} small_cnn, batch {BATCH}, {device.type}"
-    rows = [
-        {"case": f"audit vs bare forward, {where}", "ours": median["ours"], "baseline": median["bare"],
-         "unit": "img/s", "ratio": median["ours"] / median["bare"]},
-        {"case": f"audit vs naive concatenation, {where}", "ours": median["ours"], "baseline": median["naive"],
-         "unit": "img/s", "ratio": median["ours"] / median["naive"]},
-    ]
+    rows = [comparison(f"audit vs bare forward, {where}", median["ours"], median["bare"]),
+            comparison(f"audit vs naive concatenation, {where}", median["ours"], median["naive"])]
     description = machine() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    write_json(RESULTS / "bench" / "audit.json", {"rows": rows, "machine": description})
-    update_bench_readme("audit.json", (
+    publish("audit.json", rows, (
         f"- `audit.json` — audit scoring throughput ({where}): {rows[0]['ratio']:.2f}× a bare forward loop "
         f"(ours {median['ours']:.0f} img/s vs {median['bare']:.0f}), {rows[1]['ratio']:.2f}× naive per-batch "
-        f"concatenation ({median['naive']:.0f} img/s)"))
-    for row in rows:
-        print(f"{row['case']:<60} ours {row['ours']:8.0f}  baseline {row['baseline']:8.0f}  ×{row['ratio']:.2f}")
+        f"concatenation ({median['naive']:.0f} img/s)"), description)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.store import atomic_path
+from pipeline.store import atomic_path, write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -55,6 +57,30 @@ def update_bench_readme(name: str, line: str, readme: Path = RESULTS / "bench" /
     else:
         lines[index] = line
     write_text(readme, "\n".join(lines) + "\n")
+
+
+def interleaved_medians(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median rate of each side over `repeats` rounds; the sides alternate within every round, so a
+    change in machine load hits all of them alike (the ratio is what we report)."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, run in sides.items():
+            rates[name].append(run())
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def comparison(case: str, ours: float, baseline: float, unit: str = "img/s") -> dict[str, Any]:
+    """One result row; ratio > 1 means ours is faster."""
+    return {"case": case, "ours": ours, "baseline": baseline, "unit": unit, "ratio": ours / baseline}
+
+
+def publish(name: str, rows: list[dict[str, Any]], readme_line: str, description: str | None = None) -> None:
+    """Write results/bench/<name>, its line in the benchmark README, and the rows to stdout."""
+    write_json(RESULTS / "bench" / name, {"rows": rows, "machine": description or machine()})
+    update_bench_readme(name, readme_line)
+    for row in rows:
+        print(f"{row['case'][:90]:<90} ours {row['ours']:9.1f}  baseline {row['baseline']:9.1f} {row['unit']}"
+              f"  x{row['ratio']:.3f}")
 
 
 def write_jpeg_folder(root: Path, split: str, n_classes: int, per_class: int, sizes: tuple[tuple[int, int], ...],

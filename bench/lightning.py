@@ -11,7 +11,6 @@ from the repository root; it writes results/bench/lightning.json and its results
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Iterable, Iterator
 
@@ -19,9 +18,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS, machine, update_bench_readme
+from bench.common import comparison, interleaved_medians, publish
 from pipeline.config import TrainConfig
-from pipeline.store import write_json
 from pipeline.train import Classifier
 
 SIZE, BATCH, STEPS, WIDTH, REPEATS = 32, 128, 30, 32, 3
@@ -100,21 +98,14 @@ def main() -> None:
     sides = {"lightning": lightning_rate, "plain": plain_rate}
     for run in sides.values():  # warm-up: oneDNN kernels, allocator, Lightning imports
         run(batches[:3])
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(REPEATS):
-        for name, run in sides.items():
-            rates[name].append(run(batches))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+    median = interleaved_medians({name: (lambda run=run: run(batches)) for name, run in sides.items()}, REPEATS)
     where = f"small_cnn width {WIDTH}, {SIZE}x{SIZE}, batch {BATCH}, {STEPS} steps, fp32, cpu"
-    row = {"case": f"Lightning Classifier vs plain PyTorch loop, {where}", "ours": median["lightning"],
-           "baseline": median["plain"], "unit": "img/s", "ratio": median["lightning"] / median["plain"]}
-    write_json(RESULTS / "bench" / "lightning.json", {"rows": [row], "machine": machine()})
+    row = comparison(f"Lightning Classifier vs plain PyTorch loop, {where}", median["lightning"], median["plain"])
     slower = (1 - row["ratio"]) * 100
-    update_bench_readme("lightning.json", (
+    publish("lightning.json", [row], (
         f"- `lightning.json` — training-step throughput ({where}; a shared 2-core machine): the Lightning module "
         f"runs at {row['ratio']:.3f}× a plain PyTorch loop ({median['lightning']:.0f} vs {median['plain']:.0f} img/s, "
         f"{slower:.1f}% {'slower' if slower >= 0 else 'faster'})"))
-    print(f"{row['case']:<90} ours {row['ours']:8.0f}  baseline {row['baseline']:8.0f}  ×{row['ratio']:.3f}")
 
 
 if __name__ == "__main__":

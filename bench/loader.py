@@ -12,7 +12,6 @@ Run `python -m bench.loader` from the repository root; it writes results/bench/l
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +22,10 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from bench.common import RESULTS, machine, update_bench_readme, write_jpeg_folder
+from bench.common import comparison, interleaved_medians, publish, write_jpeg_folder
 from pipeline.betons import CleanStorage, make_loader, write_beton
 from pipeline.config import DataConfig
 from pipeline.sources import full_resolution, load_source
-from pipeline.store import write_json
 
 CLASSES, PER_CLASS, SIZES = 10, 200, ((320, 240), (240, 320), (300, 300))
 RESOLUTION, BATCH, WORKERS, REPEATS = 160, 64, 2, 3
@@ -62,23 +60,17 @@ def main() -> None:
             sides[mode] = make_loader(beton, BATCH, WORKERS, train=True, augment="flip", resolution=RESOLUTION)
         for loader in sides.values():  # warm-up epoch: numba compilation of FFCV's pipeline, page cache
             _rate(loader)
-        rates: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(REPEATS):  # one epoch each per repeat; loaders are built once, as in training
-            for name, loader in sides.items():
-                rates[name].append(_rate(loader))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+        # one epoch each per round; loaders are built once, as in training
+        median = interleaved_medians({name: (lambda loader=loader: _rate(loader)) for name, loader in sides.items()},
+                                     REPEATS)
     where = f"{n} JPEGs of ~300 px, random-resized crop {RESOLUTION} + flip, batch {BATCH}, {WORKERS} workers"
     for mode, stored in (("jpg", "JPEG q90"), ("raw", "raw pixels")):
-        rows.append({"case": f"FFCV ({stored}) vs torchvision ImageFolder, {where}",
-                     "ours": median[mode], "baseline": median["torchvision"], "unit": "img/s",
-                     "ratio": median[mode] / median["torchvision"]})
-    write_json(RESULTS / "bench" / "loader.json", {"rows": rows, "machine": machine()})
-    update_bench_readme("loader.json", (
+        rows.append(comparison(f"FFCV ({stored}) vs torchvision ImageFolder, {where}", median[mode],
+                               median["torchvision"]))
+    publish("loader.json", rows, (
         f"- `loader.json` — training loader throughput ({where}; a shared 2-core machine): FFCV from JPEG "
         f"{rows[0]['ratio']:.2f}× torchvision ImageFolder + DataLoader ({median['jpg']:.0f} vs "
         f"{median['torchvision']:.0f} img/s), from raw pixels {rows[1]['ratio']:.2f}× ({median['raw']:.0f} img/s)"))
-    for row in rows:
-        print(f"{row['case'][:70]:<70} ours {row['ours']:8.0f}  baseline {row['baseline']:8.0f}  ×{row['ratio']:.2f}")
 
 
 if __name__ == "__main__":

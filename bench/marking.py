@@ -24,10 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from noise import pnoise2  # noqa: E402
 
-from bench.common import RESULTS, machine, update_bench_readme  # noqa: E402
+from bench.common import machine, publish  # noqa: E402
 from pipeline.config import MarkConfig  # noqa: E402
 from pipeline.marking import mark_batch, perlin_params, stripe_pattern  # noqa: E402
-from pipeline.store import write_json  # noqa: E402
 
 # Our permutation tables wrap the lattice every 256 cells; pnoise2 is told to wrap there too.
 LATTICE_REPEAT = 256
@@ -148,10 +147,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = run()
     description = machine() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    write_json(RESULTS / "bench" / "marking.json", {"rows": rows, "machine": description})
-    update_bench_readme("marking.json", readme_line(rows))
-    for row in rows:
-        print(f"{row['case']:<32} ours {row['ours']:9.1f} img/s   baseline {row['baseline']:8.1f} img/s   ×{row['ratio']:.2f}")
+    publish("marking.json", rows, readme_line(rows), description)
 
 
 if __name__ == "__main__":
