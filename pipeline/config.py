@@ -81,6 +81,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0.0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw uses momentum as its beta1
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -213,9 +214,16 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config; `overrides` are `section.key=value` strings parsed as YAML values."""
-    path = Path(path)
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
+    so a recipe states only where it differs from the one it builds on."""
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -224,6 +232,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    base_path = (path.parent / str(parent)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: extends: {parent} leads back to itself")
+    return _merged(read_tree(base_path, (*seen, path.resolve())), tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` are `section.key=value` strings parsed as YAML values."""
+    path = Path(path)
+    tree = read_tree(path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected section.key=value")

@@ -84,7 +84,7 @@ def wrn28_4(num_classes: int, width: int = 4) -> nn.Module:
     return wide_resnet(28, 4, num_classes)
 
 
-for _name in ("resnet18", "resnet50"):
+for _name in ("resnet18", "resnet50", "swin_t"):  # torchvision's, as published (Swin-T: stochastic depth 0.2)
     MODELS.register(_name)(
         lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
     )

@@ -95,6 +95,13 @@ class SampleRecorder(Callback):
                 np.save(fh, ids)
 
 
+# Optimizers by `train.optimizer`, given parameter groups (weight decay off norms and biases).
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999)),
+}
+
+
 class Classifier(L.LightningModule):
     """Image classifier taking uint8 NCHW batches; normalisation lives inside the model."""
 
@@ -139,10 +146,8 @@ class Classifier(L.LightningModule):
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
-        )
+        opt = OPTIMIZERS[c.optimizer](
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c)
         total = self.trainer.estimated_stepping_batches
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)

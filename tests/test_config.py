@@ -65,3 +65,18 @@ def test_imagenet_recipe_plans_at_full_scale(repo: Path) -> None:
     body, train_ids = make_plan(cfg, data)
     assert len(train_ids) == 1_131_167 and len(body["users"]) == 1500
     assert {len(u["sample_ids"]) for u in body["users"]} == {64}
+
+
+def test_every_shipped_config_loads(repo: Path) -> None:
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_extends_starts_from_the_named_config(repo: Path, tmp_path: Path) -> None:
+    swin, rn50 = load_config(repo / "configs" / "imagenet-swint.yaml"), load_config(repo / "configs" / "imagenet-rn50.yaml")
+    assert (swin.train.arch, swin.train.optimizer, swin.train.epochs) == ("swin_t", "adamw", 300)
+    assert swin.data == rn50.data and swin.plan == rn50.plan and swin.launch == rn50.launch
+    assert swin.train.label_smoothing == rn50.train.label_smoothing  # inherited inside a section
+    loop = _write(tmp_path, "extends: cfg.yaml\nseed: 1\n")  # _write names it cfg.yaml
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(loop)

@@ -36,3 +36,19 @@ def test_cosine_ends_near_zero_and_bad_schedules_are_refused() -> None:
         TrainConfig(schedule="multistep")
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainConfig(schedule="onecycle", warmup_epochs=1)
+
+
+@pytest.mark.parametrize("name, kind", [("sgd", "SGD"), ("adamw", "AdamW")])
+def test_optimizer_follows_config_and_spares_norms_and_biases_from_decay(name: str, kind: str) -> None:
+    import torch
+
+    from pipeline.train import OPTIMIZERS
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.05, momentum=0.8)
+    opt = OPTIMIZERS[cfg.optimizer]([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], cfg)
+    assert type(opt).__name__ == kind and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    first_moment = opt.param_groups[0]["betas"][0] if kind == "AdamW" else opt.param_groups[0]["momentum"]
+    assert first_moment == 0.8
