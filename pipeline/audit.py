@@ -7,6 +7,7 @@ predictions, so memorised members stay distinguishable from merely easy non-memb
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,17 @@ def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) ->
     }
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+
+
+def process_group() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process among those a launcher started for one task
+    (torchrun, or srun with several tasks); (0, 1, 0) when it runs alone."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+    rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+    return rank, world, int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
 
 
 def shard_records(users: list[dict[str, Any]], shard: int, num_shards: int) -> np.ndarray:
@@ -126,19 +136,26 @@ def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) ->
 
 def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]],
               num_shards: int = 1, only_shard: int | None = None) -> None:
-    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise."""
-    device, model = pick_device(), None
+    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise.
+
+    Run as several processes (one per GPU), each process scores its own part of every shard: shard
+    s of n becomes parts s*W + r of n*W for ranks r < W, split by whole users. Nothing is padded to
+    equal length, as a DistributedSampler would, so no sample can enter a user's mean twice; the
+    process that finishes the last part merges and checks that every sample was scored once."""
+    rank, world, local_rank = process_group()
+    device, model = pick_device(local_rank), None
+    parts, mine = num_shards * world, [s * world + rank for s in (range(num_shards) if only_shard is None else [only_shard])]
 
     def score_shard(shard: int, path: Path) -> None:
         nonlocal model
-        records = shard_records(users, shard, num_shards)
+        records = shard_records(users, shard, parts)
         if len(records) == 0:  # more shards than users
             save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
             return
         model = model or load_weights(weights)[0]
         save_npz(path, **score_samples(model, audit_beton, cfg, device, records))
 
-    names = run_shards(stage, num_shards, only_shard, score_shard)
+    names = run_shards(stage, parts, mine, score_shard)
     if names is None:
         return
     scores = merge_scores(stage, names, users)

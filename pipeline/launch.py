@@ -76,6 +76,8 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
         # a job whose dependency failed is cancelled instead of pending forever
         "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
     }
+    if task.stage == "audit":  # one process per GPU, each scoring its own users of the shard
+        params["tasks_per_node"] = max(1, res.gpus_per_node)
     if task.stage == "train":
         devices = cfg.train.devices if isinstance(cfg.train.devices, int) else 1
         if res.gpus_per_node and res.gpus_per_node != devices:

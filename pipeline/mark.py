@@ -152,7 +152,7 @@ def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], 
 def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
              num_shards: int = 1, only_shard: int | None = None) -> None:
     """Mark the missing shards (or only `only_shard`); once all are there, finish the stage."""
-    names = run_shards(stage, num_shards, only_shard,
+    names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
                        lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there

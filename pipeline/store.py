@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -199,18 +199,19 @@ def missing_shards(stage: Stage, num_shards: int) -> list[int]:
     return [i for i in range(num_shards) if not shard_done(stage, shard_name(i, num_shards))]
 
 
-def run_shards(stage: Stage, num_shards: int, only_shard: int | None,
+def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
                write_shard: Callable[[int, Path], None]) -> list[str] | None:
-    """Run a sharded stage's missing shards (all of them, or only `only_shard` for one array task).
+    """Run a sharded stage's missing shards (all of them, or only `only_shards`: one array task's).
 
     `write_shard(i, path)` writes shard i to `path` (atomically), then its record; re-running a
     finished shard is a no-op. Returns the shard file names once every shard is done, else None
     (other array tasks still owe theirs). Each task writes its record before checking the others,
     so of several tasks finishing together at least one sees every shard and merges."""
-    if num_shards < 1 or (only_shard is not None and not 0 <= only_shard < num_shards):
-        raise StageError(f"{stage.name}: --shard {only_shard} is outside 0..{num_shards - 1}")
+    outside = [i for i in only_shards or () if not 0 <= i < num_shards]
+    if num_shards < 1 or outside:
+        raise StageError(f"{stage.name}: --shard {outside[0] if outside else ''} is outside 0..{num_shards - 1}")
     names = [shard_name(i, num_shards) for i in range(num_shards)]
-    for shard in [only_shard] if only_shard is not None else range(num_shards):
+    for shard in only_shards if only_shards is not None else range(num_shards):
         if not shard_done(stage, names[shard]):
             write_shard(shard, stage.path(names[shard]))
             write_json(stage.path(names[shard].replace(".npz", ".json")),

@@ -106,3 +106,32 @@ def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Pat
     users = _read(copy / "plan" / "users.json")["users"]
     with pytest.raises(StageError, match="exactly once"):
         merge_scores(stage, [f"shard-{i:04d}-of-0003.npz" for i in range(3)], users)
+
+
+def test_audit_split_over_processes_scores_every_sample_once(tiny_run: Path, tmp_path: Path) -> None:
+    """Two processes started by torchrun (as on two GPUs) each score their own users of each of the
+    two shards; the merged losses equal the single-process audit's, with no sample counted twice."""
+    import shutil
+    import subprocess
+    import sys
+
+    cfg = load_config(tiny_run)
+    copy = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, copy)
+    shutil.rmtree(copy / "audit-marked")
+    tree = yaml.safe_load(tiny_run.read_text())
+    tree["run_dir"] = str(copy)
+    config = tmp_path / "copy.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc-per-node=2", "-m", "pipeline.cli", "audit", str(config),
+                             "--arm", "marked", "--num-shards", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (copy / "audit-marked").glob("shard-*.npz")) == [
+        f"shard-{i:04d}-of-0004.npz" for i in range(4)]
+    ours, reference = np.load(copy / "audit-marked" / "losses.npz"), np.load(Path(cfg.run_dir) / "audit-marked" / "losses.npz")
+    order, ref_order = np.lexsort((ours["sample"], ours["user"])), np.lexsort((reference["sample"], reference["user"]))
+    assert len(order) == len(ref_order)
+    assert np.array_equal(ours["user"][order], reference["user"][ref_order])
+    # torchrun runs each process on one thread (OMP_NUM_THREADS=1): sums round differently, no more
+    assert np.allclose(ours["loss"][order], reference["loss"][ref_order], rtol=1e-4, atol=1e-7)

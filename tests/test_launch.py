@@ -34,6 +34,10 @@ def test_training_job_asks_for_one_task_per_device(tmp_path: Path) -> None:
     params = slurm_parameters(cfg, train)
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
     assert params["slurm_partition"] == "gpu"
+    audit = next(job.task for job in plan_jobs(cfg) if job.task.stage == "audit")
+    assert slurm_parameters(cfg, audit)["tasks_per_node"] == 1
+    multi_gpu = load_config(tiny_config(tmp_path), ["launch.slurm.stages.audit.gpus_per_node=4"])
+    assert slurm_parameters(multi_gpu, audit)["tasks_per_node"] == 4  # one audit process per GPU
     bad = load_config(tiny_config(tmp_path), ["train.devices=2", "launch.slurm.stages.train.gpus_per_node=8"])
     with pytest.raises(StageError, match="must equal train.devices"):
         slurm_parameters(bad, train)
