@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench clean slurm-up slurm-down imagenet-audit
+.PHONY: setup demo test test-fast bench experiments clean slurm-up slurm-down imagenet-audit
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -26,6 +26,9 @@ bench: $(SETUP)
 	$(PY) -m bench.loader
 	$(PY) -m bench.lightning
 	@echo "benchmarks written under results/bench/ and results/marking/"
+
+experiments: $(SETUP)  # every table under configs/experiments/ -> results/<table>/ and results/README.md
+	$(PY) -m pipeline.cli experiments configs/experiments/*.yaml
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh

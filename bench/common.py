@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.store import atomic_path, write_json
+from pipeline.store import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -30,12 +30,6 @@ def cpu_model() -> str:
 def machine() -> str:
     """One line stored with every result, enough to tell whether two result files are comparable."""
     return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 BENCH_README_HEADER = """# Benchmarks

@@ -2,6 +2,7 @@
 
     mtrack run CONFIG [--set section.key=value ...] [--force]
     mtrack run CONFIG --launcher slurm [--dry-run] [--no-wait]   (every stage as SLURM jobs)
+    mtrack experiments TABLE.yaml ... [--launcher slurm]           (experiment tables, results/<table>/)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
     mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the jobs that would run, and stop")
     run.add_argument("--no-wait", dest="wait", action="store_false",
                      help="slurm: return once submitted instead of following the jobs to the end")
+    experiments = sub.add_parser("experiments", help="run experiment tables (configs/experiments/*.yaml)")
+    experiments.add_argument("tables", nargs="+", help="experiment table YAML files")
+    experiments.add_argument("--launcher", choices=LAUNCHERS.names(), default="local")
     special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
                "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
     for stage in RUNNERS:
@@ -130,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
-        if args.command == "run":
+        if args.command == "experiments":
+            from .experiments import run_table
+
+            for table in args.tables:
+                run_table(table, args.launcher)
+        elif args.command == "run":
             launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "mark" and Path(args.config).is_dir():
             mark_own_folder(args)

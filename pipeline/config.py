@@ -95,6 +95,7 @@ class TrainConfig(_Strict):
     # eval_resolution, for images of varying size (data.max_resolution); None trains on stored pixels.
     resolution: int | None = Field(None, ge=8)
     eval_resolution: int | None = Field(None, ge=8)  # None: same as resolution
+    test_time_flip: bool = False  # test accuracy from the mean logits of each image and its mirror image
     loader: Literal["ffcv", "torch"] = "ffcv"  # torch: plain DataLoader over the same .beton files
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1

@@ -67,6 +67,12 @@ def read_json(path: str | Path) -> Any:
         raise StageError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
 def save_npz(target: str | Path, **arrays: np.ndarray) -> None:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as fh:

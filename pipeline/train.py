@@ -135,7 +135,7 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         images, labels = batch[0], batch[1]
-        logits = self(images).float()
+        logits = predict(self.model, images, self.cfg.test_time_flip)
         self.log_dict(
             {"val_loss": F.cross_entropy(logits, labels), "val_acc": (logits.argmax(1) == labels).float().mean()},
             on_epoch=True, sync_dist=True, batch_size=len(labels),
@@ -212,12 +212,19 @@ def resolve_precision(cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> tuple[float, float]:
+def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """fp32 logits; with `flip`, the mean of the logits of the images and their mirror images
+    (test-time flip, as FFCV's ImageNet recipe evaluates). Accuracy only: the audit never flips."""
+    logits = model(images).float()
+    return (logits + model(images.flip(3)).float()) / 2 if flip else logits
+
+
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, flip: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` in eval mode over every sample of `loader`."""
     model.eval().to(device)
     total_loss, correct, count = 0.0, 0, 0
     for images, labels, *_ in loader:
-        logits = model(images.to(device)).float()
+        logits = predict(model, images.to(device), flip)
         labels = labels.to(device)
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(1) == labels).sum())
@@ -278,7 +285,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     train_loss, train_acc = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
                                                                resolution=res), device)
     test_loss, test_acc = evaluate(module.model, LOADERS[cfg.loader](test_path, 512, cfg.num_workers, train=False,
-                                                             resolution=res), device)
+                                                             resolution=res), device, cfg.test_time_flip)
     metrics = {
         "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,

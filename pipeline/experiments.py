@@ -1,0 +1,116 @@
+"""Experiment tables: one YAML per table under `configs/experiments/`, each naming a base run config,
+overrides common to all rows, and one row per variant. Every row is a whole pipeline run (through
+either launcher, each row in its own run directory, so a re-run skips finished rows); the table's
+numbers go to `results/<table>/results.json` and `README.md`, and `results/README.md` lists every
+table with the paper's claim next to what we measured.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .config import ConfigError
+from .launch import launch
+from .store import read_json, write_json, write_text
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Row(_Strict):
+    name: str
+    set: dict[str, Any] = {}  # dotted config keys -> values, on top of the table's
+
+
+class Table(_Strict):
+    table: str  # folder name under results/ and runs/experiments/
+    title: str
+    base: str  # run config the rows start from, relative to this file
+    claim: str  # what the paper says this table should show
+    set: dict[str, Any] = {}
+    rows: list[Row]
+
+
+def load_table(path: Path) -> Table:
+    try:
+        return Table.model_validate(yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment table not found") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def row_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a table reports for one run, from its report's metrics.json."""
+    stats, training = metrics["statistics"], metrics["training"]["marked"]
+    return {
+        "auc": metrics["set_based"]["auc"],
+        "fpr_at_tpr_1": metrics["set_based"]["fpr_at_tpr_1"],
+        "tpr_at_fpr_0": stats["tpr_at_fpr_0"]["value"],
+        "tpr_at_fpr_0_interval": stats["tpr_at_fpr_0"]["interval"],
+        "largest_member_p_value": max(stats["member_p_values"]),
+        "smallest_possible_p_value": stats["smallest_possible_p_value"],
+        "instance_auc": metrics["instance_based"]["auc"],
+        "train_loss": training["train_loss"],
+        "test_accuracy": training["test_accuracy"],
+        "psnr": metrics["mark_quality"]["member"]["psnr_mean"],
+    }
+
+
+def markdown(table: Table, rows: list[dict[str, Any]]) -> str:
+    head = ("| variant | AUC | FPR @ 100% TPR | TPR @ FPR 0 (95% CI) | max member p | instance AUC | "
+            "train loss | test acc | PSNR dB |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['name']} | {r['auc']:.3f} | {r['fpr_at_tpr_1']:.3f} | {r['tpr_at_fpr_0']:.2f} "
+             f"({r['tpr_at_fpr_0_interval'][0]:.2f}–{r['tpr_at_fpr_0_interval'][1]:.2f}) | "
+             f"{r['largest_member_p_value']:.3g} | {r['instance_auc']:.3f} | {r['train_loss']:.2g} | "
+             f"{r['test_accuracy']:.3f} | {r['psnr']:.1f} |" for r in rows]
+    return (f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
+            "set-based audit of the marked model (M non-member users, smallest possible p-value "
+            f"{rows[0]['smallest_possible_p_value']:.3g}). Regenerate: `mtrack experiments "
+            f"configs/experiments/{table.table}.yaml`.\n\n" + head + "\n".join(lines) + "\n")
+
+
+def update_overview(results: Path, table: Table) -> None:
+    """One line per table in results/README.md: the claim next to where our numbers are."""
+    readme = results / "README.md"
+    lines = readme.read_text().splitlines() if readme.exists() else [
+        "# Experiment results", "", "Each table regenerates with `make experiments` (or `mtrack experiments "
+        "<table yaml>`); the paper's claim is stated next to each.", ""]
+    entry = f"- [{table.title}]({table.table}/README.md) — paper: {table.claim}"
+    prefix = f"- [{table.title}]"
+    index = next((i for i, line in enumerate(lines) if line.startswith(prefix)), None)
+    if index is None:
+        lines.append(entry)
+    else:
+        lines[index] = entry
+    write_text(readme, "\n".join(lines) + "\n")
+
+
+def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results")) -> list[dict[str, Any]]:
+    """Run every row of a table (finished rows are skipped by the stages themselves) and write it."""
+    path = Path(path)
+    table = load_table(path)
+    base = str((path.parent / table.base).resolve())
+    rows = []
+    for row in table.rows:
+        where = f"experiments/{table.table}/{_slug(row.name)}"
+        settings = {**table.set, **row.set, "run_dir": f"runs/{where}", "results_dir": f"runs/{where}/results"}
+        launch(base, [f"{key}={json.dumps(value)}" for key, value in settings.items()], launcher)
+        metrics = read_json(Path(settings["results_dir"]) / "metrics.json")
+        rows.append({"name": row.name, "set": row.set, **row_summary(metrics)})
+    out = results / table.table
+    write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,
+                                      "set": table.set, "rows": rows})
+    write_text(out / "README.md", markdown(table, rows))
+    update_overview(results, table)
+    return rows
