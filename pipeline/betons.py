@@ -149,10 +149,20 @@ class BetonLoader(EpochPosition):
     keeps its own thread count (FFCV resets it on every `iter()`); the FFCV iterator starts lazily
     on the first batch, so Lightning's probe starts no prefetch."""
 
-    def __init__(self, loader: Loader, torch_threads: int) -> None:
+    def __init__(self, loader: Loader, torch_threads: int, decoder: SimpleRGBImageDecoder | None = None) -> None:
         self.loader = loader
         self.torch_threads = torch_threads
+        self.decoder = decoder
         torch.set_num_threads(torch_threads)
+
+    def set_resolution(self, resolution: int) -> None:
+        """Crop size of the next epochs (progressive resizing): FFCV rebuilds its pipeline for it."""
+        size = (resolution, resolution)
+        if self.decoder is None or not hasattr(self.decoder, "output_size"):
+            raise StageError("progressive resizing needs train.resolution (cropping decoders)")
+        if tuple(self.decoder.output_size) != size:
+            self.decoder.output_size = size
+            self.loader.recompile = True  # FFCV compiles its pipeline, buffers included, for one shape
 
     @property
     def num_samples(self) -> int:
@@ -193,7 +203,8 @@ def make_loader(
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: missing .beton (run the write stage first)")
-    image_ops: list = [image_decoder(train, resolution)]
+    decoder = image_decoder(train, resolution)
+    image_ops: list = [decoder]
     if train and augment in ("flip", "flip_translate"):
         image_ops.append(RandomHorizontalFlip())
     if train and augment == "flip_translate" and translate_pixels > 0:
@@ -211,7 +222,7 @@ def make_loader(
         indices=indices,
         pipelines={"image": image_ops, "label": list(int_ops), "sample": list(int_ops), "user": list(int_ops)},
     )
-    return BetonLoader(loader, torch_threads or TORCH_THREADS)
+    return BetonLoader(loader, torch_threads or TORCH_THREADS, decoder)
 
 
 def read_all(path: str | Path, batch_size: int = 512) -> dict[str, torch.Tensor]:

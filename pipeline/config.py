@@ -95,6 +95,10 @@ class TrainConfig(_Strict):
     # eval_resolution, for images of varying size (data.max_resolution); None trains on stored pixels.
     resolution: int | None = Field(None, ge=8)
     eval_resolution: int | None = Field(None, ge=8)  # None: same as resolution
+    # Progressive resizing (FFCV's ImageNet recipe): training crops grow linearly from min_resolution
+    # to `resolution` between the two epochs of resize_epochs, in steps of 32 px.
+    min_resolution: int | None = Field(None, ge=8)
+    resize_epochs: tuple[int, int] = (0, 0)
     test_time_flip: bool = False  # test accuracy from the mean logits of each image and its mirror image
     loader: Literal["ffcv", "torch"] = "ffcv"  # torch: plain DataLoader over the same .beton files
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
@@ -115,6 +119,10 @@ class TrainConfig(_Strict):
             raise ValueError("schedule 'multistep' needs train.milestones: epochs in increasing order")
         if self.schedule == "onecycle" and self.warmup_epochs:
             raise ValueError("schedule 'onecycle' has its own warm-up; set train.warmup_epochs to 0")
+        if self.min_resolution is not None and (self.resolution is None or self.min_resolution > self.resolution):
+            raise ValueError("train.min_resolution needs train.resolution at least as large")
+        if self.resize_epochs[0] > self.resize_epochs[1]:
+            raise ValueError("train.resize_epochs: the first epoch must not come after the second")
         return self
 
 

@@ -127,6 +127,12 @@ class TorchBetonLoader(EpochPosition):
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_resolution(self, resolution: int) -> None:
+        """Crop size of the next epochs (workers are started anew each epoch and pick it up)."""
+        if self.loader.dataset.resolution is None:
+            raise StageError("progressive resizing needs train.resolution (cropping)")
+        self.loader.dataset.resolution = resolution
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.order.epoch = self.epoch
         yield from self._from_position(iter(self.loader))

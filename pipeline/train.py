@@ -11,7 +11,7 @@ import logging
 import math
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import lightning as L
 import numpy as np
@@ -124,6 +124,8 @@ class Classifier(L.LightningModule):
         loader = self.trainer.datamodule.train_loader
         if loader is not None:
             loader.epoch = self.current_epoch
+            if self.cfg.min_resolution is not None:
+                loader.set_resolution(resolution_at(self.cfg, self.current_epoch))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
@@ -212,6 +214,17 @@ def resolve_precision(cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
+def resolution_at(cfg: TrainConfig, epoch: int) -> int:
+    """Training crop size at `epoch` under progressive resizing: min_resolution until the first of
+    resize_epochs, then linearly up to `resolution` at the second, rounded down to a multiple of 32
+    (FFCV's ImageNet recipe) but never below min_resolution."""
+    low, high = cast(int, cfg.min_resolution), cast(int, cfg.resolution)  # both set: TrainConfig checks
+    start, end = cfg.resize_epochs
+    progress = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
+    size = int(low + progress * (high - low)) // 32 * 32
+    return high if epoch >= end else max(size, low)
+
+
 def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """fp32 logits; with `flip`, the mean of the logits of the images and their mirror images
     (test-time flip, as FFCV's ImageNet recipe evaluates). Accuracy only: the audit never flips."""
@@ -262,7 +275,9 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         except StageError as exc:
             raise StageError(f"{exc}; delete it to train from the start") from None
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
-    callbacks: list[Callback] = [checkpoint, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
+    best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1,
+                           filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False)
+    callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
@@ -290,6 +305,8 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
         "global_step": trainer.global_step,
+        "best_val_checkpoint": Path(best.best_model_path).name if best.best_model_path else None,
+        "best_val_accuracy": float(best.best_model_score) if best.best_model_score is not None else None,
     }
     if not math.isfinite(train_loss):
         raise StageError(f"train-{arm}: training diverged (train loss {train_loss}); lower train.lr")

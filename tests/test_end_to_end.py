@@ -35,6 +35,9 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
     losses = np.load(run / "audit-marked" / "losses.npz")
     assert sorted(losses["sample"].tolist()) == sorted(marked["sample_ids"].tolist())
     assert np.isfinite(losses["loss"]).all() and (losses["loss"] >= 0).all()
+    trained = json.loads((run / "train-marked" / "metrics.json").read_text())
+    assert (run / "train-marked" / "checkpoints" / trained["best_val_checkpoint"]).is_file()  # best-val kept
+    assert 0 <= trained["best_val_accuracy"] <= 1
 
 
 def test_metrics_file_schema(tiny_run: Path) -> None:

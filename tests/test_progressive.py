@@ -1,0 +1,33 @@
+"""Progressive resizing: the crop size per epoch, and both loaders changing it between epochs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.betons import make_loader, write_beton
+from pipeline.config import TrainConfig
+from pipeline.torchdata import make_torch_loader
+from pipeline.train import resolution_at
+
+
+def test_resolution_grows_between_the_ramp_epochs_in_steps_of_32() -> None:
+    cfg = TrainConfig(resolution=192, min_resolution=160, resize_epochs=(65, 76), epochs=88)
+    sizes = [resolution_at(cfg, e) for e in range(88)]
+    assert sizes[:66] == [160] * 66 and sizes[76:] == [192] * 12
+    assert all(s % 32 == 0 for s in sizes) and sizes == sorted(sizes)
+    with pytest.raises(ValueError, match="min_resolution"):
+        TrainConfig(min_resolution=160)
+
+
+@pytest.mark.parametrize("build", [make_loader, make_torch_loader])
+def test_loaders_crop_to_the_new_size_from_the_next_epoch(build, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.beton"
+    write_beton(path, rng.integers(0, 256, (32, 40, 40, 3), dtype=np.uint8), np.zeros(32, np.int64), np.arange(32))
+    loader = build(path, 8, 1, train=True, augment="flip", resolution=16)
+    assert next(iter(loader))[0].shape[-2:] == (16, 16)
+    loader.set_resolution(24)
+    loader.epoch = 1
+    assert {tuple(batch[0].shape[-2:]) for batch in loader} == {(24, 24)}
