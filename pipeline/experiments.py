@@ -6,6 +6,7 @@ table with the paper's claim next to what we measured.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,11 @@ def load_table(path: Path) -> Table:
         raise ConfigError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+def run_folder(base: str, settings: dict[str, Any]) -> str:
+    """Where a row runs, named by what it runs: rows of different tables with the same settings
+    share one run, so the second table finds it done."""
+    key = json.dumps({"base": Path(base).name, "set": settings}, sort_keys=True)
+    return f"runs/experiments/{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def row_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -103,11 +107,12 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
     base = str((path.parent / table.base).resolve())
     rows = []
     for row in table.rows:
-        where = f"experiments/{table.table}/{_slug(row.name)}"
-        settings = {**table.set, **row.set, "run_dir": f"runs/{where}", "results_dir": f"runs/{where}/results"}
-        launch(base, [f"{key}={json.dumps(value)}" for key, value in settings.items()], launcher)
-        metrics = read_json(Path(settings["results_dir"]) / "metrics.json")
-        rows.append({"name": row.name, "set": row.set, **row_summary(metrics)})
+        settings = {**table.set, **row.set}
+        folder = run_folder(base, settings)
+        paths = {"run_dir": folder, "results_dir": f"{folder}/results"}
+        launch(base, [f"{key}={json.dumps(value)}" for key, value in {**settings, **paths}.items()], launcher)
+        metrics = read_json(Path(paths["results_dir"]) / "metrics.json")
+        rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics)})
     out = results / table.table
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,
                                       "set": table.set, "rows": rows})

@@ -35,7 +35,9 @@ def test_table_runs_each_row_and_writes_results(tmp_path: Path, repo: Path, monk
     assert "| stripes + noise |" in table and "| none |" in table
     overview = (tmp_path / "results" / "README.md").read_text()
     assert "[Tiny ablation](tiny-ablation/README.md) — paper: both parts of the mark help" in overview
-    assert (tmp_path / "runs" / "experiments" / "tiny-ablation" / "none" / "report" / "manifest.json").exists()
+    assert (tmp_path / unmarked["run_dir"] / "report" / "manifest.json").exists()
+    again = run_table(_table(tmp_path, repo, table="same-rows"), results=tmp_path / "results")  # shared runs
+    assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows] and again[1]["auc"] == unmarked["auc"]
 
 
 def test_table_errors_name_the_file_and_key(tmp_path: Path, repo: Path) -> None:
