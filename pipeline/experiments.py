@@ -84,20 +84,19 @@ def markdown(table: Table, rows: list[dict[str, Any]]) -> str:
             f"configs/experiments/{table.table}.yaml`.\n\n" + head + "\n".join(lines) + "\n")
 
 
-def update_overview(results: Path, table: Table) -> None:
-    """One line per table in results/README.md: the claim next to where our numbers are."""
+def update_overview(results: Path, table: Table, rows: list[dict[str, Any]]) -> None:
+    """The table's entry in results/README.md: the paper's claim, then ours for every row."""
     readme = results / "README.md"
-    lines = readme.read_text().splitlines() if readme.exists() else [
-        "# Experiment results", "", "Each table regenerates with `make experiments` (or `mtrack experiments "
-        "<table yaml>`); the paper's claim is stated next to each.", ""]
-    entry = f"- [{table.title}]({table.table}/README.md) — paper: {table.claim}"
-    prefix = f"- [{table.title}]"
-    index = next((i for i, line in enumerate(lines) if line.startswith(prefix)), None)
-    if index is None:
-        lines.append(entry)
-    else:
-        lines[index] = entry
-    write_text(readme, "\n".join(lines) + "\n")
+    text = readme.read_text() if readme.exists() else (
+        "# Experiment results\n\nEach table regenerates with `make experiments` (or `mtrack experiments "
+        "<table yaml>`); the paper's claim is stated next to ours for each row.\n")
+    sections = [part for part in text.split("\n## ") if part.strip()]
+    header, entries = sections[0].rstrip() + "\n", {part.split("\n", 1)[0]: part for part in sections[1:]}
+    entries[table.title] = f"{table.title}\n\nPaper: {table.claim}. Ours ([table]({table.table}/README.md)):\n\n" + "\n".join(
+        f"- {r['name']}: AUC {r['auc']:.3f}, FPR @ 100% TPR {r['fpr_at_tpr_1']:.3f}, TPR @ FPR 0 "
+        f"{r['tpr_at_fpr_0']:.2f}, largest member p {r['largest_member_p_value']:.3g}, test accuracy "
+        f"{r['test_accuracy']:.3f}" for r in rows) + "\n"
+    write_text(readme, header + "".join(f"\n## {entries[title]}" for title in sorted(entries)))
 
 
 def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results")) -> list[dict[str, Any]]:
@@ -117,5 +116,5 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,
                                       "set": table.set, "rows": rows})
     write_text(out / "README.md", markdown(table, rows))
-    update_overview(results, table)
+    update_overview(results, table, rows)
     return rows

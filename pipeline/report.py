@@ -112,8 +112,8 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
     lines += ["", "Mark survival (correlation between the stored residual and the intended mark):", "",
               "| storage | whole mark | noise part |", "|---|---|---|"]
     for storage, corr in m["mark_survival"]["storage"].items():
-        noise = "—" if corr["noise"] is None else f"{corr['noise']:.3f}"
-        lines.append(f"| {storage} | {corr['full']:.3f} | {noise} |")
+        full, noise = ("—" if corr[k] is None else f"{corr[k]:.3f}" for k in ("full", "noise"))  # None: no mark
+        lines.append(f"| {storage} | {full} | {noise} |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + ".", "",
               "Plots: `roc.png` (log-scale FPR), `loss_hist.png` (per-user mean loss), `p_values.png` (rank "
               "p-values), `marked_examples.png`.", ""]

@@ -34,10 +34,13 @@ def test_table_runs_each_row_and_writes_results(tmp_path: Path, repo: Path, monk
     table = (tmp_path / "results" / "tiny-ablation" / "README.md").read_text()
     assert "| stripes + noise |" in table and "| none |" in table
     overview = (tmp_path / "results" / "README.md").read_text()
-    assert "[Tiny ablation](tiny-ablation/README.md) — paper: both parts of the mark help" in overview
+    assert "## Tiny ablation\n\nPaper: both parts of the mark help. Ours ([table](tiny-ablation/README.md))" in overview
+    assert overview.count("- none: AUC") == 1
     assert (tmp_path / unmarked["run_dir"] / "report" / "manifest.json").exists()
-    again = run_table(_table(tmp_path, repo, table="same-rows"), results=tmp_path / "results")  # shared runs
+    again = run_table(_table(tmp_path, repo, table="same-rows", title="Same rows"), results=tmp_path / "results")
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows] and again[1]["auc"] == unmarked["auc"]
+    overview = (tmp_path / "results" / "README.md").read_text()
+    assert overview.count("## Tiny ablation") == 1 and overview.count("- none: AUC") == 2  # both tables listed
 
 
 def test_table_errors_name_the_file_and_key(tmp_path: Path, repo: Path) -> None:
