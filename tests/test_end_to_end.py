@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,21 +74,25 @@ def test_changed_config_is_refused_not_mixed(tiny_run: Path) -> None:
     assert "different config" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Path) -> None:
-    """Three array tasks of the audit give the same losses as one process, each sample exactly once."""
-    import shutil
-
-    from pipeline.dag import Task, run_task
-    from pipeline.store import StageError
-
-    cfg = load_config(tiny_run)
+def _without_marked_audit(tiny_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny run whose marked audit is still to do, and its config."""
     copy = tmp_path / "run"
-    shutil.copytree(cfg.run_dir, copy)
+    shutil.copytree(load_config(tiny_run).run_dir, copy)
     shutil.rmtree(copy / "audit-marked")
     tree = yaml.safe_load(tiny_run.read_text())
     tree["run_dir"] = str(copy)
     config = tmp_path / "copy.yaml"
     config.write_text(yaml.safe_dump(tree))
+    return copy, config
+
+
+def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Path) -> None:
+    """Three array tasks of the audit give the same losses as one process, each sample exactly once."""
+    from pipeline.dag import Task, run_task
+    from pipeline.store import StageError
+
+    cfg = load_config(tiny_run)
+    copy, config = _without_marked_audit(tiny_run, tmp_path)
     sharded = load_config(config)
     for shard in (2, 0, 1):
         run_task(sharded, Task("audit", "marked", shard=shard, num_shards=3))
@@ -114,18 +119,11 @@ def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Pat
 def test_audit_split_over_processes_scores_every_sample_once(tiny_run: Path, tmp_path: Path) -> None:
     """Two processes started by torchrun (as on two GPUs) each score their own users of each of the
     two shards; the merged losses equal the single-process audit's, with no sample counted twice."""
-    import shutil
     import subprocess
     import sys
 
     cfg = load_config(tiny_run)
-    copy = tmp_path / "run"
-    shutil.copytree(cfg.run_dir, copy)
-    shutil.rmtree(copy / "audit-marked")
-    tree = yaml.safe_load(tiny_run.read_text())
-    tree["run_dir"] = str(copy)
-    config = tmp_path / "copy.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    copy, config = _without_marked_audit(tiny_run, tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run([str(torchrun), "--nproc-per-node=2", "-m", "pipeline.cli", "audit", str(config),
                              "--arm", "marked", "--num-shards", "2"], capture_output=True, text=True, timeout=300)
