@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import ConfigError, MarkConfig, load_config
 from .dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
 from .images import ImageError
-from .launch import LAUNCHERS, launch
+from .launch import LAUNCHERS, launch, stderr_log_handler
 from .sources import DataSourceError
 from .store import StageError
 
@@ -122,8 +122,7 @@ def audit_own_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler = stderr_log_handler()
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:

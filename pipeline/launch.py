@@ -172,7 +172,8 @@ class StageJob:
             signal.signal(signal.SIGUSR2, _exit_now)
         os.environ.setdefault("MASTER_PORT", str(master_port(os.environ.get("SLURM_JOB_ID", "0"))))
         if not log.handlers:
-            _log_to_stderr()
+            log.addHandler(stderr_log_handler())
+            log.setLevel(logging.INFO)
         run_task(self.cfg, replace(self.task, shard=shard))
         return self.task.name
 
@@ -182,11 +183,11 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _log_to_stderr() -> None:
+def stderr_log_handler() -> logging.Handler:
+    """The pipeline's log lines on stderr with a time stamp, for the CLI and SLURM jobs alike."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    return handler
 
 
 def _jobs_record(cfg: RunConfig) -> Path:

@@ -193,9 +193,14 @@ def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:04d}-of-{num_shards:04d}.npz"
 
 
+def shard_record(name: str) -> str:
+    """The record written next to a finished shard file, holding the stage's config hash."""
+    return name.replace(".npz", ".json")
+
+
 def shard_done(stage: Stage, name: str) -> bool:
     """A shard is done when its file and a record holding this stage's config hash exist."""
-    record = stage.path(name.replace(".npz", ".json"))
+    record = stage.path(shard_record(name))
     return (record.exists() and stage.path(name).exists()
             and read_json(record).get("config_hash") == stage.config_hash)
 
@@ -220,6 +225,6 @@ def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
     for shard in only_shards if only_shards is not None else range(num_shards):
         if not shard_done(stage, names[shard]):
             write_shard(shard, stage.path(names[shard]))
-            write_json(stage.path(names[shard].replace(".npz", ".json")),
+            write_json(stage.path(shard_record(names[shard])),
                        {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
     return names if not missing_shards(stage, num_shards) else None

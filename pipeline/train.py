@@ -274,6 +274,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
             read_checkpoint(last)
         except StageError as exc:
             raise StageError(f"{exc}; delete it to train from the start") from None
+        log.info("train-%s: resuming from %s", arm, last)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
     best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1,
                            filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False)
@@ -284,8 +285,6 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
-    if last.exists():
-        log.info("train-%s: resuming from %s", arm, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     if wandb.enabled and trainer.global_rank == 0:  # Lightning leaves the run open; close it with the stage
         import wandb as wandb_sdk

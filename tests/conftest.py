@@ -18,6 +18,16 @@ def repo() -> Path:
     return REPO
 
 
+class Payload:
+    """Unpickling this runs `touch <path>`: a stand-in for what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
 def mtrack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The command line as a user runs it, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import Payload
 from PIL import Image
 
 from pipeline.cli import main
@@ -147,18 +148,6 @@ def test_owner_mark_accepts_unusual_images(mode: str, tmp_path: Path, capsys) ->
 
 
 # --- a data owner auditing a model ----------------------------------------------------------------
-
-class Payload:
-    """Unpickling this runs `touch <path>`: what a malicious checkpoint would do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.path}",)
-
 
 def _malicious(root: Path) -> Path:
     with open(root / "evil.pt", "wb") as fh:

@@ -3,25 +3,15 @@ are plain JSON, and manifests cannot name files outside their stage's folder."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
+from conftest import Payload
 
 from pipeline.models import load_weights
 from pipeline.owner import KEY_NAME, load_key
 from pipeline.store import Stage, StageError, file_sha256, write_json
-
-
-class Payload:
-    """Unpickling this creates a file: a stand-in for what a malicious checkpoint would do."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.path}",)
 
 
 def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None:
