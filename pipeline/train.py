@@ -158,6 +158,22 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class ResumableCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every n training steps and again at every epoch's end. The step save is skipped at
+    an epoch's last batch: it would precede the epoch's validation and epoch-end hooks, which a run
+    resumed from it does not re-run, so a run killed there would forget that epoch's best-validation
+    record and sample record."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.is_last_batch:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After validation (the best checkpoint is taken when it ends) and after the other callbacks'
+        # epoch-end hooks (Lightning runs checkpoint callbacks last); the write is atomic.
+        trainer.save_checkpoint(Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+
 class KeepLauncherSigterm(Callback):
     """Put back a SIGTERM handler that the process's launcher installed before training.
 
@@ -275,9 +291,12 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         except StageError as exc:
             raise StageError(f"{exc}; delete it to train from the start") from None
         log.info("train-%s: resuming from %s", arm, last)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps)
-    best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1,
-                           filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False)
+    # A resumed run rewrites the files it had written before the kill instead of versioning them.
+    checkpoint = ResumableCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                     enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1, save_on_train_epoch_end=False,
+                           filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False,
+                           enable_version_counter=False)
     callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,

@@ -101,3 +101,24 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
     if stage == "train":
         assert f"Restoring states from the checkpoint path at {last}" in (tmp_path / "train.log").read_text()
         assert read_json(out / "metrics.json")["global_step"] == EPOCHS * STEPS_PER_EPOCH
+
+
+def test_training_killed_after_validation_keeps_that_epochs_best_record(reference, tmp_path: Path) -> None:
+    """Killed right after epoch 0's validation wrote its best checkpoint (before or after that
+    epoch's closing `last.ckpt`), the resumed run still names epoch 0 as best, as the uninterrupted
+    run does: epoch 1 only ties it on the tiny task and a tie does not replace the best."""
+    ref_root, _ = reference
+    for upstream in STAGES[: STAGES.index("train")]:
+        shutil.copytree(_stage_dir(ref_root, upstream), _stage_dir(tmp_path, upstream))
+    proc = _start("train", tmp_path, tmp_path / "train-killed.log")
+    checkpoints = _stage_dir(tmp_path, "train") / "checkpoints"
+    while proc.poll() is None and not list(checkpoints.glob("best-0-*.ckpt")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _finish("train", tmp_path)
+    expected = read_json(_stage_dir(ref_root, "train") / "metrics.json")
+    assert expected["best_val_checkpoint"].startswith("best-0-")
+    assert read_json(_stage_dir(tmp_path, "train") / "metrics.json") == expected
+    assert _outputs(tmp_path, "train") == _outputs(ref_root, "train")
