@@ -47,6 +47,9 @@ class PlanConfig(_Strict):
     n_member_users: int = Field(10, ge=1)
     n_nonmember_users: int = Field(200, ge=1)
     samples_per_user: int = Field(10, ge=1)
+    # Classes member users are drawn from, in turn (single-target runs: one user, one class);
+    # empty: spread over all classes.
+    member_classes: tuple[int, ...] = ()
 
 
 class MarkConfig(_Strict):
@@ -69,6 +72,44 @@ class MarkConfig(_Strict):
             raise ValueError("pattern 'ood_image' needs exactly one of mark.ood_folder or mark.ood_dataset")
         if self.pattern != "ood_image" and sources:
             raise ValueError("mark.ood_folder / mark.ood_dataset are only used with pattern 'ood_image'")
+        return self
+
+
+class RandAugmentConfig(_Strict):
+    """torchvision's RandAugment on the training batches, drawn for every image or once per batch."""
+
+    num_ops: int = Field(2, ge=1)
+    magnitude: int = Field(9, ge=0, le=30)
+    per: Literal["sample", "batch"] = "sample"
+
+
+class DPConfig(_Strict):
+    """DP-SGD through Opacus: per-sample gradients clipped to max_grad_norm, Gaussian noise of
+    noise_multiplier x max_grad_norm; the epsilon spent at `delta` is reported with the metrics."""
+
+    noise_multiplier: float = Field(1.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+
+class DefenseConfig(_Strict):
+    """Countermeasures a model trainer could apply against the audit; all off by default.
+    (Label smoothing is `train.label_smoothing`.)"""
+
+    jpeg_quality: int | None = Field(None, ge=1, le=100)  # every training image JPEG re-encoded at this quality
+    randaugment: RandAugmentConfig | None = None
+    mix: Literal["mixup", "cutmix"] | None = None  # per-batch MixUp/CutMix with soft labels
+    mix_alpha: float = Field(1.0, gt=0.0)  # Beta(alpha, alpha) mixing coefficient
+    early_stopping_patience: int | None = Field(None, ge=1)  # validations without a better val_acc before stopping
+    outlier_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of each class dropped as outliers before training
+    prune_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # smallest-magnitude weights zeroed (global, conv + linear)
+    finetune_epochs: int = Field(0, ge=0)  # the pruned model is fine-tuned for the last this-many epochs
+    dp: DPConfig | None = None
+
+    @model_validator(mode="after")
+    def _pruning(self) -> "DefenseConfig":
+        if self.finetune_epochs and not self.prune_fraction:
+            raise ValueError("train.defense.finetune_epochs fine-tunes after pruning; set prune_fraction")
         return self
 
 
@@ -112,6 +153,7 @@ class TrainConfig(_Strict):
     arms: tuple[Literal["marked", "control"], ...] = ("marked", "control")
     checkpoint_every_n_steps: int = Field(500, ge=1)
     record_samples: bool = False  # save the sample ids each rank trained on, per epoch (seen/ in the stage)
+    defense: DefenseConfig = DefenseConfig()
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainConfig":
@@ -123,6 +165,8 @@ class TrainConfig(_Strict):
             raise ValueError("train.min_resolution needs train.resolution at least as large")
         if self.resize_epochs[0] > self.resize_epochs[1]:
             raise ValueError("train.resize_epochs: the first epoch must not come after the second")
+        if self.defense.finetune_epochs >= self.epochs:
+            raise ValueError("train.defense.finetune_epochs must be fewer than train.epochs")
         return self
 
 
@@ -208,8 +252,11 @@ class RunConfig(_Strict):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (and the seed): what a stage's outputs depend on."""
-        payload = {"seed": self.seed, **{s: getattr(self, s).model_dump(mode="json") for s in sections}}
+        """Stable hash of the named sections (and the seed): what a stage's outputs depend on. Keys
+        at their default value are left out, so a new option (whose default keeps the old behaviour)
+        does not invalidate finished runs."""
+        payload = {"seed": self.seed, **{s: getattr(self, s).model_dump(mode="json", exclude_defaults=True)
+                                         for s in sections}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .launch import launch
 from .store import read_json, write_json, write_text
 
@@ -104,13 +104,21 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
     path = Path(path)
     table = load_table(path)
     base = str((path.parent / table.base).resolve())
-    rows = []
-    for row in table.rows:
+    runs = []
+    for row in table.rows:  # every row's config is checked before the first one runs
         settings = {**table.set, **row.set}
         folder = run_folder(base, settings)
-        paths = {"run_dir": folder, "results_dir": f"{folder}/results"}
-        launch(base, [f"{key}={json.dumps(value)}" for key, value in {**settings, **paths}.items()], launcher)
-        metrics = read_json(Path(paths["results_dir"]) / "metrics.json")
+        overrides = [f"{key}={json.dumps(value)}" for key, value in
+                     {**settings, "run_dir": folder, "results_dir": f"{folder}/results"}.items()]
+        try:
+            load_config(base, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: row '{row.name}': {exc}") from None
+        runs.append((row, folder, overrides))
+    rows = []
+    for row, folder, overrides in runs:
+        launch(base, overrides, launcher)
+        metrics = read_json(Path(folder) / "results" / "metrics.json")
         rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics)})
     out = results / table.table
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,

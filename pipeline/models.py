@@ -121,6 +121,19 @@ class Normalized(nn.Module):
         return self.net((images.float() - self.mean) / self.std)
 
 
+def dp_compatible(net: nn.Module) -> nn.Module:
+    """The network with per-sample gradients possible (DP-SGD): BatchNorm mixes the samples of a
+    batch, so Opacus swaps it for GroupNorm, and in-place activations would overwrite what its
+    backward hooks hold."""
+    from opacus.validators import ModuleValidator
+
+    net = ModuleValidator.fix(net)
+    for module in net.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return net
+
+
 def save_weights(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> None:
     """Plain tensors plus JSON metadata: loadable with `torch.load(weights_only=True)`. Saved through a
     file object, so the archive is not named after the temporary file: equal weights, equal bytes."""
@@ -149,7 +162,8 @@ def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     blob = read_checkpoint(path)
     try:
         meta = json.loads(blob["meta"])
-        model = Normalized(build_model(meta["arch"], meta["num_classes"], meta["width"]), meta["mean"], meta["std"])
+        net = build_model(meta["arch"], meta["num_classes"], meta["width"])
+        model = Normalized(dp_compatible(net) if meta.get("group_norm") else net, meta["mean"], meta["std"])
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError, ValueError, StageError) as exc:
         raise StageError(f"{path}: not a usable checkpoint ({str(exc).splitlines()[0]})") from None

@@ -23,19 +23,22 @@ def child_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _assign_classes(n_users: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Spread users over classes as evenly as possible, in a seeded random order."""
+def _assign_classes(n_users: int, n_classes: int, rng: np.random.Generator, only: tuple[int, ...] = ()) -> np.ndarray:
+    """Spread users over classes (or over `only`, in that order) as evenly as possible, in a seeded
+    random order."""
+    if only:
+        return np.resize(np.array(only), n_users)
     classes = np.concatenate([rng.permutation(n_classes) for _ in range(-(-n_users // n_classes))])
     return classes[:n_users]
 
 
 def _draw_users(
     role: str, first_id: int, n_users: int, pool: np.ndarray, labels: np.ndarray, k: int,
-    n_classes: int, rng: np.random.Generator, seed: int,
+    n_classes: int, rng: np.random.Generator, seed: int, only: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     users = []
     available = {c: list(rng.permutation(pool[labels[pool] == c])) for c in range(n_classes)}
-    for offset, cls in enumerate(_assign_classes(n_users, n_classes, rng)):
+    for offset, cls in enumerate(_assign_classes(n_users, n_classes, rng, only)):
         cls = int(cls)
         if len(available[cls]) < k:
             raise StageError(
@@ -64,7 +67,10 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
     order = rng.permutation(n_total)
     train_ids, heldout_ids = np.sort(order[: cfg.data.n_train]), np.sort(order[cfg.data.n_train :])
     k, labels, n_classes = cfg.plan.samples_per_user, data.train_labels, data.num_classes
-    members = _draw_users(MEMBER, 0, cfg.plan.n_member_users, train_ids, labels, k, n_classes, rng, cfg.seed)
+    if any(not 0 <= c < n_classes for c in cfg.plan.member_classes):
+        raise StageError(f"plan.member_classes {list(cfg.plan.member_classes)}: {data.name} has classes 0..{n_classes - 1}")
+    members = _draw_users(MEMBER, 0, cfg.plan.n_member_users, train_ids, labels, k, n_classes, rng, cfg.seed,
+                          cfg.plan.member_classes)
     nonmembers = _draw_users(
         NONMEMBER, len(members), cfg.plan.n_nonmember_users, heldout_ids, labels, k, n_classes, rng, cfg.seed
     )

@@ -17,13 +17,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
-from .models import Normalized, build_model, load_pretrained, read_checkpoint, save_weights
+from .defenses import MagnitudePruning, batch_transforms, dp_epsilon, make_private, select_inliers, sparsity, summary
+from .models import Normalized, build_model, load_pretrained, read_checkpoint, save_weights, dp_compatible
 from .store import Stage, StageError, atomic_path, write_json
 from .torchdata import TorchBetonLoader, make_torch_loader
 
@@ -39,9 +40,10 @@ def eval_resolution(cfg: TrainConfig) -> int | None:
 class BetonData(L.LightningDataModule):
     """Train/validation loaders built inside the hooks, so each DDP rank gets its own shard."""
 
-    def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int) -> None:
+    def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int,
+                 indices: np.ndarray | None = None) -> None:
         super().__init__()
-        self.train_path, self.val_path, self.cfg, self.seed = train_path, val_path, cfg, seed
+        self.train_path, self.val_path, self.cfg, self.seed, self.indices = train_path, val_path, cfg, seed, indices
         self.train_loader: BetonLoader | TorchBetonLoader | None = None
         self.resume_position: dict[str, int] | None = None
 
@@ -53,7 +55,7 @@ class BetonData(L.LightningDataModule):
         self.train_loader = LOADERS[c.loader](
             self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
             translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
-            resolution=c.resolution,
+            resolution=c.resolution, indices=self.indices,
         )
         if self.resume_position is not None:
             self.train_loader.load_state_dict(self.resume_position)
@@ -113,9 +115,13 @@ class Classifier(L.LightningModule):
         net = build_model(arch, num_classes, width)
         if self.cfg.init_weights:
             load_pretrained(net, self.cfg.init_weights)
+        if self.cfg.defense.dp is not None:
+            net = dp_compatible(net)
         self.model = Normalized(net, tuple(mean), tuple(std))
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_transforms = batch_transforms(self.cfg.defense, num_classes)
+        self.grad_samples: list[Any] = []  # DP-SGD's per-sample-gradient wrapper, kept alive (not a submodule)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -129,8 +135,13 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
+        targets = labels
+        for transform in self.batch_transforms:
+            images, targets = transform(images, targets)
+        if self.batch_transforms and self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(1) == labels).float().mean()
         self.log_dict({"train_loss": loss, "train_acc": acc}, on_step=False, on_epoch=True, sync_dist=True)
         return loss
@@ -150,6 +161,9 @@ class Classifier(L.LightningModule):
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = OPTIMIZERS[c.optimizer](
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c)
+        if c.defense.dp is not None:
+            wrapper, opt = make_private(self.model, opt, c.defense.dp, c.batch_size)
+            self.grad_samples = [wrapper]
         total = self.trainer.estimated_stepping_batches
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
@@ -224,6 +238,8 @@ def resolve_precision(cfg: TrainConfig) -> str:
     (AVX512-BF16/AMX, about 2.5x faster here), fp16 on older GPUs, else fp32."""
     if cfg.precision != "auto":
         return cfg.precision
+    if cfg.defense.dp is not None:  # per-sample gradients in full precision
+        return "32-true"
     if cfg.accelerator != "cpu" and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
@@ -282,7 +298,13 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     L.seed_everything(seed, workers=True, verbose=False)
     train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
-    data = BetonData(train_path, test_path, cfg, seed)
+    defense, extra = cfg.defense, {}
+    indices = None
+    if defense.outlier_fraction:
+        scan = LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
+        indices = select_inliers(scan, defense.outlier_fraction, stage.path("outliers.json"))
+        extra["outliers"] = summary(stage.path("outliers.json"))
+    data = BetonData(train_path, test_path, cfg, seed, indices)
     ckpt_dir = stage.path("checkpoints")
     last = ckpt_dir / "last.ckpt"
     if last.exists():  # one clear line, rather than a traceback from inside fit, if it cannot be resumed
@@ -298,10 +320,14 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
                            filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False,
                            enable_version_counter=False)
     callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
+    if defense.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=defense.early_stopping_patience))
+    if defense.prune_fraction:
+        callbacks.append(MagnitudePruning(defense.prune_fraction, cfg.epochs - defense.finetune_epochs))
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
-        callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
@@ -312,7 +338,16 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     if trainer.global_rank != 0:
         return
     device = module.device
-    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm}
+    if defense.early_stopping_patience is not None:  # the released model is the best one on held-out data
+        module.load_state_dict(read_checkpoint(Path(best.best_model_path))["state_dict"])
+        extra["stopped_epoch"] = trainer.current_epoch
+    if defense.prune_fraction:
+        extra["sparsity"] = sparsity(module.model)
+    if defense.dp is not None:
+        sample_rate = cfg.batch_size * trainer.world_size / cast(Any, data.train_loader).num_samples
+        extra["dp_epsilon"] = dp_epsilon(defense.dp, min(sample_rate, 1.0), trainer.global_step)
+    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm,
+            **({"group_norm": True} if defense.dp is not None else {})}
     save_weights(module.model, meta, stage.path("model.pt"))
     res = eval_resolution(cfg)
     train_loss, train_acc = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
@@ -325,6 +360,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         "global_step": trainer.global_step,
         "best_val_checkpoint": Path(best.best_model_path).name if best.best_model_path else None,
         "best_val_accuracy": float(best.best_model_score) if best.best_model_score is not None else None,
+        **extra,
     }
     if not math.isfinite(train_loss):
         raise StageError(f"train-{arm}: training diverged (train loss {train_loss}); lower train.lr")

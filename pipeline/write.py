@@ -1,7 +1,8 @@
 """Stage `write`: the FFCV datasets every later stage reads.
 
 - `train_marked.beton`: the training subset with each member user's images replaced by their
-  marked versions (what a model trained on the owners' published data sees);
+  marked versions (what a model trained on the owners' published data sees), each record with
+  its user id (-1 for unmarked images), so training can report what happened to marked images;
 - `train_clean.beton`: the same subset unmarked, for the control model;
 - `test.beton`: the test split, for accuracy;
 - `audit.beton`: every marked member and non-member image with its user id.
@@ -29,10 +30,13 @@ STATS_IMAGES, STATS_CHUNK = 10_000, 256  # the pixel mean/std come from at most 
 
 class TrainingImages:
     """The training subset as the writer streams it: record i is source image `train_ids[i]`, or its
-    marked copy for a member user's sample. Nothing is decoded before the writer asks for it."""
+    marked copy for a member user's sample (`users[i]` is that user's id, else -1). Nothing is
+    decoded before the writer asks for it."""
 
-    def __init__(self, source: ImageArray, train_ids: np.ndarray, replaced: dict[int, np.ndarray]) -> None:
+    def __init__(self, source: ImageArray, train_ids: np.ndarray, replaced: dict[int, np.ndarray],
+                 users: np.ndarray | None = None) -> None:
         self.source, self.train_ids, self.replaced = source, train_ids, replaced
+        self.users = np.full(len(train_ids), -1, np.int64) if users is None else users
 
     def __len__(self) -> int:
         return len(self.train_ids)
@@ -46,13 +50,14 @@ def marked_training_set(
 ) -> TrainingImages:
     """The training images with every member user's samples swapped for their marked copies."""
     position = {int(sid): i for i, sid in enumerate(train_ids)}
-    replaced = {}
+    replaced, users = {}, np.full(len(train_ids), -1, np.int64)
     for row, (uid, sid) in enumerate(zip(marked["user_ids"], marked["sample_ids"])):
         if int(uid) in member_ids:
             if int(sid) not in position:
                 raise StageError(f"write: member sample {int(sid)} of user {int(uid)} is not in the training subset")
             replaced[position[int(sid)]] = marked["images"][row]
-    return TrainingImages(source, train_ids, replaced)
+            users[position[int(sid)]] = int(uid)
+    return TrainingImages(source, train_ids, replaced, users)
 
 
 def pixel_stats(images: ImageArray, ids: np.ndarray) -> tuple[list[float], list[float]]:
@@ -80,9 +85,10 @@ def run_write(
     train_source = data.train_images if d.max_resolution is None else full_resolution(data.train_images)
     test_source = data.test_images if d.max_resolution is None else full_resolution(data.test_images)
     with_marks = marked_training_set(train_source, train_ids, marked, member_ids)
-    is_marked = np.isin(np.arange(len(train_ids)), list(with_marks.replaced))
+    is_marked = with_marks.users >= 0
     options = {"num_workers": cfg.train.num_workers, "clean": clean}
-    write_beton(stage.path("train_marked.beton"), with_marks, labels, train_ids, lossless=is_marked, **options)
+    write_beton(stage.path("train_marked.beton"), with_marks, labels, train_ids, with_marks.users, lossless=is_marked,
+                **options)
     write_beton(stage.path("train_clean.beton"), TrainingImages(train_source, train_ids, {}), labels, train_ids,
                 **options)
     n_test = len(data.test_labels)
