@@ -7,6 +7,7 @@ early stopping and DP-SGD act on the model and its optimizer.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from PIL import Image
 from torch import nn
-from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
 from .config import DefenseConfig, DPConfig, RandAugmentConfig
@@ -28,10 +29,14 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 
 def reencode_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Every image through a JPEG encode and decode at `quality`, on the CPU as a data pipeline
-    would do it. Deterministic, so re-encoding each batch equals re-encoding the training set once."""
-    encoded = encode_jpeg([image.contiguous() for image in images.cpu()], quality=quality)
-    return torch.stack(decode_jpeg(encoded)).to(images.device)
+    """Every image through a JPEG encode and decode at `quality` (Pillow, as a data pipeline would
+    do it). Deterministic, so re-encoding each batch equals re-encoding the training set once."""
+    out = []
+    for image in images.cpu().permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image.squeeze(2) if image.shape[2] == 1 else image).save(buffer, "JPEG", quality=quality)
+        out.append(np.asarray(Image.open(buffer)).reshape(image.shape))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device)
 
 
 def randaugment(images: torch.Tensor, cfg: RandAugmentConfig) -> torch.Tensor:
@@ -119,21 +124,21 @@ class MagnitudePruning(Callback):
                 weight = modules[name].weight
                 weight.mul_(mask.to(weight.device))
 
-    def _prune(self, module: L.LightningModule) -> None:
+    def prune(self, module: L.LightningModule) -> None:
         if not self.masks:
             self.masks = magnitude_masks(module.model, self.fraction)
         self._apply(module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch >= self.start_epoch:
-            self._prune(pl_module)
+            self.prune(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.masks:  # the optimizer step moved the pruned weights: put them back to zero
             self._apply(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._prune(pl_module)
+        self.prune(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": self.masks}

@@ -322,8 +322,8 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
     if defense.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=defense.early_stopping_patience))
-    if defense.prune_fraction:
-        callbacks.append(MagnitudePruning(defense.prune_fraction, cfg.epochs - defense.finetune_epochs))
+    pruning = MagnitudePruning(defense.prune_fraction, cfg.epochs - defense.finetune_epochs) if defense.prune_fraction else None
+    callbacks += [pruning] if pruning is not None else []
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
@@ -341,7 +341,8 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     if defense.early_stopping_patience is not None:  # the released model is the best one on held-out data
         module.load_state_dict(read_checkpoint(Path(best.best_model_path))["state_dict"])
         extra["stopped_epoch"] = trainer.current_epoch
-    if defense.prune_fraction:
+    if pruning is not None:  # the released model is pruned, whichever checkpoint it comes from
+        pruning.prune(module)
         extra["sparsity"] = sparsity(module.model)
     if defense.dp is not None:
         sample_rate = cfg.batch_size * trainer.world_size / cast(Any, data.train_loader).num_samples

@@ -52,3 +52,15 @@ def test_plan_is_deterministic_for_a_seed(data) -> None:
 def test_class_too_small_is_a_clear_error(data) -> None:
     with pytest.raises(StageError, match="samples_per_user"):
         make_plan(_cfg(n_nonmember_users=200, samples_per_user=60), data)
+
+
+def test_member_classes_pin_members_to_target_classes(data) -> None:
+    body, _ = make_plan(_cfg(n_member_users=1, member_classes=(3,)), data)
+    members = [u for u in body["users"] if u["role"] == "member"]
+    assert [u["class"] for u in members] == [3]
+    nonmember_classes = {u["class"] for u in body["users"] if u["role"] == "nonmember"}
+    assert nonmember_classes == {0, 1, 2, 3}, "non-members still come from every class"
+    body, _ = make_plan(_cfg(n_member_users=4, member_classes=(1, 2)), data)
+    assert [u["class"] for u in body["users"] if u["role"] == "member"] == [1, 2, 1, 2]
+    with pytest.raises(StageError, match=r"plan.member_classes \[4\].*0..3"):
+        make_plan(_cfg(member_classes=(4,)), data)
