@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .config import ConfigError, load_config
 from .launch import launch
@@ -35,6 +35,15 @@ class Table(_Strict):
     claim: str  # what the paper says this table should show
     set: dict[str, Any] = {}
     rows: list[Row]
+    averages: dict[str, list[str]] = {}  # name -> rows averaged into one line (e.g. repeated runs)
+
+    @model_validator(mode="after")
+    def _averaged_rows_exist(self) -> "Table":
+        names = {row.name for row in self.rows}
+        for name, members in self.averages.items():
+            if missing := [m for m in members if m not in names]:
+                raise ValueError(f"averages '{name}': no row named {missing[0]!r}")
+        return self
 
 
 def load_table(path: Path) -> Table:
@@ -71,13 +80,45 @@ def row_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def defense_notes(training: dict[str, Any]) -> str:
+    """What a countermeasure did, from the train stage's metrics (empty when none was on)."""
+    notes = []
+    if "dp_epsilon" in training:
+        notes.append(f"DP epsilon {training['dp_epsilon']:.3g}")
+    if "sparsity" in training:
+        notes.append(f"{100 * training['sparsity']:.0f}% of weights zero")
+    if "outliers" in training:
+        o = training["outliers"]
+        notes.append(f"filter dropped {o['dropped']} images, {o['marked_dropped']} of {o['marked']} marked")
+    if "stopped_epoch" in training:
+        notes.append(f"stopped after {training['stopped_epoch']} epochs")
+    return "; ".join(notes)
+
+
+AVERAGED = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_0", "largest_member_p_value", "test_accuracy")
+
+
+def averages(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Means of the table's averaged row groups (e.g. single-target runs over target classes)."""
+    by_name = {row["name"]: row for row in rows}
+    return [{"name": name, "rows": len(members),
+             **{key: sum(by_name[m][key] for m in members) / len(members) for key in AVERAGED}}
+            for name, members in table.averages.items()]
+
+
 def markdown(table: Table, rows: list[dict[str, Any]]) -> str:
     head = ("| variant | AUC | FPR @ 100% TPR | TPR @ FPR 0 (95% CI) | max member p | instance AUC | "
-            "train loss | test acc | PSNR dB |\n|---|---|---|---|---|---|---|---|---|\n")
+            "train loss | test acc | PSNR dB | notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['name']} | {r['auc']:.3f} | {r['fpr_at_tpr_1']:.3f} | {r['tpr_at_fpr_0']:.2f} "
              f"({r['tpr_at_fpr_0_interval'][0]:.2f}–{r['tpr_at_fpr_0_interval'][1]:.2f}) | "
              f"{r['largest_member_p_value']:.3g} | {r['instance_auc']:.3f} | {r['train_loss']:.2g} | "
-             f"{r['test_accuracy']:.3f} | {r['psnr']:.1f} |" for r in rows]
+             f"{r['test_accuracy']:.3f} | {r['psnr']:.1f} | {r.get('notes', '')} |" for r in rows]
+    means = averages(table, rows)
+    if means:
+        lines += ["", "| mean over | runs | AUC | FPR @ 100% TPR | TPR @ FPR 0 | max member p | test acc |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {m['name']} | {m['rows']} | {m['auc']:.3f} | {m['fpr_at_tpr_1']:.3f} | {m['tpr_at_fpr_0']:.2f} | "
+                  f"{m['largest_member_p_value']:.3g} | {m['test_accuracy']:.3f} |" for m in means]
     return (f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
             "set-based audit of the marked model (M non-member users, smallest possible p-value "
             f"{rows[0]['smallest_possible_p_value']:.3g}). Regenerate: `mtrack experiments "
@@ -95,7 +136,10 @@ def update_overview(results: Path, table: Table, rows: list[dict[str, Any]]) -> 
     entries[table.title] = f"{table.title}\n\nPaper: {table.claim}. Ours ([table]({table.table}/README.md)):\n\n" + "\n".join(
         f"- {r['name']}: AUC {r['auc']:.3f}, FPR @ 100% TPR {r['fpr_at_tpr_1']:.3f}, TPR @ FPR 0 "
         f"{r['tpr_at_fpr_0']:.2f}, largest member p {r['largest_member_p_value']:.3g}, test accuracy "
-        f"{r['test_accuracy']:.3f}" for r in rows) + "\n"
+        f"{r['test_accuracy']:.3f}" + (f" ({r['notes']})" if r.get("notes") else "") for r in rows) + "\n"
+    entries[table.title] += "".join(
+        f"- mean over {m['name']} ({m['rows']} runs): AUC {m['auc']:.3f}, FPR @ 100% TPR {m['fpr_at_tpr_1']:.3f}, "
+        f"TPR @ FPR 0 {m['tpr_at_fpr_0']:.2f}\n" for m in averages(table, rows))
     write_text(readme, header + "".join(f"\n## {entries[title]}" for title in sorted(entries)))
 
 
@@ -119,10 +163,11 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
     for row, folder, overrides in runs:
         launch(base, overrides, launcher)
         metrics = read_json(Path(folder) / "results" / "metrics.json")
-        rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics)})
+        notes = defense_notes(read_json(Path(folder) / "train-marked" / "metrics.json"))
+        rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics), "notes": notes})
     out = results / table.table
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,
-                                      "set": table.set, "rows": rows})
+                                      "set": table.set, "rows": rows, "averages": averages(table, rows)})
     write_text(out / "README.md", markdown(table, rows))
     update_overview(results, table, rows)
     return rows
