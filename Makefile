@@ -28,7 +28,7 @@ bench: $(SETUP)
 	@echo "benchmarks written under results/bench/ and results/marking/"
 
 experiments: $(SETUP)  # every table under configs/experiments/ -> results/<table>/ and results/README.md
-	$(PY) -m pipeline.cli experiments configs/experiments/*.yaml
+	$(PY) -m pipeline.cli experiments configs/experiments/*.yaml $(if $(BASE),--base $(BASE))
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiments = sub.add_parser("experiments", help="run experiment tables (configs/experiments/*.yaml)")
     experiments.add_argument("tables", nargs="+", help="experiment table YAML files")
     experiments.add_argument("--launcher", choices=LAUNCHERS.names(), default="local")
+    experiments.add_argument("--base", help="run the tables on this run config instead of their own "
+                             "(e.g. configs/cifar10.yaml); results go to results/<table>-<config name>/")
     special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
                "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
     for stage in RUNNERS:
@@ -137,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from .experiments import run_table
 
             for table in args.tables:
-                run_table(table, args.launcher)
+                run_table(table, args.launcher, base=args.base)
         elif args.command == "run":
             launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "mark" and Path(args.config).is_dir():

@@ -143,11 +143,24 @@ def update_overview(results: Path, table: Table, rows: list[dict[str, Any]]) -> 
     write_text(readme, header + "".join(f"\n## {entries[title]}" for title in sorted(entries)))
 
 
-def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results")) -> list[dict[str, Any]]:
-    """Run every row of a table (finished rows are skipped by the stages themselves) and write it."""
+def on_base(table: Table, base: str) -> Table:
+    """The table run on another base config (CIFAR, ImageNet): its own results folder, and its title's
+    trailing parenthetical (the default setting) replaced by the base config's name."""
+    name = load_config(base).name
+    return table.model_copy(update={"table": f"{table.table}-{Path(base).stem}", "base": base,
+                                    "title": f"{table.title.split(' (')[0]} ({name})"})
+
+
+def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results"),
+              base: str | None = None) -> list[dict[str, Any]]:
+    """Run every row of a table (finished rows are skipped by the stages themselves) and write it;
+    with `base`, on that run config instead of the table's."""
     path = Path(path)
     table = load_table(path)
-    base = str((path.parent / table.base).resolve())
+    base_file = path.parent / table.base
+    if base is not None:
+        table, base_file = on_base(table, base), Path(base)
+    base = str(base_file.resolve())
     runs = []
     for row in table.rows:  # every row's config is checked before the first one runs
         settings = {**table.set, **row.set}

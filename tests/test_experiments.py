@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.experiments import defense_notes, load_table, run_table
+from pipeline.experiments import defense_notes, load_table, on_base, run_table
 
 
 def _table(folder: Path, repo: Path, **changes: object) -> Path:
@@ -74,3 +74,10 @@ def test_defense_notes_say_what_each_countermeasure_did() -> None:
                            "outliers": {"dropped": 100, "marked": 100, "marked_dropped": 37}})
     assert notes == ("DP epsilon 7.12; 50% of weights zero; filter dropped 100 images, 37 of 100 marked; "
                      "stopped after 12 epochs")
+
+
+def test_a_table_runs_on_another_base_config_into_its_own_folder(tmp_path: Path, repo: Path) -> None:
+    table = load_table(_table(tmp_path, repo, title="Tiny ablation (default setting)"))
+    other = on_base(table, str(repo / "configs" / "cifar10.yaml"))
+    assert other.table == "tiny-ablation-cifar10" and other.title == "Tiny ablation (cifar10 wrn28-4)"
+    assert other.rows == table.rows and other.set == table.set
