@@ -167,6 +167,9 @@ class TrainConfig(_Strict):
             raise ValueError("train.resize_epochs: the first epoch must not come after the second")
         if self.defense.finetune_epochs >= self.epochs:
             raise ValueError("train.defense.finetune_epochs must be fewer than train.epochs")
+        if self.defense.dp is not None and (self.devices != 1 or self.num_nodes != 1):
+            # DDP would average raw gradients that DP-SGD then overwrites with each rank's own noisy ones
+            raise ValueError("train.defense.dp trains on one device: set train.devices 1 and train.num_nodes 1")
         return self
 
 

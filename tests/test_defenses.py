@@ -102,6 +102,8 @@ def test_defense_options_are_checked() -> None:
         DefenseConfig(finetune_epochs=2)
     with pytest.raises(ValidationError, match="fewer than train.epochs"):
         TrainConfig(epochs=3, defense=DefenseConfig(prune_fraction=0.5, finetune_epochs=3))
+    with pytest.raises(ValidationError, match="dp trains on one device"):
+        TrainConfig(devices=2, defense=DefenseConfig(dp=DPConfig()))
 
 
 def _train_and_audit(tiny_run: Path, tmp_path: Path, defense: dict) -> tuple[dict, dict]:
