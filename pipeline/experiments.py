@@ -69,6 +69,7 @@ def row_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "auc": metrics["set_based"]["auc"],
         "fpr_at_tpr_1": metrics["set_based"]["fpr_at_tpr_1"],
+        "fpr_at_tpr_1_interval": stats["fpr_at_tpr_1"]["interval"],
         "tpr_at_fpr_0": stats["tpr_at_fpr_0"]["value"],
         "tpr_at_fpr_0_interval": stats["tpr_at_fpr_0"]["interval"],
         "largest_member_p_value": max(stats["member_p_values"]),
@@ -107,9 +108,10 @@ def averages(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(table: Table, rows: list[dict[str, Any]]) -> str:
-    head = ("| variant | AUC | FPR @ 100% TPR | TPR @ FPR 0 (95% CI) | max member p | instance AUC | "
+    head = ("| variant | AUC | FPR @ 100% TPR (95% CI) | TPR @ FPR 0 (95% CI) | max member p | instance AUC | "
             "train loss | test acc | PSNR dB | notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['name']} | {r['auc']:.3f} | {r['fpr_at_tpr_1']:.3f} | {r['tpr_at_fpr_0']:.2f} "
+    lines = [f"| {r['name']} | {r['auc']:.3f} | {r['fpr_at_tpr_1']:.3f} ({r['fpr_at_tpr_1_interval'][0]:.3f}–"
+             f"{r['fpr_at_tpr_1_interval'][1]:.3f}) | {r['tpr_at_fpr_0']:.2f} "
              f"({r['tpr_at_fpr_0_interval'][0]:.2f}–{r['tpr_at_fpr_0_interval'][1]:.2f}) | "
              f"{r['largest_member_p_value']:.3g} | {r['instance_auc']:.3f} | {r['train_loss']:.2g} | "
              f"{r['test_accuracy']:.3f} | {r['psnr']:.1f} | {r.get('notes', '')} |" for r in rows]
