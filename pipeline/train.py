@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
 from .defenses import MagnitudePruning, batch_transforms, dp_epsilon, make_private, select_inliers, sparsity, summary
-from .models import Normalized, build_model, load_pretrained, read_checkpoint, save_weights, dp_compatible
+from .models import Normalized, build_model, dp_compatible, load_pretrained, read_checkpoint, save_weights
 from .store import Stage, StageError, atomic_path, write_json
 from .torchdata import TorchBetonLoader, make_torch_loader
 
@@ -298,8 +298,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     L.seed_everything(seed, workers=True, verbose=False)
     train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
-    defense, extra = cfg.defense, {}
-    indices = None
+    defense, extra, indices = cfg.defense, {}, None
     if defense.outlier_fraction:
         scan = LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
         indices = select_inliers(scan, defense.outlier_fraction, stage.path("outliers.json"))
@@ -327,7 +326,8 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
-        callbacks=callbacks, plugins=cluster_plugins(), check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=cluster_plugins(), num_sanity_val_steps=0,
+        check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every,  # early stopping watches every epoch
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
