@@ -245,7 +245,6 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
-@torch.no_grad()
 def resolution_at(cfg: TrainConfig, epoch: int) -> int:
     """Training crop size at `epoch` under progressive resizing: min_resolution until the first of
     resize_epochs, then linearly up to `resolution` at the second, rounded down to a multiple of 32
@@ -264,6 +263,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) ->
     return (logits + model(images.flip(3)).float()) / 2 if flip else logits
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, flip: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` in eval mode over every sample of `loader`."""
     model.eval().to(device)
