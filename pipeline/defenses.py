@@ -8,7 +8,6 @@ early stopping and DP-SGD act on the model and its optimizer.
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -75,10 +74,11 @@ def outlier_scores(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return scores
 
 
-def select_inliers(loader: Iterable[tuple[torch.Tensor, ...]], fraction: float, record: Path) -> np.ndarray:
+def select_inliers(loader: Iterable[tuple[torch.Tensor, ...]], fraction: float,
+                   record: Path) -> tuple[np.ndarray, dict[str, int]]:
     """Positions (in the training file) of the images kept after dropping the `fraction` of each
-    class that looks most unusual, judged on 8x8 average-pooled pixels. What was dropped, and how
-    many of the marked images were among it, is written to `record`."""
+    class that looks most unusual, judged on 8x8 average-pooled pixels, and counts of what was
+    dropped (how many marked images among it); `record` also lists the dropped sample ids."""
     features, labels, samples, users = [], [], [], []
     for images, label, sample, user in loader:
         features.append(F.adaptive_avg_pool2d(images.float(), 8).flatten(1).numpy())
@@ -91,17 +91,20 @@ def select_inliers(loader: Iterable[tuple[torch.Tensor, ...]], fraction: float, 
         rows = np.flatnonzero(label_arr == cls)
         dropped[rows[np.argsort(-scores[rows], kind="stable")[: math.ceil(fraction * len(rows))]]] = True
     marked = user_arr >= 0
-    write_json(record, {"fraction": fraction, "dropped": int(dropped.sum()), "marked": int(marked.sum()),
-                        "marked_dropped": int((dropped & marked).sum()),
-                        "dropped_sample_ids": sorted(int(i) for i in sample_arr[dropped])})
-    return np.flatnonzero(~dropped)
+    counts = {"dropped": int(dropped.sum()), "marked": int(marked.sum()), "marked_dropped": int((dropped & marked).sum())}
+    write_json(record, {"fraction": fraction, **counts, "dropped_sample_ids": sorted(int(i) for i in sample_arr[dropped])})
+    return np.flatnonzero(~dropped), counts
+
+
+def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The conv and linear weights, by module name: what pruning acts on."""
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
 
 
 def magnitude_masks(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
     """Masks keeping all but the `fraction` smallest-magnitude conv and linear weights, under one
     threshold shared by all layers (global magnitude pruning)."""
-    weights = {name: module.weight.detach() for name, module in model.named_modules()
-               if isinstance(module, (nn.Conv2d, nn.Linear))}
+    weights = {name: w.detach() for name, w in prunable_weights(model).items()}
     magnitudes = torch.cat([w.abs().flatten().float() for w in weights.values()])
     k = int(fraction * magnitudes.numel())
     threshold = magnitudes.kthvalue(k).values if k > 0 else magnitudes.new_tensor(-1.0)
@@ -118,11 +121,10 @@ class MagnitudePruning(Callback):
         self.masks: dict[str, torch.Tensor] = {}
 
     def _apply(self, module: L.LightningModule) -> None:
-        modules = dict(module.model.named_modules())
+        weights = prunable_weights(module.model)
         with torch.no_grad():
             for name, mask in self.masks.items():
-                weight = modules[name].weight
-                weight.mul_(mask.to(weight.device))
+                weights[name].mul_(mask.to(weights[name].device))
 
     def prune(self, module: L.LightningModule) -> None:
         if not self.masks:
@@ -149,7 +151,7 @@ class MagnitudePruning(Callback):
 
 def sparsity(model: nn.Module) -> float:
     """Share of conv and linear weights that are exactly zero."""
-    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weights = prunable_weights(model).values()
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
 
 
@@ -176,8 +178,3 @@ def dp_epsilon(cfg: DPConfig, sample_rate: float, steps: int) -> float:
     accountant.history = [(cfg.noise_multiplier, sample_rate, steps)]
     return float(accountant.get_epsilon(cfg.delta))
 
-
-def summary(record: Path) -> dict[str, Any]:
-    """The outlier record's counts, for the stage's metrics."""
-    data = json.loads(record.read_text())
-    return {key: data[key] for key in ("dropped", "marked", "marked_dropped")}

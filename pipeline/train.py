@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .betons import BetonLoader, make_loader
 from .config import TrainConfig, WandbConfig
-from .defenses import MagnitudePruning, batch_transforms, dp_epsilon, make_private, select_inliers, sparsity, summary
+from .defenses import MagnitudePruning, batch_transforms, dp_epsilon, make_private, select_inliers, sparsity
 from .models import Normalized, build_model, dp_compatible, load_pretrained, read_checkpoint, save_weights
 from .store import Stage, StageError, atomic_path, write_json
 from .torchdata import TorchBetonLoader, make_torch_loader
@@ -301,8 +301,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     defense, extra, indices = cfg.defense, {}, None
     if defense.outlier_fraction:
         scan = LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
-        indices = select_inliers(scan, defense.outlier_fraction, stage.path("outliers.json"))
-        extra["outliers"] = summary(stage.path("outliers.json"))
+        indices, extra["outliers"] = select_inliers(scan, defense.outlier_fraction, stage.path("outliers.json"))
     data = BetonData(train_path, test_path, cfg, seed, indices)
     ckpt_dir = stage.path("checkpoints")
     last = ckpt_dir / "last.ckpt"

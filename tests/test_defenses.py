@@ -67,8 +67,9 @@ def test_outlier_filter_drops_the_unusual_images_of_each_class(tmp_path: Path) -
     users[[3, 7]] = [0, 1]
     batches = [tuple(torch.from_numpy(a[i:i + 32]) for a in (images, labels, np.arange(100) + 1000, users))
                for i in range(0, 100, 32)]
-    kept = select_inliers(batches, 0.04, tmp_path / "outliers.json")  # two per class
+    kept, counts = select_inliers(batches, 0.04, tmp_path / "outliers.json")  # two per class
     record = read_json(tmp_path / "outliers.json")
+    assert counts == {key: record[key] for key in ("dropped", "marked", "marked_dropped")}
     assert len(kept) == 96 and 3 not in kept and 7 not in kept
     assert record["dropped"] == 4 and record["marked"] == 2 and record["marked_dropped"] == 2
     assert {1003, 1007} <= set(record["dropped_sample_ids"])
