@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import comparison, interleaved_medians, machine, publish
-from pipeline.audit import pick_device, score_samples
-from pipeline.betons import make_loader, write_beton
+from pipeline.stages.audit import pick_device, score_samples
+from pipeline.data.betons import make_loader, write_beton
 from pipeline.config import AuditConfig
-from pipeline.models import Normalized, build_model
+from pipeline.core.models import Normalized, build_model
 
 N_IMAGES, SIZE, BATCH, REPEATS = 8192, 32, 512, 5
 

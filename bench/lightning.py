@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from bench.common import comparison, interleaved_medians, publish
 from pipeline.config import TrainConfig
-from pipeline.train import Classifier
+from pipeline.training.module import Classifier
 
 SIZE, BATCH, STEPS, WIDTH, REPEATS = 32, 128, 30, 32, 3
 CONFIG = TrainConfig(arch="small_cnn", width=WIDTH, batch_size=BATCH, lr=0.05, schedule="constant",

@@ -23,9 +23,9 @@ import torchvision
 from torchvision.transforms import v2
 
 from bench.common import comparison, interleaved_medians, publish, write_jpeg_folder
-from pipeline.betons import CleanStorage, make_loader, write_beton
+from pipeline.data.betons import CleanStorage, make_loader, write_beton
 from pipeline.config import DataConfig
-from pipeline.sources import full_resolution, load_source
+from pipeline.data.sources import full_resolution, load_source
 
 CLASSES, PER_CLASS, SIZES = 10, 200, ((320, 240), (240, 320), (300, 300))
 RESOLUTION, BATCH, WORKERS, REPEATS = 160, 64, 2, 3

@@ -26,7 +26,7 @@ from noise import pnoise2  # noqa: E402
 
 from bench.common import machine, publish  # noqa: E402
 from pipeline.config import MarkConfig  # noqa: E402
-from pipeline.marking import mark_batch, perlin_params, stripe_pattern  # noqa: E402
+from pipeline.core.marking import mark_batch, perlin_params, stripe_pattern  # noqa: E402
 
 # Our permutation tables wrap the lattice every 256 cells; pnoise2 is told to wrap there too.
 LATTICE_REPEAT = 256

@@ -15,9 +15,9 @@ import numpy as np
 
 from bench.common import RESULTS, machine, write_text
 from pipeline.config import MarkConfig
-from pipeline.marking import make_pattern, mark_batch
+from pipeline.core.marking import make_pattern, mark_batch
 from pipeline.store import write_json
-from pipeline.survival import mark_survival
+from pipeline.core.survival import mark_survival
 
 SIZES = {224: 32, 64: 128, 32: 256}  # image side -> images measured
 IMAGES_PER_USER = 8
@@ -79,7 +79,7 @@ def readme(result: dict[str, Any]) -> str:
         "# Mark survival",
         "",
         "Mean over images of the Pearson correlation between the residual that storage keeps and the "
-        "residual the mark intended (`pipeline/survival.py`): *whole mark* correlates marked − original, "
+        "residual the mark intended (`pipeline/core/survival.py`): *whole mark* correlates marked − original, "
         "*noise part* correlates marked − (α·x + (1−α)·p), i.e. the noise step alone. "
         f"Mark: {mark['noise']} noise, ε = {mark['epsilon'] * 255:.0f}/255, {mark['pattern']} "
         f"({mark['n_stripes']} stripes), α = {mark['alpha']}; synthetic photo-like images (`bench/survival.py`). "

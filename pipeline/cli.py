@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, MarkConfig, load_config
-from .dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
-from .images import ImageError
-from .launch import LAUNCHERS, launch, stderr_log_handler
-from .sources import DataSourceError
+from .console import stderr_log_handler
+from .data.images import ImageError
+from .data.sources import DataSourceError
+from .launchers import LAUNCHERS, launch
+from .stages.dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
 from .store import StageError
 
 log = logging.getLogger("pipeline")
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def mark_own_folder(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
-    from .owner import KEY_NAME, mark_folder
+    from .owner.key import KEY_NAME
+    from .owner.marking import mark_folder
 
     if not args.out:
         raise ConfigError(f"{args.config}: is a folder; pass --out FOLDER to mark your own images")
@@ -109,7 +111,8 @@ def mark_own_folder(args: argparse.Namespace) -> None:
 
 
 def audit_own_model(args: argparse.Namespace) -> None:
-    from .owner import KEY_NAME, audit_owner, load_key, load_predictor
+    from .owner.audit import audit_owner, load_predictor
+    from .owner.key import KEY_NAME, load_key
 
     if not args.user:
         raise ConfigError("audit --model: pass --user FOLDER (your marked images)")

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .config import ConfigError, load_config
-from .launch import launch
+from .launchers import launch
 from .store import read_json, write_json, write_text
 
 

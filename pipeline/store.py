@@ -115,6 +115,11 @@ class Stage:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    @property
+    def tracking_id(self) -> str:
+        """Fixed by the stage folder and config: a re-run or requeued job logs to the same W&B run."""
+        return hashlib.sha256(f"{self.dir.resolve()}:{self.config_hash}".encode()).hexdigest()[:16]
+
     def output_path(self, rel: str, manifest_path: Path) -> Path:
         """The file a manifest names, refused unless it lies inside this stage's folder (a manifest
         edited or copied from elsewhere must not make a stage read or trust files outside its run)."""

@@ -21,10 +21,11 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import MarkConfig, load_config
-from pipeline.dag import Task, run_task, stage_for
-from pipeline.images import read_rgb
-from pipeline.models import Normalized, build_model, save_weights
-from pipeline.owner import KEY_NAME, mark_folder
+from pipeline.stages.dag import Task, run_task, stage_for
+from pipeline.data.images import read_rgb
+from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.owner.key import KEY_NAME
+from pipeline.owner.marking import mark_folder
 from pipeline.store import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 from bench.common import update_bench_readme
 from bench.marking import official_mark_batch, official_noise_delta, official_perlin_map, readme_line
 from pipeline.config import MarkConfig
-from pipeline.marking import stripe_pattern
+from pipeline.core.marking import stripe_pattern
 
 EPS = 8 / 255
 SEEDS = np.arange(2, dtype=np.uint64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.betons import CleanStorage, make_loader, read_all, write_beton
-from pipeline.torchdata import make_torch_loader
+from pipeline.data.betons import CleanStorage, make_loader, read_all, write_beton
+from pipeline.data.torchdata import make_torch_loader
 
 
 def _data(n: int = 37, size: int = 12):

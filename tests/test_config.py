@@ -52,8 +52,8 @@ def test_imagenet_recipe_plans_at_full_scale(repo: Path) -> None:
     non-member user finds K held-out images of its class."""
     import numpy as np
 
-    from pipeline.plan import make_plan
-    from pipeline.sources import ImageSplits
+    from pipeline.stages.plan import make_plan
+    from pipeline.data.sources import ImageSplits
 
     cfg = load_config(repo / "configs" / "imagenet-rn50.yaml", ["data.root=/nonexistent"])
     sizes = np.full(1000, 1300)

@@ -12,7 +12,7 @@ import yaml
 
 from bench.common import write_jpeg_folder
 from pipeline.config import load_config
-from pipeline.dag import Task, run_task, stage_for
+from pipeline.stages.dag import Task, run_task, stage_for
 from pipeline.store import read_json
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     # the DDP checkpoint resumes at its step: one more epoch on one process continues from there
     import lightning as L
 
-    from pipeline.train import BetonData, Classifier
+    from pipeline.training.module import BetonData, Classifier
 
     class FirstStep(L.Callback):
         def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -16,9 +16,9 @@ from torch import nn
 
 from conftest import mtrack
 from pipeline.config import DefenseConfig, DPConfig, RandAugmentConfig, TrainConfig
-from pipeline.defenses import (batch_transforms, dp_epsilon, magnitude_masks, randaugment, reencode_jpeg,
-                               select_inliers)
-from pipeline.models import build_model, dp_compatible
+from pipeline.training.defenses import (batch_transforms, dp_epsilon, magnitude_masks, randaugment, reencode_jpeg,
+                                        select_inliers)
+from pipeline.core.models import build_model, dp_compatible
 from pipeline.store import read_json
 
 

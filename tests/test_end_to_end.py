@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.dag import stage_for, tasks
-from pipeline.mark import load_marked
+from pipeline.stages.dag import stage_for, tasks
+from pipeline.stages.mark import load_marked
 
 from conftest import mtrack
 
@@ -88,7 +88,7 @@ def _without_marked_audit(tiny_run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Path) -> None:
     """Three array tasks of the audit give the same losses as one process, each sample exactly once."""
-    from pipeline.dag import Task, run_task
+    from pipeline.stages.dag import Task, run_task
     from pipeline.store import StageError
 
     cfg = load_config(tiny_run)
@@ -108,7 +108,7 @@ def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Pat
     shard_file = stage.path("shard-0000-of-0003.npz")
     scores = dict(np.load(shard_file))
     np.savez(shard_file, **{k: np.concatenate([v, v[:1]]) for k, v in scores.items()})
-    from pipeline.audit import merge_scores
+    from pipeline.stages.audit import merge_scores
     from pipeline.store import read_json as _read
 
     users = _read(copy / "plan" / "users.json")["users"]

@@ -7,7 +7,9 @@ import pytest
 from conftest import mtrack, tiny_config
 
 from pipeline.config import load_config
-from pipeline.launch import master_port, plan_jobs, ranges, slurm_parameters
+from pipeline.launchers import ranges
+from pipeline.launchers.jobs import plan_jobs
+from pipeline.launchers.slurm import master_port, slurm_parameters
 from pipeline.store import StageError
 
 

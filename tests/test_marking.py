@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import MarkConfig
-from pipeline.marking import fractal_perlin, mark_batch, noise_delta, perlin_params, perlin_signs, stripe_pattern
+from pipeline.core.marking import fractal_perlin, mark_batch, noise_delta, perlin_params, perlin_signs, stripe_pattern
 
 EPS = 8 / 255
 
@@ -133,7 +133,7 @@ def test_separable_perlin_equals_per_pixel_definition() -> None:
 def test_warp_signs_match_the_sine_definition() -> None:
     """The phase-based threshold equals sign(norm(sin(pi f norm(perlin))) - 0.5) up to float32
     rounding of phases that sit on a boundary (a few pixels in 10^4)."""
-    from pipeline.marking import NUMPY, _warp_signs
+    from pipeline.core.marking import NUMPY, _warp_signs
 
     mismatched = total_pixels = 0
     for seed in range(20):
@@ -153,8 +153,8 @@ def test_ood_image_patterns(tmp_path) -> None:
     deterministic for a seed, different across users."""
     from PIL import Image
 
-    from pipeline.mark import ood_pool
-    from pipeline.marking import make_pattern
+    from pipeline.data.ood import ood_pool
+    from pipeline.core.marking import make_pattern
 
     rng = np.random.default_rng(0)
     for i in range(5):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from pipeline.metrics import per_user_mean, roc_metrics
+from pipeline.core.metrics import per_user_mean, roc_metrics
 
 
 def test_perfect_separation() -> None:

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import MarkConfig
-from pipeline.images import ImageError, read_rgb
-from pipeline.owner import KEY_NAME, mark_folder
+from pipeline.data.images import ImageError, read_rgb
+from pipeline.owner.key import KEY_NAME
+from pipeline.owner.marking import mark_folder
 from pipeline.store import StageError, file_sha256
 
 

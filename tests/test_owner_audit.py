@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig, MarkConfig
-from pipeline.images import read_rgb
-from pipeline.models import Normalized, build_model, save_weights
-from pipeline.owner import KEY_NAME, audit_owner, load_key, mark_folder
-from pipeline.sources import load_source
+from pipeline.data.images import read_rgb
+from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.owner.audit import audit_owner
+from pipeline.owner.key import KEY_NAME, load_key
+from pipeline.owner.marking import mark_folder
+from pipeline.data.sources import load_source
 from pipeline.store import StageError
 
 N_PATTERNS = 20

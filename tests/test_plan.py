@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.plan import make_plan
-from pipeline.sources import load_source
+from pipeline.stages.plan import make_plan
+from pipeline.data.sources import load_source
 from pipeline.store import StageError
 
 

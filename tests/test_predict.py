@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.train import predict
+from pipeline.training.module import predict
 
 
 def test_flip_averages_the_logits_of_an_image_and_its_mirror() -> None:

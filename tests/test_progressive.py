@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.betons import make_loader, write_beton
+from pipeline.data.betons import make_loader, write_beton
 from pipeline.config import TrainConfig
-from pipeline.torchdata import make_torch_loader
-from pipeline.train import resolution_at
+from pipeline.data.torchdata import make_torch_loader
+from pipeline.training.schedules import resolution_at
 
 
 def test_resolution_grows_between_the_ramp_epochs_in_steps_of_32() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import Payload
 
-from pipeline.models import load_weights
-from pipeline.owner import KEY_NAME, load_key
+from pipeline.core.models import load_weights
+from pipeline.owner.key import KEY_NAME, load_key
 from pipeline.store import Stage, StageError, file_sha256, write_json
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.train import lr_factor
+from pipeline.training.schedules import lr_factor
 
 STEPS_PER_EPOCH, EPOCHS = 10, 100
 
@@ -42,7 +42,7 @@ def test_cosine_ends_near_zero_and_bad_schedules_are_refused() -> None:
 def test_optimizer_follows_config_and_spares_norms_and_biases_from_decay(name: str, kind: str) -> None:
     import torch
 
-    from pipeline.train import OPTIMIZERS
+    from pipeline.training.module import OPTIMIZERS
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     decay = [p for p in net.parameters() if p.ndim > 1]

@@ -18,7 +18,8 @@ import torch
 from conftest import mtrack, tiny_config
 
 from pipeline.config import load_config
-from pipeline.launch import plan_jobs, submit_slurm
+from pipeline.launchers.jobs import plan_jobs
+from pipeline.launchers.slurm import submit_slurm
 
 pytestmark = pytest.mark.slow
 SHARDS = ["--set", "launch.mark_shards=2", "--set", "launch.audit_shards=2",

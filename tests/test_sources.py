@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.sources import DataSourceError, load_source, read_idx, to_grid
+from pipeline.data.sources import DataSourceError, load_source, read_idx, to_grid
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

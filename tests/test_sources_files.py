@@ -10,8 +10,8 @@ from PIL import Image
 
 from bench.common import write_jpeg_folder
 from pipeline.config import DataConfig
-from pipeline.images import ImageError
-from pipeline.sources import DataSourceError, ImageFiles, full_resolution, load_source
+from pipeline.data.images import ImageError
+from pipeline.data.sources import DataSourceError, ImageFiles, full_resolution, load_source
 
 SIZES = ((40, 30), (24, 36), (16, 16))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
+from pipeline.core.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
 
 
 def test_rank_p_value_by_hand() -> None:

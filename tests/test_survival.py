@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import MarkConfig
-from pipeline.marking import mark_batch, stripe_pattern
-from pipeline.survival import jpeg_roundtrip, mark_survival
+from pipeline.core.marking import mark_batch, stripe_pattern
+from pipeline.core.survival import jpeg_roundtrip, mark_survival
 
 SIZE = 32
 SEEDS = np.arange(4, dtype=np.uint64)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.dag import run_task, stage_for, tasks
+from pipeline.stages.dag import run_task, stage_for, tasks
 
 pytestmark = pytest.mark.slow
 

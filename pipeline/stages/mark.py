@@ -17,41 +17,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from skimage.metrics import structural_similarity  # noqa: E402
 
-from .config import MarkConfig, RunConfig  # noqa: E402
-from .marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
-from .plan import child_seed  # noqa: E402
-from .sources import ImageSplits, load_source  # noqa: E402
-from .store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
-from .survival import mark_survival  # noqa: E402
+from ..config import MarkConfig, RunConfig  # noqa: E402
+from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
+from ..core.quality import psnr, ssim  # noqa: E402
+from ..core.seeds import child_seed  # noqa: E402
+from ..data.ood import ood_pool  # noqa: E402
+from ..data.sources import ImageSplits  # noqa: E402
+from ..store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
+from ..core.survival import mark_survival  # noqa: E402
 
 SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
-
-
-def psnr(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB for uint8 batches (B, H, W, C)."""
-    mse = ((original.astype(np.float64) - marked.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
-
-
-def ssim(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
-    """Per-image SSIM (scikit-image, colour, 7x7 windows shrunk to fit small images)."""
-    win = min(7, original.shape[1], original.shape[2])
-    win -= 1 - win % 2
-    return np.array([structural_similarity(o, m, channel_axis=-1, data_range=255, win_size=win)
-                     for o, m in zip(original, marked)])
-
-
-def ood_pool(cfg: MarkConfig, image_size: int) -> OODPool | None:
-    if cfg.pattern != "ood_image":
-        return None
-    if cfg.ood_folder:
-        return OODPool.from_folder(cfg.ood_folder)
-    from .config import DataConfig
-
-    source = load_source(DataConfig(source=cfg.ood_dataset, image_size=image_size, n_train=10))
-    return OODPool.from_array(source.test_images, f"{cfg.ood_dataset} test split")
 
 
 def noise_seeds(user: dict[str, Any]) -> np.ndarray:

@@ -28,7 +28,7 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
 
-from .store import StageError, atomic_path
+from ..store import StageError, atomic_path
 
 FIELDS = ("image", "label", "sample", "user")
 EVAL_CROP_RATIO = 224 / 256  # centre crop for evaluation at a resolution, as FFCV's ImageNet example

@@ -1,14 +1,8 @@
-"""Launchers: where the stage DAG runs. The DAG, the task code and the outputs are the same for all.
-
-- `local` runs each task in its own Python process on this machine, in order.
-- `slurm` submits every unfinished task through submitit: mark and audit as job arrays (one array
-  task per missing shard; the last shard to finish merges), write and report as single jobs, train
-  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies.
-
-A re-run plans only what is not done: finished stages are skipped and a sharded stage resubmits
-only its missing shards, so a failed array task is re-run alone. Every job is checkpointable:
-after a preemption or time-out submitit requeues it and the task resumes from its own state
-(training from Lightning's last checkpoint).
+"""The SLURM launcher: every unfinished task submitted through submitit, mark and audit as job
+arrays (one array task per missing shard; the last shard to finish merges), write and report as
+single jobs, train as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok`
+dependencies. Every job is checkpointable: after a preemption or time-out submitit requeues it and
+the task resumes from its own state (training from Lightning's last checkpoint).
 """
 from __future__ import annotations
 
@@ -16,51 +10,17 @@ import logging
 import os
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .config import RunConfig, load_config
-from .dag import SHARDED_STAGES, Task, dependencies, run_task, stage_for, tasks
-from .registry import Registry
-from .store import StageError, missing_shards, read_json, write_json
+from ..config import RunConfig
+from ..console import stderr_log_handler
+from ..stages.dag import Task, run_task
+from ..store import StageError, read_json, write_json
+from .jobs import LAUNCHERS, Job, plan_jobs
 
 log = logging.getLogger("pipeline")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One submission: a task, as an array over `shards` when it is a sharded stage with shards
-    left to run (none left: one job that merges), waiting for the jobs of `after`."""
-
-    task: Task
-    shards: tuple[int, ...]
-    after: tuple[Task, ...]
-
-    @property
-    def is_array(self) -> bool:
-        return bool(self.shards)
-
-
-def num_shards(cfg: RunConfig, stage: str) -> int:
-    return {"mark": cfg.launch.mark_shards, "audit": cfg.launch.audit_shards}.get(stage, 1)
-
-
-def plan_jobs(cfg: RunConfig) -> list[Job]:
-    """The jobs a run still needs, in DAG order: one per unfinished task."""
-    jobs = []
-    for task in tasks(cfg):
-        task = replace(task, num_shards=num_shards(cfg, task.stage))
-        stage = stage_for(cfg, task)
-        if stage.done():
-            continue
-        shards = ()
-        if task.stage in SHARDED_STAGES and task.num_shards > 1:
-            shards = tuple(missing_shards(stage, task.num_shards))
-        jobs.append(Job(task, shards, tuple(dependencies(cfg, task))))
-    return jobs
 
 
 def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
@@ -89,60 +49,6 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
             params[f"slurm_{key}"] = getattr(slurm, key)
     return params
 
-
-def ranges(numbers: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8": sbatch's array notation."""
-    parts, start = [], None
-    for i, n in enumerate(numbers):
-        start = n if start is None else start
-        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
-            parts.append(f"{start}-{n}" if n > start else str(n))
-            start = None
-    return ",".join(parts)
-
-
-def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
-    """The job plan as a table: what `--dry-run` prints before anything is submitted."""
-    if not jobs:
-        return f"nothing to run: every stage of {cfg.run_dir} is done"
-    rows = [("job", "array tasks", "nodes x tasks", "cpus/task", "gpus/node", "mem GB", "time min", "after")]
-    for job in jobs:
-        if launcher == "slurm":
-            p = slurm_parameters(cfg, job.task)
-            shape = (f"{p['nodes']} x {p['tasks_per_node']}", str(p["cpus_per_task"]), str(p["gpus_per_node"]),
-                     f"{p['mem_gb']:g}", str(p["timeout_min"]))
-        else:
-            shape = ("this machine", "-", "-", "-", "-")
-        array = f"shards {ranges(job.shards)} of {job.task.num_shards}" if job.is_array else "-"
-        rows.append((job.task.name, array, *shape, ",".join(t.name for t in job.after) or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-LAUNCHERS: Registry[Callable[..., None]] = Registry("--launcher")
-
-
-# --- local ---------------------------------------------------------------------------------------
-
-@LAUNCHERS.register("local")
-def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
-    """Run each task of the DAG in its own Python process, in order, stopping at the first failure
-    (always waiting). Separate processes keep every stage's memory and DDP workers to itself, as a
-    cluster job would."""
-    for task in tasks(cfg):
-        cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config_path, *(f"--set={o}" for o in overrides)]
-        cmd += ["--arm", task.arm] if task.arm else []
-        cmd += ["--num-shards", str(num_shards(cfg, task.stage))] if task.stage in SHARDED_STAGES else []
-        cmd += ["--force"] if force else []
-        started = time.perf_counter()
-        result = subprocess.run(cmd, env=os.environ.copy())
-        if result.returncode != 0:
-            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
-                             "finished stages are skipped")
-        log.info("%s: %.1f s", task.name, time.perf_counter() - started)
-
-
-# --- SLURM through submitit ----------------------------------------------------------------------
 
 def master_port(job_id: str) -> int:
     """The DDP rendezvous port of a job, from its own SLURM job id (unique per array task), spread
@@ -181,13 +87,6 @@ class StageJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def stderr_log_handler() -> logging.Handler:
-    """The pipeline's log lines on stderr with a time stamp, for the CLI and SLURM jobs alike."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    return handler
 
 
 def _jobs_record(cfg: RunConfig) -> Path:
@@ -286,14 +185,3 @@ def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
     else:
         log.info("submitted %d job(s); follow them with squeue; re-running this command submits what is left "
                  "once they have ended", len(submitted))
-
-
-def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
-           wait: bool = True) -> None:
-    """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
-    cfg = load_config(config_path, overrides)
-    if dry_run:
-        print(describe(cfg, plan_jobs(cfg), launcher))
-        return
-    LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
-    log.info("results in %s", cfg.results_dir)

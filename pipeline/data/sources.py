@@ -24,9 +24,9 @@ from typing import Callable, Sequence, Union
 import cv2
 import numpy as np
 
-from .config import DataConfig
+from ..config import DataConfig
 from .images import IMAGE_SUFFIXES, read_rgb
-from .registry import Registry
+from ..registry import Registry
 
 
 class DataSourceError(RuntimeError):

@@ -14,20 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .betons import make_loader
-from .config import AuditConfig
-from .metrics import roc_metrics, user_scores
-from .models import load_weights
-from .stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
-from .store import Stage, StageError, load_npz, run_shards, save_npz, write_json
-
-
-def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """z_y - logsumexp over the other classes, in fp32: log(p_y / (1 - p_y))."""
-    logits = logits.float()
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return true - torch.logsumexp(others, dim=1)
+from ..data.betons import make_loader
+from ..config import AuditConfig
+from ..core.metrics import roc_metrics, user_scores
+from ..core.models import load_weights
+from ..core.scoring import logit_margin
+from ..core.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
+from ..store import Stage, StageError, load_npz, run_shards, save_npz, write_json
 
 
 SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")

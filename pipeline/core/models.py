@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .registry import Registry
-from .store import StageError, atomic_path
+from ..registry import Registry
+from ..store import StageError, atomic_path
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("train.arch")
 

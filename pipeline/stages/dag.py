@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
-from .plan import child_seed
-from .store import Stage, StageError, load_npz, read_json
+from ..config import RunConfig
+from ..core.seeds import child_seed
+from ..store import Stage, StageError, load_npz, read_json
 
 log = logging.getLogger("pipeline")
 
@@ -79,21 +79,21 @@ def _users(cfg: RunConfig) -> list[dict]:
 
 def _run_plan(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .plan import run_plan
-    from .sources import load_source
+    from ..data.sources import load_source
 
     run_plan(cfg, stage, load_source(cfg.data))
 
 
 def _run_mark(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .mark import run_mark
-    from .sources import load_source
+    from ..data.sources import load_source
 
     run_mark(cfg, stage, load_source(cfg.data), _users(cfg), task.num_shards, task.shard)
 
 
 def _run_write(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .mark import load_marked
-    from .sources import load_source
+    from ..data.sources import load_source
     from .write import run_write
 
     run_dir, users = Path(cfg.run_dir), _users(cfg)

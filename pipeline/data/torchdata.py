@@ -25,7 +25,7 @@ from ffcv.reader import Reader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from .betons import EVAL_CROP_RATIO, FIELDS, EpochPosition
-from .store import StageError
+from ..store import StageError
 
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # FFCV's RandomResizedCropRGBImageDecoder defaults
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .config import MarkConfig
+from ..config import MarkConfig
 from .marking import noise_delta
 
 

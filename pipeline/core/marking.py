@@ -8,7 +8,6 @@ so the same seeds give bit-identical marks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import cv2
@@ -16,8 +15,7 @@ import numba
 import numpy as np
 import torch
 
-from .config import MarkConfig
-from .images import list_images, read_rgb
+from ..config import MarkConfig
 
 # Common colours (RGB, 0-255) for stripes; compressed to c/8 + 128 so every channel lies in
 # [128, 160): a low-contrast wash the model can memorise without it dominating the image.
@@ -104,11 +102,6 @@ class OODPool:
         if size < 1:
             raise ValueError(f"{name}: no images to draw OOD patterns from")
         self.size, self.load, self.name = size, load, name
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> "OODPool":
-        files = list_images(folder)
-        return cls(len(files), lambda i: read_rgb(Path(folder) / files[i]), str(folder))
 
     @classmethod
     def from_array(cls, images: np.ndarray, name: str) -> "OODPool":

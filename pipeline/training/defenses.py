@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from .config import DefenseConfig, DPConfig, RandAugmentConfig
-from .store import write_json
+from ..config import DefenseConfig, DPConfig, RandAugmentConfig
+from ..store import write_json
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import FPR_TARGETS, roc_points, user_scores  # noqa: E402
-from .stats import rank_p_values  # noqa: E402
-from .store import Stage, atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
+from ..core.metrics import FPR_TARGETS, roc_points, user_scores  # noqa: E402
+from ..core.stats import rank_p_values  # noqa: E402
+from ..store import Stage, atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
 
 ROC_BLOCKS = ("set_based", "instance_based", "control_unmarked")
 

@@ -8,18 +8,13 @@ requeued job continues the same run instead of starting a second one.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
-from .store import Stage, load_npz, read_json
-
-
-def run_id(stage: Stage) -> str:
-    return hashlib.sha256(f"{stage.dir.resolve()}:{stage.config_hash}".encode()).hexdigest()[:16]
+from ..config import RunConfig
+from ..store import Stage, load_npz, read_json
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -36,8 +31,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-user verdicts as a table, the ROC over users, and the member users' p-values."""
-    from .metrics import roc_points, user_scores
-    from .stats import leave_one_out_p_values, rank_p_values
+    from ..core.metrics import roc_points, user_scores
+    from ..core.stats import leave_one_out_p_values, rank_p_values
 
     per_user = user_scores(load_npz(stage.path("losses.npz")), users)
     member, score = per_user["is_member"], -per_user["mean_loss"]
@@ -70,7 +65,7 @@ def publish(cfg: RunConfig, stage: Stage, job_type: str) -> None:
         summary.update(flatten(read_json(results / "metrics.json")))
         logged.update({p.stem: wandb.Image(str(p)) for p in sorted(results.glob("*.png"))})
     run = wandb.init(project=cfg.wandb.project, group=cfg.name, job_type=job_type, name=f"{cfg.name}/{stage.name}",
-                     id=run_id(stage), resume="allow", dir=str(stage.dir), mode=cfg.wandb.mode,
+                     id=stage.tracking_id, resume="allow", dir=str(stage.dir), mode=cfg.wandb.mode,
                      config={"stage": stage.name, "config_hash": stage.config_hash})
     try:
         if logged:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .betons import CleanStorage, write_beton
-from .config import RunConfig
-from .plan import child_seed
-from .sources import ImageArray, ImageSplits, full_resolution
-from .store import Stage, StageError
+from ..data.betons import CleanStorage, write_beton
+from ..config import RunConfig
+from ..core.seeds import child_seed
+from ..data.sources import ImageArray, ImageSplits, full_resolution
+from ..store import Stage, StageError
 
 BETONS = ("train_marked.beton", "train_clean.beton", "test.beton", "audit.beton")
 STATS_IMAGES, STATS_CHUNK = 10_000, 256  # the pixel mean/std come from at most this many training images

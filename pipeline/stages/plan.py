@@ -11,16 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
-from .sources import ImageSplits
-from .store import Stage, StageError, save_npz, write_json
+from ..config import RunConfig
+from ..core.seeds import child_seed
+from ..data.sources import ImageSplits
+from ..store import Stage, StageError, save_npz, write_json
 
 MEMBER, NONMEMBER = "member", "nonmember"
-
-
-def child_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys: independent streams for users and images."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _assign_classes(n_users: int, n_classes: int, rng: np.random.Generator, only: tuple[int, ...] = ()) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""Launchers: where the stage DAG runs. The DAG, the task code and the outputs are the same for all.
+
+- `local` runs each task in its own Python process on this machine, in order.
+- `slurm` submits every unfinished task through submitit: mark and audit as job arrays (one array
+  task per missing shard; the last shard to finish merges), write and report as single jobs, train
+  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies.
+
+A re-run plans only what is not done: finished stages are skipped and a sharded stage resubmits
+only its missing shards, so a failed array task is re-run alone. Every job is checkpointable:
+after a preemption or time-out submitit requeues it and the task resumes from its own state
+(training from Lightning's last checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+
+from ..config import RunConfig, load_config
+from .local import run_local
+from .jobs import LAUNCHERS, Job, plan_jobs
+from .slurm import run_slurm, slurm_parameters
+
+__all__ = ["LAUNCHERS", "describe", "launch", "run_local", "run_slurm"]  # both register in LAUNCHERS
+
+log = logging.getLogger("pipeline")
+
+
+def ranges(numbers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8": sbatch's array notation."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    return ",".join(parts)
+
+
+def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
+    """The job plan as a table: what `--dry-run` prints before anything is submitted."""
+    if not jobs:
+        return f"nothing to run: every stage of {cfg.run_dir} is done"
+    rows = [("job", "array tasks", "nodes x tasks", "cpus/task", "gpus/node", "mem GB", "time min", "after")]
+    for job in jobs:
+        if launcher == "slurm":
+            p = slurm_parameters(cfg, job.task)
+            shape = (f"{p['nodes']} x {p['tasks_per_node']}", str(p["cpus_per_task"]), str(p["gpus_per_node"]),
+                     f"{p['mem_gb']:g}", str(p["timeout_min"]))
+        else:
+            shape = ("this machine", "-", "-", "-", "-")
+        array = f"shards {ranges(job.shards)} of {job.task.num_shards}" if job.is_array else "-"
+        rows.append((job.task.name, array, *shape, ",".join(t.name for t in job.after) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
+           wait: bool = True) -> None:
+    """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
+    cfg = load_config(config_path, overrides)
+    if dry_run:
+        print(describe(cfg, plan_jobs(cfg), launcher))
+        return
+    LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
+    log.info("results in %s", cfg.results_dir)

@@ -1,0 +1,46 @@
+"""The job plan shared by every launcher: which tasks of the DAG are left, how they are split into
+(array) jobs and what they wait for."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from ..config import RunConfig
+from ..registry import Registry
+from ..stages.dag import SHARDED_STAGES, Task, dependencies, stage_for, tasks
+from ..store import missing_shards
+
+LAUNCHERS: Registry[Callable[..., None]] = Registry("--launcher")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One submission: a task, as an array over `shards` when it is a sharded stage with shards
+    left to run (none left: one job that merges), waiting for the jobs of `after`."""
+
+    task: Task
+    shards: tuple[int, ...]
+    after: tuple[Task, ...]
+
+    @property
+    def is_array(self) -> bool:
+        return bool(self.shards)
+
+
+def num_shards(cfg: RunConfig, stage: str) -> int:
+    return {"mark": cfg.launch.mark_shards, "audit": cfg.launch.audit_shards}.get(stage, 1)
+
+
+def plan_jobs(cfg: RunConfig) -> list[Job]:
+    """The jobs a run still needs, in DAG order: one per unfinished task."""
+    jobs = []
+    for task in tasks(cfg):
+        task = replace(task, num_shards=num_shards(cfg, task.stage))
+        stage = stage_for(cfg, task)
+        if stage.done():
+            continue
+        shards = ()
+        if task.stage in SHARDED_STAGES and task.num_shards > 1:
+            shards = tuple(missing_shards(stage, task.num_shards))
+        jobs.append(Job(task, shards, tuple(dependencies(cfg, task))))
+    return jobs

@@ -1,0 +1,36 @@
+"""The local launcher: every task of the DAG in its own Python process on this machine, in order."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from ..config import RunConfig
+from ..stages.dag import SHARDED_STAGES, tasks
+from ..store import StageError
+from .jobs import LAUNCHERS, num_shards
+
+log = logging.getLogger("pipeline")
+
+
+@LAUNCHERS.register("local")
+def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
+    """Run each task of the DAG in its own Python process, in order, stopping at the first failure
+    (always waiting). Separate processes keep every stage's memory and DDP workers to itself, as a
+    cluster job would."""
+    for task in tasks(cfg):
+        cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config_path, *(f"--set={o}" for o in overrides)]
+        cmd += ["--arm", task.arm] if task.arm else []
+        cmd += ["--num-shards", str(num_shards(cfg, task.stage))] if task.stage in SHARDED_STAGES else []
+        cmd += ["--force"] if force else []
+        started = time.perf_counter()
+        result = subprocess.run(cmd, env=os.environ.copy())
+        if result.returncode != 0:
+            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
+                             "finished stages are skipped")
+        log.info("%s: %.1f s", task.name, time.perf_counter() - started)
+
+
+# --- SLURM through submitit ----------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Lightning callbacks and plugins the train stage needs: resumable checkpoints, a record of the
+samples trained on, loggers, and the signal handling that lets a cluster launcher requeue a job."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any, cast
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from ..config import WandbConfig
+from ..store import Stage, atomic_path
+
+
+class SampleRecorder(Callback):
+    """Saves the sample ids each rank trained on in each epoch (`seen/rank<r>-epoch<e>.npy`): a record
+    of exactly which images went into the model, and of how DDP split them between ranks."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seen = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.seen.append(batch[2].cpu())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        ids = torch.cat(self.seen).numpy() if self.seen else np.zeros(0, np.int64)
+        with atomic_path(self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, ids)
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every n training steps and again at every epoch's end. The step save is skipped at
+    an epoch's last batch: it would precede the epoch's validation and epoch-end hooks, which a run
+    resumed from it does not re-run, so a run killed there would forget that epoch's best-validation
+    record and sample record."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not trainer.is_last_batch:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After validation (the best checkpoint is taken when it ends) and after the other callbacks'
+        # epoch-end hooks (Lightning runs checkpoint callbacks last); the write is atomic.
+        trainer.save_checkpoint(Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+class KeepLauncherSigterm(Callback):
+    """Put back a SIGTERM handler that the process's launcher installed before training.
+
+    Lightning turns SIGTERM into an exception that ends `fit`. Under submitit, SLURM sends SIGTERM
+    first when it preempts a job, then USR2, on which submitit requeues it: ending the run at the
+    SIGTERM would leave the job finished with no result instead of requeued. A process started
+    without such a handler (a local run) keeps Lightning's behaviour."""
+
+    def __init__(self) -> None:
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if callable(self.handler):  # Lightning registers its own handlers just before this hook
+            signal.signal(signal.SIGTERM, self.handler)
+
+def cluster_plugins() -> list[Any]:
+    """Inside a SLURM job, Lightning reads ranks and addresses from SLURM but must not requeue on
+    its own: requeueing belongs to the launcher (submitit), which also owns the signal."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) -> list[Any]:
+    """CSV always; W&B when enabled, one run per (experiment, stage) with a fixed id so a resumed or
+    requeued job continues the same run. Lightning's loggers write from rank zero only."""
+    loggers: list[Any] = [CSVLogger(stage.dir, name="logs")]
+    if wandb.enabled:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=wandb.project, name=f"{experiment}/train-{arm}", group=experiment,
+                                   job_type="train", id=stage.tracking_id, resume="allow", save_dir=str(stage.dir),
+                                   offline=wandb.mode == "offline"))
+    return loggers

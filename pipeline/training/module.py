@@ -1,0 +1,150 @@
+"""The Lightning pieces of training: the classifier module and the data module over FFCV files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..core.models import Normalized, build_model, dp_compatible, load_pretrained
+from ..data.betons import BetonLoader, make_loader
+from ..data.torchdata import TorchBetonLoader, make_torch_loader
+from .defenses import batch_transforms, make_private
+from .schedules import eval_resolution, lr_factor, resolution_at
+
+
+LOADERS: dict[str, Callable[..., BetonLoader | TorchBetonLoader]] = {"ffcv": make_loader, "torch": make_torch_loader}
+
+class BetonData(L.LightningDataModule):
+    """Train/validation loaders built inside the hooks, so each DDP rank gets its own shard."""
+
+    def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int,
+                 indices: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.train_path, self.val_path, self.cfg, self.seed, self.indices = train_path, val_path, cfg, seed, indices
+        self.train_loader: BetonLoader | TorchBetonLoader | None = None
+        self.resume_position: dict[str, int] | None = None
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def train_dataloader(self) -> BetonLoader | TorchBetonLoader:
+        c = self.cfg
+        self.train_loader = LOADERS[c.loader](
+            self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
+            translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
+            resolution=c.resolution, indices=self.indices,
+        )
+        if self.resume_position is not None:
+            self.train_loader.load_state_dict(self.resume_position)
+        return self.train_loader
+
+    def state_dict(self) -> dict[str, int]:
+        """The training loader's place in its epoch, saved in every checkpoint. Restored through the
+        data module because Lightning's own loader restore is skipped when the loader was built
+        before the restore (as `estimated_stepping_batches` does for the LR schedule)."""
+        return self.train_loader.state_dict() if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_position = state or None
+
+    def val_dataloader(self) -> BetonLoader | TorchBetonLoader:
+        return LOADERS[self.cfg.loader](self.val_path, 512, self.cfg.num_workers, train=False,
+                                        distributed=self._distributed(), torch_threads=self.cfg.threads,
+                                        resolution=eval_resolution(self.cfg))
+
+# Optimizers by `train.optimizer`, given parameter groups (weight decay off norms and biases).
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999)),
+}
+
+class Classifier(L.LightningModule):
+    """Image classifier taking uint8 NCHW batches; normalisation lives inside the model."""
+
+    def __init__(self, arch: str, num_classes: int, width: int, mean: list[float], std: list[float],
+                 cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = TrainConfig.model_validate(cfg)
+        net = build_model(arch, num_classes, width)
+        if self.cfg.init_weights:
+            load_pretrained(net, self.cfg.init_weights)
+        if self.cfg.defense.dp is not None:
+            net = dp_compatible(net)
+        self.model = Normalized(net, tuple(mean), tuple(std))
+        if self.cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_transforms = batch_transforms(self.cfg.defense, num_classes)
+        self.grad_samples: list[Any] = []  # DP-SGD's per-sample-gradient wrapper, kept alive (not a submodule)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.datamodule.train_loader
+        if loader is not None:
+            loader.epoch = self.current_epoch
+            if self.cfg.min_resolution is not None:
+                loader.set_resolution(resolution_at(self.cfg, self.current_epoch))
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        targets = labels
+        for transform in self.batch_transforms:
+            images, targets = transform(images, targets)
+        if self.batch_transforms and self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({"train_loss": loss, "train_acc": acc}, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        logits = predict(self.model, images, self.cfg.test_time_flip)
+        self.log_dict(
+            {"val_loss": F.cross_entropy(logits, labels), "val_acc": (logits.argmax(1) == labels).float().mean()},
+            on_epoch=True, sync_dist=True, batch_size=len(labels),
+        )
+
+    def configure_optimizers(self) -> Any:
+        c = self.cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = OPTIMIZERS[c.optimizer](
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c)
+        if c.defense.dp is not None:
+            wrapper, opt = make_private(self.model, opt, c.defense.dp, c.batch_size)
+            self.grad_samples = [wrapper]
+        total = self.trainer.estimated_stepping_batches
+        if c.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, total / c.epochs, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """fp32 logits; with `flip`, the mean of the logits of the images and their mirror images
+    (test-time flip, as FFCV's ImageNet recipe evaluates). Accuracy only: the audit never flips."""
+    logits = model(images).float()
+    return (logits + model(images.flip(3)).float()) / 2 if flip else logits
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, flip: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode over every sample of `loader`."""
+    model.eval().to(device)
+    total_loss, correct, count = 0.0, 0, 0
+    for images, labels, *_ in loader:
+        logits = predict(model, images.to(device), flip)
+        labels = labels.to(device)
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    return total_loss / max(count, 1), correct / max(count, 1)
