@@ -23,7 +23,8 @@ from .console import stderr_log_handler
 from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch
-from .stages.dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
+from .stages.contract import STAGES, Task
+from .stages.dag import ARM_STAGES, SHARDED_STAGES, run_task
 from .store import StageError
 
 log = logging.getLogger("pipeline")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(e.g. configs/cifar10.yaml); results go to results/<table>-<config name>/")
     special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
                "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
-    for stage in RUNNERS:
+    for stage in STAGES:
         p = sub.add_parser(stage, help=special.get(stage, f"run the {stage} stage"))
         _common(p, optional_config=stage == "audit")
         if stage in ARM_STAGES:

@@ -6,8 +6,6 @@ the key, before any stage touches the run directory.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +71,12 @@ class MarkConfig(_Strict):
         if self.pattern != "ood_image" and sources:
             raise ValueError("mark.ood_folder / mark.ood_dataset are only used with pattern 'ood_image'")
         return self
+
+
+class WriteConfig(_Strict):
+    """How the write stage runs (what it stores is set under `data`)."""
+
+    num_workers: int = Field(2, ge=1)  # FFCV writer processes
 
 
 class RandAugmentConfig(_Strict):
@@ -237,6 +241,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     plan: PlanConfig = PlanConfig()
     mark: MarkConfig = MarkConfig()
+    write: WriteConfig = WriteConfig()
     train: TrainConfig = TrainConfig()
     audit: AuditConfig = AuditConfig()
     wandb: WandbConfig = WandbConfig()  # logging only: not part of any stage's config hash
@@ -253,14 +258,6 @@ class RunConfig(_Strict):
                 f"plan.n_member_users * plan.samples_per_user = {k * n} exceeds data.n_train = {self.data.n_train}"
             )
         return self
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (and the seed): what a stage's outputs depend on. Keys
-        at their default value are left out, so a new option (whose default keeps the old behaviour)
-        does not invalidate finished runs."""
-        payload = {"seed": self.seed, **{s: getattr(self, s).model_dump(mode="json", exclude_defaults=True)
-                                         for s in sections}}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

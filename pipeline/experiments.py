@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .config import ConfigError, load_config
 from .launchers import launch
+from .stages.contract import output_path
 from .store import read_json, write_json, write_text
 
 
@@ -170,15 +171,15 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
         overrides = [f"{key}={json.dumps(value)}" for key, value in
                      {**settings, "run_dir": folder, "results_dir": f"{folder}/results"}.items()]
         try:
-            load_config(base, overrides)
+            cfg = load_config(base, overrides)
         except ConfigError as exc:
             raise ConfigError(f"{path}: row '{row.name}': {exc}") from None
-        runs.append((row, folder, overrides))
+        runs.append((row, folder, overrides, cfg))
     rows = []
-    for row, folder, overrides in runs:
+    for row, folder, overrides, cfg in runs:
         launch(base, overrides, launcher)
-        metrics = read_json(Path(folder) / "results" / "metrics.json")
-        notes = defense_notes(read_json(Path(folder) / "train-marked" / "metrics.json"))
+        metrics = read_json(output_path(cfg, "report", "metrics.json"))
+        notes = defense_notes(read_json(output_path(cfg, "train", "metrics.json", arm="marked")))
         rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics), "notes": notes})
     out = results / table.table
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,

@@ -21,7 +21,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import MarkConfig, load_config
-from pipeline.stages.dag import Task, run_task, stage_for
+from pipeline.stages.contract import Task, stage_for
+from pipeline.stages.dag import run_task
 from pipeline.data.images import read_rgb
 from pipeline.core.models import Normalized, build_model, save_weights
 from pipeline.owner.key import KEY_NAME

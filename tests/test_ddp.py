@@ -12,7 +12,8 @@ import yaml
 
 from bench.common import write_jpeg_folder
 from pipeline.config import load_config
-from pipeline.stages.dag import Task, run_task, stage_for
+from pipeline.stages.contract import Task, stage_for
+from pipeline.stages.dag import run_task
 from pipeline.store import read_json
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.stages.dag import stage_for, tasks
+from pipeline.stages.contract import stage_for, tasks
 from pipeline.stages.mark import load_marked
 
 from conftest import mtrack
@@ -88,7 +88,8 @@ def _without_marked_audit(tiny_run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Path) -> None:
     """Three array tasks of the audit give the same losses as one process, each sample exactly once."""
-    from pipeline.stages.dag import Task, run_task
+    from pipeline.stages.contract import Task
+    from pipeline.stages.dag import run_task
     from pipeline.store import StageError
 
     cfg = load_config(tiny_run)

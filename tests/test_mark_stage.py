@@ -8,7 +8,8 @@ import numpy as np
 import yaml
 
 from pipeline.config import load_config
-from pipeline.stages.dag import Task, run_task, stage_for
+from pipeline.stages.contract import Task, stage_for
+from pipeline.stages.dag import run_task
 from pipeline.stages.mark import load_marked
 from pipeline.store import file_sha256, read_json
 

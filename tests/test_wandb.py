@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.stages.dag import run_task, stage_for, tasks
+from pipeline.stages.contract import stage_for, tasks
+from pipeline.stages.dag import run_task
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 from ..config import RunConfig
 from ..registry import Registry
-from ..stages.dag import SHARDED_STAGES, Task, dependencies, stage_for, tasks
+from ..stages.contract import Task, dependencies, stage_for, tasks
+from ..stages.dag import SHARDED_STAGES
 from ..store import missing_shards
 
 LAUNCHERS: Registry[Callable[..., None]] = Registry("--launcher")

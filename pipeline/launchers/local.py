@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..config import RunConfig
-from ..stages.dag import SHARDED_STAGES, tasks
+from ..stages.contract import tasks
+from ..stages.dag import SHARDED_STAGES
 from ..store import StageError
 from .jobs import LAUNCHERS, num_shards
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..config import RunConfig
 from ..console import stderr_log_handler
-from ..stages.dag import Task, run_task
+from ..stages.contract import Task
+from ..stages.dag import run_task
 from ..store import StageError, read_json, write_json
 from .jobs import LAUNCHERS, Job, plan_jobs
 

@@ -20,7 +20,8 @@ from ..core.metrics import roc_metrics, user_scores
 from ..core.models import load_weights
 from ..core.scoring import logit_margin
 from ..core.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
-from ..store import Stage, StageError, load_npz, run_shards, save_npz, write_json
+from ..store import Stage, StageError, load_npz, read_json, run_shards, save_npz, write_json
+from .contract import Context
 
 
 SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
@@ -127,14 +128,15 @@ def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) ->
     return scores
 
 
-def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]],
-              num_shards: int = 1, only_shard: int | None = None) -> None:
-    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise.
+def run_audit(ctx: Context) -> None:
+    """Score the missing shards of users (or only the task's shard), then merge, check and summarise.
 
     Run as several processes (one per GPU), each process scores its own part of every shard: shard
     s of n becomes parts s*W + r of n*W for ranks r < W, split by whole users. Nothing is padded to
     equal length, as a DistributedSampler would, so no sample can enter a user's mean twice; the
     process that finishes the last part merges and checks that every sample was scored once."""
+    stage, cfg, num_shards, only_shard = ctx.stage, ctx.config.audit, ctx.task.num_shards, ctx.task.shard
+    users, audit_beton, weights = read_json(ctx.input("users"))["users"], ctx.input("audit_set"), ctx.input("model")
     rank, world, local_rank = process_group()
     device, model = pick_device(local_rank), None
     parts, mine = num_shards * world, [s * world + rank for s in (range(num_shards) if only_shard is None else [only_shard])]

@@ -22,10 +22,11 @@ from ..config import MarkConfig, RunConfig  # noqa: E402
 from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
-from ..data.ood import ood_pool  # noqa: E402
-from ..data.sources import ImageSplits  # noqa: E402
-from ..store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
 from ..core.survival import mark_survival  # noqa: E402
+from ..data.ood import ood_pool  # noqa: E402
+from ..data.sources import ImageSplits, load_source  # noqa: E402
+from ..store import StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
+from .contract import Context  # noqa: E402
 
 SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
 
@@ -125,9 +126,10 @@ def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], 
     return {"n_images": n_images, "storage": storage}
 
 
-def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
-             num_shards: int = 1, only_shard: int | None = None) -> None:
-    """Mark the missing shards (or only `only_shard`); once all are there, finish the stage."""
+def run_mark(ctx: Context) -> None:
+    """Mark the missing shards (or only the task's shard); once all are there, finish the stage."""
+    cfg, stage, num_shards, only_shard = ctx.config, ctx.stage, ctx.task.num_shards, ctx.task.shard
+    users, data = read_json(ctx.input("users"))["users"], load_source(cfg.data)
     names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
                        lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path))
     if names is None:

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..config import RunConfig
 from ..core.seeds import child_seed
-from ..data.sources import ImageSplits
-from ..store import Stage, StageError, save_npz, write_json
+from ..data.sources import ImageSplits, load_source
+from ..store import StageError, save_npz, write_json
+from .contract import Context
 
 MEMBER, NONMEMBER = "member", "nonmember"
 
@@ -81,8 +82,8 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
     return body, train_ids
 
 
-def run_plan(cfg: RunConfig, stage: Stage, data: ImageSplits) -> None:
-    body, train_ids = make_plan(cfg, data)
-    save_npz(stage.path("train_ids.npz"), train_ids=train_ids)
-    write_json(stage.path("users.json"), body)
-    stage.finish(["users.json", "train_ids.npz"])
+def run_plan(ctx: Context) -> None:
+    body, train_ids = make_plan(ctx.config, load_source(ctx.config.data))
+    save_npz(ctx.stage.path("train_ids.npz"), train_ids=train_ids)
+    write_json(ctx.stage.path("users.json"), body)
+    ctx.stage.finish(["users.json", "train_ids.npz"])

@@ -18,21 +18,24 @@ import numpy as np  # noqa: E402
 
 from ..core.metrics import FPR_TARGETS, roc_points, user_scores  # noqa: E402
 from ..core.stats import rank_p_values  # noqa: E402
-from ..store import Stage, atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
+from ..store import atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
+from .contract import REPORT_FILES, Context  # noqa: E402
 
 ROC_BLOCKS = ("set_based", "instance_based", "control_unmarked")
 
 
-def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) -> dict[str, Any]:
+def build_metrics(ctx: Context, plan: dict[str, Any]) -> dict[str, Any]:
     users = plan["users"]
     n_members = sum(u["role"] == "member" for u in users)
     n_nonmembers = len(users) - n_members
     k, n_train = plan["samples_per_user"], plan["n_train"]
-    train = {arm: read_json(run_dir / f"train-{arm}" / "metrics.json") for arm in arms}
-    audit = {arm: read_json(run_dir / f"audit-{arm}" / "metrics.json") for arm in arms}
-    stages = ["plan", "mark", "write", *(f"{s}-{a}" for s in ("train", "audit") for a in arms)]
+    train = {arm: read_json(path) for arm, path in ctx.inputs_by_arm("training").items()}
+    audit = {arm: read_json(path) for arm, path in ctx.inputs_by_arm("audit").items()}
+    manifests = {"plan": ctx.manifest("planned"), "mark": ctx.manifest("marks"), "write": ctx.manifest("written"),
+                 **{f"{stage}-{arm}": read_json(path) for stage, name in (("train", "trained"), ("audit", "audited"))
+                    for arm, path in ctx.inputs_by_arm(name).items()}}
     marked, control = audit.get("marked"), audit.get("control")
-    mark_manifest = read_json(run_dir / "mark" / "manifest.json")
+    mark_manifest = manifests["mark"]
     return {
         "dataset": plan["dataset"],
         "n_train": n_train,
@@ -43,7 +46,7 @@ def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) ->
         "marked_fraction_all_members": n_members * k / n_train,
         "test_accuracy": train["marked"]["test_accuracy"] if "marked" in train else None,
         "fpr_resolution": 1.0 / n_nonmembers,
-        "seconds": {s: read_json(run_dir / s / "manifest.json")["seconds"] for s in stages},
+        "seconds": {name: manifest["seconds"] for name, manifest in manifests.items()},
         "set_based": marked["set_based"] if marked else None,
         "instance_based": marked["instance_based"] if marked else None,
         "control_unmarked": control["set_based"] if control else None,
@@ -56,7 +59,7 @@ def build_metrics(run_dir: Path, plan: dict[str, Any], arms: tuple[str, ...]) ->
         "statistics": marked["statistics"] if marked else None,
         "control_statistics": control["statistics"] if control else None,
         "mark_quality": mark_manifest["quality"],
-        "mark_survival": read_json(run_dir / "mark" / "survival.json"),
+        "mark_survival": read_json(ctx.input("survival")),
     }
 
 
@@ -173,26 +176,28 @@ def plot_p_values(per_arm: dict[str, dict[str, np.ndarray]], path: Path) -> None
     _save(fig, path)
 
 
-def run_report(stage: Stage, run_dir: Path, results_dir: Path, arms: tuple[str, ...], title: str) -> None:
-    plan = read_json(run_dir / "plan" / "users.json")
-    metrics = build_metrics(run_dir, plan, arms)
-    per_arm = {arm: user_scores(load_npz(run_dir / f"audit-{arm}" / "losses.npz"), plan["users"]) for arm in arms}
+def run_report(ctx: Context) -> None:
+    stage, results_dir = ctx.stage, Path(ctx.config.results_dir)
+    plan = read_json(ctx.input("users"))
+    metrics = build_metrics(ctx, plan)
+    losses_by_arm = {arm: load_npz(path) for arm, path in ctx.inputs_by_arm("losses").items()}
+    per_arm = {arm: user_scores(losses, plan["users"]) for arm, losses in losses_by_arm.items()}
     curves = {}
     for arm, s in per_arm.items():
         curves[f"set-based, {arm} model"] = roc_points(s["is_member"], -s["mean_loss"])
-    if "marked" in arms:
-        losses = load_npz(run_dir / "audit-marked" / "losses.npz")
+    if "marked" in losses_by_arm:
+        losses = losses_by_arm["marked"]
         members = [u["user_id"] for u in plan["users"] if u["role"] == "member"]
         curves["instance-based, marked model"] = roc_points(np.isin(losses["user"], members), -losses["loss"])
     results_dir.mkdir(parents=True, exist_ok=True)
     plot_roc(curves, metrics["fpr_resolution"], stage.path("roc.png"))
     plot_loss_hist(per_arm, stage.path("loss_hist.png"))
     plot_p_values(per_arm, stage.path("p_values.png"))
-    copy_file(run_dir / "mark" / "marked_examples.png", stage.path("marked_examples.png"))
+    copy_file(ctx.input("examples"), stage.path("marked_examples.png"))
     write_json(stage.path("metrics.json"), metrics)
     with atomic_path(stage.path("report.md")) as tmp:
-        tmp.write_text(report_markdown(metrics, title))
-    outputs = ["metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "marked_examples.png"]
+        tmp.write_text(report_markdown(metrics, f"Audit report: {ctx.config.name}"))
+    outputs = list(REPORT_FILES)
     for name in outputs:
         copy_file(stage.path(name), results_dir / name)
     stage.finish(outputs, results_dir=str(results_dir))

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig
 from ..store import Stage, load_npz, read_json
+from .contract import Context
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -49,24 +49,25 @@ def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict
             "member_p_values": wandb.Histogram(p_values[member].tolist())}
 
 
-def publish(cfg: RunConfig, stage: Stage, job_type: str) -> None:
-    """Log a finished stage to W&B: its manifest's numbers; for an audit the per-user table, ROC and
-    p-values; for the report its metrics and plots."""
+def publish(ctx: Context) -> None:
+    """Log a finished stage to W&B: its manifest's numbers, the numbers of its `metrics.json` and its
+    plots (whatever of these its contract says it writes), and for an audit the per-user table, ROC
+    and p-values."""
     import wandb
 
+    stage, spec = ctx.stage, ctx.task.spec
     manifest = stage.manifest()
     summary = flatten({k: v for k, v in manifest.items() if k not in ("outputs", "sizes", "config_hash")})
+    outputs = [name for name in manifest.get("outputs", {}) if spec.declares(name)]
     logged: dict[str, Any] = {}
-    if job_type == "audit":
+    if "metrics.json" in outputs:
         summary.update(flatten(read_json(stage.path("metrics.json"))))
-        logged.update(_audit_tables(wandb, stage, read_json(Path(cfg.run_dir) / "plan" / "users.json")["users"]))
-    if job_type == "report":
-        results = Path(cfg.results_dir)
-        summary.update(flatten(read_json(results / "metrics.json")))
-        logged.update({p.stem: wandb.Image(str(p)) for p in sorted(results.glob("*.png"))})
-    run = wandb.init(project=cfg.wandb.project, group=cfg.name, job_type=job_type, name=f"{cfg.name}/{stage.name}",
-                     id=stage.tracking_id, resume="allow", dir=str(stage.dir), mode=cfg.wandb.mode,
-                     config={"stage": stage.name, "config_hash": stage.config_hash})
+    logged.update({Path(name).stem: wandb.Image(str(stage.path(name))) for name in outputs if name.endswith(".png")})
+    if spec.name == "audit":
+        logged.update(_audit_tables(wandb, stage, read_json(ctx.input("users"))["users"]))
+    run = wandb.init(project=ctx.tracking.project, group=ctx.experiment, job_type=spec.name,
+                     name=f"{ctx.experiment}/{stage.name}", id=stage.tracking_id, resume="allow", dir=str(stage.dir),
+                     mode=ctx.tracking.mode, config={"stage": stage.name, "config_hash": stage.config_hash})
     try:
         if logged:
             run.log(logged)

@@ -15,25 +15,27 @@ from typing import Any, cast
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from ..config import TrainConfig, WandbConfig
 from ..core.models import read_checkpoint, save_weights
-from ..store import Stage, StageError, write_json
+from ..core.seeds import child_seed
+from ..store import StageError, write_json
 from ..training.callbacks import (KeepLauncherSigterm, ResumableCheckpoint, SampleRecorder, cluster_plugins,
                                   make_loggers)
 from ..training.defenses import MagnitudePruning, dp_epsilon, select_inliers, sparsity
 from ..training.module import LOADERS, BetonData, Classifier, evaluate
 from ..training.schedules import eval_resolution, resolve_precision
+from .contract import Context
 
 log = logging.getLogger("pipeline")
 
-ARM_TRAIN_SET = {"marked": "train_marked.beton", "control": "train_clean.beton"}
 
 
-def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_classes: int,
-              mean: list[float], std: list[float], seed: int, val_every: int,
-              wandb: WandbConfig = WandbConfig(), experiment: str = "run") -> None:
+def run_train(ctx: Context) -> None:
+    stage, arm, cfg, wandb = ctx.stage, ctx.arm, ctx.config.train, ctx.tracking
+    written = ctx.manifest("written")
+    num_classes, mean, std = written["num_classes"], written["mean"], written["std"]
+    seed, val_every = child_seed(ctx.config.seed, 3) % 2**31, max(1, cfg.epochs // 4)
     L.seed_everything(seed, workers=True, verbose=False)
-    train_path, test_path = write_dir / ARM_TRAIN_SET[arm], write_dir / "test.beton"
+    train_path, test_path = ctx.input("train_set"), ctx.input("test_set")
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
     defense, extra, indices = cfg.defense, {}, None
     if defense.outlier_fraction:
@@ -61,7 +63,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
     callbacks += [pruning] if pruning is not None else []
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, experiment),
+        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, ctx.experiment),
         callbacks=callbacks, plugins=cluster_plugins(), num_sanity_val_steps=0,
         check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every,  # early stopping watches every epoch
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,

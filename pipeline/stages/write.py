@@ -14,15 +14,14 @@ decoded by FFCV's writer workers one at a time; no split is ever held in memory.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..data.betons import CleanStorage, write_beton
-from ..config import RunConfig
 from ..core.seeds import child_seed
-from ..data.sources import ImageArray, ImageSplits, full_resolution
-from ..store import Stage, StageError
+from ..data.sources import ImageArray, full_resolution, load_source
+from ..store import StageError, load_npz, read_json
+from .contract import Context
+from .mark import load_marked
 
 BETONS = ("train_marked.beton", "train_clean.beton", "test.beton", "audit.beton")
 STATS_IMAGES, STATS_CHUNK = 10_000, 256  # the pixel mean/std come from at most this many training images
@@ -72,10 +71,12 @@ def pixel_stats(images: ImageArray, ids: np.ndarray) -> tuple[list[float], list[
     return mean.round(6).tolist(), np.sqrt(np.maximum(squares / count - mean**2, 0)).round(6).tolist()
 
 
-def run_write(
-    cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]], train_ids: np.ndarray,
-    marked: dict[str, np.ndarray],
-) -> None:
+def run_write(ctx: Context) -> None:
+    cfg, stage = ctx.config, ctx.stage
+    users = read_json(ctx.input("users"))["users"]
+    train_ids = load_npz(ctx.input("train_ids"))["train_ids"]
+    marked = load_marked(ctx.input("marks").parent, users)
+    data = load_source(cfg.data)
     d = cfg.data
     member_ids = {u["user_id"] for u in users if u["role"] == "member"}
     labels = data.train_labels[train_ids]
@@ -86,7 +87,7 @@ def run_write(
     test_source = data.test_images if d.max_resolution is None else full_resolution(data.test_images)
     with_marks = marked_training_set(train_source, train_ids, marked, member_ids)
     is_marked = with_marks.users >= 0
-    options = {"num_workers": cfg.train.num_workers, "clean": clean}
+    options = {"num_workers": cfg.write.num_workers, "clean": clean}
     write_beton(stage.path("train_marked.beton"), with_marks, labels, train_ids, with_marks.users, lossless=is_marked,
                 **options)
     write_beton(stage.path("train_clean.beton"), TrainingImages(train_source, train_ids, {}), labels, train_ids,
@@ -94,7 +95,7 @@ def run_write(
     n_test = len(data.test_labels)
     write_beton(stage.path("test.beton"), test_source, data.test_labels, np.arange(n_test), **options)
     write_beton(stage.path("audit.beton"), marked["images"], marked["labels"], marked["sample_ids"],
-                marked["user_ids"], num_workers=cfg.train.num_workers)
+                marked["user_ids"], num_workers=cfg.write.num_workers)
     mean, std = pixel_stats(data.train_images, train_ids)
     stage.finish(list(BETONS), n_train=int(len(train_ids)), n_test=n_test, n_audit=int(len(marked["images"])),
                  num_classes=data.num_classes, mean=mean, std=std, clean_storage=clean.mode,

@@ -1,0 +1,237 @@
+"""Stage contracts: what each stage reads from the config and from earlier stages, and what it writes.
+
+Every stage is declared once, in `STAGES`. From those declarations come the DAG (its tasks and
+dependencies), each task's config hash (the config it declares plus the hashes of the stages it
+reads, so a changed upstream setting reaches every stage downstream and nothing else does), every
+path into the run directory, and the typed `Context` a stage runs with: its config sections and
+nothing else, its input paths and its output folder.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, cast
+
+from ..config import RunConfig, WandbConfig
+from ..store import Stage, StageError, read_json
+
+ARMS = ("marked", "control")
+MANIFEST = "manifest.json"  # every finished stage has one; a stage may read an upstream stage's
+
+
+@dataclass(frozen=True)
+class Read:
+    """A file of an earlier stage; `file` may depend on the reading task's arm ({arm: file}: the
+    marked model trains on another file than the control). `arm`: which arms of a stage with arms
+    are read: "same" (the reading task's), "all" (a path per arm of the run) or one named arm."""
+
+    stage: str
+    file: str | dict[str, str]
+    arm: Literal["same", "all", "marked", "control"] | None = None
+
+    def file_for(self, arm: str | None) -> str:
+        if isinstance(self.file, str):
+            return self.file
+        if arm not in self.file:
+            raise StageError(f"stage '{self.stage}': no file declared for arm {arm}")
+        return self.file[arm]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage's contract. `config`: the top-level config keys (sections or scalars) its outputs
+    depend on, the only ones it may read; `reads`: named inputs from earlier stages; `writes`: the
+    files it leaves in its folder (glob patterns for shard files); `run`: "module:function" under
+    pipeline.stages, imported only when the stage runs (plan and mark never load torch or FFCV)."""
+
+    name: str
+    config: tuple[str, ...]
+    reads: dict[str, Read]
+    writes: tuple[str, ...]
+    run: str
+    arms: bool = False
+    sharded: bool = False
+
+    def runner(self) -> Callable[["Context"], None]:
+        module, function = self.run.split(":")
+        return cast(Callable[["Context"], None], getattr(importlib.import_module(f"pipeline.stages.{module}"), function))
+
+    def declares(self, file: str) -> bool:
+        return file == MANIFEST or any(fnmatch.fnmatch(file, pattern) for pattern in self.writes)
+
+
+SHARD_FILES = ("shard-*-of-*.npz", "shard-*-of-*.json")
+REPORT_FILES = ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "marked_examples.png")
+
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
+    StageSpec("plan", config=("seed", "data", "plan"), reads={}, writes=("users.json", "train_ids.npz"),
+              run="plan:run_plan"),
+    StageSpec("mark", config=("data", "mark"), reads={"users": Read("plan", "users.json")},
+              writes=(*SHARD_FILES, "quality.json", "survival.json", "marked_examples.png"), run="mark:run_mark",
+              sharded=True),
+    StageSpec("write", config=("seed", "data", "write"),
+              reads={"users": Read("plan", "users.json"), "train_ids": Read("plan", "train_ids.npz"),
+                     "marks": Read("mark", MANIFEST)},
+              writes=("train_marked.beton", "train_clean.beton", "test.beton", "audit.beton"), run="write:run_write"),
+    StageSpec("train", config=("seed", "train"),
+              reads={"train_set": Read("write", {"marked": "train_marked.beton", "control": "train_clean.beton"}),
+                     "test_set": Read("write", "test.beton"), "written": Read("write", MANIFEST)},
+              writes=("model.pt", "metrics.json", "outliers.json", "checkpoints/*", "logs/*", "seen/*", "wandb/*"),
+              run="train:run_train", arms=True),
+    StageSpec("audit", config=("audit",),
+              reads={"users": Read("plan", "users.json"), "audit_set": Read("write", "audit.beton"),
+                     "model": Read("train", "model.pt", arm="same")},
+              writes=(*SHARD_FILES, "losses.npz", "metrics.json"), run="audit:run_audit", arms=True, sharded=True),
+    StageSpec("report", config=("name", "results_dir"),
+              reads={"users": Read("plan", "users.json"), "planned": Read("plan", MANIFEST),
+                     "marks": Read("mark", MANIFEST), "survival": Read("mark", "survival.json"), "examples": Read("mark", "marked_examples.png"),
+                     "written": Read("write", MANIFEST),
+                     "training": Read("train", "metrics.json", arm="all"), "trained": Read("train", MANIFEST, arm="all"),
+                     "audit": Read("audit", "metrics.json", arm="all"), "losses": Read("audit", "losses.npz", arm="all"),
+                     "audited": Read("audit", MANIFEST, arm="all")},
+              writes=REPORT_FILES, run="report:run_report"),
+)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A stage, for one arm where the stage has arms; `shard`/`num_shards` split the users of
+    sharded stages (one array task per shard; `shard=None` runs the missing shards and finishes)."""
+
+    stage: str
+    arm: str | None = None
+    shard: int | None = None
+    num_shards: int = 1
+
+    @property
+    def name(self) -> str:
+        return stage_folder(self.stage, self.arm)
+
+    @property
+    def spec(self) -> StageSpec:
+        return STAGES[self.stage]
+
+
+def stage_folder(stage: str, arm: str | None = None) -> str:
+    """The folder of a stage (of one arm) under the run directory."""
+    return f"{stage}-{arm}" if arm else stage
+
+
+def tasks(cfg: RunConfig) -> list[Task]:
+    """All tasks in a valid execution order (the order of STAGES; arms in the config's order)."""
+    return [Task(spec.name, arm) for spec in STAGES.values() for arm in (cfg.train.arms if spec.arms else (None,))]
+
+
+def _read_arms(read: Read, task: Task, cfg: RunConfig) -> tuple[str | None, ...]:
+    """The arms of `read.stage` that `task` reads (None for stages without arms)."""
+    if not STAGES[read.stage].arms:
+        return (None,)
+    if read.arm == "same":
+        return (task.arm,)
+    return tuple(cfg.train.arms) if read.arm == "all" else (read.arm,)
+
+
+def dependencies(cfg: RunConfig, task: Task) -> list[Task]:
+    """Every stage whose files this task reads: each must be finished, with its files as recorded."""
+    found: dict[str, Task] = {}
+    for read in task.spec.reads.values():
+        for arm in _read_arms(read, task, cfg):
+            dep = Task(read.stage, arm)
+            found.setdefault(dep.name, dep)
+    return list(found.values())
+
+
+def _declared_values(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The declared config keys' values, leaving out those at their default: a new option whose
+    default keeps the old behaviour does not invalidate finished runs."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        value = getattr(cfg, key)
+        if hasattr(value, "model_dump"):
+            values[key] = value.model_dump(mode="json", exclude_defaults=True)
+        elif value != RunConfig.model_fields[key].default:
+            values[key] = value
+    return values
+
+
+def config_hash(cfg: RunConfig, task: Task) -> str:
+    """What a task's outputs depend on: its declared config, its arm, and the hashes of the tasks
+    it reads (Merkle-style, so an upstream change reaches it and an unrelated one does not)."""
+    payload = {"stage": task.stage, "arm": task.arm, "config": _declared_values(cfg, task.spec.config),
+               "inputs": {dep.name: config_hash(cfg, dep) for dep in dependencies(cfg, task)}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_for(cfg: RunConfig, task: Task) -> Stage:
+    return Stage(Path(cfg.run_dir), task.name, config_hash(cfg, task))
+
+
+def output_path(cfg: RunConfig, stage: str, file: str, arm: str | None = None) -> Path:
+    """A declared output of a stage in this run's directory (the report's also lie in results_dir)."""
+    if not STAGES[stage].declares(file):
+        raise StageError(f"stage '{stage}' does not write {file}")
+    return Path(cfg.run_dir) / stage_folder(stage, arm) / file
+
+
+class ConfigView:
+    """The run config as a stage sees it: only the keys its contract declares. Reading another one
+    is a bug in the stage (its hash would miss a setting it depends on), so it fails loudly."""
+
+    def __init__(self, cfg: RunConfig, spec: StageSpec) -> None:
+        self._cfg, self._spec = cfg, spec
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_") or key not in self._spec.config:
+            raise StageError(f"stage '{self._spec.name}' reads config '{key}' without declaring it in its contract "
+                             f"(it declares {', '.join(self._spec.config)})")
+        return getattr(self._cfg, key)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a stage runs with: its declared config (typed as the run config, but only the
+    declared keys can be read), its inputs' paths, its output folder, and its arm and shard.
+    `tracking` and `experiment` name the W&B run: logging only, in no hash."""
+
+    config: RunConfig
+    stage: Stage
+    task: Task
+    inputs: dict[str, Path | dict[str, Path]] = field(default_factory=dict)
+    tracking: WandbConfig = WandbConfig()
+    experiment: str = "run"
+
+    @property
+    def arm(self) -> str:
+        if self.task.arm is None:
+            raise StageError(f"stage '{self.task.stage}' has no arms")
+        return self.task.arm
+
+    def input(self, name: str) -> Path:
+        path = self.inputs[name]
+        if isinstance(path, dict):
+            raise StageError(f"input '{name}' of stage '{self.task.stage}' is one file per arm; use inputs_by_arm")
+        return path
+
+    def inputs_by_arm(self, name: str) -> dict[str, Path]:
+        paths = self.inputs[name]
+        if not isinstance(paths, dict):
+            raise StageError(f"input '{name}' of stage '{self.task.stage}' is a single file")
+        return paths
+
+    def manifest(self, name: str) -> dict[str, Any]:
+        """An upstream stage's manifest, read through a declared input."""
+        return read_json(self.input(name))
+
+
+def context(cfg: RunConfig, task: Task) -> Context:
+    """The context `task` runs with, its inputs resolved to paths in this run."""
+    inputs: dict[str, Path | dict[str, Path]] = {}
+    for name, read in task.spec.reads.items():
+        arms = _read_arms(read, task, cfg)
+        paths = {arm: output_path(cfg, read.stage, read.file_for(task.arm), arm) for arm in arms}
+        inputs[name] = cast(dict[str, Path], paths) if read.arm == "all" else paths[arms[0]]
+    return Context(cast(RunConfig, ConfigView(cfg, task.spec)), stage_for(cfg, task), task, inputs, cfg.wandb, cfg.name)
