@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, MarkConfig, load_config
-from .console import stderr_log_handler
+from .console import attach_console
 from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch
@@ -128,13 +128,11 @@ def audit_own_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = stderr_log_handler()
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    handler = attach_console()
     try:
         return _dispatch(build_parser().parse_args(argv))
     finally:
-        log.removeHandler(handler)  # called again in one process (tests, scripts): log each line once
+        logging.getLogger().removeHandler(handler)  # called again in one process (tests, scripts): log each line once
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -125,6 +125,7 @@ class TrainConfig(_Strict):
     width: int = Field(32, ge=4)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)  # evaluation and the outlier filter's scan (no gradients)
     lr: float = Field(0.05, gt=0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw uses momentum as its beta1
     momentum: float = Field(0.9, ge=0.0, lt=1.0)

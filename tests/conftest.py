@@ -46,8 +46,10 @@ def tiny_config(folder: Path, **overrides: object) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny DAG run once locally through the CLI; its config path (tests must not modify it)."""
+    """The tiny DAG run once locally through the CLI; its config path (tests must not modify it). What
+    the run printed is kept next to it, in console.log."""
     config = tiny_config(tmp_path_factory.mktemp("tiny"))
     result = mtrack("run", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
+    (config.parent / "console.log").write_text(result.stdout + result.stderr)
     return config

@@ -16,8 +16,12 @@ from torch import nn
 
 from conftest import mtrack
 from pipeline.config import DefenseConfig, DPConfig, RandAugmentConfig, TrainConfig
-from pipeline.training.defenses import (batch_transforms, dp_epsilon, magnitude_masks, randaugment, reencode_jpeg,
-                                        select_inliers)
+from pipeline.training.countermeasures import COUNTERMEASURES, active
+from pipeline.training.countermeasures.dp import dp_epsilon
+from pipeline.training.countermeasures.jpeg import reencode_jpeg
+from pipeline.training.countermeasures.outliers import select_inliers
+from pipeline.training.countermeasures.pruning import magnitude_masks
+from pipeline.training.countermeasures.randaugment import randaugment
 from pipeline.core.models import build_model, dp_compatible
 from pipeline.store import read_json
 
@@ -47,16 +51,23 @@ def test_randaugment_per_batch_draws_one_transform_for_all_images() -> None:
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_mixing_turns_labels_into_class_probabilities(mix: str) -> None:
-    (transform,) = batch_transforms(DefenseConfig(mix=mix), num_classes=5)
-    images, targets = transform(_images(), torch.arange(8) % 5)
+    (mixing,) = active(TrainConfig(defense=DefenseConfig(mix=mix)), num_classes=5)
+    images, targets = mixing.transform(_images(), torch.arange(8) % 5)
     assert images.dtype == torch.float32 and targets.shape == (8, 5)
     assert torch.allclose(targets.sum(1), torch.ones(8))
     assert (targets.max(1).values < 1).all(), "every image is mixed with its neighbour's"
 
 
 def test_transforms_run_in_trainer_order() -> None:
-    steps = batch_transforms(DefenseConfig(jpeg_quality=80, randaugment=RandAugmentConfig(), mix="cutmix"), 5)
-    assert len(steps) == 3 and batch_transforms(DefenseConfig(), 5) == []
+    every = DefenseConfig(jpeg_quality=80, randaugment=RandAugmentConfig(), mix="cutmix", early_stopping_patience=2)
+    steps = [c for c in active(TrainConfig(defense=every), 5) if c.transforms_batches]
+    assert [type(c).__name__ for c in steps] == ["JpegReencoding", "RandAugment", "Mixing"]
+    assert active(TrainConfig(), 5) == []
+
+
+def test_every_defense_key_belongs_to_one_plug_in() -> None:
+    owned = [field for name in COUNTERMEASURES.names() for field in COUNTERMEASURES.lookup(name).fields]
+    assert sorted(owned) == sorted(DefenseConfig.model_fields), "a train.defense key without a plug-in, or two"
 
 
 def test_outlier_filter_drops_the_unusual_images_of_each_class(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_optimizer_follows_config_and_spares_norms_and_biases_from_decay(name: s
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
     cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.05, momentum=0.8)
-    opt = OPTIMIZERS[cfg.optimizer]([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], cfg)
+    opt = OPTIMIZERS.lookup(cfg.optimizer)([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], cfg)
     assert type(opt).__name__ == kind and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     first_moment = opt.param_groups[0]["betas"][0] if kind == "AdamW" else opt.param_groups[0]["momentum"]
     assert first_moment == 0.8

@@ -9,6 +9,7 @@ own random-resized crop).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -30,6 +31,7 @@ from ffcv.writer import DatasetWriter
 
 from ..store import StageError, atomic_path
 
+log = logging.getLogger("pipeline")
 FIELDS = ("image", "label", "sample", "user")
 EVAL_CROP_RATIO = 224 / 256  # centre crop for evaluation at a resolution, as FFCV's ImageNet example
 
@@ -110,6 +112,7 @@ def write_beton(
     jpeg = clean.as_jpeg(samples)
     how = ["lossless" if keep else ("jpg" if j else "raw") for keep, j in zip(lossless, jpeg)]
     fields = {"image": _image_field(clean), "label": IntField(), "sample": IntField(), "user": IntField()}
+    log.info("writing %s: %d images", Path(path).name, n)  # FFCV's own bar follows on a terminal
     with atomic_path(path) as tmp:
         DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(
             _Records(images, labels, samples, users, how)

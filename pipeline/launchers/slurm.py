@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..console import stderr_log_handler
+from ..console import attach_console
 from ..stages.contract import Task
 from ..stages.dag import run_task
 from ..store import StageError, read_json, write_json
@@ -78,9 +78,7 @@ class StageJob:
             # until SLURM kills the job, so they leave at once.
             signal.signal(signal.SIGUSR2, _exit_now)
         os.environ.setdefault("MASTER_PORT", str(master_port(os.environ.get("SLURM_JOB_ID", "0"))))
-        if not log.handlers:
-            log.addHandler(stderr_log_handler())
-            log.setLevel(logging.INFO)
+        attach_console()
         run_task(self.cfg, replace(self.task, shard=shard))
         return self.task.name
 

@@ -16,6 +16,7 @@ import torch
 
 from ..data.betons import make_loader
 from ..config import AuditConfig
+from ..console import track
 from ..core.metrics import roc_metrics, user_scores
 from ..core.models import load_weights
 from ..core.scoring import logit_margin
@@ -29,7 +30,7 @@ SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
 
 @torch.no_grad()
 def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device,
-                  indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  indices: np.ndarray | None = None, label: str = "scoring") -> dict[str, np.ndarray]:
     """Loss and margin of every record in `beton` (or of the records at `indices`), in file order,
     into preallocated arrays."""
     loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices)
@@ -40,7 +41,7 @@ def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device:
     }
     model.eval().to(device)
     pos = 0
-    for images, labels, samples, users in loader:
+    for images, labels, samples, users in track(loader, label, len(loader), "batches"):
         margin = logit_margin(model(images.to(device, non_blocking=True)), labels.to(device))
         end = pos + len(labels)
         out["margin"][pos:end] = margin.cpu().numpy()
@@ -148,7 +149,7 @@ def run_audit(ctx: Context) -> None:
             save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
             return
         model = model or load_weights(weights)[0]
-        save_npz(path, **score_samples(model, audit_beton, cfg, device, records))
+        save_npz(path, **score_samples(model, audit_beton, cfg, device, records, stage.name))
 
     names = run_shards(stage, parts, mine, score_shard)
     if names is None:

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import MarkConfig, RunConfig  # noqa: E402
+from ..console import track  # noqa: E402
 from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
@@ -43,11 +44,11 @@ def mark_user(user: dict[str, Any], images: np.ndarray, cfg: MarkConfig, pool: O
     return mark_batch(images, pattern, noise_seeds(user), cfg, device)
 
 
-def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path) -> None:
+def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path, label: str = "mark") -> None:
     """Mark the given users' images and save them with their ids, PSNR and SSIM."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
-    for user in users:
+    for user in track(users, label, len(users), "users"):
         originals = data.train_images[user["sample_ids"]]
         marked = mark_user(user, originals, cfg.mark, pool, device)
         k = len(marked)
@@ -131,7 +132,8 @@ def run_mark(ctx: Context) -> None:
     cfg, stage, num_shards, only_shard = ctx.config, ctx.stage, ctx.task.num_shards, ctx.task.shard
     users, data = read_json(ctx.input("users"))["users"], load_source(cfg.data)
     names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
-                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path))
+                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path,
+                                                           f"mark shard {shard}" if num_shards > 1 else "mark"))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
     marked = merge_shards(stage.dir, names, users)

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..core.models import read_checkpoint, save_weights
 from ..core.seeds import child_seed
 from ..store import StageError, write_json
-from ..training.callbacks import (KeepLauncherSigterm, ResumableCheckpoint, SampleRecorder, cluster_plugins,
+from ..training.callbacks import (EpochProgress, KeepLauncherSigterm, ResumableCheckpoint, SampleRecorder, cluster_plugins,
                                   make_loggers)
-from ..training.defenses import MagnitudePruning, dp_epsilon, select_inliers, sparsity
+from ..training.countermeasures import active
 from ..training.module import LOADERS, BetonData, Classifier, evaluate
 from ..training.schedules import eval_resolution, resolve_precision
 from .contract import Context
@@ -36,11 +36,17 @@ def run_train(ctx: Context) -> None:
     seed, val_every = child_seed(ctx.config.seed, 3) % 2**31, max(1, cfg.epochs // 4)
     L.seed_everything(seed, workers=True, verbose=False)
     train_path, test_path = ctx.input("train_set"), ctx.input("test_set")
-    module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"))
-    defense, extra, indices = cfg.defense, {}, None
-    if defense.outlier_fraction:
-        scan = LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
-        indices, extra["outliers"] = select_inliers(scan, defense.outlier_fraction, stage.path("outliers.json"))
+    countermeasures = active(cfg, num_classes)
+    module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"), countermeasures)
+    load = LOADERS.lookup(cfg.loader)
+    indices, notes = None, {}
+    def records() -> Any:
+        return load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
+
+    for countermeasure in countermeasures:
+        if (kept := countermeasure.select(records, stage.path("outliers.json"))) is not None:
+            indices, selection_notes = kept
+            notes.update(selection_notes)
     data = BetonData(train_path, test_path, cfg, seed, indices)
     ckpt_dir = stage.path("checkpoints")
     last = ckpt_dir / "last.ckpt"
@@ -56,17 +62,18 @@ def run_train(ctx: Context) -> None:
     best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1, save_on_train_epoch_end=False,
                            filename="best-{epoch}-{val_acc:.4f}", auto_insert_metric_name=False,
                            enable_version_counter=False)
-    callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm()] + ([SampleRecorder(stage.path("seen"))] if cfg.record_samples else [])
-    if defense.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=defense.early_stopping_patience))
-    pruning = MagnitudePruning(defense.prune_fraction, cfg.epochs - defense.finetune_epochs) if defense.prune_fraction else None
-    callbacks += [pruning] if pruning is not None else []
+    callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm(), EpochProgress(stage.name)]
+    callbacks += [SampleRecorder(stage.path("seen"))] if cfg.record_samples else []
+    callbacks += [callback for countermeasure in countermeasures for callback in countermeasure.callbacks()]
+    required = {c.precision for c in countermeasures if c.precision is not None}
+    precision = resolve_precision(cfg, required.pop() if required else None)
+    every_epoch = any(c.validates_every_epoch for c in countermeasures)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, ctx.experiment),
+        precision=precision, max_epochs=cfg.epochs, logger=make_loggers(stage, arm, wandb, ctx.experiment),
         callbacks=callbacks, plugins=cluster_plugins(), num_sanity_val_steps=0,
-        check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every,  # early stopping watches every epoch
-        enable_progress_bar=False, enable_model_summary=False, deterministic=False,
+        check_val_every_n_epoch=1 if every_epoch else val_every,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=False, log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     if wandb.enabled and trainer.global_rank == 0:  # Lightning leaves the run open; close it with the stage
@@ -76,30 +83,25 @@ def run_train(ctx: Context) -> None:
     if trainer.global_rank != 0:
         return
     device = module.device
-    if defense.early_stopping_patience is not None:  # the released model is the best one on held-out data
-        module.load_state_dict(read_checkpoint(Path(best.best_model_path))["state_dict"])
-        extra["stopped_epoch"] = trainer.current_epoch
-    if pruning is not None:  # the released model is pruned, whichever checkpoint it comes from
-        pruning.prune(module)
-        extra["sparsity"] = sparsity(module.model)
-    if defense.dp is not None:
-        sample_rate = cfg.batch_size * trainer.world_size / cast(Any, data.train_loader).num_samples
-        extra["dp_epsilon"] = dp_epsilon(defense.dp, min(sample_rate, 1.0), trainer.global_step)
-    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm,
-            **({"group_norm": True} if defense.dp is not None else {})}
+    train_samples = cast(Any, data.train_loader).num_samples
+    for countermeasure in countermeasures:  # each turns the trained module into the released model
+        notes.update(countermeasure.finish(module, trainer, train_samples))
+    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm}
+    for countermeasure in countermeasures:
+        meta.update(countermeasure.checkpoint_meta())
     save_weights(module.model, meta, stage.path("model.pt"))
     res = eval_resolution(cfg)
-    train_loss, train_acc = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
-                                                               resolution=res), device)
-    test_loss, test_acc = evaluate(module.model, LOADERS[cfg.loader](test_path, 512, cfg.num_workers, train=False,
-                                                             resolution=res), device, cfg.test_time_flip)
+    train_loss, train_acc = evaluate(module.model, load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False,
+                                                        resolution=res), device)
+    test_loss, test_acc = evaluate(module.model, load(test_path, cfg.eval_batch_size, cfg.num_workers, train=False,
+                                                      resolution=res), device, cfg.test_time_flip)
     metrics = {
-        "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
+        "arm": arm, "epochs": cfg.epochs, "precision": precision,
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
         "global_step": trainer.global_step,
         "best_val_checkpoint": Path(best.best_model_path).name if best.best_model_path else None,
         "best_val_accuracy": float(best.best_model_score) if best.best_model_score is not None else None,
-        **extra,
+        **notes,
     }
     if not math.isfinite(train_loss):
         raise StageError(f"train-{arm}: training diverged (train loss {train_loss}); lower train.lr")

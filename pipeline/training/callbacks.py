@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..config import WandbConfig
+from ..console import Progress
 from ..store import Stage, atomic_path
 
 
@@ -37,6 +38,35 @@ class SampleRecorder(Callback):
             with open(tmp, "wb") as fh:
                 np.save(fh, ids)
 
+class EpochProgress(Callback):
+    """Training progress on the console, from rank zero: a live bar on a terminal (moving every
+    batch), and in a batch log one line per epoch at most every few seconds, e.g.
+    `train-marked: epoch 12/60 (20%), loss 0.0213, acc 0.994, 0:41 elapsed, ETA 2:44`."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress: Progress | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.progress = Progress(self.label, trainer.max_epochs or 1, start=trainer.current_epoch, prefix="epoch ")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.progress is not None and self.progress.live and trainer.num_training_batches:
+            self.progress.advance(1 / float(trainer.num_training_batches))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            metrics = trainer.callback_metrics
+            detail = ", ".join(f"{name} {float(metrics[key]):.4g}" for name, key in (("loss", "train_loss"), ("acc", "train_acc"))
+                               if key in metrics)
+            self.progress.update(trainer.current_epoch + 1, detail)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
 class ResumableCheckpoint(ModelCheckpoint):
     """`last.ckpt` every n training steps and again at every epoch's end. The step save is skipped at
     an epoch's last batch: it would precede the epoch's validation and epoch-end hooks, which a run
@@ -50,7 +80,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After validation (the best checkpoint is taken when it ends) and after the other callbacks'
         # epoch-end hooks (Lightning runs checkpoint callbacks last); the write is atomic.
-        trainer.save_checkpoint(Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        trainer.save_checkpoint(Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}",
+                                weights_only=False)
 
 class KeepLauncherSigterm(Callback):
     """Put back a SIGTERM handler that the process's launcher installed before training.

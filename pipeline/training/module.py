@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..core.models import Normalized, build_model, dp_compatible, load_pretrained
+from ..core.models import Normalized, build_model, load_pretrained
 from ..data.betons import BetonLoader, make_loader
 from ..data.torchdata import TorchBetonLoader, make_torch_loader
-from .defenses import batch_transforms, make_private
+from ..registry import Registry
+from .countermeasures import Countermeasure, active
 from .schedules import eval_resolution, lr_factor, resolution_at
 
 
-LOADERS: dict[str, Callable[..., BetonLoader | TorchBetonLoader]] = {"ffcv": make_loader, "torch": make_torch_loader}
+LOADERS: Registry[Callable[..., BetonLoader | TorchBetonLoader]] = Registry("train.loader")
+LOADERS.register("ffcv")(make_loader)
+LOADERS.register("torch")(make_torch_loader)
 
 class BetonData(L.LightningDataModule):
     """Train/validation loaders built inside the hooks, so each DDP rank gets its own shard."""
@@ -34,7 +37,7 @@ class BetonData(L.LightningDataModule):
 
     def train_dataloader(self) -> BetonLoader | TorchBetonLoader:
         c = self.cfg
-        self.train_loader = LOADERS[c.loader](
+        self.train_loader = LOADERS.lookup(c.loader)(
             self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
             translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
             resolution=c.resolution, indices=self.indices,
@@ -53,34 +56,33 @@ class BetonData(L.LightningDataModule):
         self.resume_position = state or None
 
     def val_dataloader(self) -> BetonLoader | TorchBetonLoader:
-        return LOADERS[self.cfg.loader](self.val_path, 512, self.cfg.num_workers, train=False,
+        return LOADERS.lookup(self.cfg.loader)(self.val_path, self.cfg.eval_batch_size, self.cfg.num_workers, train=False,
                                         distributed=self._distributed(), torch_threads=self.cfg.threads,
                                         resolution=eval_resolution(self.cfg))
 
 # Optimizers by `train.optimizer`, given parameter groups (weight decay off norms and biases).
-OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
-    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999)),
-}
+OPTIMIZERS: Registry[Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]] = Registry("train.optimizer")
+OPTIMIZERS.register("sgd")(lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0))
+OPTIMIZERS.register("adamw")(lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999)))
 
 class Classifier(L.LightningModule):
     """Image classifier taking uint8 NCHW batches; normalisation lives inside the model."""
 
     def __init__(self, arch: str, num_classes: int, width: int, mean: list[float], std: list[float],
-                 cfg: dict[str, Any]) -> None:
+                 cfg: dict[str, Any], countermeasures: list[Countermeasure] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["countermeasures"])
         self.cfg = TrainConfig.model_validate(cfg)
+        self.countermeasures = active(self.cfg, num_classes) if countermeasures is None else countermeasures
         net = build_model(arch, num_classes, width)
         if self.cfg.init_weights:
             load_pretrained(net, self.cfg.init_weights)
-        if self.cfg.defense.dp is not None:
-            net = dp_compatible(net)
+        for countermeasure in self.countermeasures:
+            net = countermeasure.wrap_network(net)
         self.model = Normalized(net, tuple(mean), tuple(std))
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.batch_transforms = batch_transforms(self.cfg.defense, num_classes)
-        self.grad_samples: list[Any] = []  # DP-SGD's per-sample-gradient wrapper, kept alive (not a submodule)
+        self.batch_transforms = [c for c in self.countermeasures if c.transforms_batches]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -95,8 +97,8 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         targets = labels
-        for transform in self.batch_transforms:
-            images, targets = transform(images, targets)
+        for countermeasure in self.batch_transforms:
+            images, targets = countermeasure.transform(images, targets)
         if self.batch_transforms and self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = self(images)
@@ -118,11 +120,10 @@ class Classifier(L.LightningModule):
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = OPTIMIZERS[c.optimizer](
+        opt = OPTIMIZERS.lookup(c.optimizer)(
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c)
-        if c.defense.dp is not None:
-            wrapper, opt = make_private(self.model, opt, c.defense.dp, c.batch_size)
-            self.grad_samples = [wrapper]
+        for countermeasure in self.countermeasures:
+            opt = countermeasure.wrap_optimizer(self.model, opt)
         total = self.trainer.estimated_stepping_batches
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)

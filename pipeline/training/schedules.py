@@ -4,27 +4,28 @@ from __future__ import annotations
 import math
 from typing import Callable, cast
 
+import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..registry import Registry
 
 
 def eval_resolution(cfg: TrainConfig) -> int | None:
     return cfg.eval_resolution or cfg.resolution
 
 # Learning-rate decay after warm-up: (config, progress through the decay in [0, 1], epoch) -> factor.
-DECAYS: dict[str, Callable[[TrainConfig, float, float], float]] = {
-    "constant": lambda c, progress, epoch: 1.0,
-    "cosine": lambda c, progress, epoch: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "linear": lambda c, progress, epoch: 1.0 - progress,
-    "multistep": lambda c, progress, epoch: c.gamma ** sum(epoch >= m for m in c.milestones),
-}
+DECAYS: Registry[Callable[[TrainConfig, float, float], float]] = Registry("train.schedule")
+DECAYS.register("constant")(lambda c, progress, epoch: 1.0)
+DECAYS.register("cosine")(lambda c, progress, epoch: 0.5 * (1.0 + math.cos(math.pi * progress)))
+DECAYS.register("linear")(lambda c, progress, epoch: 1.0 - progress)
+DECAYS.register("multistep")(lambda c, progress, epoch: c.gamma ** sum(epoch >= m for m in c.milestones))
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> Callable[[int], float]:
     """Multiplier of train.lr at each optimizer step: a linear ramp over warmup_epochs, then the
     schedule's decay over the remaining steps (multistep milestones count whole epochs)."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    decay = DECAYS[cfg.schedule]
+    decay = DECAYS.lookup(cfg.schedule)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -33,23 +34,26 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> Cal
 
     return factor
 
-def resolve_precision(cfg: TrainConfig) -> str:
+def resolve_precision(cfg: TrainConfig, required: str | None = None) -> str:
     """Mixed precision where the hardware has it: bf16 on recent GPUs and on CPUs with native bf16
     (AVX512-BF16/AMX, about 2.5x faster here), fp16 on older GPUs, else fp32."""
     if cfg.precision != "auto":
         return cfg.precision
-    if cfg.defense.dp is not None:  # per-sample gradients in full precision
-        return "32-true"
+    if required is not None:  # a countermeasure's (DP-SGD: per-sample gradients in full precision)
+        return required
     if cfg.accelerator != "cpu" and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 def resolution_at(cfg: TrainConfig, epoch: int) -> int:
-    """Training crop size at `epoch` under progressive resizing: min_resolution until the first of
-    resize_epochs, then linearly up to `resolution` at the second, rounded down to a multiple of 32
-    (FFCV's ImageNet recipe) but never below min_resolution."""
+    """Training crop size at `epoch` under progressive resizing, as FFCV's ImageNet recipe computes it
+    (`get_resolution` in ffcv-imagenet): min_resolution up to the first of resize_epochs,
+    `resolution` from the second on, and in between the linear interpolation rounded to the
+    nearest multiple of 32."""
     low, high = cast(int, cfg.min_resolution), cast(int, cfg.resolution)  # both set: TrainConfig checks
     start, end = cfg.resize_epochs
-    progress = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
-    size = int(low + progress * (high - low)) // 32 * 32
-    return high if epoch >= end else max(size, low)
+    if epoch <= start:
+        return low
+    if epoch >= end:
+        return high
+    return int(np.round(np.interp(epoch, [start, end], [low, high]) / 32)) * 32
