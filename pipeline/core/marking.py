@@ -49,15 +49,11 @@ class Backend:
     """The handful of array operations whose spelling differs between numpy and torch; the noise
     math below is written once against it and runs on numpy (CPU) or torch (any device)."""
 
-    name: str
     asarray: Callable[[np.ndarray], Any]
     to_numpy: Callable[[Any], np.ndarray]
-    to_int: Callable[[Any], Any]
-    take: Callable[[Any, Any], Any]  # take along axis 1
     amin: Callable[[Any], Any]  # min over axis 1, kept
     amax: Callable[[Any], Any]
     floor: Callable[[Any], Any]
-    sin: Callable[[Any], Any]
     where: Callable[[Any, Any, Any], Any]
     clip: Callable[[Any, float, float], Any]
     rint: Callable[[Any], Any]
@@ -66,9 +62,8 @@ class Backend:
 
 
 NUMPY = Backend(
-    "numpy", np.asarray, np.asarray, lambda a: a.astype(np.int64), lambda a, i: np.take_along_axis(a, i, axis=1),
-    lambda a: a.min(axis=1, keepdims=True), lambda a: a.max(axis=1, keepdims=True), np.floor, np.sin, np.where,
-    np.clip, np.rint, lambda a: a.astype(np.float32), np.stack,
+    np.asarray, np.asarray, lambda a: a.min(axis=1, keepdims=True), lambda a: a.max(axis=1, keepdims=True),
+    np.floor, np.where, np.clip, np.rint, lambda a: a.astype(np.float32), np.stack,
 )
 
 
@@ -83,9 +78,8 @@ def torch_backend(device: str | torch.device) -> Backend:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
     return Backend(
-        f"torch:{dev}", asarray, lambda t: t.cpu().numpy(), lambda t: t.long(),
-        lambda a, i: torch.take_along_dim(a, i, dim=1), lambda t: t.amin(dim=1, keepdim=True),
-        lambda t: t.amax(dim=1, keepdim=True), torch.floor, torch.sin, torch.where, torch.clamp, torch.round,
+        asarray, lambda t: t.cpu().numpy(), lambda t: t.amin(dim=1, keepdim=True),
+        lambda t: t.amax(dim=1, keepdim=True), torch.floor, torch.where, torch.clamp, torch.round,
         lambda t: t.float(), torch.stack,
     )
 
@@ -163,11 +157,6 @@ def _octave_factors(perm: np.ndarray, scale: float, height: int, width: int) -> 
     left[r, cy], left[r, n_rows + cy] = 1 - v, (1 - v) * fy
     left[r, cy + 1], left[r, n_rows + cy + 1] = v, v * (fy - 1)
     return left, np.concatenate([p_rows, q_rows])
-
-
-def _minmax(a: Any, xp: Backend) -> Any:
-    lo, hi = xp.amin(a), xp.amax(a)
-    return (a - lo) / xp.clip(hi - lo, 1e-12, None)
 
 
 def perlin_params(seeds: np.ndarray) -> dict[str, np.ndarray]:

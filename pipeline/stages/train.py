@@ -7,7 +7,6 @@ is claimed for one config, so only the same config resumes them; --force starts 
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +24,6 @@ from ..training.module import LOADERS, BetonData, Classifier, evaluate
 from ..training.schedules import eval_resolution, resolve_precision
 from .contract import Context
 
-log = logging.getLogger("pipeline")
 
 
 
@@ -55,7 +53,6 @@ def run_train(ctx: Context) -> None:
             read_checkpoint(last)
         except StageError as exc:
             raise StageError(f"{exc}; delete it to train from the start") from None
-        log.info("train-%s: resuming from %s", arm, last)
     # A resumed run rewrites the files it had written before the kill instead of versioning them.
     checkpoint = ResumableCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
                                      enable_version_counter=False)

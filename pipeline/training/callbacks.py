@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..config import WandbConfig
-from ..console import Progress
+from ..console import Progress, log
 from ..store import Stage, atomic_path
 
 
@@ -51,13 +51,18 @@ class EpochProgress(Callback):
         if trainer.is_global_zero:
             self.progress = Progress(self.label, trainer.max_epochs or 1, start=trainer.current_epoch, prefix="epoch ")
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:  # said when Lightning has restored it, not when we merely found the file
+            log.info("%s: resumed from its last checkpoint at step %d, epoch %d", self.label, checkpoint["global_step"],
+                     checkpoint["epoch"])
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.progress is not None and self.progress.live and trainer.num_training_batches:
             self.progress.advance(1 / float(trainer.num_training_batches))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics  # on every rank: under DDP, computing them syncs the ranks
         if self.progress is not None:
-            metrics = trainer.callback_metrics
             detail = ", ".join(f"{name} {float(metrics[key]):.4g}" for name, key in (("loss", "train_loss"), ("acc", "train_acc"))
                                if key in metrics)
             self.progress.update(trainer.current_epoch + 1, detail)
