@@ -39,16 +39,17 @@ slurm-down:
 # The ImageNet-1k recipe on a SLURM cluster: prints the job plan, then submits and follows it.
 imagenet-audit: $(SETUP)
 	@if [ -z "$(IMAGENET_DIR)" ] || [ -z "$(PARTITION)" ]; then \
-	  echo "usage: make imagenet-audit IMAGENET_DIR=/path/to/imagenet PARTITION=<slurm partition> [ACCOUNT=...]"; \
+	  echo "usage: make imagenet-audit IMAGENET_DIR=/path/to/imagenet PARTITION=<slurm partition> [ACCOUNT=...] [OVERRIDES='key=value ...']"; \
 	  echo "  IMAGENET_DIR holds train/ and val/ class folders; the recipe is configs/imagenet-rn50.yaml"; \
-	  echo "  (8 GPUs per training job); W&B logs offline unless WANDB=online"; exit 2; fi
+	  echo "  (8 GPUs per training job); W&B logs offline unless WANDB=online; OVERRIDES are config --set values"; exit 2; fi
 	@[ -d "$(IMAGENET_DIR)/train" ] && [ -d "$(IMAGENET_DIR)/val" ] || \
 	  { echo "error: $(IMAGENET_DIR) has no train/ and val/ class folders"; exit 2; }
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --launcher slurm --dry-run $(IMAGENET_ARGS)
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --launcher slurm $(IMAGENET_ARGS)
 
 IMAGENET_ARGS = --set data.root=$(IMAGENET_DIR) --set launch.slurm.partition=$(PARTITION) \
-	$(if $(ACCOUNT),--set launch.slurm.account=$(ACCOUNT)) --set wandb.enabled=true --set wandb.mode=$(or $(WANDB),offline)
+	$(if $(ACCOUNT),--set launch.slurm.account=$(ACCOUNT)) --set wandb.enabled=true --set wandb.mode=$(or $(WANDB),offline) \
+	$(foreach o,$(OVERRIDES),--set '$(o)')
 
 clean:
 	rm -rf runs .pytest_cache

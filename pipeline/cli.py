@@ -2,6 +2,7 @@
 
     mtrack run CONFIG [--set section.key=value ...] [--force]
     mtrack run CONFIG --launcher slurm [--dry-run] [--no-wait]   (every stage as SLURM jobs)
+    mtrack status RUN_DIR [--follow]                        (the SLURM jobs of a run, as they stand)
     mtrack experiments TABLE.yaml ... [--launcher slurm]           (experiment tables, results/<table>/)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
@@ -22,7 +23,7 @@ from .config import ConfigError, MarkConfig, load_config
 from .console import attach_console
 from .data.images import ImageError
 from .data.sources import DataSourceError
-from .launchers import LAUNCHERS, launch
+from .launchers import LAUNCHERS, launch, status
 from .stages.contract import STAGES, Task
 from .stages.dag import ARM_STAGES, SHARDED_STAGES, run_task
 from .store import StageError
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the jobs that would run, and stop")
     run.add_argument("--no-wait", dest="wait", action="store_false",
                      help="slurm: return once submitted instead of following the jobs to the end")
+    status = sub.add_parser("status", help="the SLURM jobs of a run: state, reason, node, training progress")
+    status.add_argument("run_dir", help="the run_dir of a run submitted with --launcher slurm")
+    status.add_argument("--follow", action="store_true", help="keep following until the jobs end, as `run` does")
     experiments = sub.add_parser("experiments", help="run experiment tables (configs/experiments/*.yaml)")
     experiments.add_argument("tables", nargs="+", help="experiment table YAML files")
     experiments.add_argument("--launcher", choices=LAUNCHERS.names(), default="local")
@@ -144,6 +148,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 run_table(table, args.launcher, base=args.base)
         elif args.command == "run":
             launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)
+        elif args.command == "status":
+            status(args.run_dir, args.follow)
         elif args.command == "mark" and Path(args.config).is_dir():
             mark_own_folder(args)
         elif args.command == "audit" and args.model:
@@ -158,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -217,6 +217,8 @@ class SlurmConfig(_Strict):
     max_requeues: int = Field(3, ge=0)  # preemptions/time-outs survived before a job gives up
     signal_delay_s: int = Field(120, ge=1)  # USR2 this long before the time limit: checkpoint and requeue
     setup: tuple[str, ...] = ()  # shell lines run before each job (module load ..., source ...)
+    poll_s: float = Field(10, gt=0)  # how often a followed run asks squeue/sacct for its jobs' states
+    summary_every_s: float = Field(300, gt=0)  # a one-line summary when nothing changed for this long
     default: Resources = Resources()
     stages: dict[StageName, Resources] = {}  # per-stage overrides of `default`
 

@@ -28,10 +28,10 @@ class Payload:
         return os.system, (f"touch {self.path}",)
 
 
-def mtrack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def mtrack(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """The command line as a user runs it, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout)
 
 
 def tiny_config(folder: Path, **overrides: object) -> Path:
@@ -53,3 +53,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     (config.parent / "console.log").write_text(result.stdout + result.stderr)
     return config
+
+
+def _slurm_answers() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    """A real SLURM cluster (slurm/setup-local-slurm.sh starts one). Skips without one, unless
+    MTRACK_REQUIRE_SLURM=1 (set by .ci/run, which starts the cluster): there it is a failure."""
+    if _slurm_answers():
+        return
+    if os.environ.get("MTRACK_REQUIRE_SLURM") == "1":
+        pytest.fail("no SLURM cluster answers; start one with `sudo bash slurm/setup-local-slurm.sh`")
+    pytest.skip("no SLURM cluster (start one with `sudo bash slurm/setup-local-slurm.sh`)")

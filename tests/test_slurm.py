@@ -1,12 +1,8 @@
-"""The DAG on a real SLURM cluster through submitit (slurm/setup-local-slurm.sh starts one).
-
-Skipped when no cluster answers, unless MTRACK_REQUIRE_SLURM=1 (set by .ci/run, which starts the
-cluster): there a missing cluster is a failure, not a skip.
-"""
+"""The DAG on a real SLURM cluster through submitit (slurm/setup-local-slurm.sh starts one; the
+`slurm_cluster` fixture skips these tests without one, or fails them under .ci/run)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -14,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import submitit
 import torch
 from conftest import mtrack, tiny_config
 
@@ -21,25 +18,9 @@ from pipeline.config import load_config
 from pipeline.launchers.jobs import plan_jobs
 from pipeline.launchers.slurm import submit_slurm
 
-pytestmark = pytest.mark.slow
-SHARDS = ["--set", "launch.mark_shards=2", "--set", "launch.audit_shards=2",
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+SHARDS = ["--set", "launch.mark_shards=2", "--set", "launch.audit_shards=2", "--set", "launch.slurm.poll_s=1",
           "--set", "launch.slurm.default.cpus_per_task=1", "--set", "launch.slurm.default.mem_gb=2"]
-
-
-def _cluster_answers() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster() -> None:
-    if _cluster_answers():
-        return
-    if os.environ.get("MTRACK_REQUIRE_SLURM") == "1":
-        pytest.fail("no SLURM cluster answers; start one with `sudo bash slurm/setup-local-slurm.sh`")
-    pytest.skip("no SLURM cluster (start one with `sudo bash slurm/setup-local-slurm.sh`)")
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +82,8 @@ def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         done = mtrack(stage, str(config), *(f"--set={o}" for o in overrides))
         assert done.returncode == 0, done.stderr[-2000:]
     cfg = load_config(config, overrides)
-    (job,) = [s.job for s in submit_slurm(cfg, plan_jobs(cfg)) if s.task.name == "train-marked"]
+    record = submit_slurm(cfg, plan_jobs(cfg))
+    (job,) = [submitit.SlurmJob(record.folder, j.job_id) for j in record.jobs if j.task == "train-marked"]
     last = Path(cfg.run_dir) / "train-marked" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists():

@@ -3,7 +3,9 @@
 - `local` runs each task in its own Python process on this machine, in order.
 - `slurm` submits every unfinished task through submitit: mark and audit as job arrays (one array
   task per missing shard; the last shard to finish merges), write and report as single jobs, train
-  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies.
+  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies;
+  after a pre-flight check of every request against the partition, all or nothing, then followed
+  state by state (`status` shows the same for a run submitted without waiting).
 
 A re-run plans only what is not done: finished stages are skipped and a sharded stage resubmits
 only its missing shards, so a failed array task is re-run alone. Every job is checkpointable:
@@ -13,26 +15,19 @@ after a preemption or time-out submitit requeues it and the task resumes from it
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from ..config import RunConfig, load_config
+from ..store import StageError
+from .follow import Follower, JobRecord, follow
 from .local import run_local
-from .jobs import LAUNCHERS, Job, plan_jobs
+from .jobs import LAUNCHERS, Job, plan_jobs, ranges
+from .preflight import describe_preflight
 from .slurm import run_slurm, slurm_parameters
 
-__all__ = ["LAUNCHERS", "describe", "launch", "run_local", "run_slurm"]  # both register in LAUNCHERS
+__all__ = ["LAUNCHERS", "describe", "launch", "run_local", "run_slurm", "status"]  # both register in LAUNCHERS
 
 log = logging.getLogger("pipeline")
-
-
-def ranges(numbers: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8": sbatch's array notation."""
-    parts, start = [], None
-    for i, n in enumerate(numbers):
-        start = n if start is None else start
-        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
-            parts.append(f"{start}-{n}" if n > start else str(n))
-            start = None
-    return ",".join(parts)
 
 
 def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
@@ -58,7 +53,27 @@ def launch(config_path: str, overrides: list[str], launcher: str, force: bool = 
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
     cfg = load_config(config_path, overrides)
     if dry_run:
-        print(describe(cfg, plan_jobs(cfg), launcher))
+        jobs = plan_jobs(cfg)
+        print(describe(cfg, jobs, launcher))
+        if launcher == "slurm" and jobs:
+            print(describe_preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]))
         return
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)
+
+
+def status(run_dir: str, keep_following: bool = False) -> None:
+    """`mtrack status RUN_DIR`: every job of the run's latest SLURM submission as it stands, the
+    training progress so far and a summary; with `keep_following`, then follows it as `run` does."""
+    path = JobRecord.path_for(run_dir)
+    if not path.exists():
+        raise StageError(f"{path}: not found; {run_dir} has no SLURM submission (mtrack run CONFIG --launcher slurm)")
+    record = JobRecord.load(path)
+    follower = Follower(record)
+    for line in follower.poll():
+        print(line)
+    print(follower.summary())
+    if keep_following:
+        follow(record, lambda line: print(f"{datetime.now():%H:%M:%S} {line}", flush=True), follower)
+    elif problem := follower.problem():
+        print(f"the run cannot finish: {problem}")

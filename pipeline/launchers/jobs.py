@@ -45,3 +45,14 @@ def plan_jobs(cfg: RunConfig) -> list[Job]:
             shards = tuple(missing_shards(stage, task.num_shards))
         jobs.append(Job(task, shards, tuple(dependencies(cfg, task))))
     return jobs
+
+
+def ranges(numbers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8": sbatch's array notation."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    return ",".join(parts)

@@ -3,23 +3,28 @@ arrays (one array task per missing shard; the last shard to finish merges), writ
 single jobs, train as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok`
 dependencies. Every job is checkpointable: after a preemption or time-out submitit requeues it and
 the task resumes from its own state (training from Lightning's last checkpoint).
+
+A run is checked against its partition before anything is submitted (`preflight`), submitted all
+or nothing (a refused sbatch cancels the jobs already queued), and followed state by state
+(`follow`) until it completes, fails or is stuck.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
 from ..console import attach_console
-from ..stages.contract import Task
+from ..stages.contract import Task, stage_for
 from ..stages.dag import run_task
-from ..store import StageError, read_json, write_json
+from ..store import StageError
+from .follow import JobRecord, RecordedJob, cancel, follow, query_states
 from .jobs import LAUNCHERS, Job, plan_jobs
+from .preflight import preflight
 
 log = logging.getLogger("pipeline")
 
@@ -88,84 +93,49 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _jobs_record(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / "launch" / "slurm-jobs.json"
-
-
-ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
-
-
-def _still_queued(job_ids: list[str]) -> list[str]:
-    """Jobs among `job_ids` that are pending or running (squeue also lists recently ended ones)."""
-    if not job_ids:
-        return []
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True)
-    rows = [line.split() for line in out.stdout.splitlines()] if out.returncode == 0 else []
-    return [row[0] for row in rows if len(row) == 2 and row[1] not in ENDED_STATES]
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A submitted SLURM job (one array task for sharded stages) and what it runs."""
-
-    task: Task
-    shard: int | None
-    job: Any  # submitit.Job
-
-    @property
-    def label(self) -> str:
-        return f"{self.task.name} shard {self.shard}" if self.shard is not None else self.task.name
-
-
-def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> list[Submitted]:
+def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
     """Submit the jobs in DAG order, each with afterok dependencies on the jobs of its upstream
-    tasks submitted before it (finished upstream tasks need none)."""
+    tasks submitted before it (finished upstream tasks need none). All or nothing: the record is
+    saved after every sbatch, and if one is refused (or the submission is interrupted) every job
+    already submitted is cancelled."""
     import submitit
 
-    record = _jobs_record(cfg)
-    if record.exists():
-        previous = sorted({j.split("_")[0] for entry in read_json(record)["jobs"] for j in entry["job_ids"]})
-        if queued := _still_queued(previous):
-            raise StageError(f"{record}: jobs {', '.join(queued)} of an earlier submission are still queued; "
-                             "wait for them or scancel them before submitting again")
-    folder = Path(cfg.launch.slurm.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.launch.slurm.max_requeues)
-    submitted: list[Submitted] = []
-    for job in jobs:
-        upstream = {dep.name for dep in job.after}
-        waits = sorted({s.job.job_id.split("_")[0] for s in submitted if s.task.name in upstream})
-        executor.update_parameters(**slurm_parameters(cfg, job.task),
-                                   slurm_dependency=f"afterok:{':'.join(waits)}" if waits else None)
-        stage_job = StageJob(cfg, job.task)
-        if job.is_array:
-            handles = executor.map_array(stage_job, list(job.shards))
-            submitted += [Submitted(job.task, shard, h) for shard, h in zip(job.shards, handles)]
-        else:
-            submitted.append(Submitted(job.task, None, executor.submit(stage_job)))
-        log.info("%s: submitted job %s", job.task.name, submitted[-1].job.job_id.split("_")[0])
-    write_json(record, {"log_dir": str(folder.parent), "jobs": [
-        {"task": s.task.name, "shard": s.shard, "job_ids": [s.job.job_id]} for s in submitted]})
-    return submitted
-
-
-def wait_slurm(submitted: list[Submitted]) -> None:
-    """Wait for every job in DAG order; on the first failure cancel what is left and say which
-    task (and shard) failed and where its log is."""
-    import submitit
-
-    for item in submitted:
-        try:
-            item.job.result()
-        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
-            for other in submitted:
-                if not other.job.done():
-                    other.job.cancel(check=False)
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise StageError(f"{item.label} failed in SLURM job {item.job.job_id}: "
-                             f"{lines[-1] if lines else type(exc).__name__}; log: {item.job.paths.stderr}; "
-                             "fix the cause and re-run: only unfinished work is submitted") from None
-        log.info("%s: job %s done", item.label, item.job.job_id)
+    path = JobRecord.path_for(cfg.run_dir)
+    if path.exists():
+        earlier = [j.job_id for j in JobRecord.load(path).jobs]
+        if queued := sorted({job_id.split("_")[0] for job_id, state in query_states(earlier).items() if state.live}):
+            raise StageError(f"{path}: jobs {', '.join(queued)} of an earlier submission are still queued; follow "
+                             f"them with `mtrack status {cfg.run_dir} --follow`, or scancel them, before submitting again")
+    slurm = cfg.launch.slurm
+    folder = Path(slurm.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
+    record = JobRecord(path, str(folder), slurm.poll_s, slurm.summary_every_s)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=slurm.max_requeues)
+    try:
+        for job in jobs:
+            upstream = {dep.name for dep in job.after}
+            waits = sorted({j.base_id for j in record.jobs if j.task in upstream}, key=int)
+            executor.update_parameters(**slurm_parameters(cfg, job.task),
+                                       slurm_dependency=f"afterok:{':'.join(waits)}" if waits else None)
+            stage_job = StageJob(cfg, job.task)
+            try:
+                handles = executor.map_array(stage_job, list(job.shards)) if job.is_array \
+                    else [executor.submit(stage_job)]
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
+                message = [line.removeprefix("sbatch: error: ") for line in str(exc).splitlines() if line.strip()]
+                raise StageError(f"{job.task.name}: sbatch refused the job: {message[-1] if message else exc}") from None
+            stage_dir = str(stage_for(cfg, job.task).dir)
+            epochs = cfg.train.epochs if job.task.stage == "train" else None
+            record.add([RecordedJob(job.task.name, shard, h.job_id, stage_dir, epochs)
+                        for shard, h in zip(job.shards or (None,), handles)])
+            log.info("%s: submitted job %s", job.task.name, record.jobs[-1].base_id)
+    except BaseException as exc:
+        cancel([j.job_id for j in record.jobs])
+        if record.jobs and isinstance(exc, StageError):
+            ids = sorted({j.base_id for j in record.jobs}, key=int)
+            raise StageError(f"{exc}; cancelled the {len(ids)} job(s) already submitted for this run "
+                             f"({', '.join(ids)})") from None
+        raise
+    return record
 
 
 @LAUNCHERS.register("slurm")
@@ -178,9 +148,10 @@ def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
     if not jobs:
         log.info("nothing to submit: every stage is done")
         return
-    submitted = submit_slurm(cfg, jobs)
+    preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]).raise_if_unfit()
+    record = submit_slurm(cfg, jobs)
     if wait:
-        wait_slurm(submitted)
+        follow(record, log.info)
     else:
-        log.info("submitted %d job(s); follow them with squeue; re-running this command submits what is left "
-                 "once they have ended", len(submitted))
+        log.info("submitted %d job(s); follow them with `mtrack status %s --follow`; re-running this command "
+                 "submits what is left once they have ended", len(record.jobs), cfg.run_dir)
