@@ -105,6 +105,10 @@ def test_state_lines_follow_the_order_things_happened(tmp_path: Path) -> None:
     assert lines == ["train-control (job 6): completed after 50s", "train-marked (job 5): completed after 58s",
                      "mark shards 0-1 (job 7): completed after 5s", "write (job 8): running on n2"]
     assert follower.update({"8": JobState("COMPLETING", "None", "n2", "2026-01-01T10:00:05", "")}) == []
+    follower.record.jobs.append(RecordedJob("report", None, "9", str(tmp_path)))
+    assert follower.update({"9": JobState("PENDING", "Dependency")}) == ["report (job 9): pending (Dependency)"]
+    quick = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:06", "2026-01-01T10:00:07")  # between two polls
+    assert follower.update({"9": quick}) == ["report (job 9): running on n1", "report (job 9): completed after 1s"]
     assert follower.update({"8": JobState("FAILED", "None", "n2", "2026-01-01T10:00:05", "2026-01-01T10:01:05")}) == \
         ["write (job 8): failed after 1m00s"]
     assert JobState("PENDING", "Priority").describe() == "pending (Priority)"

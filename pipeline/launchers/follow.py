@@ -250,9 +250,13 @@ class Follower:
         changed = [(job, now[job.job_id]) for job in self.record.jobs
                    if job.job_id in now and (job.job_id not in self.states
                                              or now[job.job_id].change != self.states[job.job_id].change)]
+        # A job seen waiting that started and ended between two polls still gets its "running on" line
+        unseen_runs = [(job, JobState("RUNNING", node=state.node, start=state.start)) for job, state in changed
+                       if not state.live and state.node and state.start and job.job_id in self.states
+                       and self.states[job.job_id].state == "PENDING"]
         self.suspect = {j for j, s in self.states.items() if s.state in MAY_BE_REQUEUED and now.get(j) == s}
         self.states.update(now)
-        events = self._state_events(changed) + self._progress_events()
+        events = self._state_events(unseen_runs) + self._state_events(changed) + self._progress_events()
         return [line for _, line in sorted(events, key=lambda e: e[0])]
 
     def _state_events(self, changes: list[tuple[RecordedJob, JobState]]) -> list[tuple[tuple[int, int], str]]:
