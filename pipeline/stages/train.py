@@ -65,6 +65,7 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
         callbacks=callbacks, plugins=cluster_plugins(), num_sanity_val_steps=0,
         check_val_every_n_epoch=1 if defense.early_stopping_patience else val_every,  # early stopping watches every epoch
         enable_progress_bar=False, enable_model_summary=False, deterministic=False,
+        benchmark=True,  # cuDNN picks the fastest kernels per input shape, as FFCV's recipe does (no effect on CPU)
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     if wandb.enabled and trainer.global_rank == 0:  # Lightning leaves the run open; close it with the stage
