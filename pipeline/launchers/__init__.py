@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..config import RunConfig, load_config
+from .cost import cost_table
 from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs
 from .slurm import run_slurm, slurm_parameters
@@ -58,7 +59,10 @@ def launch(config_path: str, overrides: list[str], launcher: str, force: bool = 
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
     cfg = load_config(config_path, overrides)
     if dry_run:
-        print(describe(cfg, plan_jobs(cfg), launcher))
+        jobs = plan_jobs(cfg)
+        print(describe(cfg, jobs, launcher))
+        if launcher == "slurm" and jobs:
+            print("\n" + cost_table(cfg, jobs))
         return
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)
