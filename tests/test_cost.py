@@ -11,6 +11,7 @@ from conftest import mtrack
 from pipeline.config import load_config
 from pipeline.launchers.cost import FFCV_RN50, cost_table, estimate_job, load_rates
 from pipeline.launchers.jobs import plan_jobs
+from pipeline.store import StageError
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "imagenet-rn50.yaml"
 N_TRAIN, GPUS = 1_131_167, 8
@@ -106,3 +107,10 @@ def test_table_lists_each_source_once(tmp_path: Path) -> None:
     cfg = load_config(RECIPE, [f"run_dir={tmp_path / 'run'}"])
     table = cost_table(cfg, plan_jobs(cfg), tmp_path / "no-bench")
     assert table.count("published: FFCV") == 1 and table.count("[1]") == 3  # two train rows and the source line
+
+
+def test_an_unreadable_benchmark_file_is_named(tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    _gpu_json(bench, train={"per": "GPU"})  # no rates
+    with pytest.raises(StageError, match="gpu.json: not a benchmark result"):
+        load_rates(bench)

@@ -15,14 +15,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from ..config import RunConfig
-from ..store import read_json
+from ..store import StageError, read_json
 from ..training.schedules import resolution_at
 from .jobs import Job
 from .slurm import slurm_parameters
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "results" / "bench"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,21 @@ def _cpu_marking(path: Path) -> Rate | None:
     return Rate(rates, "core", f"measured: {path.name} on {report['machine'].split(',')[0]}") if rates else None
 
 
+def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
+    """A benchmark file parsed, `empty` when there is none; a file of another shape is named."""
+    if not path.is_file():
+        return empty
+    try:
+        return parse(path)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StageError(f"{path}: not a benchmark result the cost estimate can read "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
 def load_rates(bench_dir: Path = BENCH_DIR) -> Rates:
     """The best source for each throughput: a GPU measurement, else the CPU benchmark or FFCV's figure."""
-    gpu = _gpu_rates(bench_dir / "gpu.json") if (bench_dir / "gpu.json").is_file() else {}
-    mark_cpu = _cpu_marking(bench_dir / "marking.json") if (bench_dir / "marking.json").is_file() else None
+    gpu: dict[str, Rate] = _read(bench_dir / "gpu.json", _gpu_rates, {})
+    mark_cpu = _read(bench_dir / "marking.json", _cpu_marking, None)
     return Rates(train=gpu.get("train"), published_train=_published_train(), audit=gpu.get("audit"),
                  mark_gpu=gpu.get("mark"), mark_cpu=mark_cpu, write=gpu.get("write"))
 
