@@ -507,12 +507,16 @@ def ddp_devices(device: str) -> int:
 
 
 def part_ddp(ctx: Context) -> dict[str, Any] | None:
+    import torch.distributed as dist
+
     s, n = ctx.scale, ddp_devices(ctx.device)
     res = s.train_resolutions[0]
     steps_per_epoch = math.ceil(s.train_records / n) // s.train_batch
     epochs = math.ceil((s.warm_batches + s.ddp_batches) / max(steps_per_epoch, 1))
     cfg = _train_config(ctx, res, devices=n, strategy="ddp", epochs=epochs)
     clock, trainer = _fit(ctx, cfg)
+    if dist.is_initialized():  # a group left open can abort a rank at exit (seen with gloo)
+        dist.destroy_process_group()
     if trainer.global_rank != 0:
         return None  # rank 0 reports for all
     rate, backend = clock.rate, clock.backend
