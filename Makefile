@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench experiments clean slurm-up slurm-down imagenet-audit
+.PHONY: setup demo test test-fast bench gpu-check experiments clean slurm-up slurm-down imagenet-audit
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -26,6 +26,11 @@ bench: $(SETUP)
 	$(PY) -m bench.loader
 	$(PY) -m bench.lightning
 	@echo "benchmarks written under results/bench/ and results/marking/"
+
+# On a CUDA machine: every GPU path in one run of under 8 minutes -> results/bench/gpu.json
+# (python -m bench.gpu_check --help; --device cpu --tiny is the CPU version the tests run)
+gpu-check: $(SETUP)
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 experiments: $(SETUP)  # every table under configs/experiments/ -> results/<table>/ and results/README.md
 	$(PY) -m pipeline.cli experiments configs/experiments/*.yaml $(if $(BASE),--base $(BASE))

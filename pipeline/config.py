@@ -178,6 +178,22 @@ class TrainConfig(_Strict):
         return self
 
 
+    def resolution_at(self, epoch: int) -> int:
+        """Training crop size at `epoch` under progressive resizing, as FFCV's ImageNet recipe computes
+        it (`get_resolution` in ffcv-imagenet): min_resolution up to the first of resize_epochs,
+        `resolution` from the second on, and in between the linear interpolation rounded to the
+        nearest multiple of 32 (half to even, as numpy rounds)."""
+        low, high = self.min_resolution, self.resolution
+        if low is None or high is None:
+            raise ValueError("train.resolution_at needs train.min_resolution and train.resolution")
+        start, end = self.resize_epochs
+        if epoch <= start:
+            return low
+        if epoch >= end:
+            return high
+        return round((low + (epoch - start) / (end - start) * (high - low)) / 32) * 32
+
+
 class AuditConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     num_workers: int = Field(2, ge=1)

@@ -9,17 +9,16 @@ import pytest
 from pipeline.data.betons import make_loader, write_beton
 from pipeline.config import TrainConfig
 from pipeline.data.torchdata import make_torch_loader
-from pipeline.training.schedules import resolution_at
 
 
 def test_resolution_grows_between_the_ramp_epochs_as_ffcv_rounds_it() -> None:
     cfg = TrainConfig(resolution=192, min_resolution=160, resize_epochs=(65, 76), epochs=88)
-    sizes = [resolution_at(cfg, e) for e in range(88)]
+    sizes = [cfg.resolution_at(e) for e in range(88)]
     # FFCV's rn50 recipe: the interpolation rounded to the nearest multiple of 32 reaches 192 px
     # once it passes 176 px, at epoch 65 + 11 * 16 / 32 = 70.5, i.e. from epoch 71 on
     assert sizes == [160] * 71 + [192] * 17
     wide = TrainConfig(resolution=256, min_resolution=128, resize_epochs=(10, 14), epochs=20)
-    assert [resolution_at(wide, e) for e in range(9, 16)] == [128, 128, 160, 192, 224, 256, 256]
+    assert [wide.resolution_at(e) for e in range(9, 16)] == [128, 128, 160, 192, 224, 256, 256]
     with pytest.raises(ValueError, match="min_resolution"):
         TrainConfig(min_resolution=160)
 

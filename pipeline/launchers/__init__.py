@@ -20,6 +20,7 @@ from datetime import datetime
 from ..config import RunConfig, load_config
 from ..store import StageError
 from .follow import Follower, JobRecord, follow
+from .cost import cost_table
 from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
 from .preflight import describe_preflight
@@ -57,6 +58,7 @@ def launch(config_path: str, overrides: list[str], launcher: str, force: bool = 
         print(describe(cfg, jobs, launcher))
         if launcher == "slurm" and jobs:
             print(describe_preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]))
+            print("\n" + cost_table(cfg, jobs))
         return
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)

@@ -15,7 +15,7 @@ from ..data.betons import BetonLoader, make_loader
 from ..data.torchdata import TorchBetonLoader, make_torch_loader
 from ..registry import Registry
 from .countermeasures import Countermeasure, active
-from .schedules import eval_resolution, lr_factor, resolution_at
+from .schedules import eval_resolution, lr_factor
 
 
 LOADERS: Registry[Callable[..., BetonLoader | TorchBetonLoader]] = Registry("train.loader")
@@ -92,7 +92,7 @@ class Classifier(L.LightningModule):
         if loader is not None:
             loader.epoch = self.current_epoch
             if self.cfg.min_resolution is not None:
-                loader.set_resolution(resolution_at(self.cfg, self.current_epoch))
+                loader.set_resolution(self.cfg.resolution_at(self.current_epoch))
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, cast
+from typing import Callable
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
@@ -44,16 +43,3 @@ def resolve_precision(cfg: TrainConfig, required: str | None = None) -> str:
     if cfg.accelerator != "cpu" and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-
-def resolution_at(cfg: TrainConfig, epoch: int) -> int:
-    """Training crop size at `epoch` under progressive resizing, as FFCV's ImageNet recipe computes it
-    (`get_resolution` in ffcv-imagenet): min_resolution up to the first of resize_epochs,
-    `resolution` from the second on, and in between the linear interpolation rounded to the
-    nearest multiple of 32."""
-    low, high = cast(int, cfg.min_resolution), cast(int, cfg.resolution)  # both set: TrainConfig checks
-    start, end = cfg.resize_epochs
-    if epoch <= start:
-        return low
-    if epoch >= end:
-        return high
-    return int(np.round(np.interp(epoch, [start, end], [low, high]) / 32)) * 32
