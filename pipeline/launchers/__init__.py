@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..config import RunConfig, load_config
+from ..store import writable_folder
 from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs
 from .slurm import run_slurm, slurm_parameters
@@ -53,6 +54,17 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def check_before_running(cfg: RunConfig) -> None:
+    """What a config names that its schema cannot check, checked before the first stage starts
+    rather than when the stage that needs it fails: the model architecture, and that the run and
+    results folders can be written (nothing is left behind by the check)."""
+    from ..core.models import MODELS
+
+    MODELS.lookup(cfg.train.arch)
+    writable_folder(cfg.run_dir, "run_dir")
+    writable_folder(cfg.results_dir, "results_dir")
+
+
 def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
            wait: bool = True) -> None:
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
@@ -60,5 +72,6 @@ def launch(config_path: str, overrides: list[str], launcher: str, force: bool = 
     if dry_run:
         print(describe(cfg, plan_jobs(cfg), launcher))
         return
+    check_before_running(cfg)
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)
