@@ -188,6 +188,7 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("negative seed", lambda s: None, ["--force", "--seed", "-1"], "--seed"),
     ("seed beyond 63 bits", lambda s: None, ["--force", "--seed", str(2**63)], "--seed"),
     ("seed not a number", lambda s: None, ["--force", "--seed", "abc"], "--seed"),
+    ("seed '--' (argparse used to drop it)", lambda s: None, ["--force", "--seed=--", "--seed=3"], "--seed"),
     ("alpha not a number", lambda s: None, ["--force", "--alpha", "nan"], "--alpha"),
     ("infinite epsilon", lambda s: None, ["--force", "--epsilon", "inf"], "--epsilon"),
     ("stage option --shard", lambda s: None, ["--force", "--shard", "1"], "--shard"),
