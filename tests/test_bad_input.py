@@ -427,7 +427,9 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("user folder without a key", lambda r: _loose_folder(r), ["--user", "{root}/loose"], "no key file here"),
     ("key is a folder", lambda r: r / "model.pt", ["--key", "{root}/originals"], "originals: is a folder, not a file"),
     ("key is a device", lambda r: r / "model.pt", ["--key", "/dev/zero"], "/dev/zero: not a regular file"),
-    ("originals folder missing", lambda r: r / "model.pt", ["--originals", "{root}/gone"], "--originals {root}/gone"),
+    ("originals folder missing", lambda r: r / "model.pt", ["--originals", "{root}/gone"],
+     "--originals {root}/gone: folder not found"),
+    ("originals a file", lambda r: r / "model.pt", ["--originals", "{root}/model.pt"], "--originals {root}/model.pt: not a"),
     ("a config next to --model", lambda r: r / "model.pt", [str(TINY)], "takes no CONFIG"),
     ("a stage flag next to --model", lambda r: r / "model.pt", ["--arm", "marked"], "--arm"),
 ]
@@ -616,6 +618,10 @@ RUN_CASES = [
     ("unknown architecture", lambda t: ["--set", "train.arch=resnet9000"], "train.arch: unknown 'resnet9000'"),
     ("negative seed", lambda t: ["--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
     ("unknown launcher", lambda t: ["--launcher", "kubernetes"], "--launcher: invalid choice: 'kubernetes'"),
+    ("missing weights to fine-tune from", lambda t: ["--set", f"train.init_weights={t}/resnet.pt"],
+     "train.init_weights: {tmp}/resnet.pt is not a file"),
+    ("missing OOD folder", lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
+     "mark.ood_folder: {tmp}/ood is not a folder"),
 ]
 
 

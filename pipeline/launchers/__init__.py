@@ -13,9 +13,10 @@ after a preemption or time-out submitit requeues it and the task resumes from it
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..config import RunConfig, load_config
-from ..store import writable_folder
+from ..store import StageError, writable_folder
 from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs
 from .slurm import run_slurm, slurm_parameters
@@ -56,11 +57,15 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
 
 def check_before_running(cfg: RunConfig) -> None:
     """What a config names that its schema cannot check, checked before the first stage starts
-    rather than when the stage that needs it fails: the model architecture, and that the run and
-    results folders can be written (nothing is left behind by the check)."""
+    rather than when the stage that needs it fails: the model architecture, the files it names, and
+    that the run and results folders can be written (nothing is left behind by the check)."""
     from ..core.models import MODELS
 
     MODELS.lookup(cfg.train.arch)
+    if cfg.train.init_weights is not None and not Path(cfg.train.init_weights).is_file():
+        raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
+    if cfg.mark.ood_folder is not None and not Path(cfg.mark.ood_folder).is_dir():
+        raise StageError(f"mark.ood_folder: {cfg.mark.ood_folder} is not a folder")
     writable_folder(cfg.run_dir, "run_dir")
     writable_folder(cfg.results_dir, "results_dir")
 

@@ -71,7 +71,8 @@ def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | N
         raise StageError(f"{key_source}: holds no class label; pass --label (the class of your images)")
     if not folder.is_dir():
         where = f"--originals {folder}" if originals else f"{key_source}: source_folder {folder}"
-        raise StageError(f"{where}: folder not found; pass --originals FOLDER (your original images)")
+        raise StageError(f"{where}: {'not a folder' if folder.exists() else 'folder not found'}; pass --originals "
+                         "FOLDER (your original images)")
     images, hashes = [], []
     for entry in key["files"]:
         path = folder / entry["original"]
