@@ -26,7 +26,7 @@ from .console import stderr_log_handler
 from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch
-from .owner.key import MAX_CLASSES, KEY_NAME, ClassLabel, PatternCount, Resolution, Seed
+from .owner.key import KEY_NAME, ClassCount, ClassLabel, PatternCount, Resolution, Seed
 from .stages.dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
 from .store import AlreadyReported, StageError, writable_folder
 
@@ -35,7 +35,6 @@ USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
 
 ShardCount = Annotated[int, Field(ge=1, le=MAX_SHARDS)]
 ShardIndex = Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
-ClassCount = Annotated[int, Field(ge=2, le=MAX_CLASSES)]
 Level = Annotated[float, Field(gt=0.0, lt=1.0)]
 DEFAULT_LEVEL = 0.05  # the owner's audit: significance level of the verdict
 MarkAlpha = Annotated[float, MarkConfig.model_fields["alpha"]]

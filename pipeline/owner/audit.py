@@ -19,12 +19,11 @@ from ..core.scoring import logit_margin
 from ..data.images import read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
-from .key import MAX_CLASSES, ClassLabel, validate_key
+from .key import ClassCount, ClassLabel, validate_key
 from .marking import candidate_pattern_seed, fit_to_grid, mark_image
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
-ClassCount = Annotated[int, Field(ge=2, le=MAX_CLASSES)]
 
 
 class Predictor:

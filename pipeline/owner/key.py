@@ -30,6 +30,7 @@ MAX_CLASSES = 1_000_000
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 PatternCount = Annotated[int, Field(ge=2, le=MAX_PATTERNS)]
 ClassLabel = Annotated[int, Field(ge=0, lt=MAX_CLASSES)]
+ClassCount = Annotated[int, Field(ge=2, le=MAX_CLASSES)]
 Resolution = Annotated[int, Field(ge=MIN_SIDE)]
 Side = Annotated[int, Field(ge=MIN_SIDE)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
