@@ -126,14 +126,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @validate_call
-def load_predictor(spec: str, arch: str | None = None, num_classes: ClassCount | None = None) -> Predictor:
+def load_predictor(spec: str | Path, arch: str | None = None, num_classes: ClassCount | None = None) -> Predictor:
     """`spec` is a checkpoint file (this pipeline's model.pt, or a plain state_dict given --arch and
     --num-classes, normalised with ImageNet statistics), loaded as weights only; or `module:function`,
     a black-box callable taking uint8 NCHW images and returning logits, imported as `python -m`
     would: from the current directory first, then PYTHONPATH and the installed packages."""
     path = Path(spec)
-    if not path.exists() and ":" in spec:
-        return Predictor(_import_callable(spec), f"--model {spec}")
+    if not path.exists() and ":" in str(spec):
+        return Predictor(_import_callable(str(spec)), f"--model {spec}")
     if arch is not None and arch not in MODELS.names():
         raise StageError(f"--arch {arch}: unknown architecture (known: {', '.join(MODELS.names())})")
     blob = read_checkpoint(path)
