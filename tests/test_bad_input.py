@@ -185,6 +185,8 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("absurd pattern count", lambda s: None, ["--force", "--n-patterns", str(10**12)], "--n-patterns"),
     ("negative label", lambda s: None, ["--force", "--label", "-1"], "--label"),
     ("huge label", lambda s: None, ["--force", "--label", str(10**30)], "--label"),
+    ("label one past the bound", lambda s: None, ["--force", "--label", "100000"], "--label"),
+    ("max resolution one below the bound", lambda s: None, ["--force", "--max-resolution", "7"], "--max-resolution"),
     ("negative seed", lambda s: None, ["--force", "--seed", "-1"], "--seed"),
     ("seed beyond 63 bits", lambda s: None, ["--force", "--seed", str(2**63)], "--seed"),
     ("seed not a number", lambda s: None, ["--force", "--seed", "abc"], "--seed"),
@@ -293,6 +295,15 @@ def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) ->
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.glob("*.png")} == {0o644}
     assert stat.S_IMODE((out / KEY_NAME).stat().st_mode) == 0o600
     assert not [p for p in tmp_path.rglob(".*")], "a staging folder or temporary file was left"
+
+
+def test_owner_mark_accepts_the_bounds(owner: Path, tmp_path: Path, capsys) -> None:
+    """The largest values --help allows are accepted, not refused (the refusals above start one past them)."""
+    argv = ["mark", str(owner / "originals"), "--out", str(tmp_path / "out"), "--n-patterns", "1000", "--seed",
+            str(2**63 - 1), "--label", "99999", "--max-resolution", "16", "--alpha", "1", "--epsilon", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
+    assert (key["n_patterns"], key["seed"], key["label"], key["max_resolution"]) == (1000, 2**63 - 1, 99999, 16)
 
 
 ACCEPTED_MODES = ["L", "LA", "RGBA", "P", "CMYK", "1", "I;16", "palette+transparency"]
@@ -421,6 +432,9 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("level one", lambda r: r / "model.pt", ["--alpha", "1"], "--alpha"),
     ("level not a number", lambda r: r / "model.pt", ["--alpha", "nan"], "--alpha"),
     ("no classes", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "0"], "--num-classes"),
+    ("one class", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "1"], "--num-classes"),
+    ("classes past the bound", lambda r: r / "plain_small_cnn.pt", ["--arch", "resnet50", "--num-classes", "100001"],
+     "--num-classes"),
     ("unknown architecture", lambda r: r / "plain_small_cnn.pt", ["--arch", "nonet", "--num-classes", "4"],
      "--arch nonet: unknown architecture"),
     ("user folder missing", lambda r: r / "model.pt", ["--user", "{root}/nowhere"], "--user {root}/nowhere: folder not found"),

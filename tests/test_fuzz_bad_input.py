@@ -41,9 +41,9 @@ N_MARK, N_AUDIT, N_KEY, N_SET, N_CONFIG = 150, 100, 250, 150, 50
 
 MAX_SEED = 2**63 - 1
 INT_OPTIONS = {  # flag: (lowest, highest) allowed, as --help states them
-    "mark": {"--seed": (0, MAX_SEED), "--n-patterns": (2, 1000), "--label": (0, 999_999),
+    "mark": {"--seed": (0, MAX_SEED), "--n-patterns": (2, 1000), "--label": (0, 99_999),
              "--max-resolution": (8, None)},
-    "audit": {"--label": (0, 999_999), "--num-classes": (2, 1_000_000)},
+    "audit": {"--label": (0, 99_999), "--num-classes": (2, 100_000)},
 }
 FLOAT_OPTIONS = {  # flag: (low, high, low allowed, high allowed)
     "mark": {"--alpha": (0.0, 1.0, False, True), "--epsilon": (0.0, 1.0, True, True)},
@@ -128,7 +128,7 @@ def bad_option(command: str) -> st.SearchStrategy[tuple[str, str]]:
 def good_options(command: str) -> st.SearchStrategy[list[str]]:
     """Valid options to mix in, so a bad one is caught whatever comes with it."""
     pool = {"mark": [("--seed", st.integers(0, MAX_SEED)), ("--n-patterns", st.integers(2, 1000)),
-                     ("--label", st.integers(0, 999_999)), ("--noise", st.sampled_from(["perlin", "uniform", "none"]))],
+                     ("--label", st.integers(0, 99_999)), ("--noise", st.sampled_from(["perlin", "uniform", "none"]))],
             "audit": [("--label", st.integers(0, 3)), ("--alpha", st.floats(0.001, 0.999))]}[command]
     chosen = st.lists(st.sampled_from(range(len(pool))), unique=True, max_size=len(pool))
     return chosen.flatmap(lambda idx: st.tuples(*(pool[i][1].map(lambda v, f=pool[i][0]: f"{f}={v}") for i in idx))
@@ -162,7 +162,7 @@ KEY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "seed": st.one_of(ints_outside(0, MAX_SEED), NOT_INT),
     "n_patterns": st.one_of(ints_outside(2, 1000), NOT_INT),
     "pattern_index": st.one_of(st.integers(), NOT_INT),  # any index but the published one: see _mutate
-    "label": st.one_of(ints_outside(0, 999_999), NOT_INT.filter(lambda v: v is not None)),
+    "label": st.one_of(ints_outside(0, 99_999), NOT_INT.filter(lambda v: v is not None)),
     "max_resolution": st.one_of(st.integers(max_value=15), NOT_INT.filter(lambda v: v is not None)),
     "mark.alpha": st.one_of(floats_outside(0, 1, False, True), ints_outside(1, 1), NOT_NUMBER),
     "mark.epsilon": st.one_of(floats_outside(0, 1, True, True), ints_outside(0, 1), NOT_NUMBER),
