@@ -13,12 +13,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+MAX_SEED = 2**63 - 1  # seeds are 63-bit throughout (numpy's SeedSequence refuses negative ones)
+MAX_SHARDS = 10_000  # array tasks a sharded stage may be split into
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported as one line that names the file and key."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -245,8 +249,8 @@ class SlurmConfig(_Strict):
 class LaunchConfig(_Strict):
     """How a run is split into jobs. Not part of any stage's hash: the outputs do not depend on it."""
 
-    mark_shards: int = Field(1, ge=1)  # users split over this many array tasks
-    audit_shards: int = Field(1, ge=1)
+    mark_shards: int = Field(1, ge=1, le=MAX_SHARDS)  # users split over this many array tasks
+    audit_shards: int = Field(1, ge=1, le=MAX_SHARDS)
     slurm: SlurmConfig = SlurmConfig()
 
 
@@ -256,7 +260,7 @@ class RunConfig(_Strict):
     name: str = "run"
     run_dir: str = "runs/run"
     results_dir: str = "results/run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     plan: PlanConfig = PlanConfig()
     mark: MarkConfig = MarkConfig()
@@ -285,7 +289,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
     node[leaf] = value
 
 
@@ -299,14 +303,24 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
     so a recipe states only where it differs from the one it builds on."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket), not a config file")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{exc.object[exc.start]:02x}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+    if tree is None:  # an empty file: every setting at its default
+        tree = {}
+    if not isinstance(tree, dict):  # "0" or "[]" is not an empty config
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(tree).__name__} {tree!r:.40}")
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
@@ -316,15 +330,32 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merged(read_tree(base_path, (*seen, path.resolve())), tree)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong in YAML text and where (1-based line and column), in one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML: {problem}{where}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value` as (dotted key, YAML value); a malformed one is refused naming it."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {yaml_problem(exc).replace(' at line 1,', ' at')}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config; `overrides` are `section.key=value` strings parsed as YAML values."""
     path = Path(path)
     tree = read_tree(path)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected section.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, *parse_override(item))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,14 +28,32 @@ class StageError(RuntimeError):
     """A stage cannot run: one line saying which file or setting is wrong."""
 
 
+class AlreadyReported(Exception):
+    """A failure whose one-line error a child process has printed already: the command exits with
+    `status` and adds no second error line."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"exit status {status}")
+        self.status = status
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty: error
+    messages built from a failure must not fail themselves."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; rename it over `target` only if the block succeeds."""
+def atomic_path(target: str | Path, mode: int = 0o666) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it over `target` only if the block succeeds.
+
+    The file is created with `mode` less the umask (as `open` would), so outputs get the usual
+    permissions and a private file (mode 0o600) is never readable by others, not even briefly."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -45,8 +63,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_json(target: str | Path, obj: Any) -> None:
-    with atomic_path(target) as tmp:
+def write_json(target: str | Path, obj: Any, mode: int = 0o666) -> None:
+    with atomic_path(target, mode) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -58,13 +76,50 @@ def copy_file(src: str | Path, target: str | Path) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(regular_file(path).read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: missing (run the stage that writes it first)") from None
+    except OSError as exc:
+        raise StageError(f"{path}: cannot be read ({exc.strerror or first_line(exc)})") from None
     except json.JSONDecodeError as exc:
         raise StageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
         raise StageError(f"{path}: not valid JSON (not UTF-8 text)") from None
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, refused unless it is a regular file: a folder, a device (/dev/zero would be read for
+    ever) or a pipe is named rather than read. A missing path is left to the reader to report."""
+    if path.is_dir():
+        raise StageError(f"{path}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise StageError(f"{path}: not a regular file (a device, pipe or socket)")
+    return path
+
+
+def writable_folder(path: str | Path, what: str) -> None:
+    """Refuse, before anything is written, a folder that cannot be created or written: an existing
+    file, a path under a file, a read-only or virtual file system (/proc, /sys). It is probed by
+    creating what is missing and a file in it, then removing everything the probe created."""
+    path = Path(path).absolute()
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    blocked = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        where = "is a file" if blocked == path else f"lies under the file {blocked}"
+        raise StageError(f"{what}: {path} {where}, not a folder")
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        probe = path / f".write-probe.{secrets.token_hex(4)}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise StageError(f"{what}: cannot write into {path} ({exc.strerror or first_line(exc)})") from None
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -184,7 +239,10 @@ class Stage:
         if record.exists() and read_json(record).get("config_hash") != self.config_hash:
             raise StageError(f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
                              "use a new run_dir or --force")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StageError(f"run_dir: cannot create {self.dir} ({exc.strerror or first_line(exc)})") from None
         if not record.exists():
             write_json(record, {"stage": self.name, "config_hash": self.config_hash})
 

@@ -25,7 +25,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "data": ("base", "core"),
     "training": ("base", "core", "data"),
     "stages": ("base", "core", "data", "training"),
-    "launchers": ("base", "stages"),
+    "launchers": ("base", "core", "stages"),
     "owner": ("base", "core", "data"),
     "app": ("base", "core", "data", "training", "stages", "launchers", "owner"),
 }

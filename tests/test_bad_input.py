@@ -4,8 +4,10 @@ valid images (grey, RGBA, 16-bit, palette, ...) are accepted, not refused."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import Payload
 from PIL import Image
 
@@ -33,8 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+def _digest(path: Path) -> str:
+    return file_sha256(path) if path.is_file() else "folder"
+
+
 def snapshot(*folders: Path) -> dict[Path, str]:
-    return {p: file_sha256(p) for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file (by content) and folder under `folders`: comparing two snapshots catches a file
+    changed, removed or left behind."""
+    return {p: _digest(p) for folder in folders for p in sorted(folder.rglob("*"))}
 
 
 def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -> None:
@@ -49,7 +58,7 @@ def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert names in errors[0], errors[0]
-    assert {p: file_sha256(p) for p in untouched if p.exists()} == untouched, "an earlier output changed"
+    assert {p: _digest(p) for p in untouched if p.exists()} == untouched, "an earlier output changed"
 
 
 # --- a data owner marking a folder ----------------------------------------------------------------
@@ -83,7 +92,53 @@ def owner(tmp_path_factory) -> Path:
     save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
                  root / "model.pt")
     torch.save(model.net.state_dict(), root / "plain_small_cnn.pt")
+    (root / "owner_models.py").write_text(OWNER_MODELS)
+    (root / "owner_broken.py").write_text("raise RuntimeError('cannot start: no licence server')\n")
+    (root / "owner_typo.py").write_text("def predict(images:\n")
     return root
+
+
+OWNER_MODELS = '''"""Black-box models for the audit's bad-input tests, imported from the current directory."""
+from pathlib import Path
+
+import torch
+
+
+def uniform(images):  # well-behaved: equal logits for 4 classes; leaves a trace that it ran
+    Path("model-was-called").touch()
+    return torch.zeros(len(images), 4)
+
+
+def raises(images):
+    raise ValueError("the service is down")
+
+
+def wrong_type(images):
+    return "cat"
+
+
+def wrong_shape(images):
+    return torch.zeros(len(images))
+
+
+def wrong_batch(images):
+    return torch.zeros(1, 4)
+
+
+def one_class(images):
+    return torch.zeros(len(images), 1)
+
+
+def nan_logits(images):
+    return torch.full((len(images), 4), float("nan"))
+
+
+def needs_32_pixels(images):  # a network whose first layer is larger than the owner's 12x16 images
+    return torch.nn.Conv2d(3, 4, 32)(images.float()).flatten(1)
+
+
+not_callable = 3
+'''
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -114,9 +169,34 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("alpha above one", lambda s: None, ["--force", "--alpha", "1.5"], "--alpha"),
     ("negative epsilon", lambda s: None, ["--force", "--epsilon", "-0.01"], "--epsilon"),
     ("one pattern", lambda s: None, ["--force", "--n-patterns", "1"], "--n-patterns"),
-    ("ood without folder", lambda s: None, ["--force", "--pattern", "ood_image"], "ood_folder"),
+    ("ood without folder", lambda s: None, ["--force", "--pattern", "ood_image"], "--ood-folder"),
     ("ood folder missing", lambda s: None, ["--force", "--pattern", "ood_image", "--ood-folder", "/nonexistent/ood"],
      "/nonexistent/ood"),
+    ("ood folder without images", lambda s: (s.parent / "ood").mkdir(), ["--force", "--pattern", "ood_image",
+     "--ood-folder", "{tmp}/ood"], "no image files to draw OOD patterns from"),
+    ("ood folder without ood pattern", lambda s: None, ["--force", "--ood-folder", "{tmp}/photos"], "--ood-folder"),
+    ("max resolution zero", lambda s: None, ["--force", "--max-resolution", "0"], "--max-resolution"),
+    ("max resolution one pixel", lambda s: None, ["--force", "--max-resolution", "1"], "--max-resolution"),
+    ("thin image shrunk to nothing", lambda s: _image(s / "banner.png", size=(300, 9)), ["--force", "--max-resolution",
+     "16"], "banner.png: 9x300 pixels (0x16 after --max-resolution 16) is too small"),
+    ("image too small to mark", lambda s: _image(s / "icon.png", size=(4, 4)), ["--force"], "icon.png: 4x4 pixels"),
+    ("no patterns", lambda s: None, ["--force", "--n-patterns", "0"], "--n-patterns"),
+    ("negative patterns", lambda s: None, ["--force", "--n-patterns", "-5"], "--n-patterns"),
+    ("patterns beyond the audit's bound", lambda s: None, ["--force", "--n-patterns", "1001"], "--n-patterns"),
+    ("absurd pattern count", lambda s: None, ["--force", "--n-patterns", str(10**12)], "--n-patterns"),
+    ("negative label", lambda s: None, ["--force", "--label", "-1"], "--label"),
+    ("huge label", lambda s: None, ["--force", "--label", str(10**30)], "--label"),
+    ("label one past the bound", lambda s: None, ["--force", "--label", "100000"], "--label"),
+    ("max resolution one below the bound", lambda s: None, ["--force", "--max-resolution", "7"], "--max-resolution"),
+    ("negative seed", lambda s: None, ["--force", "--seed", "-1"], "--seed"),
+    ("seed beyond 63 bits", lambda s: None, ["--force", "--seed", str(2**63)], "--seed"),
+    ("seed not a number", lambda s: None, ["--force", "--seed", "abc"], "--seed"),
+    ("seed '--' (argparse used to drop it)", lambda s: None, ["--force", "--seed=--", "--seed=3"], "--seed"),
+    ("alpha not a number", lambda s: None, ["--force", "--alpha", "nan"], "--alpha"),
+    ("infinite epsilon", lambda s: None, ["--force", "--epsilon", "inf"], "--epsilon"),
+    ("stage option --shard", lambda s: None, ["--force", "--shard", "1"], "--shard"),
+    ("stage option --set", lambda s: None, ["--force", "--set", "mark.alpha=0.5"], "--set"),
+    ("flag that does not exist", lambda s: None, ["--force", "--colour", "red"], "--colour"),
 ]
 
 
@@ -126,7 +206,105 @@ def test_owner_mark_refuses(make, args: list[str], names: str, owner: Path, tmp_
     shutil.copytree(owner / "originals", src)
     shutil.copytree(owner / "marked", out)  # an earlier marking that a failed one must leave alone
     make(src)
-    assert_refused(capsys, ["mark", src, "--out", out, *args], names, snapshot(src, out))
+    before = snapshot(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert_refused(capsys, ["mark", src, "--out", out, *args], names, before)
+    assert snapshot(tmp_path) == before, "a refused marking left something behind"
+
+
+def _a_file(tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("a file, not a folder")
+    return tmp / "notes.txt"
+
+
+def _under_file(tmp: Path) -> Path:
+    return _a_file(tmp) / "marked"
+
+
+OUT_CASES = [
+    ("an existing file", _a_file, "it is the file"),
+    ("a path under a file", _under_file, "lies under the file"),
+    ("a virtual file system (/proc)", lambda tmp: Path("/proc/mtrack-marked"), "/proc/mtrack-marked: cannot write"),
+    ("a read-only virtual file system (/sys)", lambda tmp: Path("/sys/mtrack-marked"), "/sys/mtrack-marked: cannot write"),
+    ("a new folder under /proc", lambda tmp: Path("/proc/mtrack/a/b"), "/proc/mtrack/a/b: cannot write"),
+]
+
+
+@pytest.mark.parametrize("make_out, names", [c[1:] for c in OUT_CASES], ids=[c[0] for c in OUT_CASES])
+def test_owner_mark_refuses_an_output_it_cannot_write(make_out, names: str, owner: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    src = tmp_path / "photos"
+    shutil.copytree(owner / "originals", src)
+    out = make_out(tmp_path)
+    before = snapshot(tmp_path)
+    assert_refused(capsys, ["mark", src, "--out", out], names, before)
+    assert snapshot(tmp_path) == before and not out.is_dir()
+
+
+def test_owner_mark_names_a_missing_input_folder(tmp_path: Path, capsys) -> None:
+    assert_refused(capsys, ["mark", tmp_path / "my-photos", "--out", tmp_path / "out"],
+                   "my-photos: input folder not found", {})
+    assert_refused(capsys, ["mark", tmp_path / "my-photos"], "not found (neither a run config nor a folder", {})
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_refuses_the_owners_flags(tmp_path: Path, capsys) -> None:
+    """`mtrack mark CONFIG --seed 3` would otherwise run the stage and silently ignore --seed."""
+    run_dir = tmp_path / "run"
+    assert_refused(capsys, ["mark", TINY, "--set", f"run_dir={run_dir}", "--seed", "3"], "--seed: only for marking", {})
+    assert_refused(capsys, ["audit", TINY, "--arm", "marked", "--set", f"run_dir={run_dir}", "--label", "1"],
+                   "--model", {})
+    assert not run_dir.exists()
+
+
+def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The disk fills up while the second marked copy is written: no marked file and no key appear,
+    neither in a new output folder nor in one that holds an earlier marking."""
+    import errno
+
+    from pipeline.owner import marking
+
+    real_write_png, written = marking.write_png, []
+
+    def disk_fills_up(path: Path, rgb: np.ndarray) -> None:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_png(path, rgb)
+        written.append(path)
+
+    monkeypatch.setattr(marking, "write_png", disk_fills_up)
+    src = tmp_path / "photos"
+    shutil.copytree(owner / "originals", src)
+    shutil.copytree(owner / "marked", tmp_path / "earlier")
+    for out, extra in ((tmp_path / "new" / "marked", []), (tmp_path / "earlier", ["--force"])):
+        written.clear()
+        before = snapshot(tmp_path)
+        assert_refused(capsys, ["mark", src, "--out", out, "--seed", "5", *extra], "No space left on device", before)
+        assert written, "the failure was not midway"
+        assert snapshot(tmp_path) == before, "a failed marking left files behind"
+
+
+def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) -> None:
+    """The marked copies and their folder get the usual permissions; only the key is 0600."""
+    old = os.umask(0o022)
+    try:
+        assert main(["mark", str(owner / "originals"), "--out", str(tmp_path / "pub"), "--seed", "1"]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "pub"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.glob("*.png")} == {0o644}
+    assert stat.S_IMODE((out / KEY_NAME).stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.rglob(".*")], "a staging folder or temporary file was left"
+
+
+def test_owner_mark_accepts_the_bounds(owner: Path, tmp_path: Path, capsys) -> None:
+    """The largest values --help allows are accepted, not refused (the refusals above start one past them)."""
+    argv = ["mark", str(owner / "originals"), "--out", str(tmp_path / "out"), "--n-patterns", "1000", "--seed",
+            str(2**63 - 1), "--label", "99999", "--max-resolution", "16", "--alpha", "1", "--epsilon", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
+    assert (key["n_patterns"], key["seed"], key["label"], key["max_resolution"]) == (1000, 2**63 - 1, 99999, 16)
 
 
 ACCEPTED_MODES = ["L", "LA", "RGBA", "P", "CMYK", "1", "I;16", "palette+transparency"]
@@ -189,7 +367,29 @@ def _key_file(text: str) -> Callable[[Path], Path]:
     return write
 
 
-AUDIT_CASES: list[tuple[str, Callable[[Path], Path], list[str], str]] = [
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _loose_folder(root: Path) -> Path:
+    """Marked images copied elsewhere without their key."""
+    shutil.copytree(root / "marked", root / "loose", ignore=shutil.ignore_patterns(KEY_NAME))
+    return root / "model.pt"
+
+
+def _key_edit(edit: Callable[[dict], object]) -> Callable[[Path], str]:
+    """Edit the key in place; the model is a callable that leaves a trace if it is ever called."""
+    def make(root: Path) -> str:
+        key = json.loads((root / "marked" / KEY_NAME).read_text())
+        edit(key)
+        (root / "marked" / KEY_NAME).write_text(json.dumps(key))
+        return "owner_models:uniform"
+
+    return make
+
+
+AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("truncated checkpoint", _truncated_model, [], "cut.pt"),
     ("malicious pickle", _malicious, [], "evil.pt: refused"),
     ("weights of another width", _inconsistent, [], "wrong-width.pt"),
@@ -200,26 +400,157 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path], list[str], str]] = [
     ("unimportable callable", lambda r: Path("no_such_module:predict"), [], "no_such_module"),
     ("key for another folder", lambda r: r / "model.pt", ["--key", "{root}/other-marked/" + KEY_NAME], "another folder"),
     ("key not JSON", _key_file("{ truncated"), [], KEY_NAME),
-    ("key of another format", _key_file('{"format": "something/2"}'), [], "not a mtrack-key/1"),
+    ("key a JSON list", _key_file("[1, 2]"), [], f"{KEY_NAME}: format: missing"),
+    ("key of another format", _key_file('{"format": "something/2"}'), [], "format: 'something/2' is not a key format"),
     ("missing key", lambda r: r / "model.pt", ["--key", "{root}/absent.json"], "absent.json"),
     ("fewer marked images than the key", _drop_marked, [], "img1.png"),
     ("fewer originals than the key", _drop_original, [], "img2.png"),
     ("no label", lambda r: r / "model.pt", ["--user", "{root}/other-marked"], "--label"),
+    ("empty checkpoint file", lambda r: _bytes(r / "empty.pt", b""), [], "empty.pt: not a loadable checkpoint: an empty file"),
+    ("random bytes", lambda r: _bytes(r / "noise.pt", np.random.default_rng(0).bytes(4000)), [],
+     "noise.pt: not a loadable checkpoint: unrecognised binary data"),
+    ("an image as the model", lambda r: r / "originals" / "img0.png", [], "img0.png: not a loadable checkpoint: a PNG image"),
+    ("a config as the model", lambda r: TINY, [], "tiny.yaml: not a loadable checkpoint: a text file"),
+    ("a folder as the model", lambda r: r / "originals", [], "originals: a folder, not a checkpoint file"),
+    ("callable that raises", lambda r: "owner_models:raises", [],
+     "owner_models:raises: failed on 3 images of 12x16 pixels (ValueError: the service is down)"),
+    ("callable returning a string", lambda r: "owner_models:wrong_type", [], "returned a str, not logits"),
+    ("callable returning one value per image", lambda r: "owner_models:wrong_shape", [], "returned shape (3,) for 3"),
+    ("callable returning another batch size", lambda r: "owner_models:wrong_batch", [], "returned shape (1, 4) for 3"),
+    ("callable with one class", lambda r: "owner_models:one_class", [], "at least 2 classes"),
+    ("callable returning NaN", lambda r: "owner_models:nan_logits", [], "NaN or infinite logits"),
+    ("not callable", lambda r: "owner_models:not_callable", [], "owner_models:not_callable: not callable"),
+    ("image too small for the network", lambda r: "owner_models:needs_32_pixels", [],
+     "needs_32_pixels: failed on 3 images of 12x16 pixels (RuntimeError"),
+    ("module failing on import", lambda r: "owner_broken:predict", [], "cannot import the callable (RuntimeError"),
+    ("module with a syntax error", lambda r: "owner_typo:predict", [], "cannot import the callable (SyntaxError"),
+    ("callable without a module", lambda r: ":predict", [], "expected a checkpoint file or module:function"),
+    ("label outside the model", lambda r: r / "model.pt", ["--label", "4"], "--label 4: outside the model's 4 classes"),
+    ("label in the key outside the model", lambda r: _key_edit(lambda k: k.update(label=7))(r) and r / "model.pt", [],
+     f"{KEY_NAME}: label 7: outside the model's 4 classes"),
+    ("negative label", lambda r: r / "model.pt", ["--label", "-1"], "--label"),
+    ("level zero", lambda r: r / "model.pt", ["--alpha", "0"], "--alpha"),
+    ("level one", lambda r: r / "model.pt", ["--alpha", "1"], "--alpha"),
+    ("level not a number", lambda r: r / "model.pt", ["--alpha", "nan"], "--alpha"),
+    ("no classes", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "0"], "--num-classes"),
+    ("one class", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "1"], "--num-classes"),
+    ("classes past the bound", lambda r: r / "plain_small_cnn.pt", ["--arch", "resnet50", "--num-classes", "100001"],
+     "--num-classes"),
+    ("unknown architecture", lambda r: r / "plain_small_cnn.pt", ["--arch", "nonet", "--num-classes", "4"],
+     "--arch nonet: unknown architecture"),
+    ("user folder missing", lambda r: r / "model.pt", ["--user", "{root}/nowhere"], "--user {root}/nowhere: folder not found"),
+    ("user folder without a key", lambda r: _loose_folder(r), ["--user", "{root}/loose"], "no key file here"),
+    ("key is a folder", lambda r: r / "model.pt", ["--key", "{root}/originals"], "originals: is a folder, not a file"),
+    ("key is a device", lambda r: r / "model.pt", ["--key", "/dev/zero"], "/dev/zero: not a regular file"),
+    ("originals folder missing", lambda r: r / "model.pt", ["--originals", "{root}/gone"],
+     "--originals {root}/gone: folder not found"),
+    ("originals a file", lambda r: r / "model.pt", ["--originals", "{root}/model.pt"], "--originals {root}/model.pt: not a"),
+    ("a config next to --model", lambda r: r / "model.pt", [str(TINY)], "takes no CONFIG"),
+    ("a stage flag next to --model", lambda r: r / "model.pt", ["--arm", "marked"], "--arm"),
 ]
 
 
 @pytest.mark.parametrize("make, args, names", [c[1:] for c in AUDIT_CASES], ids=[c[0] for c in AUDIT_CASES])
-def test_owner_audit_refuses(make, args: list[str], names: str, owner: Path, tmp_path: Path, capsys) -> None:
+def test_owner_audit_refuses(make, args: list[str], names: str, owner: Path, tmp_path: Path, capsys,
+                             monkeypatch) -> None:
+    root = _owner_copy(owner, tmp_path)
+    monkeypatch.chdir(root)  # module:function is imported from the current directory first
+    model = make(root)
+    args = [a.format(root=root) for a in args]
+    user = [] if "--user" in args else ["--user", root / "marked"]
+    before = snapshot(root)
+    assert_refused(capsys, ["audit", "--model", model, *user, *args], names.format(root=root), before)
+    assert not (root / "executed").exists(), "loading the checkpoint ran code"
+    assert snapshot(root) == before
+
+
+def _owner_copy(owner: Path, tmp_path: Path) -> Path:
     root = tmp_path / "owner"
     shutil.copytree(owner, root)
     key = json.loads((root / "marked" / KEY_NAME).read_text())
     key["source_folder"] = str(root / "originals")
     (root / "marked" / KEY_NAME).write_text(json.dumps(key))
-    model = make(root)
-    args = [a.format(root=root) for a in args]
-    user = [] if "--user" in args else ["--user", root / "marked"]
-    assert_refused(capsys, ["audit", "--model", model, *user, *args], names, snapshot(root))
-    assert not (root / "executed").exists(), "loading the checkpoint ran code"
+    return root
+
+
+def _drop(path: str) -> Callable[[dict], None]:
+    def edit(key: dict) -> None:
+        *parents, leaf = path.split(".")
+        node = key
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[leaf]
+
+    return edit
+
+
+def _set(path: str, value: object) -> Callable[[dict], None]:
+    def edit(key: dict) -> None:
+        *parents, leaf = path.split(".")
+        node = key
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = value(key) if callable(value) else value
+
+    return edit
+
+
+KEY_CASES = [
+    ("another format version", _set("format", "mtrack-key/9"), "format: 'mtrack-key/9' is not a key format"),
+    ("no format", _drop("format"), "format: missing"),
+    ("empty object", lambda k: k.clear(), "format: missing"),
+    ("seed as text", _set("seed", "12"), "seed: Input should be a valid integer"),
+    ("negative seed", _set("seed", -1), "seed:"),
+    ("fractional seed", _set("seed", 1.5), "seed:"),
+    ("one pattern", _set("n_patterns", 1), "n_patterns:"),
+    ("a billion patterns (would run for ever)", _set("n_patterns", 10**9), "n_patterns:"),
+    ("negative pattern index", _set("pattern_index", -1), "pattern_index:"),
+    ("unpublished pattern index", _set("pattern_index", lambda k: (k["pattern_index"] + 1) % k["n_patterns"]),
+     "pattern_index: "),
+    ("pattern index beyond the patterns", _set("pattern_index", 4), "pattern_index: 4 is not the pattern this seed"),
+    ("negative label", _set("label", -1), "label:"),
+    ("label as a boolean", _set("label", True), "label:"),
+    ("max_resolution of a few pixels", _set("max_resolution", 4), "max_resolution:"),
+    ("max_resolution below the images", _set("max_resolution", 8), "max_resolution: 8 is smaller than files.0 (12x16)"),
+    ("mark alpha out of range", _set("mark.alpha", 2), "mark.alpha:"),
+    ("mark alpha as text", _set("mark.alpha", "0.7"), "mark.alpha:"),
+    ("unknown mark parameter", _set("mark.strength", 1), "mark.strength:"),
+    ("unknown noise", _set("mark.noise", "pink"), "mark.noise:"),
+    ("mark section missing", _drop("mark"), "mark: Field required"),
+    ("no files", _set("files", []), "files:"),
+    ("files not a list", _set("files", {}), "files:"),
+    ("file entry not an object", _set("files.0", None), "files.0:"),
+    ("original hash missing", _drop("files.0.original_sha256"), "files.0.original_sha256: Field required"),
+    ("marked hash not hex", _set("files.1.marked_sha256", "xyz"), "files.1.marked_sha256:"),
+    ("original outside the folder", _set("files.0.original", "../../etc/hostname"), "files.0.original:"),
+    ("absolute marked path", _set("files.0.marked", "/etc/hostname"), "files.0.marked:"),
+    ("file listed twice", lambda k: k["files"].append(k["files"][0]), "files.3.original: listed twice"),
+    ("zero height", _set("files.0.height", 0), "files.0.height:"),
+    ("unknown field", _set("comment", "mine"), "comment: Extra inputs are not permitted"),
+    ("empty source folder", _set("source_folder", ""), "source_folder:"),
+    ("source folder not text", _set("source_folder", 3), "source_folder:"),
+]
+
+
+@pytest.mark.parametrize("edit, names", [c[1:] for c in KEY_CASES], ids=[c[0] for c in KEY_CASES])
+def test_key_file_refused_by_field(edit, names: str, owner: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A key that does not validate is refused naming the file and the field, before the model is
+    loaded or called: nothing is computed from it."""
+    root = _owner_copy(owner, tmp_path)
+    monkeypatch.chdir(root)
+    model = _key_edit(edit)(root)
+    before = snapshot(root)
+    assert_refused(capsys, ["audit", "--model", model, "--user", root / "marked"], f"{KEY_NAME}: {names}", before)
+    assert not (root / "model-was-called").exists(), "the model was run on an invalid key"
+    assert snapshot(root) == before
+
+
+def test_valid_key_runs_the_model(owner: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The control for the cases above: the same callable on the unedited key is called, and passes."""
+    root = _owner_copy(owner, tmp_path)
+    monkeypatch.chdir(root)
+    assert main(["audit", "--model", _key_edit(lambda k: None)(root), "--user", str(root / "marked")]) == 0
+    assert (root / "model-was-called").exists() and "verdict:" in capsys.readouterr().out
 
 
 def test_audit_without_user_folder(owner: Path, capsys) -> None:
@@ -252,6 +583,14 @@ CONFIG_CASES = [
     ("unknown arm", ["train.arms=[marked, teacher]"], "train.arms"),
     ("override without a value", ["train.epochs"], "train.epochs"),
     ("override into a value", ["seed.x=1"], "seed"),
+    ("override value not YAML", ["train.epochs=[1,"], "--set train.epochs: not valid YAML"),
+    ("override value an unclosed mapping", ["mark={alpha: 0.5"], "--set mark: not valid YAML"),
+    ("override without a key", ["=3"], "--set =3"),
+    ("override with an empty section", ["train..epochs=3"], "--set train..epochs=3"),
+    ("infinite learning rate", ["train.lr=.inf"], "train.lr"),
+    ("negative seed", ["seed=-1"], "seed"),
+    ("seed beyond 63 bits", [f"seed={2**63}"], "seed"),
+    ("absurd shard count", ["launch.mark_shards=1000000000"], "launch.mark_shards"),
 ]
 
 
@@ -262,9 +601,60 @@ def test_config_refused_before_anything_runs(overrides: list[str], names: str, b
 
 
 def test_unreadable_config_files(tmp_path: Path, capsys) -> None:
-    (tmp_path / "broken.yaml").write_text("plan: [unclosed\n")
-    assert_refused(capsys, ["plan", tmp_path / "broken.yaml"], "broken.yaml", {})
-    assert_refused(capsys, ["plan", tmp_path / "absent.yaml"], "absent.yaml", {})
+    (tmp_path / "broken.yaml").write_text("seed: 1\nplan: [unclosed\n")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "tabs.yaml").write_text("plan:\n\tn_member_users: 3\n")
+    for command in ("plan", "run"):
+        assert_refused(capsys, [command, tmp_path / "broken.yaml"], "broken.yaml: not valid YAML", {})
+        assert_refused(capsys, [command, tmp_path / "absent.yaml"], "absent.yaml: config file not found", {})
+        assert_refused(capsys, [command, tmp_path / "configs"], "configs: is a folder, not a config file", {})
+        assert_refused(capsys, [command, tmp_path / "latin1.yaml"], "latin1.yaml: not a text (UTF-8) file", {})
+        assert_refused(capsys, [command, "/dev/zero"], "/dev/zero: not a regular file", {})  # read for ever before
+    assert_refused(capsys, ["run", tmp_path / "broken.yaml"], "at line 3, column 1", {})
+    assert_refused(capsys, ["run", tmp_path / "tabs.yaml"], "tabs.yaml: not valid YAML: found character '\\t'", {})
+    assert_refused(capsys, ["run", tmp_path / "tabs.yaml"], "at line 2, column 1", {})
+
+
+def _config(tmp: Path, **top: object) -> Path:
+    tree = yaml.safe_load(TINY.read_text())
+    tree.update(run_dir=str(tmp / "run"), results_dir=str(tmp / "results"), **top)
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    return tmp / "cfg.yaml"
+
+
+RUN_CASES = [
+    ("run_dir under a file", lambda t: ["--set", f"run_dir={_a_file(t)}/run"],
+     "run_dir: {tmp}/notes.txt/run lies under the file {tmp}/notes.txt"),
+    ("run_dir on /proc", lambda t: ["--set", "run_dir=/proc/mtrack-run"], "run_dir: cannot write into /proc/mtrack-run"),
+    ("results_dir on /sys", lambda t: ["--set", "results_dir=/sys/mtrack-results"],
+     "results_dir: cannot write into /sys/mtrack-results"),
+    ("results_dir is a file", lambda t: ["--set", f"results_dir={_a_file(t)}"], "results_dir: {tmp}/notes.txt is a file"),
+    ("unknown architecture", lambda t: ["--set", "train.arch=resnet9000"], "train.arch: unknown 'resnet9000'"),
+    ("negative seed", lambda t: ["--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
+    ("unknown launcher", lambda t: ["--launcher", "kubernetes"], "--launcher: invalid choice: 'kubernetes'"),
+    ("missing weights to fine-tune from", lambda t: ["--set", f"train.init_weights={t}/resnet.pt"],
+     "train.init_weights: {tmp}/resnet.pt is not a file"),
+    ("missing OOD folder", lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
+     "mark.ood_folder: {tmp}/ood is not a folder"),
+]
+
+
+@pytest.mark.parametrize("extra, names", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_run_refuses_before_any_stage(extra, names: str, tmp_path: Path, capsys) -> None:
+    """`mtrack run` checks what the config names before the first stage: nothing is created."""
+    config = _config(tmp_path)
+    args = extra(tmp_path)
+    before = snapshot(tmp_path)
+    assert_refused(capsys, ["run", config, *args], names.format(tmp=tmp_path), before)
+    assert snapshot(tmp_path) == before
+
+
+def test_run_reports_a_stage_refusal_once(tmp_path: Path) -> None:
+    """A stage refusing bad input inside `mtrack run` prints its one error line; the launcher adds
+    no second one (it used to add 'stage plan failed')."""
+    config = _config(tmp_path, data={"source": "fashion_mnist", "root": str(tmp_path / "no-data")})
+    assert_refused(None, ["run", config], "no-data", {})
 
 
 def _idx_folder(root: Path) -> str:

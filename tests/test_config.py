@@ -80,3 +80,29 @@ def test_extends_starts_from_the_named_config(repo: Path, tmp_path: Path) -> Non
     loop = _write(tmp_path, "extends: cfg.yaml\nseed: 1\n")  # _write names it cfg.yaml
     with pytest.raises(ConfigError, match="leads back to itself"):
         load_config(loop)
+
+
+@pytest.mark.parametrize("text", ["0", "[]", "false", "''", "- seed: 1\n"])
+def test_a_config_that_is_no_mapping_is_refused(tmp_path: Path, text: str) -> None:
+    """Found by the fuzz test: "0" used to load as an empty config and run every default."""
+    with pytest.raises(ConfigError, match="cfg.yaml: expected a mapping at the top level"):
+        load_config(_write(tmp_path, text))
+
+
+def test_an_empty_config_is_every_default(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "# nothing set\n")) == load_config(_write(tmp_path, ""))
+
+
+def test_yaml_errors_name_line_and_column(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cfg.yaml: not valid YAML: found character '\\t' .* at line 3, column 1$"):
+        load_config(_write(tmp_path, "seed: 1\ntrain:\n\tepochs: 2\n"))
+    with pytest.raises(ConfigError, match=r"--set train.epochs: not valid YAML: .* at column 2$"):
+        load_config(_write(tmp_path, "seed: 1\n"), ["train.epochs={"])
+
+
+@pytest.mark.parametrize("override, key", [("train.lr=.inf", "train.lr"), ("mark.epsilon=.nan", "mark.epsilon"),
+                                           ("seed=-1", "seed"), (f"seed={2**63}", "seed"),
+                                           ("launch.audit_shards=20000", "launch.audit_shards")])
+def test_numbers_a_generator_or_launcher_cannot_take(tmp_path: Path, override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"cfg.yaml: {key.replace('.', '[.]')}: "):
+        load_config(_write(tmp_path, "seed: 1\n"), [override])

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
-import pickle
+import pickletools
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +13,7 @@ import torchvision
 from torch import nn
 
 from ..registry import Registry
-from ..store import StageError, atomic_path
+from ..store import StageError, atomic_path, first_line
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("train.arch")
 
@@ -99,7 +101,7 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     except FileNotFoundError:
         raise StageError(f"train.init_weights: {path} not found") from None
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise StageError(f"train.init_weights: {path} is not a state_dict ({str(exc).splitlines()[0]})") from None
+        raise StageError(f"train.init_weights: {path} is not a state_dict ({first_line(exc)})") from None
     own = net.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
@@ -143,18 +145,74 @@ def save_weights(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> No
 
 def read_checkpoint(path: Path) -> Any:
     """`torch.load` restricted to tensors and plain containers (`weights_only`), so nothing in the
-    file is executed; every failure becomes one line naming the file."""
+    file is executed; every failure becomes one line naming the file and saying what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: model checkpoint not found")
+    if not path.is_file():
+        raise StageError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"{path}: model checkpoint not found") from None
-    except pickle.UnpicklingError as exc:
-        if str(exc).startswith("Weights only load failed"):
-            raise StageError(f"{path}: refused: it holds Python objects other than tensors, and loading those "
-                             "could run code") from None
-        raise StageError(f"{path}: not a loadable checkpoint ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise StageError(f"{path}: not a loadable checkpoint ({str(exc).splitlines()[0]})") from None
+        with warnings.catch_warnings():  # torch's remarks on pickle protocols mean nothing to the user
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # untrusted bytes: whatever the parser trips on is the file's fault
+        raise StageError(f"{path}: {_why_not_loadable(path, exc)}") from None
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF document",
+          b"\x1f\x8b": "a gzip archive", b"\x93NUMPY": "a numpy array file", b"\x7fELF": "a program (ELF)"}
+_ALLOWED_MODULES = ("torch", "collections", "_codecs")  # what torch's own checkpoints import
+
+
+def _why_not_loadable(path: Path, exc: Exception) -> str:
+    """What the file is, told from its bytes: only a pickle that imports something beyond torch's
+    own classes is called dangerous; an empty, truncated, text or image file is named as such."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 26)  # a checkpoint's pickle (or a zip's index of it) is small; cap what is scanned
+    if not head:
+        return "not a loadable checkpoint: an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not pickles:
+                    return "not a loadable checkpoint: a zip archive without a PyTorch checkpoint in it"
+                head = archive.read(pickles[0])
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as zip_exc:
+            return f"not a loadable checkpoint: a damaged or truncated zip archive ({first_line(zip_exc)})"
+    imports = _pickle_imports(head)
+    if imports is not None:
+        foreign = sorted(i for i in imports if i.split(".")[0] not in _ALLOWED_MODULES)
+        if foreign:
+            return (f"refused: it holds Python objects other than tensors (it imports {', '.join(foreign[:3])}), "
+                    "and loading those could run code")
+        return f"not a loadable checkpoint ({first_line(exc)})"
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None:
+        try:
+            head[:4096].decode("utf-8")
+            kind = "a text file"
+        except UnicodeDecodeError:
+            kind = "unrecognised binary data"
+    return f"not a loadable checkpoint: {kind}"
+
+
+def _pickle_imports(data: bytes) -> set[str] | None:
+    """The `module.name` globals a pickle stream would import, or None when `data` is no whole pickle."""
+    imports, strings = set(), []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):
+                imports.add(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                imports.add(f"{strings[-2]}.{strings[-1]}")
+            if op.name == "STOP":
+                return imports
+    except Exception:  # not a pickle (or cut short): the caller names what it is instead
+        return None
+    return None
 
 
 def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -166,5 +224,5 @@ def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         model = Normalized(dp_compatible(net) if meta.get("group_norm") else net, meta["mean"], meta["std"])
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError, ValueError, StageError) as exc:
-        raise StageError(f"{path}: not a usable checkpoint ({str(exc).splitlines()[0]})") from None
+        raise StageError(f"{path}: not a usable checkpoint ({first_line(exc)})") from None
     return model.eval(), meta

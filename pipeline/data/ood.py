@@ -5,12 +5,14 @@ from pathlib import Path
 
 from ..config import DataConfig, MarkConfig
 from ..core.marking import OODPool
-from .images import list_images, read_rgb
+from .images import ImageError, list_images, read_rgb
 from .sources import load_source
 
 
 def pool_from_folder(folder: str | Path) -> OODPool:
     files = list_images(folder)
+    if not files:
+        raise ImageError(f"{folder}: no image files to draw OOD patterns from")
     return OODPool(len(files), lambda i: read_rgb(Path(folder) / files[i]), str(folder))
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from pathlib import Path
 
 from ..config import RunConfig, load_config
-from ..store import StageError
-from .follow import Follower, JobRecord, follow
+from ..store import StageError, writable_folder
 from .cost import cost_table
+from .follow import Follower, JobRecord, follow
 from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
 from .preflight import describe_preflight
@@ -49,6 +50,21 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def check_before_running(cfg: RunConfig) -> None:
+    """What a config names that its schema cannot check, checked before the first stage starts
+    rather than when the stage that needs it fails: the model architecture, the files it names, and
+    that the run and results folders can be written (nothing is left behind by the check)."""
+    from ..core.models import MODELS
+
+    MODELS.lookup(cfg.train.arch)
+    if cfg.train.init_weights is not None and not Path(cfg.train.init_weights).is_file():
+        raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
+    if cfg.mark.ood_folder is not None and not Path(cfg.mark.ood_folder).is_dir():
+        raise StageError(f"mark.ood_folder: {cfg.mark.ood_folder} is not a folder")
+    writable_folder(cfg.run_dir, "run_dir")
+    writable_folder(cfg.results_dir, "results_dir")
+
+
 def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
            wait: bool = True) -> None:
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
@@ -60,6 +76,7 @@ def launch(config_path: str, overrides: list[str], launcher: str, force: bool = 
             print(describe_preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]))
             print("\n" + cost_table(cfg, jobs))
         return
+    check_before_running(cfg)
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)
 

@@ -10,7 +10,7 @@ import time
 from ..config import RunConfig
 from ..stages.contract import tasks
 from ..stages.dag import SHARDED_STAGES
-from ..store import StageError
+from ..store import AlreadyReported, StageError
 from .jobs import LAUNCHERS, num_shards
 
 log = logging.getLogger("pipeline")
@@ -28,6 +28,9 @@ def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
         cmd += ["--force"] if force else []
         started = time.perf_counter()
         result = subprocess.run(cmd, env=os.environ.copy())
+        if result.returncode == 2:  # bad input: the stage has printed its one error line
+            log.info("%s: stopped; finished stages are kept and skipped when the command is run again", task.name)
+            raise AlreadyReported(2)
         if result.returncode != 0:
             raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
                              "finished stages are skipped")

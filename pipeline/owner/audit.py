@@ -2,40 +2,86 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, validate_call
 
 from ..config import MarkConfig
 from ..core.marking import resolve_device
-from ..core.models import Normalized, build_model, load_weights, read_checkpoint
+from ..core.models import MODELS, Normalized, build_model, load_weights, read_checkpoint
 from ..core.scoring import logit_margin
 from ..data.images import read_rgb
 from ..data.ood import ood_pool
-from ..store import StageError, file_sha256
+from ..store import StageError, file_sha256, first_line
+from .key import ClassCount, ClassLabel, validate_key
 from .marking import candidate_pattern_seed, fit_to_grid, mark_image
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
+class Predictor:
+    """A model or black-box callable as the audit uses it (uint8 NCHW images -> logits): whatever it
+    raises, and any output that is not finite logits of shape (images, classes), ends in one line
+    naming it, never in a traceback or a p-value computed from garbage."""
+
+    def __init__(self, fn: Predict, name: str) -> None:
+        self.fn, self.name = fn, name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = batch.shape
+        try:
+            out = self.fn(batch)
+        except Exception as exc:  # the callable is the user's code: report it, whatever it raised
+            raise StageError(f"{self.name}: failed on {n} images of {h}x{w} pixels "
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
+        try:
+            logits = torch.as_tensor(out).detach().float().cpu()
+        except Exception:
+            raise StageError(f"{self.name}: returned a {type(out).__name__}, not logits") from None
+        if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+            raise StageError(f"{self.name}: returned shape {tuple(logits.shape)} for {n} images; expected logits "
+                             f"of shape ({n}, classes) with at least 2 classes")
+        if not torch.isfinite(logits).all():
+            raise StageError(f"{self.name}: returned NaN or infinite logits")
+        return logits
+
+
+@validate_call(config=ConfigDict(arbitrary_types_allowed=True))
 def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | None = None,
-                label: int | None = None, batch_size: int = 256) -> dict[str, Any]:
+                label: ClassLabel | None = None, batch_size: Annotated[int, Field(ge=1)] = 256,
+                key_source: str = "the key") -> dict[str, Any]:
     """Score the owner's originals under every candidate pattern with `predict` (uint8 NCHW images ->
-    logits: a loaded model or any black-box callable) and rank the published pattern's mean loss."""
+    logits: a loaded model or any black-box callable) and rank the published pattern's mean loss.
+    The key is validated first (`load_key` has done so for a key file): nothing is computed from an
+    invalid one. `key_source` names the key in messages about its fields."""
+    key = validate_key(key, key_source)
+    predict = predict if isinstance(predict, Predictor) else Predictor(predict, "the model")
     folder = Path(originals or key["source_folder"])
-    label = key.get("label") if label is None else label
+    label_name = "--label" if label is not None else f"{key_source}: label"
+    label = key["label"] if label is None else label
     if label is None:
-        raise StageError("audit: the key has no class label; pass --label (the class of your images)")
+        raise StageError(f"{key_source}: holds no class label; pass --label (the class of your images)")
+    if not folder.is_dir():
+        where = f"--originals {folder}" if originals else f"{key_source}: source_folder {folder}"
+        raise StageError(f"{where}: {'not a folder' if folder.exists() else 'folder not found'}; pass --originals "
+                         "FOLDER (your original images)")
     images, hashes = [], []
     for entry in key["files"]:
         path = folder / entry["original"]
         if not path.is_file() or file_sha256(path) != entry["original_sha256"]:
             raise StageError(f"{path}: missing or not the original the key was made from (pass --originals)")
-        images.append(fit_to_grid(read_rgb(path), key["max_resolution"]))
+        image = fit_to_grid(read_rgb(path), key["max_resolution"])
+        if image.shape[:2] != (entry["height"], entry["width"]):
+            raise StageError(f"{path}: {image.shape[0]}x{image.shape[1]} pixels on the grid, but the key says "
+                             f"{entry['height']}x{entry['width']} (its max_resolution was changed?)")
+        images.append(image)
         hashes.append(entry["original_sha256"])
     cfg = MarkConfig.model_validate(key["mark"])
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
@@ -43,7 +89,8 @@ def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | N
     for j in range(key["n_patterns"]):
         seed_j = candidate_pattern_seed(key["seed"], j)
         marked = [mark_image(im, sha, seed_j, cfg, pool, device) for im, sha in zip(images, hashes)]
-        losses = [per_image_losses(predict, np.stack(group), label, batch_size) for group in _same_size(marked)]
+        losses = [per_image_losses(predict, np.stack(group), label, batch_size, label_name)
+                  for group in _same_size(marked)]
         mean_loss[j] = float(np.concatenate(losses).mean())
     chosen = key["pattern_index"]
     others = np.delete(mean_loss, chosen)
@@ -61,12 +108,16 @@ def _same_size(images: list[np.ndarray]) -> list[list[np.ndarray]]:
 
 
 @torch.no_grad()
-def per_image_losses(predict: Predict, images: np.ndarray, label: int, batch_size: int) -> np.ndarray:
+def per_image_losses(predict: Predict, images: np.ndarray, label: int, batch_size: int,
+                     label_name: str = "label") -> np.ndarray:
     """fp32 cross-entropy of each (H, W, 3) uint8 image for `label`, computed from the logit margin."""
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
         logits = predict(batch).float().cpu()
+        if not 0 <= label < logits.shape[1]:
+            raise StageError(f"{label_name} {label}: outside the model's {logits.shape[1]} classes "
+                             f"(0 to {logits.shape[1] - 1})")
         out.append(F.softplus(-logit_margin(logits, torch.full((len(batch),), label))).numpy())
     return np.concatenate(out)
 
@@ -74,25 +125,48 @@ def per_image_losses(predict: Predict, images: np.ndarray, label: int, batch_siz
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_predictor(spec: str, arch: str | None = None, num_classes: int | None = None) -> Predict:
+@validate_call
+def load_predictor(spec: str | Path, arch: str | None = None, num_classes: ClassCount | None = None) -> Predictor:
     """`spec` is a checkpoint file (this pipeline's model.pt, or a plain state_dict given --arch and
     --num-classes, normalised with ImageNet statistics), loaded as weights only; or `module:function`,
-    a black-box callable taking uint8 NCHW images and returning logits."""
+    a black-box callable taking uint8 NCHW images and returning logits, imported as `python -m`
+    would: from the current directory first, then PYTHONPATH and the installed packages."""
     path = Path(spec)
-    if not path.exists() and ":" in spec:
-        module, name = spec.split(":", 1)
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise StageError(f"--model {spec}: cannot import the callable ({exc})") from None
+    if not path.exists() and ":" in str(spec):
+        return Predictor(_import_callable(str(spec)), f"--model {spec}")
+    if arch is not None and arch not in MODELS.names():
+        raise StageError(f"--arch {arch}: unknown architecture (known: {', '.join(MODELS.names())})")
     blob = read_checkpoint(path)
     if isinstance(blob, dict) and "meta" in blob:
-        return load_weights(path)[0]
+        return Predictor(load_weights(path)[0], f"--model {path}")
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StageError(f"{path}: holds a {type(state).__name__} that is not a state_dict (names to tensors)")
     if arch is None or num_classes is None:
         raise StageError(f"{path}: a plain state_dict; pass --arch and --num-classes")
     model = Normalized(build_model(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD)
     try:
-        model.net.load_state_dict(blob.get("state_dict", blob))
+        model.net.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as exc:
-        raise StageError(f"{path}: does not fit --arch {arch} ({str(exc).splitlines()[0]})") from None
-    return model.eval()
+        raise StageError(f"{path}: does not fit --arch {arch} ({first_line(exc)})") from None
+    return Predictor(model.eval(), f"--model {path}")
+
+
+def _import_callable(spec: str) -> Predict:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise StageError(f"--model {spec}: expected a checkpoint file or module:function")
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # importing runs the user's module: whatever fails there is reported
+        raise StageError(f"--model {spec}: cannot import the callable ({type(exc).__name__}: {first_line(exc)})") from None
+    finally:
+        if added:
+            sys.path.remove(here)
+    if not callable(fn):
+        raise StageError(f"--model {spec}: not callable (it is of type {type(fn).__name__})")
+    return fn
