@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -64,6 +65,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def fit_to_grid(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
+    """Shrink so the longer side is at most `max_resolution`, as FFCV's writer does before storing
+    (INTER_AREA, aspect kept, sizes truncated), so a mark lands on the pixels a model is trained on.
+    Idempotent: an image it returns fits already."""
+    h, w = image.shape[:2]
+    if max_resolution is None or max(h, w) <= max_resolution:
+        return image
+    ratio = max_resolution / max(h, w)
+    return cv2.resize(image, (int(w * ratio), int(h * ratio)), interpolation=cv2.INTER_AREA)
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

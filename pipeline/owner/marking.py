@@ -15,26 +15,15 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ..config import MarkConfig
 from ..core.marking import make_pattern, mark_batch, resolve_device
 from ..core.seeds import child_seed
-from ..data.images import list_images, read_rgb, write_png
+from ..data.images import fit_to_grid, list_images, read_rgb, write_png
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, write_json
 from .key import KEY_FORMAT, KEY_NAME
-
-
-def fit_to_grid(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
-    """Shrink so the longer side is at most `max_resolution`, as FFCV's writer does before storing
-    (INTER_AREA, aspect kept), so the mark lands on the pixels a model will be trained on."""
-    h, w = image.shape[:2]
-    if max_resolution is None or max(h, w) <= max_resolution:
-        return image
-    ratio = max_resolution / max(h, w)
-    return cv2.resize(image, (int(w * ratio), int(h * ratio)), interpolation=cv2.INTER_AREA)
 
 
 def _check_folders(src: Path, out: Path, force: bool) -> None:
