@@ -1,6 +1,9 @@
 """Stage `audit`: per-sample losses of a trained model on every user's marked images, then ROC.
 
-The model runs in eval mode on the marked images with normalisation only (no augmentation).
+The model runs in eval mode on the marked images with normalisation only (no augmentation), as the
+write stage stored them (the members' records are byte for byte their training records, JPEG
+included) and decoded as the model's own evaluation decodes: stored pixels, or for images of
+varying size the centre crop at the train config's evaluation resolution.
 Losses are computed in fp32 from the logit margin m = z_y - logsumexp_{j != y} z_j as
 CE = softplus(-m): the same number as cross-entropy, but it does not round to zero for confident
 predictions, so memorised members stay distinguishable from merely easy non-members.
@@ -28,10 +31,10 @@ SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
 
 @torch.no_grad()
 def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device,
-                  indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  indices: np.ndarray | None = None, resolution: int | None = None) -> dict[str, np.ndarray]:
     """Loss and margin of every record in `beton` (or of the records at `indices`), in file order,
-    into preallocated arrays."""
-    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices)
+    into preallocated arrays; images as stored, or centre-cropped to `resolution` (`image_decoder`)."""
+    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices, resolution=resolution)
     n = loader.num_samples
     out = {
         "loss": np.empty(n, np.float32), "margin": np.empty(n, np.float32),
@@ -128,8 +131,9 @@ def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) ->
 
 
 def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, users: list[dict[str, Any]],
-              num_shards: int = 1, only_shard: int | None = None) -> None:
-    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise.
+              num_shards: int = 1, only_shard: int | None = None, resolution: int | None = None) -> None:
+    """Score the missing shards of users (or only `only_shard`), then merge, check and summarise;
+    images decoded at the model's evaluation `resolution` (None: as stored).
 
     Run as several processes (one per GPU), each process scores its own part of every shard: shard
     s of n becomes parts s*W + r of n*W for ranks r < W, split by whole users. Nothing is padded to
@@ -146,7 +150,7 @@ def run_audit(stage: Stage, cfg: AuditConfig, audit_beton: Path, weights: Path, 
             save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
             return
         model = model or load_weights(weights)[0]
-        save_npz(path, **score_samples(model, audit_beton, cfg, device, records))
+        save_npz(path, **score_samples(model, audit_beton, cfg, device, records, resolution))
 
     names = run_shards(stage, parts, mine, score_shard)
     if names is None:

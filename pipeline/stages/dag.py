@@ -58,7 +58,7 @@ def dependencies(cfg: RunConfig, task: Task) -> list[Task]:
     arms = cfg.train.arms
     reads = {"mark": [Task("plan")], "write": [Task("plan"), Task("mark")], "train": [Task("write")],
              "audit": [Task("plan"), Task("write"), Task("train", task.arm)],
-             "report": [Task("plan"), Task("mark"), *(Task(s, a) for s in ("train", "audit") for a in arms)]}
+             "report": [Task("plan"), Task("mark"), Task("write"), *(Task(s, a) for s in ("train", "audit") for a in arms)]}
     return reads.get(task.stage, [])
 
 
@@ -112,10 +112,11 @@ def _run_train(cfg: RunConfig, stage: Stage, task: Task) -> None:
 
 def _run_audit(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .audit import run_audit
+    from ..training.schedules import eval_resolution
 
     run_dir = Path(cfg.run_dir)
     run_audit(stage, cfg.audit, run_dir / "write" / "audit.beton", run_dir / f"train-{task.arm}" / "model.pt",
-              _users(cfg), task.num_shards, task.shard)
+              _users(cfg), task.num_shards, task.shard, resolution=eval_resolution(cfg.train))
 
 
 def _run_report(cfg: RunConfig, stage: Stage, task: Task) -> None:
