@@ -204,8 +204,8 @@ class Cycled:
 def part_prepare(ctx: Context) -> dict[str, Any]:
     from bench.common import write_jpeg_folder
     from pipeline.config import DataConfig, load_config
-    from pipeline.data.betons import CleanStorage, write_beton
-    from pipeline.data.sources import full_resolution, load_source
+    from pipeline.data.betons import ImageStorage, write_beton
+    from pipeline.data.sources import StoredImages, load_source
 
     s, recipe = ctx.scale, load_config(RECIPE)
     for path in (ctx.prepared, ctx.folder, ctx.train_beton, ctx.audit_beton):
@@ -216,11 +216,11 @@ def part_prepare(ctx: Context) -> dict[str, Any]:
     folder_s = time.perf_counter() - start
     data = load_source(DataConfig(source="imagefolder", root=str(ctx.folder), image_size=s.audit_size, n_train=10))
     d, workers, n = recipe.data, ctx.workers(recipe.train.num_workers), s.train_records
-    clean = CleanStorage(mode=d.clean_write_mode, max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
-                         compress_probability=d.compress_probability)
+    storage = ImageStorage(mode=d.clean_write_mode, jpeg_quality=d.jpeg_quality,
+                           compress_probability=d.compress_probability)
     start = time.perf_counter()
-    write_beton(ctx.train_beton, Cycled(full_resolution(data.train_images), n), np.resize(data.train_labels, n),
-                np.arange(n), num_workers=workers, clean=clean)
+    write_beton(ctx.train_beton, Cycled(StoredImages(data.train_images, d.max_resolution), n),
+                np.resize(data.train_labels, n), np.arange(n), num_workers=workers, storage=storage)
     write_s = time.perf_counter() - start
     rng, k = np.random.default_rng(0), recipe.plan.samples_per_user
     distinct = rng.integers(0, 256, (min(s.audit_records, 512), s.audit_size, s.audit_size, 3), dtype=np.uint8)

@@ -23,7 +23,7 @@ import torchvision
 from torchvision.transforms import v2
 
 from bench.common import comparison, interleaved_medians, publish, write_jpeg_folder
-from pipeline.data.betons import CleanStorage, make_loader, write_beton
+from pipeline.data.betons import ImageStorage, make_loader, write_beton
 from pipeline.config import DataConfig
 from pipeline.data.sources import full_resolution, load_source
 
@@ -56,7 +56,7 @@ def main() -> None:
         for mode in ("jpg", "raw"):
             beton = Path(tmp) / f"{mode}.beton"
             write_beton(beton, images, data.train_labels, np.arange(n), num_workers=WORKERS,
-                        clean=CleanStorage(mode=mode, jpeg_quality=90))
+                        storage=ImageStorage(mode=mode, jpeg_quality=90))
             sides[mode] = make_loader(beton, BATCH, WORKERS, train=True, augment="flip", resolution=RESOLUTION)
         for loader in sides.values():  # warm-up epoch: numba compilation of FFCV's pipeline, page cache
             _rate(loader)

@@ -36,11 +36,14 @@ class DataConfig(_Strict):
     n_test: int | None = Field(None, ge=1)  # cap on the test split (None = all)
     synthetic_per_class: int = Field(1_200, ge=10)  # synthetic source: train images per class
     synthetic_classes: int = Field(10, ge=2, le=100)
-    # How the write stage stores images that carry no mark (marked ones are always raw, on the grid):
+    # How the write stage stores every image: a marked image exactly as the clean one it replaces
+    # (same size, same JPEG-or-raw draw for its sample id, same quality); the name is historical.
     clean_write_mode: Literal["raw", "jpg", "proportion"] = "raw"  # proportion: JPEG for a seeded share
     jpeg_quality: int = Field(90, ge=1, le=100)
-    compress_probability: float = Field(0.5, ge=0.0, le=1.0)  # proportion: share of clean images as JPEG
-    max_resolution: int | None = Field(None, ge=8)  # clean images' longer side (image folders: from the file)
+    compress_probability: float = Field(0.5, ge=0.0, le=1.0)  # proportion: share of images stored as JPEG
+    # Images at their own size (image folders: from the file), longer side shrunk to this; the mark
+    # stage marks them at that size. None: every image on the image_size grid.
+    max_resolution: int | None = Field(None, ge=8)
 
 
 class PlanConfig(_Strict):
@@ -273,7 +276,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         if self.data.max_resolution is not None and self.train.resolution is None:
-            raise ValueError("data.max_resolution stores clean images at their own size: set train.resolution "
+            raise ValueError("data.max_resolution stores images at their own size: set train.resolution "
                              "(random-resized-crop training) so batches have one size")
         k, n = self.plan.samples_per_user, self.plan.n_member_users
         if k * n > self.data.n_train:

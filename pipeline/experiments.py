@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .config import ConfigError, load_config
+from .config import ConfigError, RunConfig, load_config
 from .launchers import launch
 from .stages.contract import output_path
 from .store import read_json, write_json, write_text
@@ -97,6 +97,17 @@ def defense_notes(training: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def storage_note(metrics: dict[str, Any]) -> str:
+    """How the run stored its member users' images, when some went in as JPEG (a base config with
+    JPEG storage): their share and how much of the mark's noise part the stored records kept."""
+    stored = metrics.get("stored_survival")  # absent in reports from before storage parity
+    if not stored or not stored["member_jpeg_share"]:
+        return ""
+    noise = stored["storage"]["stored"]["noise"]
+    return (f"members' images {100 * stored['member_jpeg_share']:.0f}% JPEG q{stored['jpeg_quality']}"
+            + ("" if noise is None else f", noise part kept {noise:.2f}"))
+
+
 AVERAGED = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_0", "largest_member_p_value", "test_accuracy")
 
 
@@ -154,10 +165,10 @@ def on_base(table: Table, base: str) -> Table:
                                     "title": f"{table.title.split(' (')[0]} ({name})"})
 
 
-def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results"),
-              base: str | None = None) -> list[dict[str, Any]]:
-    """Run every row of a table (finished rows are skipped by the stages themselves) and write it;
-    with `base`, on that run config instead of the table's."""
+def planned_rows(path: str | Path, base: str | None = None) -> tuple[Table, str, list[tuple[Row, str, list[str], RunConfig]]]:
+    """A table (on `base` when given), the base config file its rows start from and, per row, its
+    run folder, config overrides and config. Every row's config is validated, so a bad row stops the table
+    before any row runs."""
     path = Path(path)
     table = load_table(path)
     base_file = path.parent / table.base
@@ -165,7 +176,7 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
         table, base_file = on_base(table, base), Path(base)
     base = str(base_file.resolve())
     runs = []
-    for row in table.rows:  # every row's config is checked before the first one runs
+    for row in table.rows:
         settings = {**table.set, **row.set}
         folder = run_folder(base, settings)
         overrides = [f"{key}={json.dumps(value)}" for key, value in
@@ -175,11 +186,20 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
         except ConfigError as exc:
             raise ConfigError(f"{path}: row '{row.name}': {exc}") from None
         runs.append((row, folder, overrides, cfg))
+    return table, base, runs
+
+
+def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results"),
+              base: str | None = None) -> list[dict[str, Any]]:
+    """Run every row of a table (finished rows are skipped by the stages themselves) and write it;
+    with `base`, on that run config instead of the table's."""
+    table, base_file, runs = planned_rows(path, base)
     rows = []
     for row, folder, overrides, cfg in runs:
-        launch(base, overrides, launcher)
+        launch(base_file, overrides, launcher)
         metrics = read_json(output_path(cfg, "report", "metrics.json"))
-        notes = defense_notes(read_json(output_path(cfg, "train", "metrics.json", arm="marked")))
+        notes = "; ".join(note for note in (defense_notes(read_json(output_path(cfg, "train", "metrics.json", arm="marked"))),
+                                            storage_note(metrics)) if note)
         rows.append({"name": row.name, "set": row.set, "run_dir": folder, **row_summary(metrics), "notes": notes})
     out = results / table.table
     write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,

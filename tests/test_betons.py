@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.betons import CleanStorage, make_loader, read_all, write_beton
+from pipeline.data.betons import ImageStorage, make_loader, read_all, write_beton
 from pipeline.data.torchdata import make_torch_loader
 
 
@@ -77,34 +77,36 @@ def _storage_data(n: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.clip(images, 0, 255).astype(np.uint8), rng.integers(0, 3, n), np.arange(100, 100 + n)
 
 
-def test_clean_images_follow_the_storage_and_marked_ones_stay_raw(tmp_path: Path) -> None:
+def test_every_record_follows_the_storage_decision_of_its_sample_id(tmp_path: Path) -> None:
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
 
     images, labels, samples = _storage_data()
-    marked = np.zeros(len(images), bool)
-    marked[[1, 5]] = True
-    clean = CleanStorage(mode="proportion", compress_probability=0.5, jpeg_quality=75, seed=7)
+    storage = ImageStorage(mode="proportion", compress_probability=0.5, jpeg_quality=75, seed=7)
     modes = []
     for name in ("a.beton", "b.beton"):
-        write_beton(tmp_path / name, images, labels, samples, clean=clean, lossless=marked, num_workers=2)
+        write_beton(tmp_path / name, images, labels, samples, storage=storage, num_workers=2)
         modes.append(Reader(str(tmp_path / name)).metadata["f0"]["mode"])
     assert np.array_equal(modes[0], modes[1]), "the JPEG draw must not depend on the write"
     as_jpeg = modes[0] == IMAGE_MODES["jpg"]
-    assert np.array_equal(as_jpeg, clean.as_jpeg(samples) & ~marked)
-    assert 0 < as_jpeg.sum() < len(images) - 2 and not as_jpeg[marked].any()
+    assert np.array_equal(as_jpeg, storage.as_jpeg(samples)) and 0 < as_jpeg.sum() < len(images)
+    # the decision belongs to the sample id, not to the file or the record's position in it
+    write_beton(tmp_path / "c.beton", images[::-1], labels[::-1], samples[::-1], storage=storage)
+    assert np.array_equal(Reader(str(tmp_path / "c.beton")).metadata["f0"]["mode"], modes[0][::-1])
     back = read_all(tmp_path / "a.beton")["image"].permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(back[~as_jpeg], images[~as_jpeg])  # raw and marked records are exact
+    assert np.array_equal(back[~as_jpeg], images[~as_jpeg])  # raw records are exact
     assert not np.array_equal(back[as_jpeg], images[as_jpeg]) and np.abs(back[as_jpeg] - images[as_jpeg].astype(int)).mean() < 5
 
 
-def test_max_resolution_shrinks_clean_images_only(tmp_path: Path) -> None:
+def test_images_of_varying_size_are_stored_at_their_size(tmp_path: Path) -> None:
     from ffcv.reader import Reader
 
+    from pipeline.data.sources import StoredImages
+
     images, labels, samples = _storage_data(6)
-    marked = np.array([True, False, False, False, False, False])
-    write_beton(tmp_path / "r.beton", images, labels, samples, clean=CleanStorage(mode="jpg", max_resolution=16),
-                lossless=marked)
+    stored = StoredImages(images, max_resolution=16)
+    varying = [images[0]] + [stored[i] for i in range(1, 6)]  # one image as given, the others shrunk
+    write_beton(tmp_path / "r.beton", varying, labels, samples, storage=ImageStorage(mode="jpg"))
     meta = Reader(str(tmp_path / "r.beton")).metadata["f0"]
     assert meta["width"].tolist() == [32] + [16] * 5 and meta["height"].tolist() == [32] + [16] * 5
     # images of two sizes need a cropping decoder: random-resized for training, centre crop for evaluation
@@ -124,7 +126,7 @@ def _ids(loader) -> tuple[list[int], list[int]]:
 def test_torch_loader_matches_ffcv(tmp_path: Path, resolution: int | None) -> None:
     images, labels, samples = _storage_data(37)
     path = tmp_path / "t.beton"
-    write_beton(path, images, labels, samples, clean=CleanStorage(mode="proportion", seed=1))
+    write_beton(path, images, labels, samples, storage=ImageStorage(mode="proportion", seed=1))
     kwargs = dict(augment="flip_translate", translate_pixels=2, seed=3, resolution=resolution)
     for train in (False, True):
         ffcv_loader = make_loader(path, 8, 1, train=train, **kwargs)
@@ -137,7 +139,7 @@ def test_torch_loader_matches_ffcv(tmp_path: Path, resolution: int | None) -> No
             ffcv_batch, torch_batch = next(iter(ffcv_loader)), next(iter(torch_loader))
             assert ffcv_batch[0].shape == torch_batch[0].shape and torch_batch[0].dtype == torch.uint8
             assert torch_batch[0].is_contiguous(memory_format=torch.channels_last)
-            raw = ~CleanStorage(mode="proportion", seed=1).as_jpeg(samples[:8])
+            raw = ~ImageStorage(mode="proportion", seed=1).as_jpeg(samples[:8])
             if resolution is None:  # stored pixels: identical wherever they are raw
                 assert torch.equal(ffcv_batch[0][raw], torch_batch[0][raw])
     epoch_ids = _ids(make_torch_loader(path, 8, 1, train=True, **kwargs))[0]

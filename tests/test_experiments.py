@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.experiments import defense_notes, load_table, on_base, run_table
+from pipeline.experiments import defense_notes, load_table, on_base, planned_rows, run_table
 
 
 def _table(folder: Path, repo: Path, **changes: object) -> Path:
@@ -81,3 +82,57 @@ def test_a_table_runs_on_another_base_config_into_its_own_folder(tmp_path: Path,
     other = on_base(table, str(repo / "configs" / "cifar10.yaml"))
     assert other.table == "tiny-ablation-cifar10" and other.title == "Tiny ablation (cifar10 wrn28-4)"
     assert other.rows == table.rows and other.set == table.set
+
+
+def _jpeg_base(folder: Path, repo: Path) -> Path:
+    """configs/demo.yaml with every image stored as JPEG at its own size (longer side 24 px)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "demo-jpeg.yaml"
+    base.write_text(yaml.safe_dump({"extends": str(repo / "configs" / "demo.yaml"), "name": "demo jpeg",
+                                    "data": {"clean_write_mode": "jpg", "max_resolution": 24},
+                                    "train": {"resolution": 24}}))
+    return base
+
+
+def test_every_table_validates_on_a_base_with_jpeg_storage(tmp_path: Path, repo: Path) -> None:
+    base = _jpeg_base(tmp_path, repo)
+    tables = sorted((repo / "configs" / "experiments").glob("*.yaml"))
+    assert tables
+    for path in tables:
+        table, base_file, runs = planned_rows(path, str(base))
+        assert base_file == str(base.resolve()) and table.table.endswith("-demo-jpeg")
+        own = {folder for _, folder, _, _ in planned_rows(path)[2]}
+        assert runs and not own & {folder for _, folder, _, _ in runs}  # never mixed with the demo's own runs
+        for _, _, _, cfg in runs:
+            assert cfg.data.clean_write_mode == "jpg" and cfg.data.max_resolution == 24
+
+
+@pytest.mark.slow
+def test_a_table_runs_on_an_image_folder_stored_as_jpeg(tmp_path: Path, repo: Path, monkeypatch) -> None:
+    """The whole DAG on images of varying size stored as JPEG: marked at their stored size, trained
+    on random-resized crops, audited on the evaluation crop, and the storage shown in the tables."""
+    from bench.common import write_jpeg_folder
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "folder"
+    write_jpeg_folder(root, "train", n_classes=2, per_class=20, sizes=((40, 30), (24, 36), (18, 22)), seed=0)
+    write_jpeg_folder(root, "val", n_classes=2, per_class=4, sizes=((30, 30),), seed=1)
+    base = tmp_path / "folder-jpeg.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "folder jpeg",
+        "data": {"source": "imagefolder", "root": str(root), "image_size": 16, "n_train": 24, "max_resolution": 24,
+                 "clean_write_mode": "jpg", "jpeg_quality": 75},
+        "plan": {"n_member_users": 2, "n_nonmember_users": 4, "samples_per_user": 2},
+        "mark": {"examples_users": 2},
+        "train": {"width": 4, "batch_size": 8, "resolution": 16, "augment": "none", "num_workers": 1},
+        "audit": {"batch_size": 8, "num_workers": 1}}))
+    rows = run_table(_table(tmp_path, repo, rows=[{"name": "stripes + noise"}]), results=tmp_path / "results",
+                     base=str(base))
+    (row,) = rows
+    assert row["notes"].startswith("members' images 100% JPEG q75, noise part kept ")
+    assert row["notes"] in (tmp_path / "results" / "tiny-ablation-folder-jpeg" / "README.md").read_text()
+    report = (tmp_path / row["run_dir"] / "results" / "report.md").read_text()
+    assert "100% of the member users' training images as JPEG (quality 75)" in report
+    assert "| as stored by this run |" in report
+    losses = np.load(tmp_path / row["run_dir"] / "audit-marked" / "losses.npz")
+    assert len(losses["loss"]) == 6 * 2 and np.isfinite(losses["loss"]).all()

@@ -8,7 +8,7 @@ so the same seeds give bit-identical marks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numba
@@ -282,6 +282,15 @@ def noise_delta(kind: str, seeds: np.ndarray, height: int, width: int, epsilon: 
     if kind == "none":
         return xp.asarray(np.zeros((len(seeds), height, width, 3), dtype=np.float32))
     raise ValueError(f"mark.noise: unknown noise '{kind}'")
+
+
+def shape_groups(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Positions of the images grouped by size, in order of first appearance: code that works on a
+    batch of one size (`mark_batch`, survival) runs once per group over images of varying size."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return [np.array(group, dtype=np.int64) for group in groups.values()]
 
 
 def mark_batch(

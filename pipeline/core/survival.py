@@ -1,9 +1,9 @@
-"""How much of the mark survives storage: kept losslessly, or re-encoded as JPEG.
+"""How much of the mark survives storage: kept losslessly, re-encoded as JPEG, or as a run stored it.
 
 An audit can only detect a mark the model trained on, and image hosts often re-encode uploads as
-JPEG. Per image we correlate the residual actually stored with the residual intended, for the
-whole mark (noise and pattern blend) and for the noise part alone: the noise is small (epsilon)
-and high-frequency, so it is what lossy compression removes first.
+JPEG, and a trainer may store them as JPEG too. Per image we correlate the residual actually
+stored with the residual intended, for the whole mark and for its noise and pattern parts alone:
+the noise is small (epsilon) and high-frequency, so it is what lossy compression removes first.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from ..config import MarkConfig
-from .marking import noise_delta
+from .marking import noise_delta, shape_groups
 
 
 def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
@@ -44,40 +44,68 @@ def _mean_defined(corr: np.ndarray) -> float | None:
     return float(defined.mean()) if defined.size else None
 
 
+SURVIVAL_CHUNK = 64  # images of one size whose float residuals are held at once
+
+
+def _correlations(originals: np.ndarray, versions: dict[str, np.ndarray], cfg: MarkConfig, patterns: np.ndarray,
+                  noise_seeds: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per image of one size and per stored version: the correlation of each part of the mark
+    (see `mark_survival`)."""
+    _, h, w, _ = originals.shape
+    x = originals.astype(np.float64) / 255.0
+    p = np.asarray(patterns, dtype=np.float64)
+    noisy = np.clip(x + noise_delta(cfg.noise, np.asarray(noise_seeds, dtype=np.uint64), h, w, cfg.epsilon), 0.0, 1.0)
+    noise_target, pattern_target = cfg.alpha * (noisy - x), (1.0 - cfg.alpha) * (p - x)
+    out = {}
+    for name, stored_uint8 in versions.items():
+        residual = stored_uint8.astype(np.float64) / 255.0 - x
+        out[name] = {"full": pearson_rows(residual, noise_target + pattern_target),
+                     "noise": pearson_rows(residual - pattern_target, noise_target),
+                     "pattern": pearson_rows(residual - noise_target, pattern_target)}
+    return out
+
+
 def mark_survival(
-    originals: np.ndarray,
-    marked: np.ndarray,
+    originals: Sequence[np.ndarray],
+    marked: Sequence[np.ndarray],
     cfg: MarkConfig,
-    patterns: np.ndarray,
+    patterns: Sequence[np.ndarray],
     noise_seeds: np.ndarray,
     qualities: Sequence[int] = (75, 90, 95, 100),
+    stored: dict[str, Sequence[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Mean per-image correlation between what storage keeps of the mark and the mark intended.
 
-    `originals` and `marked` are (B, H, W, 3) uint8, `marked` as `mark_batch` stored it; `patterns`
-    is each image's pattern p, (B, H, W, 3) float32 in [0, 1] (one (H, W, 3) pattern is shared by
-    all), and `noise_seeds` the seeds the noise delta was drawn from. The intended mark is recomputed
-    in float, before rounding to uint8. For "raw" (the stored uint8 as is) and "jpeg<q>" per quality:
-    "full" correlates stored - x with alpha * clip(x + delta) + (1 - alpha) * p - x; "noise"
-    correlates stored - (alpha * x + (1 - alpha) * p) with alpha * (clip(x + delta) - x). Images on
-    which a target is constant (no noise, or all of it clipped away) are left out of that mean; a
-    mean over no image, as for noise "none", is None. Also returns "n_images"."""
-    if originals.shape != marked.shape or originals.ndim != 4 or originals.shape[-1] != 3:
-        raise ValueError(f"originals {originals.shape} and marked {marked.shape} must both be (B, H, W, 3)")
-    n, h, w, _ = originals.shape
-    if len(noise_seeds) != n:
-        raise ValueError(f"{len(noise_seeds)} noise seeds for {n} images")
-    x = originals.astype(np.float64) / 255.0
-    p = np.broadcast_to(np.asarray(patterns, dtype=np.float64), x.shape)
-    noisy = np.clip(x + noise_delta(cfg.noise, np.asarray(noise_seeds, dtype=np.uint64), h, w, cfg.epsilon), 0.0, 1.0)
-    unmarked_blend = cfg.alpha * x + (1.0 - cfg.alpha) * p
-    full_target = cfg.alpha * noisy + (1.0 - cfg.alpha) * p - x
-    noise_target = cfg.alpha * (noisy - x)
-    stored_versions = {"raw": marked, **{f"jpeg{q}": jpeg_roundtrip(marked, q) for q in qualities}}
-    result: dict[str, Any] = {}
-    for name, stored_uint8 in stored_versions.items():
-        stored = stored_uint8.astype(np.float64) / 255.0
-        result[name] = {"full": _mean_defined(pearson_rows(stored - x, full_target)),
-                        "noise": _mean_defined(pearson_rows(stored - unmarked_blend, noise_target))}
+    `originals` and `marked` are (H, W, 3) uint8 images (a (B, H, W, 3) array, or a sequence of
+    images of varying size), `marked` as `mark_batch` made it; `patterns` holds each image's
+    pattern p, (H, W, 3) float32 in [0, 1], and `noise_seeds` the seeds the noise delta was drawn
+    from. The intended mark is recomputed in float, before rounding to uint8: x' - x = alpha * (clip(x + delta) - x) + (1 - alpha) * (p - x), the noise
+    part plus the pattern part. Stored versions: "raw" (the marked uint8 as is), "jpeg<q>" per
+    quality (re-encoded with OpenCV), and any given in `stored` (name -> images, e.g. the records a
+    run wrote). Per version: "full" correlates stored - x with the whole intended mark; "noise"
+    correlates stored - x - pattern part with the noise part; "pattern" correlates stored - x -
+    noise part with the pattern part. Images on which a target is constant (no noise, all of it
+    clipped away, alpha = 1) are left out of that mean; a mean over no image, as for noise "none",
+    is None. Also returns "n_images". Computed in chunks of one size, so memory does not grow with
+    the number of images."""
+    n = len(originals)
+    if len(marked) != n or len(noise_seeds) != n:
+        raise ValueError(f"{n} originals, {len(marked)} marked images and {len(noise_seeds)} noise seeds")
+    per_image: dict[str, dict[str, list[np.ndarray]]] = {}
+    chunks = [chunk for group in shape_groups(originals)
+              for chunk in np.array_split(group, -(-len(group) // SURVIVAL_CHUNK))]
+    for chunk in chunks:
+        x = np.stack([originals[i] for i in chunk])
+        versions = {"raw": np.stack([marked[i] for i in chunk])}
+        versions.update({name: np.stack([images[i] for i in chunk]) for name, images in (stored or {}).items()})
+        if x.ndim != 4 or x.shape[-1] != 3 or any(v.shape != x.shape for v in versions.values()):
+            raise ValueError(f"originals {x.shape[1:]} and their stored versions must all be (H, W, 3) alike")
+        versions.update({f"jpeg{q}": jpeg_roundtrip(versions["raw"], q) for q in qualities})
+        chunk_patterns = np.stack([patterns[i] for i in chunk])
+        for name, parts in _correlations(x, versions, cfg, chunk_patterns, np.asarray(noise_seeds)[chunk]).items():
+            for part, corr in parts.items():
+                per_image.setdefault(name, {}).setdefault(part, []).append(corr)
+    result: dict[str, Any] = {name: {part: _mean_defined(np.concatenate(corr)) for part, corr in parts.items()}
+                              for name, parts in per_image.items()}
     result["n_images"] = n
     return result

@@ -1,11 +1,12 @@
 """FFCV `.beton` files: writing them atomically and building loaders over them.
 
-Marked images are always stored raw (lossless) on the grid they were marked on, so the model sees
-exactly the marked pixels. Clean images follow `CleanStorage`: raw or JPEG, optionally shrunk to
-a maximum side. Every record carries `sample` (its id in the source split) and `user` (-1 for
-images that belong to no user), so any loader's output can be traced back to the manifest.
-Augmentation runs inside FFCV's per-sample operations (each image its own flip and shift, or its
-own random-resized crop).
+Every image is stored as `ImageStorage` decides for its sample id, raw or JPEG, whether it carries
+a mark or not: a marked image is stored exactly like the clean image it replaces (the caller hands
+both over on the same pixel grid, see `data.sources.StoredImages`), so storage cannot tell members
+apart. Every record carries `sample` (its id in the source split) and `user` (-1 for images that
+belong to no user), so any loader's output can be traced back to the manifest. Augmentation runs
+inside FFCV's per-sample operations (each image its own flip and shift, or its own random-resized
+crop).
 """
 from __future__ import annotations
 
@@ -37,19 +38,19 @@ EVAL_CROP_RATIO = 224 / 256  # centre crop for evaluation at a resolution, as FF
 
 
 @dataclass(frozen=True)
-class CleanStorage:
-    """How images without a mark are stored. FFCV's own `proportion` mode draws JPEG-or-raw per image
-    from numpy's global generator in each writer process, so two writes differ; here the draw is a
-    function of (seed, sample id), and the same images are JPEG in every write of a run."""
+class ImageStorage:
+    """How a run stores its images: all raw, all JPEG, or a seeded share as JPEG. FFCV's own
+    `proportion` mode draws JPEG-or-raw per image from numpy's global generator in each writer
+    process, so two writes differ; here the draw is a function of (seed, sample id), so an image is
+    JPEG in every file of a run (marked or clean, training or audit) or in none."""
 
     mode: Literal["raw", "jpg", "proportion"] = "raw"
-    max_resolution: int | None = None
     jpeg_quality: int = 90
     compress_probability: float = 0.5
     seed: int = 0
 
     def as_jpeg(self, samples: np.ndarray) -> np.ndarray:
-        """Per record: True where the clean image is stored as JPEG."""
+        """Per sample id: True where the image is stored as JPEG."""
         if self.mode != "proportion" or len(samples) == 0:
             return np.full(len(samples), self.mode == "jpg")
         draws = np.random.default_rng(self.seed).random(int(np.max(samples)) + 1)  # draw k belongs to sample k
@@ -57,65 +58,57 @@ class CleanStorage:
 
 
 class _EncodeByRecord:
-    """Encodes an (image, how) value: 'lossless' stores raw at the given size; 'raw' and 'jpg'
-    follow the clean storage settings."""
+    """Encodes an (image, as_jpeg) value with the storage's JPEG quality or raw, at the size given."""
 
-    def __init__(self, clean: CleanStorage) -> None:
-        self.encoders = {
-            "lossless": RGBImageField(write_mode="raw"),
-            "raw": RGBImageField(write_mode="raw", max_resolution=clean.max_resolution),
-            "jpg": RGBImageField(write_mode="jpg", max_resolution=clean.max_resolution, jpeg_quality=clean.jpeg_quality),
-        }
+    def __init__(self, storage: ImageStorage) -> None:
+        self.encoders = {False: RGBImageField(write_mode="raw"),
+                         True: RGBImageField(write_mode="jpg", jpeg_quality=storage.jpeg_quality)}
 
-    def __call__(self, destination: Any, value: tuple[np.ndarray, str], malloc: Any) -> None:
-        image, how = value
-        self.encoders[how].encode(destination, image, malloc)
+    def __call__(self, destination: Any, value: tuple[np.ndarray, bool], malloc: Any) -> None:
+        image, as_jpeg = value
+        self.encoders[as_jpeg].encode(destination, image, malloc)
 
 
-def _image_field(clean: CleanStorage) -> RGBImageField:
+def _image_field(storage: ImageStorage) -> RGBImageField:
     """A plain `RGBImageField` (FFCV writes the field type into the header by exact class, so a
     subclass would make the file unreadable to stock readers) whose encoding is chosen per record."""
     field = RGBImageField(write_mode="raw")
-    field.encode = _EncodeByRecord(clean)
+    field.encode = _EncodeByRecord(storage)
     return field
 
 
 class _Records:
-    """The indexable view FFCV's writer wants: one ((image, how), label, sample, user) tuple per
+    """The indexable view FFCV's writer wants: one ((image, as_jpeg), label, sample, user) tuple per
     index. Images are fetched (for file-backed sources: decoded) only when the writer asks."""
 
-    def __init__(self, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray, how: list[str]) -> None:
-        self.images, self.labels, self.samples, self.users, self.how = images, labels, samples, users, how
+    def __init__(self, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray,
+                 as_jpeg: np.ndarray) -> None:
+        self.images, self.labels, self.samples, self.users, self.as_jpeg = images, labels, samples, users, as_jpeg
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, str], int, int, int]:
-        return (self.images[i], self.how[i]), int(self.labels[i]), int(self.samples[i]), int(self.users[i])
+    def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, bool], int, int, int]:
+        return ((self.images[i], bool(self.as_jpeg[i])), int(self.labels[i]), int(self.samples[i]),
+                int(self.users[i]))
 
 
 def write_beton(
     path: str | Path, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray | None = None,
-    num_workers: int = 1, clean: CleanStorage | None = None, lossless: np.ndarray | None = None,
+    num_workers: int = 1, storage: ImageStorage = ImageStorage(),
 ) -> None:
-    """Write images (anything indexable by record giving (H, W, 3) uint8) with their ids; the file
-    appears only when complete. Without `clean` every image is stored raw as given; with it, records
-    flagged in `lossless` still are and the others are stored as `clean` says."""
+    """Write images (anything indexable by record giving (H, W, 3) uint8, stored at that size) with
+    their ids, each raw or JPEG as `storage` decides for its sample id; the file appears only when
+    complete."""
     n = len(labels)
     users = np.full(n, -1, dtype=np.int64) if users is None else users
-    if clean is None:
-        lossless = np.ones(n, bool)
-    lossless = np.zeros(n, bool) if lossless is None else np.asarray(lossless, bool)
-    if not (len(images) == n == len(samples) == len(users) == len(lossless)):
+    if not (len(images) == n == len(samples) == len(users)):
         raise StageError(f"{path}: images, labels, samples and users differ in length")
-    clean = clean or CleanStorage()
-    jpeg = clean.as_jpeg(samples)
-    how = ["lossless" if keep else ("jpg" if j else "raw") for keep, j in zip(lossless, jpeg)]
-    fields = {"image": _image_field(clean), "label": IntField(), "sample": IntField(), "user": IntField()}
+    fields = {"image": _image_field(storage), "label": IntField(), "sample": IntField(), "user": IntField()}
     log.info("writing %s: %d images", Path(path).name, n)  # FFCV's own bar follows on a terminal
     with atomic_path(path) as tmp:
         DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(
-            _Records(images, labels, samples, users, how)
+            _Records(images, labels, samples, users, storage.as_jpeg(samples))
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -64,6 +65,24 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def grid_size(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
+    """(height, width) once the longer side is shrunk to at most `max_resolution`, aspect kept and
+    sizes truncated, as FFCV's writer computes them."""
+    if max_resolution is None or max(height, width) <= max_resolution:
+        return height, width
+    ratio = max_resolution / max(height, width)
+    return int(height * ratio), int(width * ratio)
+
+
+def fit_to_grid(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
+    """Shrink to `grid_size` as FFCV's writer does before storing (INTER_AREA), so a mark lands on
+    the pixels a model is trained on. Idempotent: an image it returns fits already."""
+    h, w = grid_size(image.shape[0], image.shape[1], max_resolution)
+    if (h, w) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from ..config import DataConfig
-from .images import IMAGE_SUFFIXES, read_rgb
+from .images import IMAGE_SUFFIXES, fit_to_grid, read_rgb
 from ..registry import Registry
 
 
@@ -72,6 +72,27 @@ def full_resolution(images: ImageArray) -> ImageArray:
     """The images as a writer should store clean ones: file-backed images at their own size (FFCV's
     writer shrinks them to `data.max_resolution`); in-memory sources only exist on the grid."""
     return images.originals() if isinstance(images, ImageFiles) else images
+
+
+class StoredImages:
+    """Images on the pixels the write stage stores, before JPEG-or-raw encoding: the grid, or with
+    `max_resolution` each image at its own size (file-backed sources: decoded from the file) with
+    the longer side shrunk to it by `fit_to_grid`, as FFCV's writer would. The mark stage marks
+    these very pixels and the writer stores them, so a marked image has the size of the clean one
+    it replaces. Indexing by one integer decodes one image; `take` gives a list (sizes may differ)."""
+
+    def __init__(self, images: ImageArray, max_resolution: int | None) -> None:
+        self.images = images if max_resolution is None else full_resolution(images)
+        self.max_resolution = max_resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return fit_to_grid(self.images[int(index)], self.max_resolution)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        return [self[int(i)] for i in np.asarray(indices).reshape(-1)]
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,19 @@ class BetonRecords(Dataset):
     def __len__(self) -> int:
         return len(self.image_meta)
 
-    def _decode(self, i: int) -> np.ndarray:
+    def encoded(self, i: int) -> tuple[int, int, int, np.ndarray]:
+        """Record i's image as the file holds it: mode (FFCV's IMAGE_MODES), height, width, bytes."""
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         meta = self.image_meta[i]
-        ptr, height, width = int(meta["data_ptr"]), int(meta["height"]), int(meta["width"])
+        ptr = int(meta["data_ptr"])
         size = int(self.sizes[np.searchsorted(self.ptrs, ptr)])
-        data = self._data[ptr : ptr + size]
-        if meta["mode"] == IMAGE_MODES["jpg"]:
+        return int(meta["mode"]), int(meta["height"]), int(meta["width"]), self._data[ptr : ptr + size]
+
+    def decoded(self, i: int) -> np.ndarray:
+        """Record i's image as stored, (H, W, 3) uint8: raw pixels, or JPEG decoded with OpenCV."""
+        mode, height, width, data = self.encoded(i)
+        if mode == IMAGE_MODES["jpg"]:
             return cv2.cvtColor(cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         return np.array(data[: height * width * 3]).reshape(height, width, 3)
 
@@ -79,7 +84,7 @@ class BetonRecords(Dataset):
         return np.ascontiguousarray(image)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int, int]:
-        image = self._decode(i)
+        image = self.decoded(i)
         if self.resolution is not None:
             image = self._crop(image)
         if self.train:

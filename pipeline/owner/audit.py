@@ -16,11 +16,11 @@ from ..config import MarkConfig
 from ..core.marking import resolve_device
 from ..core.models import MODELS, Normalized, build_model, load_weights, read_checkpoint
 from ..core.scoring import logit_margin
-from ..data.images import read_rgb
+from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
 from .key import ClassCount, ClassLabel, validate_key
-from .marking import candidate_pattern_seed, fit_to_grid, mark_image
+from .marking import candidate_pattern_seed, mark_image
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]

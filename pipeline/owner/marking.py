@@ -19,35 +19,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import cv2
 import numpy as np
 from pydantic import ConfigDict, validate_call
 
 from ..config import MarkConfig
 from ..core.marking import make_pattern, mark_batch, resolve_device
 from ..core.seeds import child_seed
-from ..data.images import list_images, read_rgb, write_png
+from ..data.images import fit_to_grid, grid_size, list_images, read_rgb, write_png
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line, write_json
 from .key import (KEY_FORMAT, KEY_NAME, MIN_SIDE, ClassLabel, PatternCount, Resolution, Seed, secret_pattern_index,
                   validate_key)
-
-
-def grid_size(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
-    """(height, width) once the longer side is shrunk to at most `max_resolution`, aspect kept."""
-    if max_resolution is None or max(height, width) <= max_resolution:
-        return height, width
-    ratio = max_resolution / max(height, width)
-    return int(height * ratio), int(width * ratio)
-
-
-def fit_to_grid(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
-    """Shrink so the longer side is at most `max_resolution`, as FFCV's writer does before storing
-    (INTER_AREA, aspect kept), so the mark lands on the pixels a model will be trained on."""
-    h, w = grid_size(image.shape[0], image.shape[1], max_resolution)
-    if (h, w) == image.shape[:2]:
-        return image
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _check_folders(src: Path, out: Path, force: bool) -> None:

@@ -1,6 +1,9 @@
 """Stage `audit`: per-sample losses of a trained model on every user's marked images, then ROC.
 
-The model runs in eval mode on the marked images with normalisation only (no augmentation).
+The model runs in eval mode on the marked images with normalisation only (no augmentation), as the
+write stage stored them (the members' records are byte for byte their training records, JPEG
+included) and decoded as the model's own evaluation decodes: stored pixels, or for images of
+varying size the centre crop at the train config's evaluation resolution.
 Losses are computed in fp32 from the logit margin m = z_y - logsumexp_{j != y} z_j as
 CE = softplus(-m): the same number as cross-entropy, but it does not round to zero for confident
 predictions, so memorised members stay distinguishable from merely easy non-members.
@@ -30,10 +33,11 @@ SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
 
 @torch.no_grad()
 def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device,
-                  indices: np.ndarray | None = None, label: str = "scoring") -> dict[str, np.ndarray]:
+                  indices: np.ndarray | None = None, resolution: int | None = None,
+                  label: str = "scoring") -> dict[str, np.ndarray]:
     """Loss and margin of every record in `beton` (or of the records at `indices`), in file order,
-    into preallocated arrays."""
-    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices)
+    into preallocated arrays; images as stored, or centre-cropped to `resolution` (`image_decoder`)."""
+    loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices, resolution=resolution)
     n = loader.num_samples
     out = {
         "loss": np.empty(n, np.float32), "margin": np.empty(n, np.float32),
@@ -130,7 +134,8 @@ def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) ->
 
 
 def run_audit(ctx: Context) -> None:
-    """Score the missing shards of users (or only the task's shard), then merge, check and summarise.
+    """Score the missing shards of users (or only the task's shard), then merge, check and summarise;
+    images decoded at the model's evaluation resolution (recorded with its weights; none: as stored).
 
     Run as several processes (one per GPU), each process scores its own part of every shard: shard
     s of n becomes parts s*W + r of n*W for ranks r < W, split by whole users. Nothing is padded to
@@ -139,17 +144,19 @@ def run_audit(ctx: Context) -> None:
     stage, cfg, num_shards, only_shard = ctx.stage, ctx.config.audit, ctx.task.num_shards, ctx.task.shard
     users, audit_beton, weights = read_json(ctx.input("users"))["users"], ctx.input("audit_set"), ctx.input("model")
     rank, world, local_rank = process_group()
-    device, model = pick_device(local_rank), None
+    device, loaded = pick_device(local_rank), None
     parts, mine = num_shards * world, [s * world + rank for s in (range(num_shards) if only_shard is None else [only_shard])]
 
     def score_shard(shard: int, path: Path) -> None:
-        nonlocal model
+        nonlocal loaded
         records = shard_records(users, shard, parts)
         if len(records) == 0:  # more shards than users
             save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
             return
-        model = model or load_weights(weights)[0]
-        save_npz(path, **score_samples(model, audit_beton, cfg, device, records, stage.name))
+        loaded = loaded or load_weights(weights)
+        model, meta = loaded
+        save_npz(path, **score_samples(model, audit_beton, cfg, device, records, meta.get("eval_resolution"),
+                                       stage.name))
 
     names = run_shards(stage, parts, mine, score_shard)
     if names is None:

@@ -1,7 +1,10 @@
 """Stage `mark`: apply every user's mark to their images, optionally in shards.
 
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
-(user, sample), so marks are bit-identical for a seed whatever the sharding. Shard i of n marks
+(user, sample), so marks are bit-identical for a seed whatever the sharding. Each image is marked
+on the pixels the write stage stores (`StoredImages`: the grid, or with `data.max_resolution` its
+own size shrunk to that longer side), so a marked image has the size of the clean one it replaces;
+images of one user may then differ in size, and each size is marked as one batch. Shard i of n marks
 users i, i+n, ... and writes only its own shard file (images, ids, PSNR and SSIM per image), so an
 array job can split the users; a finished shard is skipped. Finishing the stage checks that every
 shard is there, then writes per-user quality, a grid of originals next to marked versions, and the
@@ -10,7 +13,7 @@ mark's survival under JPEG re-encoding.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -20,66 +23,126 @@ import numpy as np  # noqa: E402
 
 from ..config import MarkConfig, RunConfig  # noqa: E402
 from ..console import track  # noqa: E402
-from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
+from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device, shape_groups  # noqa: E402
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
 from ..core.survival import mark_survival  # noqa: E402
 from ..data.ood import ood_pool  # noqa: E402
-from ..data.sources import ImageSplits, load_source  # noqa: E402
+from ..data.sources import ImageSplits, StoredImages, load_source  # noqa: E402
 from ..store import StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
 from .contract import Context  # noqa: E402
 
-SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
+SHARD_ARRAYS = ("user_ids", "sample_ids", "labels", "psnr", "ssim")  # besides the images
+SURVIVAL_USERS = 50  # the mark's survival is measured on the images of this many users
+
+
+def image_array(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Images as one array: (N, H, W, 3) when they share a size (always so on a fixed grid), else a
+    1-D object array of (H, W, 3) arrays. Either indexes, masks and iterates image by image."""
+    if len({image.shape for image in images}) <= 1:
+        return np.stack(images) if len(images) else np.zeros((0, 0, 0, 3), np.uint8)
+    out = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        out[i] = image
+    return out
+
+
+def pack_images(images: np.ndarray) -> dict[str, np.ndarray]:
+    """`image_array` images as npz arrays (no pickles): `images` when they share a size, else their
+    pixels end to end with each image's height and width."""
+    if images.dtype != object:
+        return {"images": images}
+    return {"pixels": np.concatenate([image.reshape(-1) for image in images]),
+            "heights": np.array([image.shape[0] for image in images]),
+            "widths": np.array([image.shape[1] for image in images])}
+
+
+def unpack_images(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if "images" in arrays:
+        return list(arrays["images"])
+    ends = np.cumsum(arrays["heights"] * arrays["widths"] * 3)
+    return [pixels.reshape(h, w, 3) for pixels, h, w in
+            zip(np.split(arrays["pixels"], ends[:-1]), arrays["heights"], arrays["widths"])]
 
 
 def noise_seeds(user: dict[str, Any]) -> np.ndarray:
     return np.array([child_seed(user["pattern_seed"], 2, sid) for sid in user["sample_ids"]], dtype=np.uint64)
 
 
-def mark_user(user: dict[str, Any], images: np.ndarray, cfg: MarkConfig, pool: OODPool | None = None,
-              device: str | None = None) -> np.ndarray:
-    """Marked copies of one user's images, given in the order of `user['sample_ids']`."""
-    _, h, w, _ = images.shape
-    pattern = make_pattern(cfg, user["pattern_seed"], h, w, pool)
-    return mark_batch(images, pattern, noise_seeds(user), cfg, device)
+def mark_user(user: dict[str, Any], images: Sequence[np.ndarray], cfg: MarkConfig, pool: OODPool | None = None,
+              device: str | None = None) -> list[np.ndarray]:
+    """Marked copies of one user's images, given in the order of `user['sample_ids']`; each size is
+    one batch, with the user's pattern drawn at that size."""
+    seeds, marked = noise_seeds(user), list(images)
+    for group in shape_groups(images):
+        h, w = images[group[0]].shape[:2]
+        batch = mark_batch(np.stack([images[i] for i in group]), make_pattern(cfg, user["pattern_seed"], h, w, pool),
+                           seeds[group], cfg, device)
+        for i, image in zip(group, batch):
+            marked[i] = image
+    return marked
+
+
+def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], originals: Sequence[np.ndarray], marked: Sequence[np.ndarray]) -> np.ndarray:
+    """A batch metric (`psnr`, `ssim`) image by image, for images of varying size."""
+    return np.array([metric(o[None], m[None])[0] for o, m in zip(originals, marked)])
 
 
 def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path, label: str = "mark") -> None:
     """Mark the given users' images and save them with their ids, PSNR and SSIM."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
+    stored = StoredImages(data.train_images, cfg.data.max_resolution)
+    images: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
     for user in track(users, label, len(users), "users"):
-        originals = data.train_images[user["sample_ids"]]
+        originals = stored.take(user["sample_ids"])
         marked = mark_user(user, originals, cfg.mark, pool, device)
         k = len(marked)
-        for key, value in (("images", marked), ("user_ids", np.full(k, user["user_id"])),
+        images += marked
+        for key, value in (("user_ids", np.full(k, user["user_id"])),
                            ("sample_ids", np.array(user["sample_ids"])), ("labels", np.full(k, user["class"])),
-                           ("psnr", psnr(originals, marked)), ("ssim", ssim(originals, marked))):
+                           ("psnr", per_image(psnr, originals, marked)), ("ssim", per_image(ssim, originals, marked))):
             parts[key].append(value)
-    h, w = data.train_images.shape[1:3]
-    empty = {"images": np.zeros((0, h, w, 3), np.uint8)}
-    save_npz(path, **{k: np.concatenate(v) if v else empty.get(k, np.zeros(0)) for k, v in parts.items()})
+    save_npz(path, **pack_images(image_array(images)),
+             **{k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
 
 
 def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """All shards of a finished mark stage, rows in manifest order (user, then sample)."""
+    """All shards of a finished mark stage, rows in manifest order (user, then sample); "images" as
+    `image_array` gives them."""
     return merge_shards(mark_dir, read_json(mark_dir / "manifest.json")["shards"], users)
 
 
-def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]],
+                 images: bool = True) -> dict[str, np.ndarray]:
     """Concatenate shard files and order rows by manifest position: the result does not depend on
-    how many shards there were."""
+    how many shards there were. `images=False` leaves the images out (see `user_images`)."""
     missing = [n for n in names if not (mark_dir / n).exists()]
     if missing:
         raise StageError(f"{mark_dir}: shards {', '.join(missing)} are not done yet")
     shards = [load_npz(mark_dir / name) for name in names]
     merged = {k: np.concatenate([s[k] for s in shards]) for k in SHARD_ARRAYS}
+    if images:
+        merged["images"] = image_array([image for s in shards for image in unpack_images(s)])
     position = {u["user_id"]: i for i, u in enumerate(users)}
     order = np.lexsort((merged["sample_ids"], [position[int(u)] for u in merged["user_ids"]]))
     expected = sum(len(u["sample_ids"]) for u in users)
     if len(order) != expected:
         raise StageError(f"{mark_dir}: shards hold {len(order)} marked images, the plan has {expected}")
     return {k: v[order] for k, v in merged.items()}
+
+
+def user_images(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[int, list[np.ndarray]]:
+    """The marked images of the given users (user id -> images in the order of its sample ids),
+    read one shard at a time: at full resolution all users' images together may not fit in memory."""
+    wanted = {u["user_id"] for u in users}
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for name in names:
+        shard = load_npz(mark_dir / name)
+        for uid, sid, image in zip(shard["user_ids"], shard["sample_ids"], unpack_images(shard)):
+            if int(uid) in wanted:
+                found[int(uid), int(sid)] = image.copy()  # not a view that keeps the whole shard alive
+    return {u["user_id"]: [found[u["user_id"], sid] for sid in u["sample_ids"]] for u in users}
 
 
 def save_examples(path: Path, originals: list[np.ndarray], marked: list[np.ndarray], titles: list[str]) -> None:
@@ -110,19 +173,27 @@ def quality_by_user(marked: dict[str, np.ndarray], users: list[dict[str, Any]]) 
     return rows
 
 
-def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, np.ndarray],
-                pool: OODPool | None, max_users: int = 50) -> dict[str, Any]:
-    """How much of the mark survives JPEG re-encoding, measured on the first `max_users` users."""
-    originals, stored, patterns, seeds = [], [], [], []
-    h, w = data.train_images.shape[1:3]
-    for user in users[:max_users]:
-        originals.append(data.train_images[user["sample_ids"]])
-        stored.append(marked["images"][marked["user_ids"] == user["user_id"]])
-        patterns.append(np.broadcast_to(make_pattern(cfg.mark, user["pattern_seed"], h, w, pool),
-                                        (len(user["sample_ids"]), h, w, 3)))
-        seeds.append(noise_seeds(user))
-    storage = mark_survival(np.concatenate(originals), np.concatenate(stored), cfg.mark, np.concatenate(patterns),
-                            np.concatenate(seeds))
+def intended_marks(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]],
+                   pool: OODPool | None) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """What `mark_survival` recomputes the intended marks of these users' images from, user by user
+    in the order of their sample ids: the originals as stored, each image's pattern at its size,
+    the noise seeds."""
+    stored = StoredImages(data.train_images, cfg.data.max_resolution)
+    originals, patterns = [], []
+    for user in users:
+        images = stored.take(user["sample_ids"])
+        by_size = {shape: make_pattern(cfg.mark, user["pattern_seed"], shape[0], shape[1], pool)
+                   for shape in {image.shape for image in images}}
+        originals += images
+        patterns += [by_size[image.shape] for image in images]
+    return originals, patterns, np.concatenate([noise_seeds(u) for u in users] or [np.zeros(0, np.uint64)])
+
+
+def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: list[np.ndarray],
+                pool: OODPool | None) -> dict[str, Any]:
+    """How much of the mark survives JPEG re-encoding, on the given users' `marked` images."""
+    originals, patterns, seeds = intended_marks(cfg, data, users, pool)
+    storage = mark_survival(originals, marked, cfg.mark, patterns, seeds)
     n_images = storage.pop("n_images")
     return {"n_images": n_images, "storage": storage}
 
@@ -136,16 +207,17 @@ def run_mark(ctx: Context) -> None:
                                                            f"mark shard {shard}" if num_shards > 1 else "mark"))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
-    marked = merge_shards(stage.dir, names, users)
-    quality = quality_by_user(marked, users)
+    quality = quality_by_user(merge_shards(stage.dir, names, users, images=False), users)
     members = [u for u in users if u["role"] == "member"][: cfg.mark.examples_users // 2]
     others = [u for u in users if u["role"] != "member"][: cfg.mark.examples_users - len(members)]
-    shown = members + others
-    originals = [data.train_images[u["sample_ids"]] for u in shown]
-    save_examples(stage.path("marked_examples.png"), originals,
-                  [marked["images"][marked["user_ids"] == u["user_id"]] for u in shown],
+    shown, measured = members + others, users[:SURVIVAL_USERS]
+    marked = user_images(stage.dir, names, list({u["user_id"]: u for u in shown + measured}.values()))
+    stored = StoredImages(data.train_images, cfg.data.max_resolution)
+    save_examples(stage.path("marked_examples.png"), [stored.take(u["sample_ids"]) for u in shown],
+                  [marked[u["user_id"]] for u in shown],
                   [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown])
-    survival = survival_of(cfg, data, users, marked, pool=ood_pool(cfg.mark, cfg.data.image_size))
+    survival = survival_of(cfg, data, measured, [image for u in measured for image in marked[u["user_id"]]],
+                           pool=ood_pool(cfg.mark, cfg.data.image_size))
     write_json(stage.path("quality.json"), {"per_user": quality})
     write_json(stage.path("survival.json"), survival)
     summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),

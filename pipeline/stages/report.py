@@ -60,6 +60,7 @@ def build_metrics(ctx: Context, plan: dict[str, Any]) -> dict[str, Any]:
         "control_statistics": control["statistics"] if control else None,
         "mark_quality": mark_manifest["quality"],
         "mark_survival": read_json(ctx.input("survival")),
+        "stored_survival": read_json(ctx.input("stored_survival")),
     }
 
 
@@ -112,11 +113,17 @@ def report_markdown(m: dict[str, Any], title: str) -> str:
                   f"[{fpr['interval'][0]:.3f}, {fpr['interval'][1]:.3f}] ({100 * st['confidence']:.0f}% "
                   f"Clopper–Pearson); Benjamini–Hochberg at FDR 0.05 flags {bh['members_flagged']} member and "
                   f"{bh['nonmembers_flagged']} non-member users."]
-    lines += ["", "Mark survival (correlation between the stored residual and the intended mark):", "",
-              "| storage | whole mark | noise part |", "|---|---|---|"]
-    for storage, corr in m["mark_survival"]["storage"].items():
-        full, noise = ("—" if corr[k] is None else f"{corr[k]:.3f}" for k in ("full", "noise"))  # None: no mark
-        lines.append(f"| {storage} | {full} | {noise} |")
+    stored = m["stored_survival"]
+    share = stored["member_jpeg_share"]
+    lines += ["", "Mark survival: correlation between the stored residual and the intended mark, whole and by "
+              f"part. The last row is what this run stored: {100 * share:.0f}% of the member users' training "
+              f"images as JPEG (quality {stored['jpeg_quality']}), the rest raw, each as the clean image it "
+              f"replaces ({stored['n_images']} images measured); the others re-encode the marked images.", "",
+              "| storage | whole mark | noise part | pattern part |", "|---|---|---|---|"]
+    rows = [*m["mark_survival"]["storage"].items(), ("as stored by this run", stored["storage"]["stored"])]
+    for storage, corr in rows:
+        parts = ("—" if corr.get(k) is None else f"{corr[k]:.3f}" for k in ("full", "noise", "pattern"))  # None: no mark
+        lines.append(f"| {storage} | " + " | ".join(parts) + " |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + ".", "",
               "Plots: `roc.png` (log-scale FPR), `loss_hist.png` (per-user mean loss), `p_values.png` (rank "
               "p-values), `marked_examples.png`.", ""]

@@ -84,7 +84,9 @@ def run_train(ctx: Context) -> None:
     train_samples = cast(Any, data.train_loader).num_samples
     for countermeasure in countermeasures:  # each turns the trained module into the released model
         notes.update(countermeasure.finish(module, trainer, train_samples))
-    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm}
+    # how the model evaluates travels with its weights: the audit decodes images the same way
+    meta = {"arch": cfg.arch, "width": cfg.width, "num_classes": num_classes, "mean": mean, "std": std, "arm": arm,
+            "eval_resolution": eval_resolution(cfg)}
     for countermeasure in countermeasures:
         meta.update(countermeasure.checkpoint_meta())
     save_weights(module.model, meta, stage.path("model.pt"))
