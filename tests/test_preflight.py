@@ -107,10 +107,12 @@ def test_state_lines_follow_the_order_things_happened(tmp_path: Path) -> None:
     assert follower.update({"8": JobState("COMPLETING", "None", "n2", "2026-01-01T10:00:05", "")}) == []
     follower.record.jobs.append(RecordedJob("report", None, "9", str(tmp_path)))
     assert follower.update({"9": JobState("PENDING", "Dependency")}) == ["report (job 9): pending (Dependency)"]
-    quick = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:06", "2026-01-01T10:00:07")  # between two polls
-    assert follower.update({"9": quick}) == ["report (job 9): running on n1", "report (job 9): completed after 1s"]
+    quick = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:06", "2026-01-01T10:00:06")  # between two polls
+    assert follower.update({"9": quick}) == ["report (job 9): running on n1", "report (job 9): completed after 0s"]
     assert follower.update({"8": JobState("FAILED", "None", "n2", "2026-01-01T10:00:05", "2026-01-01T10:01:05")}) == \
         ["write (job 8): failed after 1m00s"]
+    fresh = Follower(JobRecord(tmp_path / "record.json", str(tmp_path / "%j"), jobs=jobs[:1]), just_submitted=True)
+    assert fresh.update({"5": quick}) == ["train-marked (job 5): running on n1", "train-marked (job 5): completed after 0s"]
     assert JobState("PENDING", "Priority").describe() == "pending (Priority)"
     assert JobState("PENDING", "None", start="N/A").event_time() <= datetime.now()
 

@@ -82,8 +82,8 @@ def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         done = mtrack(stage, str(config), *(f"--set={o}" for o in overrides))
         assert done.returncode == 0, done.stderr[-2000:]
     cfg = load_config(config, overrides)
-    record = submit_slurm(cfg, plan_jobs(cfg))
-    (job,) = [submitit.SlurmJob(record.folder, j.job_id) for j in record.jobs if j.task == "train-marked"]
+    record = submit_slurm(cfg, [j for j in plan_jobs(cfg) if j.task.stage == "train"])  # nothing left queued after
+    (job,) = [submitit.SlurmJob(record.folder, j.job_id) for j in record.jobs]
     last = Path(cfg.run_dir) / "train-marked" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists():
@@ -92,7 +92,7 @@ def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     job._interrupt()  # submitit's simulated preemption: scancel --signal TERM, then USR2
     job.result()
     log = Path(job.paths.stderr).read_text()
-    assert "resuming from" in log, log[-3000:]
+    assert "train-marked: resumed from its last checkpoint at step" in log, log[-3000:]
     metrics = json.loads((Path(cfg.run_dir) / "train-marked" / "metrics.json").read_text())
     assert metrics["global_step"] == 6 * (800 // 64)
     states = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job.job_id, "-o", "State"], capture_output=True,

@@ -233,8 +233,10 @@ def epoch_metrics(stage_dir: Path) -> tuple[float, dict[int, dict[str, float]]]:
 class Follower:
     """Polls the jobs of a record and turns what changed into lines; decides when the run is over."""
 
-    def __init__(self, record: JobRecord) -> None:
+    def __init__(self, record: JobRecord, just_submitted: bool = False) -> None:
         self.record = record
+        # A run followed from its submission: every job was waiting then, even one that ended before the first poll
+        self.submitted_waiting = {j.job_id for j in record.jobs} if just_submitted else set()
         self.states: dict[str, JobState] = {}
         self.epochs_shown: dict[str, int] = {}
         self.suspect: set[str] = set()  # seen once in a state SLURM may requeue from
@@ -250,14 +252,18 @@ class Follower:
         changed = [(job, now[job.job_id]) for job in self.record.jobs
                    if job.job_id in now and (job.job_id not in self.states
                                              or now[job.job_id].change != self.states[job.job_id].change)]
-        # A job seen waiting that started and ended between two polls still gets its "running on" line
+        # A job known waiting that started and ended between two polls still gets its "running on" line
         unseen_runs = [(job, JobState("RUNNING", node=state.node, start=state.start)) for job, state in changed
-                       if not state.live and state.node and state.start and job.job_id in self.states
-                       and self.states[job.job_id].state == "PENDING"]
+                       if not state.live and state.node and state.start and self._was_waiting(job.job_id)]
         self.suspect = {j for j, s in self.states.items() if s.state in MAY_BE_REQUEUED and now.get(j) == s}
         self.states.update(now)
-        events = self._state_events(unseen_runs) + self._state_events(changed) + self._progress_events()
+        started = [((second, 0), line) for (second, _), line in self._state_events(unseen_runs)]  # before its end
+        events = started + self._state_events(changed) + self._progress_events()
         return [line for _, line in sorted(events, key=lambda e: e[0])]
+
+    def _was_waiting(self, job_id: str) -> bool:
+        seen = self.states.get(job_id)
+        return seen.state == "PENDING" if seen else job_id in self.submitted_waiting
 
     def _state_events(self, changes: list[tuple[RecordedJob, JobState]]) -> list[tuple[tuple[int, int], str]]:
         """One line per change, keyed for ordering; array tasks of one stage that changed alike share a line."""
@@ -350,7 +356,7 @@ class Follower:
 def follow(record: JobRecord, emit: Callable[[str], None], follower: Follower | None = None) -> None:
     """Print state changes and progress until every job completed; on a failed or stuck job,
     cancel the rest and raise one line naming it."""
-    follower = follower or Follower(record)
+    follower = follower or Follower(record, just_submitted=True)
     last_line = time.monotonic()
     try:
         while True:
