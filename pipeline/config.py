@@ -32,6 +32,8 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)  # images are padded/resized to this square grid
     n_train: int = Field(10_000, ge=10)  # training subset drawn from the train split
     n_test: int | None = Field(None, ge=1)  # cap on the test split (None = all)
+    # Keep only these classes (names or indices), relabelled 0..n-1 in the source's order; empty: all.
+    classes: tuple[str | int, ...] = ()
     synthetic_per_class: int = Field(1_200, ge=10)  # synthetic source: train images per class
     synthetic_classes: int = Field(10, ge=2, le=100)
     # How the write stage stores images that carry no mark (marked ones are always raw, on the grid):
