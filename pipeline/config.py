@@ -178,6 +178,9 @@ class TrainConfig(_Strict):
 class AuditConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     num_workers: int = Field(2, ge=1)
+    # Never-trained-on users tested next to the members in the Benjamini-Hochberg decisions (the
+    # first ones in the plan), so the decisions show false discoveries; the rest only serve as null.
+    fdr_nonmembers: int = Field(100, ge=0)
 
 
 class WandbConfig(_Strict):

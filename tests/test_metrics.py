@@ -61,3 +61,14 @@ def test_per_user_mean() -> None:
     assert per_user_mean(values, users, np.array([3, 7, 9])).tolist() == [15.0, 2.0, 5.0]
     with pytest.raises(ValueError, match="no audit samples"):
         per_user_mean(values, users, np.array([3, 7, 9, 11]))
+
+
+def test_strict_and_inclusive_fpr_conventions_differ_at_one_false_positive() -> None:
+    """With M = 100 negatives and one of them above a member, FPR = 0.01 exactly: the official code's
+    strict convention (FPR < 0.01) does not count that member, FPR <= 0.01 does."""
+    is_member = np.array([1, 1] + [0] * 100)
+    scores = np.concatenate([[10.0, 5.0], [6.0], np.linspace(0, 1, 99)])
+    m = roc_metrics(is_member, scores)
+    assert m["tpr_at_fpr_below"]["0.01"] == pytest.approx(0.5)
+    assert m["tpr_at_fpr"]["0.01"] == pytest.approx(1.0)
+    assert m["tpr_at_fpr_below"]["0.001"] == m["tpr_at_fpr"]["0"] == pytest.approx(0.5)
