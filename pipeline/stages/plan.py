@@ -76,6 +76,8 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
         "n_train": int(cfg.data.n_train),
         "n_test": int(len(data.test_labels)),
         "samples_per_user": k,
+        # what bounds M: non-member users take K held-out images of one class each
+        "heldout_per_class": np.bincount(labels[heldout_ids], minlength=n_classes).tolist(),
         "users": members + nonmembers,
     }
     return body, train_ids

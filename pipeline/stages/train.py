@@ -87,13 +87,15 @@ def run_train(stage: Stage, arm: str, cfg: TrainConfig, write_dir: Path, num_cla
             **({"group_norm": True} if defense.dp is not None else {})}
     save_weights(module.model, meta, stage.path("model.pt"))
     res = eval_resolution(cfg)
-    train_loss, train_acc = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
-                                                               resolution=res), device)
-    test_loss, test_acc = evaluate(module.model, LOADERS[cfg.loader](test_path, 512, cfg.num_workers, train=False,
-                                                             resolution=res), device, cfg.test_time_flip)
+    train_loss, train_acc, _ = evaluate(module.model, LOADERS[cfg.loader](train_path, 512, cfg.num_workers, train=False,
+                                                                  resolution=res), device, num_classes)
+    test_loss, test_acc, class_test_acc = evaluate(
+        module.model, LOADERS[cfg.loader](test_path, 512, cfg.num_workers, train=False, resolution=res), device,
+        num_classes, cfg.test_time_flip)
     metrics = {
         "arm": arm, "epochs": cfg.epochs, "precision": resolve_precision(cfg),
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "class_test_accuracy": class_test_acc,
         "global_step": trainer.global_step,
         "best_val_checkpoint": Path(best.best_model_path).name if best.best_model_path else None,
         "best_val_accuracy": float(best.best_model_score) if best.best_model_score is not None else None,
