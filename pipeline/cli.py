@@ -5,7 +5,8 @@
     mtrack experiments TABLE.yaml ... [--launcher slurm]           (experiment tables, results/<table>/)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
-    mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
+    mtrack mark FOLDER --out FOLDER [--publish K] [--design D]  (a data owner marking their own images)
+    mtrack audit --model M --user FOLDER                     (... and later testing a model for them)
     mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
     mtrack audit CONFIG --arm marked --shard I --num-shards N  (one array task of the audit)
 
@@ -24,7 +25,8 @@ from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch
 from .stages.dag import ARM_STAGES, RUNNERS, SHARDED_STAGES, Task, run_task
-from .store import StageError
+from .owner.designs import DESIGNS
+from .store import StageError, write_json
 
 log = logging.getLogger("pipeline")
 USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
             owner.add_argument("--originals", help="the folder of your original images (default: from the key)")
             owner.add_argument("--label", type=int, help="class index of your images (default: from the key)")
             owner.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict")
+            owner.add_argument("--draws-seed", type=int,
+                               help="subset design: seed of the audit's random subsets (default: fresh, printed)")
+            owner.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
         if stage == "mark":
             owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
             owner.add_argument("--out", help="output folder for the marked copies and the key file")
@@ -84,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
             owner.add_argument("--ood-folder", help="with --pattern ood_image: folder the pattern image is drawn from")
             owner.add_argument("--max-resolution", type=int,
                                help="shrink so the longer side is at most this (mark on the grid a model will store)")
+            owner.add_argument("--design", choices=list(DESIGNS), default="subset",
+                               help="subset (default): publish a random K of your images; groups: publish one of "
+                                    "P/K disjoint groups; pattern: publish all with one of N secret patterns")
+            owner.add_argument("--publish", type=int,
+                               help="subset, groups: how many images to publish (default: a tenth of the folder)")
+            owner.add_argument("--draws", type=int, default=999,
+                               help="subset: random subsets the audit compares with; smallest p-value 1/(draws+1)")
             owner.add_argument("--n-patterns", type=int, default=100,
-                               help="secret candidate patterns; the audit's smallest p-value is 1/N")
+                               help="pattern: secret candidate patterns; the audit's smallest p-value is 1/N")
             owner.add_argument("--label", type=int, help="class index of these images, saved in the key")
     return parser
 
@@ -93,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def mark_own_folder(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
+    from .owner.designs import DesignParams
     from .owner.key import KEY_NAME
     from .owner.marking import mark_folder
 
@@ -104,10 +117,10 @@ def mark_own_folder(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"--{'-'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}") from None
-    key = mark_folder(args.config, args.out, cfg, args.seed, args.max_resolution, args.force, args.n_patterns,
-                      args.label)
-    print(f"marked {len(key['files'])} images into {args.out}; keep {Path(args.out) / KEY_NAME} private: "
-          "the audit needs it")
+    params = DesignParams(args.design, args.publish, args.draws, args.n_patterns)
+    key = mark_folder(args.config, args.out, cfg, args.seed, args.max_resolution, args.force, args.label, params)
+    print(f"marked {len(key['published'])} of {len(key['files'])} images into {args.out} (design {key['design']}): "
+          f"publish those; keep {Path(args.out) / KEY_NAME} and the originals private: the audit needs them")
 
 
 def audit_own_model(args: argparse.Namespace) -> None:
@@ -117,13 +130,17 @@ def audit_own_model(args: argparse.Namespace) -> None:
     if not args.user:
         raise ConfigError("audit --model: pass --user FOLDER (your marked images)")
     key = load_key(args.key or Path(args.user) / KEY_NAME, args.user)
-    result = audit_owner(key, load_predictor(args.model, args.arch, args.num_classes), args.originals, args.label)
+    result = audit_owner(key, load_predictor(args.model, args.arch, args.num_classes), args.originals, args.label,
+                         args.draws_seed)
     used = result["p_value"] <= args.alpha
     print(f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"
           f" (p = {result['p_value']:.4g}, level {args.alpha}; smallest possible p {result['smallest_possible_p_value']:.4g})")
-    print(f"evidence: mean loss on your {result['n_images']} images with the published pattern "
-          f"{result['published_pattern_loss']:.4g}; with the {key['n_patterns'] - 1} secret patterns: "
-          f"min {result['other_patterns_loss']['min']:.4g}, median {result['other_patterns_loss']['median']:.4g}")
+    redo = f"; repeat with --draws-seed {result['draws_seed']}" if result["draws_seed"] is not None else ""
+    print(f"evidence: mean loss on your {result['n_images']} published images {result['published_loss']:.4g}; on the "
+          f"{result['n_candidates']} other candidates of design {result['design']}: min "
+          f"{result['candidates_loss']['min']:.4g}, median {result['candidates_loss']['median']:.4g}{redo}")
+    if args.json_out:
+        write_json(args.json_out, result)
 
 
 def main(argv: list[str] | None = None) -> int:

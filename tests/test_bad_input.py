@@ -24,6 +24,7 @@ from pipeline.config import MarkConfig, load_config
 from pipeline.stages.dag import Task, run_task, stage_for
 from pipeline.data.images import read_rgb
 from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
 from pipeline.owner.marking import mark_folder
 from pipeline.store import file_sha256
@@ -76,8 +77,9 @@ def owner(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("owner")
     for i in range(3):
         _image(root / "originals" / f"img{i}.png", seed=i)
-    mark_folder(root / "originals", root / "marked", MarkConfig(), seed=1, n_patterns=4, label=0)
-    mark_folder(root / "originals", root / "other-marked", MarkConfig(), seed=2, n_patterns=4)
+    every = DesignParams(design="pattern", n_patterns=4)  # every image published: each one's loss is checked
+    mark_folder(root / "originals", root / "marked", MarkConfig(), seed=1, label=0, params=every)
+    mark_folder(root / "originals", root / "other-marked", MarkConfig(), seed=2, params=every)
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
     save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
                  root / "model.pt")
@@ -112,7 +114,11 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("alpha zero", lambda s: None, ["--force", "--alpha", "0"], "--alpha"),
     ("alpha above one", lambda s: None, ["--force", "--alpha", "1.5"], "--alpha"),
     ("negative epsilon", lambda s: None, ["--force", "--epsilon", "-0.01"], "--epsilon"),
-    ("one pattern", lambda s: None, ["--force", "--n-patterns", "1"], "--n-patterns"),
+    ("one pattern", lambda s: None, ["--force", "--design", "pattern", "--n-patterns", "1"], "--n-patterns"),
+    ("publish nothing", lambda s: None, ["--force", "--publish", "0"], "--publish 0"),
+    ("publish everything", lambda s: None, ["--force", "--publish", "3"], "--publish 3"),
+    ("groups of more than half", lambda s: None, ["--force", "--design", "groups", "--publish", "2"], "--publish 2"),
+    ("no draws", lambda s: None, ["--force", "--draws", "0"], "--draws 0"),
     ("ood without folder", lambda s: None, ["--force", "--pattern", "ood_image"], "ood_folder"),
     ("ood folder missing", lambda s: None, ["--force", "--pattern", "ood_image", "--ood-folder", "/nonexistent/ood"],
      "/nonexistent/ood"),
@@ -142,7 +148,8 @@ def test_owner_mark_accepts_unusual_images(mode: str, tmp_path: Path, capsys) ->
             src / "a.png", transparency=0)
     else:
         _image(src / ("a.jpg" if mode == "CMYK" else "a.png"), mode)
-    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3"]) == 0, capsys.readouterr().err
+    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]) == 0, \
+        capsys.readouterr().err
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
     assert len(key["files"]) == 1
     assert read_rgb(tmp_path / "out" / key["files"][0]["marked"]).shape == (12, 16, 3)
@@ -199,7 +206,7 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path], list[str], str]] = [
     ("unimportable callable", lambda r: Path("no_such_module:predict"), [], "no_such_module"),
     ("key for another folder", lambda r: r / "model.pt", ["--key", "{root}/other-marked/" + KEY_NAME], "another folder"),
     ("key not JSON", _key_file("{ truncated"), [], KEY_NAME),
-    ("key of another format", _key_file('{"format": "something/2"}'), [], "not a mtrack-key/1"),
+    ("key of another format", _key_file('{"format": "mtrack-key/1"}'), [], "not a mtrack-key/2"),
     ("missing key", lambda r: r / "model.pt", ["--key", "{root}/absent.json"], "absent.json"),
     ("fewer marked images than the key", _drop_marked, [], "img1.png"),
     ("fewer originals than the key", _drop_original, [], "img2.png"),

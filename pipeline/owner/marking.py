@@ -1,8 +1,9 @@
 """A data owner's own marking: `mtrack mark <folder> --out <folder>`.
 
-Marks every image in a folder (any size or format; grey, RGBA, 16-bit, palette and EXIF-rotated
-images become upright RGB) and writes lossless PNG copies plus a private key file holding what a
-later audit needs: the seed, the pattern, the parameters and the hashes of every original and
+Reads every image in a folder (any size or format; grey, RGBA, 16-bit, palette and EXIF-rotated
+images become upright RGB), marks the ones its design publishes (by default a random tenth, see
+`owner.designs`) and writes them as lossless PNG copies, plus a private key file holding what a
+later audit needs: the design, the seed, the parameters and the hashes of every original and
 marked file. Originals are never touched: the output folder may not be, contain, or sit inside the
 input folder. Nothing is written unless every image reads and no file appears twice (a duplicate
 would count twice in the audit's mean loss).
@@ -24,6 +25,7 @@ from ..core.seeds import child_seed
 from ..data.images import list_images, read_rgb, write_png
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, write_json
+from .designs import DesignParams, published_candidate
 from .key import KEY_FORMAT, KEY_NAME
 
 
@@ -50,68 +52,71 @@ def _check_folders(src: Path, out: Path, force: bool) -> None:
         raise StageError(f"{out / KEY_NAME}: a key already exists here; choose another --out or pass --force")
 
 
-def candidate_pattern_seed(seed: int, index: int) -> int:
-    """Pattern seed of candidate `index` of the owner's M + 1 secret candidates."""
-    return child_seed(seed, 1, index)
-
-
-def mark_image(image: np.ndarray, original_sha: str, pattern_seed: int, cfg: MarkConfig, pool: Any,
-               device: str | None) -> np.ndarray:
-    """One image marked with one candidate pattern; its noise is seeded by the pattern and the
-    original file's hash, so re-marking at audit time reproduces it exactly."""
-    noise_seed = child_seed(pattern_seed, 2, int(original_sha[:15], 16))
-    pattern = make_pattern(cfg, pattern_seed, image.shape[0], image.shape[1], pool)
-    return mark_batch(image[None], pattern, np.array([noise_seed], np.uint64), cfg, device)[0]
+def mark_images(images: list[np.ndarray], shas: list[str], pattern_seed: int, cfg: MarkConfig, pool: Any,
+                device: str | None) -> list[np.ndarray]:
+    """The images marked with one pattern, batched by size; each image's noise is seeded by the
+    pattern and its original file's hash, so re-marking at audit time reproduces it exactly."""
+    out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for (h, w, _), members in by_shape.items():
+        noise = np.array([child_seed(pattern_seed, 2, int(shas[i][:15], 16)) for i in members], np.uint64)
+        marked = mark_batch(np.stack([images[i] for i in members]), make_pattern(cfg, pattern_seed, h, w, pool), noise,
+                            cfg, device)
+        for i, image in zip(members, marked):
+            out[i] = image
+    return out
 
 
 def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: int | None = None,
-                max_resolution: int | None = None, force: bool = False, n_patterns: int = 100,
-                label: int | None = None) -> dict[str, Any]:
-    """Mark every image under `src` into `out`; returns the key (also written to `out`).
+                max_resolution: int | None = None, force: bool = False, label: int | None = None,
+                params: DesignParams = DesignParams()) -> dict[str, Any]:
+    """Mark the published images of `src` into `out`; returns the key (also written to `out`).
 
-    Secret-pattern design: the seed defines `n_patterns` candidate patterns and secretly picks one;
-    only that one is published. At audit time the same originals are scored under every candidate,
-    and under the null (the model never saw them) the published one is exchangeable with the rest,
-    so its rank is an exact p-value with resolution 1 / n_patterns."""
+    The design (`owner.designs`) decides which images are published and with which pattern; the key
+    lists every original (the audit re-marks the unpublished ones too) with its hash, and the marked
+    copy of each published one."""
     src, out = Path(src), Path(out)
     _check_folders(src, out, force)
     files = list_images(src)
     if not files:
         raise StageError(f"{src}: no image files found")
-    targets: dict[Path, Path] = {}
     hashes: dict[Path, str] = {}
     first_with_hash: dict[str, Path] = {}
+    targets: dict[Path, Path] = {}
+    images = []
     for rel in files:
         target = rel.with_suffix(".png")
         if target in targets:
             raise StageError(f"{src / rel}: would write the same {target} as {src / targets[target]}; rename one")
-        read_rgb(src / rel)  # every image must read before anything is written
-        targets[target], hashes[rel] = rel, file_sha256(src / rel)
+        targets[target] = rel
+        images.append(fit_to_grid(read_rgb(src / rel), max_resolution))  # every image reads before anything is written
+        hashes[rel] = file_sha256(src / rel)
         if hashes[rel] in first_with_hash:  # it would count twice in the audit's mean loss
             raise StageError(f"{src / rel}: the same file as {src / first_with_hash[hashes[rel]]}; keep one")
         first_with_hash[hashes[rel]] = rel
-    if n_patterns < 2:
-        raise StageError(f"--n-patterns {n_patterns}: need at least 2 candidate patterns for a p-value")
+    params.check(len(files))
     seed = secrets.randbits(63) if seed is None else seed
-    pattern_index = int(np.random.default_rng(child_seed(seed, 3)).integers(n_patterns))
-    pattern_seed = candidate_pattern_seed(seed, pattern_index)
+    published, design_fields = published_candidate(params, seed, len(files))
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
+    marked = mark_images([images[i] for i in published.files], [hashes[files[i]] for i in published.files],
+                         published.pattern_seed, cfg, pool, device)
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for target, rel in targets.items():
-        image = fit_to_grid(read_rgb(src / rel), max_resolution)
-        original_sha = hashes[rel]
-        write_png(out / target, mark_image(image, original_sha, pattern_seed, cfg, pool, device))
-        entries.append({"original": rel.as_posix(), "original_sha256": original_sha, "marked": target.as_posix(),
-                        "marked_sha256": file_sha256(out / target), "height": image.shape[0],
-                        "width": image.shape[1]})
+    entries = [{"original": rel.as_posix(), "original_sha256": hashes[rel], "height": images[i].shape[0],
+                "width": images[i].shape[1]} for i, rel in enumerate(files)]
+    for i, image in zip(published.files, marked):
+        target = files[i].with_suffix(".png")
+        write_png(out / target, image)
+        entries[i].update(marked=target.as_posix(), marked_sha256=file_sha256(out / target))
     key = {
         "format": KEY_FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source_folder": str(src.resolve()),
+        "design": params.design,
         "seed": seed,
-        "n_patterns": n_patterns,
-        "pattern_index": pattern_index,
+        "published": list(published.files),
+        **design_fields,
         "label": label,
         "max_resolution": max_resolution,
         "mark": cfg.model_dump(mode="json"),
