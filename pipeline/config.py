@@ -43,6 +43,20 @@ class DataConfig(_Strict):
     max_resolution: int | None = Field(None, ge=8)  # clean images' longer side (image folders: from the file)
 
 
+class OwnersConfig(_Strict):
+    """Data owners who mark a folder with their own tool (`mtrack mark`, its key) instead of being
+    marked by the mark stage: each member user becomes an owner holding `images` images of their
+    class, whose published ones (samples_per_user of them) are in the training set; `never_trained`
+    more owners publish images no model trains on. `bench/owner_audit.py` then runs
+    `mtrack audit` for every owner."""
+
+    images: int = Field(100, ge=2)  # P: the owner's folder of originals
+    never_trained: int = Field(100, ge=0)
+    design: Literal["subset", "groups", "pattern"] = "subset"
+    draws: int = Field(999, ge=1)  # subset design: random subsets each audit compares with
+    n_patterns: int = Field(100, ge=2)  # pattern design: secret candidate patterns
+
+
 class PlanConfig(_Strict):
     """Who the users are: members mark training images, non-members mark held-out ones."""
 
@@ -52,6 +66,15 @@ class PlanConfig(_Strict):
     # Classes member users are drawn from, in turn (single-target runs: one user, one class);
     # empty: spread over all classes.
     member_classes: tuple[int, ...] = ()
+    owners: OwnersConfig | None = None  # members are data owners using their own tool (owner-audit benchmark)
+
+    @model_validator(mode="after")
+    def _owners_publish(self) -> "PlanConfig":
+        o = self.owners
+        if o is not None and (o.images == self.samples_per_user) != (o.design == "pattern"):
+            raise ValueError("plan.owners: the pattern design publishes all plan.owners.images, the others fewer: "
+                             "samples_per_user must equal images exactly for design 'pattern'")
+        return self
 
 
 class MarkConfig(_Strict):

@@ -88,7 +88,8 @@ def _run_mark(cfg: RunConfig, stage: Stage, task: Task) -> None:
     from .mark import run_mark
     from ..data.sources import load_source
 
-    run_mark(cfg, stage, load_source(cfg.data), _users(cfg), task.num_shards, task.shard)
+    plan = read_json(Path(cfg.run_dir) / "plan" / "users.json")
+    run_mark(cfg, stage, load_source(cfg.data), plan["users"], task.num_shards, task.shard, plan.get("owners", []))
 
 
 def _run_write(cfg: RunConfig, stage: Stage, task: Task) -> None:

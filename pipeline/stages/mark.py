@@ -1,5 +1,9 @@
 """Stage `mark`: apply every user's mark to their images, optionally in shards.
 
+Owners (`plan.owners`) are not marked here but by their own tool: their originals are written as a
+folder under `owners/<id>/` and marked by the code `mtrack mark` runs, with the owner's seed; the
+published images of trained-on owners become their member users' marked images.
+
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
 (user, sample), so marks are bit-identical for a seed whatever the sharding. Shard i of n marks
 users i, i+n, ... and writes only its own shard file (images, ids, PSNR and SSIM per image), so an
@@ -10,7 +14,7 @@ mark's survival under JPEG re-encoding.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -24,7 +28,11 @@ from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
 from ..data.ood import ood_pool  # noqa: E402
 from ..data.sources import ImageSplits  # noqa: E402
+from ..data.images import read_rgb, write_png  # noqa: E402
+from ..owner.key import KEY_NAME  # noqa: E402
+from ..owner.marking import mark_folder  # noqa: E402
 from ..store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
+from .plan import owner_params  # noqa: E402
 from ..core.survival import mark_survival  # noqa: E402
 
 SHARD_ARRAYS = ("images", "user_ids", "sample_ids", "labels", "psnr", "ssim")
@@ -42,13 +50,42 @@ def mark_user(user: dict[str, Any], images: np.ndarray, cfg: MarkConfig, pool: O
     return mark_batch(images, pattern, noise_seeds(user), cfg, device)
 
 
-def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path) -> None:
-    """Mark the given users' images and save them with their ids, PSNR and SSIM."""
+def owner_folder(stage_dir: Path, owner_id: int) -> Path:
+    return stage_dir / "owners" / f"{owner_id:05d}"
+
+
+def run_owner_tool(cfg: RunConfig, data: ImageSplits, owner: dict[str, Any], folder: Path) -> list[np.ndarray]:
+    """The folder a real owner would have: their originals as PNG files (`originals/`), marked by the
+    owner's own tool (the code `mtrack mark` runs, with the owner's seed) into `published/`. Returns
+    the published images in sample order, after checking they are the ones the plan put in training."""
+    originals = folder / "originals"
+    originals.mkdir(parents=True, exist_ok=True)
+    for sid in owner["pool"]:
+        write_png(originals / f"{sid:08d}.png", data.train_images[sid])
+    key = mark_folder(originals, folder / "published", cfg.mark, seed=owner["seed"], force=True, label=owner["class"],
+                      params=owner_params(cfg))
+    entries = [key["files"][i] for i in key["published"]]
+    if [int(Path(e["original"]).stem) for e in entries] != owner["published"]:
+        raise StageError(f"{folder}: the owner's tool published other images than the plan has in training")
+    return [read_rgb(folder / "published" / e["marked"]) for e in entries]
+
+
+def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], owners: list[dict[str, Any]],
+               stage_dir: Path, path: Path) -> None:
+    """Mark the given users' images (owners' through their own tool) and save them with their ids,
+    PSNR and SSIM; mark the folders of the given never-trained-on owners."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
+    by_owner = {o["owner_id"]: o for o in owners}
+    for owner in owners:
+        if not owner["trained"]:
+            run_owner_tool(cfg, data, owner, owner_folder(stage_dir, owner["owner_id"]))
     for user in users:
         originals = data.train_images[user["sample_ids"]]
-        marked = mark_user(user, originals, cfg.mark, pool, device)
+        if "owner" in user:
+            marked = np.stack(run_owner_tool(cfg, data, by_owner[user["owner"]], owner_folder(stage_dir, user["owner"])))
+        else:
+            marked = mark_user(user, originals, cfg.mark, pool, device)
         k = len(marked)
         for key, value in (("images", marked), ("user_ids", np.full(k, user["user_id"])),
                            ("sample_ids", np.array(user["sample_ids"])), ("labels", np.full(k, user["class"])),
@@ -126,10 +163,13 @@ def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], 
 
 
 def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[str, Any]],
-             num_shards: int = 1, only_shard: int | None = None) -> None:
+             num_shards: int = 1, only_shard: int | None = None, owners: Sequence[dict[str, Any]] = ()) -> None:
     """Mark the missing shards (or only `only_shard`); once all are there, finish the stage."""
+    shard_owners = [o for o in owners if not o["trained"]]  # trained owners are marked with their member user
+    trained_owners = [o for o in owners if o["trained"]]
     names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
-                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path))
+                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards],
+                                                      trained_owners + shard_owners[shard::num_shards], stage.dir, path))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
     marked = merge_shards(stage.dir, names, users)
@@ -141,11 +181,23 @@ def run_mark(cfg: RunConfig, stage: Stage, data: ImageSplits, users: list[dict[s
     save_examples(stage.path("marked_examples.png"), originals,
                   [marked["images"][marked["user_ids"] == u["user_id"]] for u in shown],
                   [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown])
-    survival = survival_of(cfg, data, users, marked, pool=ood_pool(cfg.mark, cfg.data.image_size))
+    survival = survival_of(cfg, data, [u for u in users if "owner" not in u], marked,  # owners' marks: their keys
+                           pool=ood_pool(cfg.mark, cfg.data.image_size))
     write_json(stage.path("quality.json"), {"per_user": quality})
     write_json(stage.path("survival.json"), survival)
     summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
                       "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role]))}
                for role in ("member", "nonmember")}
-    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png"], shards=names, quality=summary,
-                 per_user_quality=quality)
+    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
+                 shards=names, quality=summary, per_user_quality=quality)
+
+
+def owner_outputs(stage_dir: Path, owners: Sequence[dict[str, Any]]) -> list[str]:
+    """Each owner's key and published images, relative to the stage folder."""
+    out = []
+    for owner in owners:
+        published = owner_folder(stage_dir, owner["owner_id"]) / "published"
+        key = read_json(published / KEY_NAME)
+        out += [(published / name).relative_to(stage_dir).as_posix()
+                for name in [KEY_NAME, *(key["files"][i]["marked"] for i in key["published"])]]
+    return out
