@@ -118,7 +118,9 @@ def easy_class_tables(m: dict[str, Any]) -> list[str]:
     pooled, within = st["null_calibration"], st["class_conditional"]["null_calibration"]
     lines = ["", "Where the false positives come from (marked model; `classes.png`). Calibration: the share of a class's "
              "non-member users whose leave-one-out p-value is ≤ 0.05, which should lie inside the binomial 95% "
-             "limits given after it if the null is calibrated for that class.", "",
+             "limits given after it if the null is calibrated for that class. Against the class-conditional null it "
+             "is 5% by construction (leave-one-out ranks within a class are uniform); against the pooled null it "
+             "shows which classes a pooled audit accuses without cause.", "",
              "| class | test acc | member users | non-member users | non-members below the worst member | members' mean loss "
              "| non-members' mean loss | p ≤ 0.05, pooled null | p ≤ 0.05, class-conditional null |",
              "|---|---|---|---|---|---|---|---|---|"]
