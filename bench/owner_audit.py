@@ -7,10 +7,11 @@ are never trained on. Then `mtrack audit --model <model.pt> --user <published fo
 the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
 at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
 
-    python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset groups pattern]
+    python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
+                                [--set key=value ...] [--out results/owner-audit]
 
-writes results/owner-audit/<design>.json for every design, results.json for the first (the
-tool's default) and README.md comparing them. Each design is one training run of the config.
+writes <out>/<design>.json for every design, results.json for the first (the tool's default) and
+README.md comparing them. Each design is one training run of the config.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,12 @@ from pipeline.store import read_json, write_json, write_text
 RESULTS = Path("results/owner-audit")
 
 
-def design_overrides(cfg: RunConfig, design: str) -> list[str]:
+def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[str]:
     """The config's run for one design: its own run folder; the pattern design publishes every
     image of the owner's folder, so its folder holds just the K published ones."""
     folder = f"{cfg.run_dir}-{design}"
     extra = [f"plan.owners.images={cfg.plan.samples_per_user}"] if design == "pattern" else []
-    return [f"plan.owners.design={design}", f"run_dir={folder}", f"results_dir={folder}/results", *extra]
+    return [*overrides, f"plan.owners.design={design}", f"run_dir={folder}", f"results_dir={folder}/results", *extra]
 
 
 def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -116,18 +118,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/owner-audit.yaml")
     parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS),
                         help="designs to run; the first is written to results.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every design's run (its run folder is named after run_dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
     rows = []
     for design in args.designs:
-        overrides = design_overrides(load_config(args.config), design)
+        overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)
         launch(args.config, overrides, "local")
         cfg = load_config(args.config, overrides)
         rows.append(summarise(cfg, design, audit_every_owner(cfg)))
-        write_json(RESULTS / f"{design}.json", rows[-1])
-    write_json(RESULTS / "results.json", rows[0])
-    command = "python -m bench.owner_audit" + ("" if argv is None else " " + " ".join(argv))
-    write_text(RESULTS / "README.md", markdown(rows, command))
+        write_json(args.out / f"{design}.json", rows[-1])
+    write_json(args.out / "results.json", rows[0])
+    command = "python -m bench.owner_audit " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_text(args.out / "README.md", markdown(rows, command.strip()))
     print(json.dumps({r["design"]: r["trained_on_at_0.01"] for r in rows}))
 
 
