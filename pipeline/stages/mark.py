@@ -26,9 +26,9 @@ from ..config import MarkConfig, RunConfig  # noqa: E402
 from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device  # noqa: E402
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
+from ..data.images import read_rgb, write_png  # noqa: E402
 from ..data.ood import ood_pool  # noqa: E402
 from ..data.sources import ImageSplits  # noqa: E402
-from ..data.images import read_rgb, write_png  # noqa: E402
 from ..owner.key import KEY_NAME  # noqa: E402
 from ..owner.marking import mark_folder  # noqa: E402
 from ..store import Stage, StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402

@@ -2,10 +2,11 @@
 
 Draws the training subset, then member users (K training images of one class each) and
 non-member users (K images of one class each from the part of the train split that is never
-trained on). No image belongs to two users. With `plan.owners`, member users are data owners
-instead: each holds P held-out images of a class, and the K their own tool publishes replace K
-training images of that class (`owners` in the manifest; more owners are never trained on). The manifest rows (user id, role, class, split,
+trained on). No image belongs to two users. The manifest rows (user id, role, class, split,
 sample ids, pattern seed) define the users for every later stage; nothing depends on file order.
+With `plan.owners`, member users are data owners instead: each holds P held-out images of a class,
+and the K their own tool publishes replace K training images of that class (`owners` in the
+manifest; more owners are never trained on).
 """
 from __future__ import annotations
 
