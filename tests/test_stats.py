@@ -94,3 +94,22 @@ def test_binomial_limits_cover_the_null_rate() -> None:
         inside = (k / n >= lo) & (k / n <= hi)
         assert binom.pmf(k[inside], n, 0.05).sum() >= 0.95
         assert lo <= 0.05 <= hi < 0.05 + 3.5 * np.sqrt(0.05 * 0.95 / n)
+
+
+def test_audit_bh_tests_members_and_a_hundred_never_trained_on_users() -> None:
+    """Perfectly separated members are all flagged once M reaches the smallest null size, by both
+    nulls when every class has that many; with every non-member user among the hypotheses (as
+    before) none could be."""
+    from pipeline.stages.audit import user_statistics
+
+    for m, flagged in ((219, 10), (218, 0)):
+        score = np.concatenate([np.full(10, 5.0), np.linspace(0, 1, m)])
+        is_member = np.arange(10 + m) < 10
+        stats = user_statistics(is_member, score, np.zeros(10 + m, np.int64))  # one class: both nulls alike
+        assert stats["fdr_hypotheses"] == {"members": 10, "nonmembers": 100}
+        for null in (stats, stats["class_conditional"]):
+            assert null["benjamini_hochberg"]["0.05"]["members_flagged"] == flagged
+            assert null["benjamini_hochberg"]["0.05"]["smallest_null_size"] == 219
+    every_user = benjamini_hochberg(np.concatenate([rank_p_values(score[:10], score[10:]),
+                                                    leave_one_out_p_values(score[10:])]), 0.05)
+    assert not every_user.any()
