@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench gpu-check experiments clean slurm-up slurm-down imagenet-audit
+.PHONY: setup demo test test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -34,6 +34,9 @@ gpu-check: $(SETUP)
 
 experiments: $(SETUP)  # every table under configs/experiments/ -> results/<table>/ and results/README.md
 	$(PY) -m pipeline.cli experiments configs/experiments/*.yaml $(if $(BASE),--base $(BASE))
+
+owner-audit: $(SETUP)  # owners' own mark/audit tool on trained networks -> results/owner-audit/
+	$(PY) -m bench.owner_audit $(if $(DESIGNS),--designs $(DESIGNS))
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh

@@ -6,7 +6,8 @@
     mtrack experiments TABLE.yaml ... [--launcher slurm]           (experiment tables, results/<table>/)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
-    mtrack mark FOLDER --out FOLDER [--seed S] [--alpha A]  (a data owner marking their own images)
+    mtrack mark FOLDER --out FOLDER [--publish K] [--design D]  (a data owner marking their own images)
+    mtrack audit --model M --user FOLDER                     (... and later testing a model for them)
     mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
     mtrack audit CONFIG --arm marked --shard I --num-shards N  (one array task of the audit)
 
@@ -27,10 +28,11 @@ from .console import attach_console
 from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch, status
-from .owner.key import KEY_NAME, ClassCount, ClassLabel, PatternCount, Resolution, Seed
+from .owner.designs import DESIGN_OPTIONS, DESIGNS, DesignParams, DrawCount, PatternCount, PublishCount
+from .owner.key import KEY_NAME, ClassCount, ClassLabel, Resolution, Seed
 from .stages.contract import STAGES, Task
 from .stages.dag import ARM_STAGES, SHARDED_STAGES, run_task
-from .store import AlreadyReported, StageError, writable_folder
+from .store import AlreadyReported, StageError, writable_folder, write_json
 
 log = logging.getLogger("pipeline")
 USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
@@ -45,8 +47,9 @@ MarkEpsilon = Annotated[float, MarkConfig.model_fields["epsilon"]]
 # The owner's flags of `mark` and `audit`, by attribute; their defaults are applied only in the
 # owner's mode, so a flag given to the wrong mode is refused by name instead of silently ignored.
 OWNER_MARK_FLAGS = ("out", "seed", "noise", "epsilon", "alpha", "pattern", "ood_folder", "max_resolution",
-                    "n_patterns", "label")
-OWNER_AUDIT_FLAGS = ("model", "arch", "num_classes", "user", "key", "originals", "label", "alpha")
+                    "design", "publish", "draws", "n_patterns", "label")
+OWNER_AUDIT_FLAGS = ("model", "arch", "num_classes", "user", "key", "originals", "label", "alpha", "draws_seed",
+                     "json_out")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "classes; default: from the key)")
             owner.add_argument("--alpha", type=checked(Level, "A"), metavar="A", default=owner_only,
                                help=f"significance level of the verdict ({bounds(Level, 'A')}; default {DEFAULT_LEVEL})")
+            owner.add_argument("--draws-seed", type=checked(Seed, "S"), metavar="S", default=owner_only,
+                               help="subset design: seed of the audit's random subsets (default: fresh, printed, "
+                                    "so the audit can be repeated exactly)")
+            owner.add_argument("--json", dest="json_out", default=owner_only, help="also write the result to this JSON file")
         if stage == "mark":
             mark = MarkConfig()
             owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
@@ -176,8 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
             owner.add_argument("--max-resolution", type=checked(Resolution, "R"), metavar="R", default=owner_only,
                                help=f"shrink so the longer side is at most R ({bounds(Resolution, 'R')}), to mark "
                                     "on the grid a model will store; every side must keep at least 8 pixels")
+            owner.add_argument("--design", choices=list(DESIGNS), default=owner_only,
+                               help="subset (default): publish a random K of your images; groups: publish one of "
+                                    "P/K disjoint groups; pattern: publish all with one of N secret patterns")
+            owner.add_argument("--publish", type=checked(PublishCount, "K"), metavar="K", default=owner_only,
+                               help="subset, groups: how many images to publish (fewer than the folder holds; "
+                                    "default: a tenth of the folder)")
+            owner.add_argument("--draws", type=checked(DrawCount, "B"), metavar="B", default=owner_only,
+                               help=f"subset: random subsets the audit compares with ({bounds(DrawCount, 'B')}; default "
+                                    "999): the smallest p-value is 1/(B+1), and the audit marks and scores K(B+1) images")
             owner.add_argument("--n-patterns", type=checked(PatternCount, "N"), metavar="N", default=owner_only,
-                               help=f"secret candidate patterns ({bounds(PatternCount, 'N')}; default 100): the "
+                               help=f"pattern: secret candidate patterns ({bounds(PatternCount, 'N')}; default 100): the "
                                     f"audit's smallest p-value is 1/N, and it marks and scores every image N times")
             owner.add_argument("--label", type=checked(ClassLabel, "L"), metavar="L", default=owner_only,
                                help=f"class index of these images ({bounds(ClassLabel, 'L')}), saved in the key")
@@ -235,10 +251,14 @@ def mark_own_folder(args: argparse.Namespace) -> None:
         err = exc.errors()[0]
         where = ", ".join(_flag(str(p)) for p in err["loc"]) or ", ".join(_flag(name) for name in chosen)
         raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
-    given = {name: getattr(args, name) for name in ("seed", "max_resolution", "n_patterns", "label") if hasattr(args, name)}
-    key = mark_folder(args.config, args.out, cfg, force=args.force, **given)
-    print(f"marked {len(key['files'])} images into {args.out}; keep {Path(args.out) / KEY_NAME} private: "
-          "the audit needs it")
+    given = {name: getattr(args, name) for name in ("seed", "max_resolution", "label") if hasattr(args, name)}
+    design = {name: getattr(args, name) for name in ("design", "publish", "draws", "n_patterns") if hasattr(args, name)}
+    chosen_design = design.get("design", "subset")
+    for name in sorted(design.keys() - {"design"} - set(DESIGN_OPTIONS[chosen_design])):
+        raise ConfigError(f"{_flag(name)}: not an option of --design {chosen_design}")
+    key = mark_folder(args.config, args.out, cfg, force=args.force, params=DesignParams(**design), **given)
+    print(f"marked {len(key['published'])} of {len(key['files'])} images into {args.out} (design {key['design']}): "
+          f"publish those; keep {Path(args.out) / KEY_NAME} and the originals private: the audit needs them")
 
 
 def audit_own_model(args: argparse.Namespace) -> None:
@@ -262,15 +282,23 @@ def audit_own_model(args: argparse.Namespace) -> None:
                          f"; is {user} the --out folder of mtrack mark? Otherwise pass --key"))
     key = load_key(key_path, user)
     predict = load_predictor(args.model, getattr(args, "arch", None), getattr(args, "num_classes", None))
+    json_out = getattr(args, "json_out", None)
+    if json_out is not None:
+        if Path(json_out).is_dir():
+            raise StageError(f"--json {json_out}: is a folder; name a file")
+        writable_folder(Path(json_out).absolute().parent, "--json")
     result = audit_owner(key, predict, getattr(args, "originals", None), getattr(args, "label", None),
-                         key_source=str(key_path))
+                         getattr(args, "draws_seed", None), key_source=str(key_path))
     alpha = getattr(args, "alpha", DEFAULT_LEVEL)
     used = result["p_value"] <= alpha
     print(f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"
           f" (p = {result['p_value']:.4g}, level {alpha}; smallest possible p {result['smallest_possible_p_value']:.4g})")
-    print(f"evidence: mean loss on your {result['n_images']} images with the published pattern "
-          f"{result['published_pattern_loss']:.4g}; with the {key['n_patterns'] - 1} secret patterns: "
-          f"min {result['other_patterns_loss']['min']:.4g}, median {result['other_patterns_loss']['median']:.4g}")
+    redo = f"; repeat with --draws-seed {result['draws_seed']}" if result["draws_seed"] is not None else ""
+    print(f"evidence: mean loss on your {result['n_images']} published images {result['published_loss']:.4g}; on the "
+          f"{result['n_candidates']} other candidates of design {result['design']}: min "
+          f"{result['candidates_loss']['min']:.4g}, median {result['candidates_loss']['median']:.4g}{redo}")
+    if json_out is not None:
+        write_json(json_out, result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,8 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)  # images are padded/resized to this square grid
     n_train: int = Field(10_000, ge=10)  # training subset drawn from the train split
     n_test: int | None = Field(None, ge=1)  # cap on the test split (None = all)
+    # Keep only these classes (names or indices), relabelled 0..n-1 in the source's order; empty: all.
+    classes: tuple[str | int, ...] = ()
     synthetic_per_class: int = Field(1_200, ge=10)  # synthetic source: train images per class
     synthetic_classes: int = Field(10, ge=2, le=100)
     # How the write stage stores every image: a marked image exactly as the clean one it replaces
@@ -46,6 +48,20 @@ class DataConfig(_Strict):
     max_resolution: int | None = Field(None, ge=8)
 
 
+class OwnersConfig(_Strict):
+    """Data owners who mark a folder with their own tool (`mtrack mark`, its key) instead of being
+    marked by the mark stage: each member user becomes an owner holding `images` images of their
+    class, whose published ones (samples_per_user of them) are in the training set; `never_trained`
+    more owners publish images no model trains on. `bench/owner_audit.py` then runs
+    `mtrack audit` for every owner."""
+
+    images: int = Field(100, ge=2)  # P: the owner's folder of originals
+    never_trained: int = Field(100, ge=0)
+    design: Literal["subset", "groups", "pattern"] = "subset"
+    draws: int = Field(999, ge=1)  # subset design: random subsets each audit compares with
+    n_patterns: int = Field(100, ge=2)  # pattern design: secret candidate patterns
+
+
 class PlanConfig(_Strict):
     """Who the users are: members mark training images, non-members mark held-out ones."""
 
@@ -55,6 +71,15 @@ class PlanConfig(_Strict):
     # Classes member users are drawn from, in turn (single-target runs: one user, one class);
     # empty: spread over all classes.
     member_classes: tuple[int, ...] = ()
+    owners: OwnersConfig | None = None  # members are data owners using their own tool (owner-audit benchmark)
+
+    @model_validator(mode="after")
+    def _owners_publish(self) -> "PlanConfig":
+        o = self.owners
+        if o is not None and (o.images == self.samples_per_user) != (o.design == "pattern"):
+            raise ValueError("plan.owners: the pattern design publishes all plan.owners.images, the others fewer: "
+                             "samples_per_user must equal images exactly for design 'pattern'")
+        return self
 
 
 class MarkConfig(_Strict):
@@ -204,6 +229,9 @@ class TrainConfig(_Strict):
 class AuditConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     num_workers: int = Field(2, ge=1)
+    # Never-trained-on users tested next to the members in the Benjamini-Hochberg decisions (the
+    # first ones in the plan), so the decisions show false discoveries; the rest only serve as null.
+    fdr_nonmembers: int = Field(100, ge=0)
 
 
 class WandbConfig(_Strict):

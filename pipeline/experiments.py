@@ -79,6 +79,14 @@ def row_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "train_loss": training["train_loss"],
         "test_accuracy": training["test_accuracy"],
         "psnr": metrics["mark_quality"]["member"]["psnr_mean"],
+        # absent from reports made before these were measured
+        **{f"tpr_at_fpr_below_{t}": metrics["set_based"].get("tpr_at_fpr_below", {}).get(t) for t in ("0.001", "0.0001")},
+        "largest_class_conditional_p_value": max(stats["class_conditional"]["member_p_values"])
+        if "class_conditional" in stats else None,
+        "member_classes": sorted({row["class"] for row in metrics.get("per_member", [])}),
+        "false_positives_by_class": {name: row["nonmembers_below_worst_member"]
+                                     for name, row in metrics.get("per_class", {}).items()
+                                     if row["nonmembers_below_worst_member"]},
     }
 
 
@@ -108,35 +116,61 @@ def storage_note(metrics: dict[str, Any]) -> str:
             + ("" if noise is None else f", noise part kept {noise:.2f}"))
 
 
-AVERAGED = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_0", "largest_member_p_value", "test_accuracy")
+AVERAGED = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_0", "tpr_at_fpr_below_0.001", "tpr_at_fpr_below_0.0001",
+            "largest_member_p_value", "largest_class_conditional_p_value", "test_accuracy")
 
 
 def averages(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Means of the table's averaged row groups (e.g. single-target runs over target classes)."""
+    """Means of the table's averaged row groups (e.g. single-target runs over target classes); None
+    where a row's report predates the number."""
     by_name = {row["name"]: row for row in rows}
-    return [{"name": name, "rows": len(members),
-             **{key: sum(by_name[m][key] for m in members) / len(members) for key in AVERAGED}}
-            for name, members in table.averages.items()]
+    out = []
+    for name, members in table.averages.items():
+        values = {key: [by_name[m].get(key) for m in members] for key in AVERAGED}
+        out.append({"name": name, "rows": len(members),
+                    **{key: None if None in v else sum(v) / len(v) for key, v in values.items()}})
+    return out
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
 
 
 def markdown(table: Table, rows: list[dict[str, Any]]) -> str:
-    head = ("| variant | AUC | FPR @ 100% TPR (95% CI) | TPR @ FPR 0 (95% CI) | max member p | instance AUC | "
-            "train loss | test acc | PSNR dB | notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| variant | AUC | FPR @ 100% TPR (95% CI) | TPR @ FPR 0 (95% CI) | TPR @ FPR < 1e-3 / < 1e-4 (strict) | "
+            "max member p: pooled / own class | instance AUC | train loss | test acc | PSNR dB | notes |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['name']} | {r['auc']:.3f} | {r['fpr_at_tpr_1']:.3f} ({r['fpr_at_tpr_1_interval'][0]:.3f}–"
              f"{r['fpr_at_tpr_1_interval'][1]:.3f}) | {r['tpr_at_fpr_0']:.2f} "
              f"({r['tpr_at_fpr_0_interval'][0]:.2f}–{r['tpr_at_fpr_0_interval'][1]:.2f}) | "
-             f"{r['largest_member_p_value']:.3g} | {r['instance_auc']:.3f} | {r['train_loss']:.2g} | "
-             f"{r['test_accuracy']:.3f} | {r['psnr']:.1f} | {r.get('notes', '')} |" for r in rows]
+             f"{_num(r.get('tpr_at_fpr_below_0.001'), '.2f')} / {_num(r.get('tpr_at_fpr_below_0.0001'), '.2f')} | "
+             f"{r['largest_member_p_value']:.3g} / {_num(r.get('largest_class_conditional_p_value'), '.3g')} | "
+             f"{r['instance_auc']:.3f} | {r['train_loss']:.2g} | {r['test_accuracy']:.3f} | {r['psnr']:.1f} | "
+             f"{row_notes(r)} |" for r in rows]
     means = averages(table, rows)
     if means:
-        lines += ["", "| mean over | runs | AUC | FPR @ 100% TPR | TPR @ FPR 0 | max member p | test acc |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| mean over | runs | AUC | FPR @ 100% TPR | TPR @ FPR 0 | TPR @ FPR < 1e-3 / < 1e-4 (strict) | "
+                  "max member p: pooled / own class | test acc |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {m['name']} | {m['rows']} | {m['auc']:.3f} | {m['fpr_at_tpr_1']:.3f} | {m['tpr_at_fpr_0']:.2f} | "
-                  f"{m['largest_member_p_value']:.3g} | {m['test_accuracy']:.3f} |" for m in means]
+                  f"{_num(m['tpr_at_fpr_below_0.001'], '.2f')} / {_num(m['tpr_at_fpr_below_0.0001'], '.2f')} | "
+                  f"{m['largest_member_p_value']:.3g} / {_num(m['largest_class_conditional_p_value'], '.3g')} | "
+                  f"{m['test_accuracy']:.3f} |" for m in means]
     return (f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
             "set-based audit of the marked model (M non-member users, smallest possible p-value "
-            f"{rows[0]['smallest_possible_p_value']:.3g}). Regenerate: `mtrack experiments "
+            f"{rows[0]['smallest_possible_p_value']:.3g}; TPR @ FPR < t counts false positives strictly below t, "
+            "as the official code does). Regenerate: `mtrack experiments "
             f"configs/experiments/{table.table}.yaml`.\n\n" + head + "\n".join(lines) + "\n")
+
+
+def row_notes(row: dict[str, Any]) -> str:
+    """What a countermeasure did, the member users' classes and the classes of the non-member users
+    scoring below the worst member (where the report says)."""
+    notes = [row.get("notes", "")]
+    if row.get("member_classes"):
+        notes.append("members: " + ", ".join(row["member_classes"]))
+    if row.get("false_positives_by_class"):
+        notes.append("below the worst member: " + ", ".join(f"{c} {n}" for c, n in row["false_positives_by_class"].items()))
+    return "; ".join(n for n in notes if n)
 
 
 def update_overview(results: Path, table: Table, rows: list[dict[str, Any]]) -> None:

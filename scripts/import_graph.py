@@ -24,7 +24,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "core": ("base",),
     "data": ("base", "core"),
     "training": ("base", "core", "data"),
-    "stages": ("base", "core", "data", "training"),
+    "stages": ("base", "core", "data", "training", "owner"),  # owners in a run mark with their own tool
     "launchers": ("base", "core", "stages"),
     "owner": ("base", "core", "data"),
     "app": ("base", "core", "data", "training", "stages", "launchers", "owner"),

@@ -28,6 +28,7 @@ from pipeline.stages.contract import Task, stage_for
 from pipeline.stages.dag import run_task
 from pipeline.data.images import read_rgb
 from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
 from pipeline.owner.marking import mark_folder
 from pipeline.store import file_sha256
@@ -86,8 +87,9 @@ def owner(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("owner")
     for i in range(3):
         _image(root / "originals" / f"img{i}.png", seed=i)
-    mark_folder(root / "originals", root / "marked", MarkConfig(), seed=1, n_patterns=4, label=0)
-    mark_folder(root / "originals", root / "other-marked", MarkConfig(), seed=2, n_patterns=4)
+    every = DesignParams(design="pattern", n_patterns=4)  # every image published: each one's loss is checked
+    mark_folder(root / "originals", root / "marked", MarkConfig(), seed=1, label=0, params=every)
+    mark_folder(root / "originals", root / "other-marked", MarkConfig(), seed=2, params=every)
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
     save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
                  root / "model.pt")
@@ -168,7 +170,16 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("alpha zero", lambda s: None, ["--force", "--alpha", "0"], "--alpha"),
     ("alpha above one", lambda s: None, ["--force", "--alpha", "1.5"], "--alpha"),
     ("negative epsilon", lambda s: None, ["--force", "--epsilon", "-0.01"], "--epsilon"),
-    ("one pattern", lambda s: None, ["--force", "--n-patterns", "1"], "--n-patterns"),
+    ("one pattern", lambda s: None, ["--force", "--design", "pattern", "--n-patterns", "1"], "--n-patterns"),
+    ("patterns without the pattern design", lambda s: None, ["--force", "--n-patterns", "5"],
+     "--n-patterns: not an option of --design subset"),
+    ("draws with the groups design", lambda s: None, ["--force", "--design", "groups", "--draws", "5"],
+     "--draws: not an option of --design groups"),
+    ("publish nothing", lambda s: None, ["--force", "--publish", "0"], "--publish"),
+    ("publish everything", lambda s: None, ["--force", "--publish", "3"], "--publish 3"),
+    ("groups of more than half", lambda s: None, ["--force", "--design", "groups", "--publish", "2"], "--publish 2"),
+    ("no draws", lambda s: None, ["--force", "--draws", "0"], "--draws"),
+    ("draws beyond the audit's bound", lambda s: None, ["--force", "--draws", "10000"], "--draws"),
     ("ood without folder", lambda s: None, ["--force", "--pattern", "ood_image"], "--ood-folder"),
     ("ood folder missing", lambda s: None, ["--force", "--pattern", "ood_image", "--ood-folder", "/nonexistent/ood"],
      "/nonexistent/ood"),
@@ -279,7 +290,8 @@ def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path
     for out, extra in ((tmp_path / "new" / "marked", []), (tmp_path / "earlier", ["--force"])):
         written.clear()
         before = snapshot(tmp_path)
-        assert_refused(capsys, ["mark", src, "--out", out, "--seed", "5", *extra], "No space left on device", before)
+        assert_refused(capsys, ["mark", src, "--out", out, "--seed", "5", "--design", "pattern", *extra],
+                       "No space left on device", before)
         assert written, "the failure was not midway"
         assert snapshot(tmp_path) == before, "a failed marking left files behind"
 
@@ -300,7 +312,7 @@ def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) ->
 
 def test_owner_mark_accepts_the_bounds(owner: Path, tmp_path: Path, capsys) -> None:
     """The largest values --help allows are accepted, not refused (the refusals above start one past them)."""
-    argv = ["mark", str(owner / "originals"), "--out", str(tmp_path / "out"), "--n-patterns", "1000", "--seed",
+    argv = ["mark", str(owner / "originals"), "--out", str(tmp_path / "out"), "--design", "pattern", "--n-patterns", "1000", "--seed",
             str(2**63 - 1), "--label", "99999", "--max-resolution", "16", "--alpha", "1", "--epsilon", "0"]
     assert main(argv) == 0, capsys.readouterr().err
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
@@ -321,7 +333,8 @@ def test_owner_mark_accepts_unusual_images(mode: str, tmp_path: Path, capsys) ->
             src / "a.png", transparency=0)
     else:
         _image(src / ("a.jpg" if mode == "CMYK" else "a.png"), mode)
-    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3"]) == 0, capsys.readouterr().err
+    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]) == 0, \
+        capsys.readouterr().err
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
     assert len(key["files"]) == 1
     assert read_rgb(tmp_path / "out" / key["files"][0]["marked"]).shape == (12, 16, 3)
@@ -413,15 +426,15 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("a config as the model", lambda r: TINY, [], "tiny.yaml: not a loadable checkpoint: a text file"),
     ("a folder as the model", lambda r: r / "originals", [], "originals: a folder, not a checkpoint file"),
     ("callable that raises", lambda r: "owner_models:raises", [],
-     "owner_models:raises: failed on 3 images of 12x16 pixels (ValueError: the service is down)"),
+     "owner_models:raises: failed on 12 images of 12x16 pixels (ValueError: the service is down)"),
     ("callable returning a string", lambda r: "owner_models:wrong_type", [], "returned a str, not logits"),
-    ("callable returning one value per image", lambda r: "owner_models:wrong_shape", [], "returned shape (3,) for 3"),
-    ("callable returning another batch size", lambda r: "owner_models:wrong_batch", [], "returned shape (1, 4) for 3"),
+    ("callable returning one value per image", lambda r: "owner_models:wrong_shape", [], "returned shape (12,) for 12"),
+    ("callable returning another batch size", lambda r: "owner_models:wrong_batch", [], "returned shape (1, 4) for 12"),
     ("callable with one class", lambda r: "owner_models:one_class", [], "at least 2 classes"),
     ("callable returning NaN", lambda r: "owner_models:nan_logits", [], "NaN or infinite logits"),
     ("not callable", lambda r: "owner_models:not_callable", [], "owner_models:not_callable: not callable"),
     ("image too small for the network", lambda r: "owner_models:needs_32_pixels", [],
-     "needs_32_pixels: failed on 3 images of 12x16 pixels (RuntimeError"),
+     "needs_32_pixels: failed on 12 images of 12x16 pixels (RuntimeError"),
     ("module failing on import", lambda r: "owner_broken:predict", [], "cannot import the callable (RuntimeError"),
     ("module with a syntax error", lambda r: "owner_typo:predict", [], "cannot import the callable (SyntaxError"),
     ("callable without a module", lambda r: ":predict", [], "expected a checkpoint file or module:function"),
@@ -507,7 +520,7 @@ KEY_CASES = [
     ("negative pattern index", _set("pattern_index", -1), "pattern_index:"),
     ("unpublished pattern index", _set("pattern_index", lambda k: (k["pattern_index"] + 1) % k["n_patterns"]),
      "pattern_index: "),
-    ("pattern index beyond the patterns", _set("pattern_index", 4), "pattern_index: 4 is not the pattern this seed"),
+    ("pattern index beyond the patterns", _set("pattern_index", 4), "pattern_index: 4 is not the pattern_index this seed"),
     ("negative label", _set("label", -1), "label:"),
     ("label as a boolean", _set("label", True), "label:"),
     ("max_resolution of a few pixels", _set("max_resolution", 4), "max_resolution:"),

@@ -35,27 +35,29 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
     assert marked["images"].shape == (24 * 8, 16, 16, 3)
     losses = np.load(run / "audit-marked" / "losses.npz")
     assert sorted(losses["sample"].tolist()) == sorted(marked["sample_ids"].tolist())
-    assert np.isfinite(losses["loss"]).all() and (losses["loss"] >= 0).all()
+    assert np.isfinite(losses["loss"]).all()
     trained = json.loads((run / "train-marked" / "metrics.json").read_text())
     assert (run / "train-marked" / "checkpoints" / trained["best_val_checkpoint"]).is_file()  # best-val kept
-    assert 0 <= trained["best_val_accuracy"] <= 1
 
 
 def test_metrics_file_schema(tiny_run: Path) -> None:
     cfg = load_config(tiny_run)
     results = Path(cfg.results_dir)
-    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "marked_examples.png"):
+    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "classes.png",
+                 "marked_examples.png"):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics.json").read_text())
     assert SCHEMA_KEYS <= metrics.keys()
     assert metrics["n_member_users"] == 4 and metrics["n_nonmember_users"] == 20
     assert metrics["fpr_resolution"] == pytest.approx(1 / 20)
     assert metrics["marked_fraction"] == pytest.approx(8 / 800)
-    assert 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["test_accuracy"] > 0.9  # the synthetic task is learnt
     for block in ("set_based", "instance_based", "control_unmarked"):
         assert BLOCK_KEYS <= metrics[block].keys()
         assert set(metrics[block]["tpr_at_fpr"]) == {"0", "0.0001", "0.001", "0.01"}
-        assert 0 <= metrics[block]["auc"] <= 1
+        assert set(metrics[block]["tpr_at_fpr_below"]) == {"0.0001", "0.001", "0.01"}
+    assert sum(row["n_member_users"] for row in metrics["per_class"].values()) == 4
+    assert len(metrics["per_member"]) == 4 and len(metrics["training"]["marked"]) >= 5
     assert set(metrics["seconds"]) >= {"plan", "mark", "write", "train-marked", "train-control"}
     assert "| set-based, marked model" in (results / "report.md").read_text()
 
@@ -137,3 +139,26 @@ def test_audit_split_over_processes_scores_every_sample_once(tiny_run: Path, tmp
     assert np.array_equal(ours["user"][order], reference["user"][ref_order])
     # torchrun runs each process on one thread (OMP_NUM_THREADS=1): sums round differently, no more
     assert np.allclose(ours["loss"][order], reference["loss"][ref_order], rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def real_images_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/tiny-fmnist.yaml run once through the CLI: the tiny DAG on Fashion-MNIST."""
+    folder = tmp_path_factory.mktemp("tiny-fmnist")
+    tree = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny-fmnist.yaml").read_text())
+    tree.update(extends=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+                run_dir=str(folder / "run"), results_dir=str(folder / "results"))
+    config = folder / "tiny-fmnist.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    result = mtrack("run", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config
+
+
+def test_the_mark_is_what_makes_members_detectable(real_images_run: Path) -> None:
+    """The marked model's set-based audit separates member users far better than the same audit of
+    the control model, trained on the same data with the members left unmarked."""
+    metrics = json.loads((Path(load_config(real_images_run).results_dir) / "metrics.json").read_text())
+    marked, control = metrics["set_based"]["auc"], metrics["control_unmarked"]["auc"]
+    assert marked >= 0.8 and marked - control >= 0.25, (marked, control)
+    assert metrics["mean_user_loss"]["marked"]["member"] < metrics["mean_user_loss"]["marked"]["nonmember"] / 5

@@ -31,7 +31,10 @@ def test_table_runs_each_row_and_writes_results(tmp_path: Path, repo: Path, monk
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["claim"] == "both parts of the mark help"
     marked, unmarked = rows
     assert marked["psnr"] < 40 < unmarked["psnr"]  # the unmarked row really left the images alone
-    assert 0 <= marked["auc"] <= 1 and marked["largest_member_p_value"] >= marked["smallest_possible_p_value"]
+    report = json.loads((tmp_path / marked["run_dir"] / "results" / "metrics.json").read_text())
+    assert marked["auc"] == report["set_based"]["auc"]  # the row is its run's report
+    assert marked["tpr_at_fpr_below_0.001"] == report["set_based"]["tpr_at_fpr_below"]["0.001"]
+    assert marked["largest_member_p_value"] >= marked["smallest_possible_p_value"]
     table = (tmp_path / "results" / "tiny-ablation" / "README.md").read_text()
     assert "| stripes + noise |" in table and "| none |" in table
     overview = (tmp_path / "results" / "README.md").read_text()

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from pipeline.cli import main
 from pipeline.config import MarkConfig, RunConfig
 from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
 from pipeline.owner.marking import mark_folder
 from pipeline.store import file_sha256
@@ -79,7 +80,8 @@ def owner(tmp_path_factory) -> Path:
         (root / "originals").mkdir(exist_ok=True)
         rgb = np.random.default_rng(i).integers(0, 256, (12, 16, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(root / "originals" / f"img{i}.png")
-    mark_folder(root / "originals", root / "published", MarkConfig(), seed=1, n_patterns=4, label=0)
+    mark_folder(root / "originals", root / "published", MarkConfig(), seed=1, label=0,
+                params=DesignParams("pattern", n_patterns=4))
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
     save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
                  root / "model.pt")

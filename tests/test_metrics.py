@@ -61,3 +61,28 @@ def test_per_user_mean() -> None:
     assert per_user_mean(values, users, np.array([3, 7, 9])).tolist() == [15.0, 2.0, 5.0]
     with pytest.raises(ValueError, match="no audit samples"):
         per_user_mean(values, users, np.array([3, 7, 9, 11]))
+
+
+def test_strict_and_inclusive_fpr_conventions_differ_at_one_false_positive() -> None:
+    """With M = 100 negatives and one of them above a member, FPR = 0.01 exactly: the official code's
+    strict convention (FPR < 0.01) does not count that member, FPR <= 0.01 does."""
+    is_member = np.array([1, 1] + [0] * 100)
+    scores = np.concatenate([[10.0, 5.0], [6.0], np.linspace(0, 1, 99)])
+    m = roc_metrics(is_member, scores)
+    assert m["tpr_at_fpr_below"]["0.01"] == pytest.approx(0.5)
+    assert m["tpr_at_fpr"]["0.01"] == pytest.approx(1.0)
+    assert m["tpr_at_fpr_below"]["0.001"] == m["tpr_at_fpr"]["0"] == pytest.approx(0.5)
+
+
+def test_class_breakdown_counts_non_members_below_the_members_by_class() -> None:
+    from pipeline.core.metrics import class_breakdown
+
+    # members (classes 0, 1) have mean loss 0.1 and 0.3; non-members: class 1 at 0.05 and 0.2, class 0 at 0.5
+    per_user = {"user_id": np.arange(5), "is_member": np.array([1, 1, 0, 0, 0], bool),
+                "mean_loss": np.array([0.1, 0.3, 0.05, 0.2, 0.5])}
+    stats = {"member_p_values": [0.5, 0.75], "class_conditional": {"member_p_values": [0.5, 1.0]}}
+    out = class_breakdown(per_user, np.array([0, 1, 1, 1, 0]), stats)
+    assert out["per_class"]["1"]["nonmembers_below_worst_member"] == 2  # both below 0.3
+    assert out["per_class"]["0"]["nonmembers_below_worst_member"] == 0
+    assert out["per_class"]["1"]["nonmember_mean_loss"] == pytest.approx(0.125)
+    assert [m["nonmembers_below"] for m in out["per_member"]] == [{"0": 0, "1": 1}, {"0": 0, "1": 2}]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.config import MarkConfig
 from pipeline.data.images import ImageError, read_rgb
+from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
 from pipeline.owner.marking import mark_folder
 from pipeline.store import StageError, file_sha256
@@ -37,9 +38,10 @@ def _folder(root: Path) -> Path:
 def test_marks_every_format_losslessly_with_a_key(tmp_path: Path) -> None:
     src = _folder(tmp_path)
     before = {p: file_sha256(p) for p in src.rglob("*") if p.is_file()}
-    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=42)
+    everything = DesignParams(design="pattern")  # publishes every image, so every format is marked
+    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=42, params=everything)
     assert {p: file_sha256(p) for p in src.rglob("*") if p.is_file()} == before  # originals untouched
-    assert len(key["files"]) == 6
+    assert len(key["files"]) == 6 and key["published"] == list(range(6))
     entries = {e["original"]: e for e in key["files"]}
     assert entries["phone.jpg"]["height"] == 30 and entries["phone.jpg"]["width"] == 10  # EXIF applied
     for entry in key["files"]:
@@ -50,7 +52,7 @@ def test_marks_every_format_losslessly_with_a_key(tmp_path: Path) -> None:
     assert on_disk["seed"] == 42 and on_disk["mark"]["alpha"] == 0.7
     assert (tmp_path / "out" / KEY_NAME).stat().st_mode & 0o077 == 0  # private
     # same seed, same marks
-    again = mark_folder(src, tmp_path / "out2", MarkConfig(), seed=42)
+    again = mark_folder(src, tmp_path / "out2", MarkConfig(), seed=42, params=everything)
     assert [e["marked_sha256"] for e in again["files"]] == [e["marked_sha256"] for e in key["files"]]
 
 
@@ -58,7 +60,7 @@ def test_resizes_to_the_stored_grid(tmp_path: Path) -> None:
     src = tmp_path / "big"
     src.mkdir()
     Image.fromarray(np.zeros((300, 150, 3), np.uint8)).save(src / "a.png")
-    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=1, max_resolution=100)
+    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=1, max_resolution=100, params=DesignParams("pattern"))
     assert (key["files"][0]["height"], key["files"][0]["width"]) == (100, 50)
 
 
@@ -88,3 +90,21 @@ def test_command_line(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "p"),
                           "--alpha", "1.5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "alpha" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_publishes_a_secret_subset_and_lists_every_original(tmp_path: Path) -> None:
+    """The subset design publishes K of the folder's images, chosen by the seed; the key lists all
+    originals (the audit re-marks the others) and the marked copies of the published ones only."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(30):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=5, params=DesignParams(publish=4))
+    assert key["design"] == "subset" and len(key["files"]) == 30 and len(key["published"]) == 4
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        key["files"][i]["marked"] for i in key["published"]]
+    assert all(("marked" in e) == (i in key["published"]) for i, e in enumerate(key["files"]))
+    other = mark_folder(src, tmp_path / "out2", MarkConfig(), seed=6, params=DesignParams(publish=4))
+    assert other["published"] != key["published"]  # the seed chooses (a clash has probability 1 / C(30, 4))
+    default = mark_folder(src, tmp_path / "out3", MarkConfig(), seed=5)
+    assert len(default["published"]) == 3  # a tenth of the folder

@@ -1,43 +1,58 @@
-"""A data owner's audit with the secret-pattern design: exact p-values from re-marking the originals
-under every candidate pattern, for a model that memorised the published images and for ones that
-never saw them, given as black-box callables and as a checkpoint on the command line."""
+"""A data owner's audit: exact p-values for owners whose images a model never saw, the smallest p
+for models that memorised the published images (a 1-nearest-neighbour memoriser and a small CNN
+trained on Fashion-MNIST), for every design, as callables and on the command line."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from scipy.stats import binom
 
 from pipeline.config import DataConfig, MarkConfig
-from pipeline.data.images import read_rgb
 from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.core.stats import binomial_limits
+from pipeline.data.images import read_rgb
+from pipeline.data.sources import load_source
 from pipeline.owner.audit import audit_owner
+from pipeline.owner.designs import DESIGNS, DesignParams, published_candidate
 from pipeline.owner.key import KEY_NAME, load_key
 from pipeline.owner.marking import mark_folder
-from pipeline.data.sources import load_source
 from pipeline.store import StageError
 
-N_PATTERNS = 20
+# Each design publishes 6 images (subset and groups: of 60); small candidate families keep the tests fast
+PARAMS = {"subset": DesignParams("subset", publish=6, draws=19), "groups": DesignParams("groups", publish=6),
+          "pattern": DesignParams("pattern", n_patterns=20)}
+
+
+def _write_folder(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img{i:03d}.png")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The owner's 12 images of class 0, marked; other data of 4 classes for training."""
+    """An owner's 60 synthetic images of class 0 (6 of them for the pattern design), marked under each
+    design; other data of 4 classes."""
     tmp = tmp_path_factory.mktemp("owner")
     data = load_source(DataConfig(source="synthetic", image_size=16, n_train=10, synthetic_per_class=200,
                                   synthetic_classes=4))
-    originals = tmp / "originals"
-    originals.mkdir()
-    owner_ids = np.flatnonzero(data.train_labels == 0)[:12]
-    for i in owner_ids:
-        Image.fromarray(data.train_images[i]).save(originals / f"img{i}.png")
-    key = mark_folder(originals, tmp / "marked", MarkConfig(), seed=11, n_patterns=N_PATTERNS, label=0)
+    owner_ids = np.flatnonzero(data.train_labels == 0)[:60]
+    originals = _write_folder(tmp / "originals", data.train_images[owner_ids])
+    six = _write_folder(tmp / "six", data.train_images[owner_ids[:6]])  # the pattern design publishes every image
+    keys = {d: mark_folder(six if d == "pattern" else originals, tmp / d, MarkConfig(), seed=11, label=0, params=p)
+            for d, p in PARAMS.items()}
     others = np.setdiff1d(np.arange(len(data.train_labels)), owner_ids)
-    return tmp, data, key, others
+    return tmp, data, keys, others
 
 
 class NearestNeighbour:
@@ -53,41 +68,113 @@ class NearestNeighbour:
         return torch.stack([-dist[:, self.labels == c].min(dim=1).values for c in range(self.n_classes)], dim=1) * 200
 
 
-def test_model_that_memorised_the_published_images_gets_the_smallest_p(world) -> None:
-    tmp, data, key, others = world
-    published = np.stack([read_rgb(tmp / "marked" / e["marked"]) for e in key["files"]])
+def _published(folder: Path, key: dict[str, Any]) -> np.ndarray:
+    return np.stack([read_rgb(folder / key["files"][i]["marked"]) for i in key["published"]])
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_model_that_memorised_the_published_images_gets_the_smallest_p(world, design: str) -> None:
+    tmp, data, keys, others = world
+    published = _published(tmp / design, keys[design])
     model = NearestNeighbour(np.concatenate([data.train_images[others[:300]], published]),
                              np.concatenate([data.train_labels[others[:300]], np.zeros(len(published), np.int64)]))
-    result = audit_owner(load_key(tmp / "marked" / KEY_NAME, tmp / "marked"), model)
-    assert result["p_value"] == pytest.approx(1 / N_PATTERNS)
-    assert result["published_pattern_loss"] < result["other_patterns_loss"]["min"]
+    result = audit_owner(load_key(tmp / design / KEY_NAME, tmp / design), model, draws_seed=0)
+    assert result["p_value"] == pytest.approx(result["smallest_possible_p_value"])
+    assert result["published_loss"] < result["candidates_loss"]["min"]
 
 
-def test_model_that_never_saw_them_gives_valid_p_values(world) -> None:
-    """Owners whose images were not used: their p-values spread over (0, 1] (exchangeable ranks)."""
-    tmp, data, key, others = world
+def _another_owner(key: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The key another owner with the same originals would hold: what mark_folder writes, less the files."""
+    params = PARAMS[key["design"]]
+    published, fields = published_candidate(params, seed, len(key["files"]))
+    return {**key, "seed": seed, "published": list(published.files), **fields}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_owners_the_model_never_saw_get_uniform_p_values(world, design: str) -> None:
+    """200 owners with their own secrets and a model that never saw any of them (a memoriser of
+    other images, so losses differ a lot between images): every level's rejection rate stays
+    inside its binomial 95% limits (p is uniform on {1/N, ..., 1} for N candidates)."""
+    tmp, data, keys, others = world
     model = NearestNeighbour(data.train_images[others[:300]], data.train_labels[others[:300]])
-    p_values = []
-    for seed in range(10):
-        k = mark_folder(tmp / "originals", tmp / f"unused{seed}", MarkConfig(), seed=100 + seed,
-                        n_patterns=N_PATTERNS, label=0)
-        p_values.append(audit_owner(k, model)["p_value"])
-    assert sum(p <= 0.1 for p in p_values) <= 3  # P(p <= 0.1) = 0.1 under the null; 3 of 10 is generous
-    assert max(p_values) > 0.5
+    results = [audit_owner(_another_owner(keys[design], 1000 + s), model, draws_seed=s) for s in range(200)]
+    p = np.array([r["p_value"] for r in results])
+    for level in (results[0]["smallest_possible_p_value"], 0.2, 0.5):
+        lo, hi = binomial_limits(len(p), level)
+        assert lo <= (p <= level + 1e-9).mean() <= hi, (level, (p <= level + 1e-9).mean())
+    assert binom.sf((p <= 0.5).sum() - 1, len(p), 0.5) > 1e-3  # not piled up at small values
 
 
-def test_command_line_verdict_and_wrong_key(world, tmp_path: Path) -> None:
-    tmp, data, key, others = world
+def _fashion(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`per_class` Fashion-MNIST training images of each class, and the rest's ids."""
+    data = load_source(DataConfig(source="fashion_mnist", image_size=28, n_train=10))
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([rng.permutation(np.flatnonzero(data.train_labels == c))[:per_class] for c in range(10)])
+    return data.train_images, data.train_labels, ids
+
+
+def _train_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> torch.nn.Module:
+    """A small CNN trained to memorise (no weight decay, no augmentation), as the demo trains."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(labels)
+    model = Normalized(build_model("small_cnn", 10, 16), (0.29,) * 3, (0.35,) * 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    steps = epochs * (len(x) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x) - 63, 64):
+            batch = order[start:start + 64]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_owner_audit_detects_a_trained_cnn(tmp_path: Path) -> None:
+    """Three owners of Fashion-MNIST images publish 10 of their 100 with the default design; a small
+    CNN trains on 2,000 other images plus the first owner's published ones. The trained-on owner gets
+    a small p-value, the two others do not (their p-values are uniform, so each is small only rarely)."""
+    torch.set_num_threads(1)  # small batches on a shared CPU: one thread is fastest
+    images, labels, ids = _fashion(200, seed=0)
+    rest = np.setdiff1d(np.flatnonzero(labels == 4), ids)  # coat: neither easy nor the hardest class
+    keys, folders = [], []
+    for owner in range(3):
+        folder = _write_folder(tmp_path / f"originals{owner}", images[rest[owner * 100:(owner + 1) * 100]])
+        keys.append(mark_folder(folder, tmp_path / f"published{owner}", MarkConfig(), seed=owner, label=4,
+                                params=DesignParams(publish=10, draws=99)))
+        folders.append(tmp_path / f"published{owner}")
+    published = _published(folders[0], keys[0])
+    model = _train_cnn(np.concatenate([images[ids], published]), np.concatenate([labels[ids], np.full(10, 4)]),
+                       epochs=30)
+    p = [audit_owner(key, model, draws_seed=7)["p_value"] for key in keys]
+    assert p[0] <= 0.02, p
+    assert min(p[1:]) > 0.02, p
+
+
+def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
+    tmp, data, keys, others = world
     model = Normalized(build_model("small_cnn", 4, 16), (0.5,) * 3, (0.25,) * 3).eval()
     weights = tmp_path / "model.pt"
     save_weights(model, {"arch": "small_cnn", "width": 16, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
                  weights)
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "audit", "--model", str(weights),
-                             "--user", str(tmp / "marked")], capture_output=True, text=True)
+                             "--user", str(tmp / "subset"), "--json", str(tmp_path / "r.json")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "verdict:" in result.stdout and "p = " in result.stdout
+    assert "verdict:" in result.stdout and "p = " in result.stdout and "--draws-seed" in result.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["design"] == "subset" and saved["n_candidates"] == 19 and saved["n_images"] == 6
+    again = audit_owner(keys["subset"], model, draws_seed=saved["draws_seed"])
+    assert again["p_value"] == saved["p_value"] and again["published_loss"] == pytest.approx(saved["published_loss"])
     other = tmp_path / "elsewhere"
     other.mkdir()
-    (other / "x.png").write_bytes((tmp / "marked" / key["files"][0]["marked"]).read_bytes()[:-10])
+    first = keys["subset"]["files"][keys["subset"]["published"][0]]["marked"]
+    (other / first).write_bytes((tmp / "subset" / first).read_bytes()[:-10])
     with pytest.raises(StageError, match="another folder"):
-        load_key(tmp / "marked" / KEY_NAME, other)
+        load_key(tmp / "subset" / KEY_NAME, other)

@@ -81,3 +81,17 @@ def test_to_grid_resizes_large_images() -> None:
     big = np.full((2, 64, 48, 3), 200, dtype=np.uint8)
     out = to_grid(big, 32)
     assert out.shape == (2, 32, 32, 3) and (out == 200).all()
+
+
+def test_class_subset_keeps_and_relabels_only_those_classes(tmp_path: Path) -> None:
+    images, labels = _fake_fashion_mnist(tmp_path)
+    cfg = DataConfig(source="fashion_mnist", root=str(tmp_path), image_size=28, n_train=10,
+                     classes=("shirt", "T-Shirt", 3))  # names (any case) or indices; relabelled in source order
+    splits = load_source(cfg)
+    assert splits.classes == ("t-shirt", "dress", "shirt")
+    kept = np.flatnonzero(np.isin(labels, [0, 3, 6]))
+    assert np.array_equal(splits.train_images[..., 0], images[kept])
+    assert splits.train_labels.tolist() == [{0: 0, 3: 1, 6: 2}[int(c)] for c in labels[kept]]
+    assert len(splits.test_labels) == len(kept)
+    with pytest.raises(DataSourceError, match="data.classes: 'socks' is not a class of fashion_mnist"):
+        load_source(cfg.model_copy(update={"classes": ("shirt", "socks")}))

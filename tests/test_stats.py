@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.core.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
+from pipeline.core.stats import (benjamini_hochberg, bh_smallest_null_size, binomial_limits,
+                                 class_leave_one_out_p_values, class_rank_p_values, clopper_pearson,
+                                 leave_one_out_p_values, null_calibration, rank_p_values)
 
 
 def test_rank_p_value_by_hand() -> None:
@@ -48,3 +50,66 @@ def test_clopper_pearson() -> None:
     assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 10))
     lo, hi = clopper_pearson(30, 100)
     assert lo < 0.3 < hi and hi - lo < 0.2
+
+
+def test_class_conditional_p_values_by_hand() -> None:
+    null, null_classes = np.array([5.0, 1.0, 2.0, 3.0, 9.0]), np.array([0, 0, 1, 1, 1])
+    # class 0 null {5, 1}: 4.0 is beaten by one -> 2/3; class 1 null {2, 3, 9}: 4.0 is beaten by one -> 2/4
+    p = class_rank_p_values(np.array([4.0, 4.0, 0.0]), np.array([0, 1, 2]), null, null_classes)
+    assert p.tolist() == pytest.approx([2 / 3, 2 / 4, 1.0])  # class 2 has no null users: no evidence
+    assert class_leave_one_out_p_values(null, null_classes).tolist() == pytest.approx([0.5, 1.0, 1.0, 2 / 3, 1 / 3])
+
+
+def test_class_conditional_null_is_calibrated_where_the_pooled_one_is_not() -> None:
+    """Null users of an easy class score high whether trained on or not: against the pooled null
+    far more than 5% of them get p <= 0.05, against their own class 5% (inside binomial limits)."""
+    rng = np.random.default_rng(3)
+    classes = np.repeat(np.arange(4), 250)
+    scores = rng.normal(size=len(classes)) + np.array([0.0, 0.0, 0.0, 3.0])[classes]  # class 3 is easy
+    pooled = null_calibration(leave_one_out_p_values(scores), classes)
+    within = null_calibration(class_leave_one_out_p_values(scores, classes), classes)
+    lo, hi = within["3"]["limits"]
+    assert pooled["3"]["rate"] > 2 * hi and pooled["0"]["rate"] < lo  # the easy class takes the pooled 5%
+    for c in "0123":
+        assert within[c]["limits"][0] <= within[c]["rate"] <= within[c]["limits"][1], c
+        assert within[c]["n"] == 250
+
+
+@pytest.mark.parametrize("n_members,n_audited,fdr", [(10, 100, 0.05), (10, 0, 0.05), (3, 40, 0.1)])
+def test_bh_smallest_null_size_is_tight(n_members: int, n_audited: int, fdr: float) -> None:
+    """With members perfectly separated, BH flags all of them at the smallest null size, not below it."""
+    m = bh_smallest_null_size(n_members, n_members + n_audited, fdr)
+    for size, flags_all in ((m, True), (m - 1, False)):
+        null = np.linspace(0, 1, size)
+        p = np.concatenate([rank_p_values(np.full(n_members, 2.0), null), leave_one_out_p_values(null)[:n_audited]])
+        assert benjamini_hochberg(p, fdr)[:n_members].all() == flags_all, size
+
+
+def test_binomial_limits_cover_the_null_rate() -> None:
+    from scipy.stats import binom
+
+    for n in (20, 100, 250):
+        lo, hi = binomial_limits(n, 0.05)
+        k = np.arange(n + 1)
+        inside = (k / n >= lo) & (k / n <= hi)
+        assert binom.pmf(k[inside], n, 0.05).sum() >= 0.95
+        assert lo <= 0.05 <= hi < 0.05 + 3.5 * np.sqrt(0.05 * 0.95 / n)
+
+
+def test_audit_bh_tests_members_and_a_hundred_never_trained_on_users() -> None:
+    """Perfectly separated members are all flagged once M reaches the smallest null size, by both
+    nulls when every class has that many; with every non-member user among the hypotheses (as
+    before) none could be."""
+    from pipeline.stages.audit import user_statistics
+
+    for m, flagged in ((219, 10), (218, 0)):
+        score = np.concatenate([np.full(10, 5.0), np.linspace(0, 1, m)])
+        is_member = np.arange(10 + m) < 10
+        stats = user_statistics(is_member, score, np.zeros(10 + m, np.int64))  # one class: both nulls alike
+        assert stats["fdr_hypotheses"] == {"members": 10, "nonmembers": 100}
+        for null in (stats, stats["class_conditional"]):
+            assert null["benjamini_hochberg"]["0.05"]["members_flagged"] == flagged
+            assert null["benjamini_hochberg"]["0.05"]["smallest_null_size"] == 219
+    every_user = benjamini_hochberg(np.concatenate([rank_p_values(score[:10], score[10:]),
+                                                    leave_one_out_p_values(score[10:])]), 0.05)
+    assert not every_user.any()

@@ -1,5 +1,6 @@
-"""Statistics an auditor can defend: exact rank p-values, Clopper–Pearson intervals, and
-Benjamini–Hochberg decisions for many users at once.
+"""Statistics an auditor can defend: exact rank p-values (against all non-member users, or only
+those of the user's class), Clopper–Pearson intervals, Benjamini–Hochberg decisions for many users
+at once, and the binomial limits a calibrated null must stay inside.
 
 Scores follow the convention "higher = more likely a member" (for the paper's score, the negated
 mean loss). A user's p-value is their rank among M null scores, p = (1 + #{null >= score}) / (M + 1):
@@ -8,8 +9,10 @@ the null hypothesis "the model never trained on this user's images".
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, binom
 
 
 def rank_p_values(scores: np.ndarray, null_scores: np.ndarray) -> np.ndarray:
@@ -26,6 +29,50 @@ def leave_one_out_p_values(null_scores: np.ndarray) -> np.ndarray:
     null_sorted = np.sort(null)
     at_least = len(null) - np.searchsorted(null_sorted, null, side="left") - 1  # minus itself
     return (1.0 + at_least) / len(null)
+
+
+def class_rank_p_values(scores: np.ndarray, classes: np.ndarray, null_scores: np.ndarray,
+                        null_classes: np.ndarray) -> np.ndarray:
+    """Each score's rank p-value among the null scores of its own class only (1 when the class has
+    none): exact when a user is exchangeable with the non-member users of its class, which removes
+    the confound of classes that are easy whether trained on or not."""
+    scores, classes, null_classes = np.asarray(scores, np.float64), np.asarray(classes), np.asarray(null_classes)
+    out = np.empty(len(scores))
+    for c in np.unique(classes):
+        mine = classes == c
+        out[mine] = rank_p_values(scores[mine], np.asarray(null_scores)[null_classes == c])
+    return out
+
+
+def class_leave_one_out_p_values(null_scores: np.ndarray, null_classes: np.ndarray) -> np.ndarray:
+    """Leave-one-out p-values of the null users, each against the others of its class."""
+    null, null_classes = np.asarray(null_scores, np.float64), np.asarray(null_classes)
+    out = np.empty(len(null))
+    for c in np.unique(null_classes):
+        mine = null_classes == c
+        out[mine] = leave_one_out_p_values(null[mine])
+    return out
+
+
+def bh_smallest_null_size(n_members: int, n_hypotheses: int, fdr: float) -> int:
+    """The fewest null users M for which Benjamini–Hochberg at `fdr` over `n_hypotheses` p-values
+    could flag all `n_members` members: even perfectly separated, a rank p-value is at least
+    1/(M+1), and BH needs the n-th smallest p-value at most fdr * n / n_hypotheses."""
+    return max(math.ceil(n_hypotheses / (fdr * n_members) - 1e-9) - 1, 1)
+
+
+def binomial_limits(n: int, rate: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Central `confidence` range of the observed rate k/n when k ~ Binomial(n, rate): where the
+    share of null users with p <= rate should fall if their p-values are calibrated."""
+    tail = (1 - confidence) / 2
+    return float(binom.ppf(tail, n, rate)) / n, float(binom.ppf(1 - tail, n, rate)) / n
+
+
+def null_calibration(p_null: np.ndarray, classes: np.ndarray, level: float = 0.05) -> dict[str, dict[str, object]]:
+    """Per class, the share of null users with p <= level and its binomial limits if calibrated."""
+    p_null, classes = np.asarray(p_null), np.asarray(classes)
+    return {str(c): {"n": int((classes == c).sum()), "rate": float((p_null[classes == c] <= level).mean()),
+                     "limits": binomial_limits(int((classes == c).sum()), level)} for c in np.unique(classes)}
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -136,8 +136,38 @@ def _on_grid(images: ImageArray, size: int) -> ImageArray:
     return images if isinstance(images, ImageFiles) else to_grid(images, size)
 
 
+def _take(images: ImageArray, index: np.ndarray) -> ImageArray:
+    """The images at `index`, lazily for files (an index array would decode them all)."""
+    if isinstance(images, ImageFiles):
+        return ImageFiles(images.root, [images.files[i] for i in index], images.size, images.on_grid)
+    return images[index]
+
+
+def restrict_classes(splits: ImageSplits, wanted: tuple[str | int, ...]) -> ImageSplits:
+    """Only the `wanted` classes (names, case-insensitive, or indices), relabelled 0..n-1 in the
+    source's class order: a task without classes that would be trivially easy."""
+    names = [c.lower() for c in splits.classes]
+    keep = set()
+    for c in wanted:
+        index = c if isinstance(c, int) else names.index(c.lower()) if c.lower() in names else -1
+        if not 0 <= index < len(names):
+            raise DataSourceError(f"data.classes: {c!r} is not a class of {splits.name} ({', '.join(splits.classes)})")
+        keep.add(index)
+    old = np.array(sorted(keep))
+    if len(old) < 2:
+        raise DataSourceError("data.classes: keep at least two classes")
+    relabel = np.full(len(names), -1, np.int64)
+    relabel[old] = np.arange(len(old))
+    train, test = np.flatnonzero(np.isin(splits.train_labels, old)), np.flatnonzero(np.isin(splits.test_labels, old))
+    return ImageSplits(splits.name, tuple(splits.classes[i] for i in old), _take(splits.train_images, train),
+                       relabel[splits.train_labels[train]], _take(splits.test_images, test),
+                       relabel[splits.test_labels[test]])
+
+
 def load_source(cfg: DataConfig) -> ImageSplits:
     splits = SOURCES.lookup(cfg.source)(cfg)
+    if cfg.classes:
+        splits = restrict_classes(splits, cfg.classes)
     test_images, test_labels = splits.test_images, splits.test_labels
     if cfg.n_test is not None:
         test_images, test_labels = test_images[: cfg.n_test], test_labels[: cfg.n_test]

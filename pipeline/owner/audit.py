@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -16,11 +17,13 @@ from ..config import MarkConfig
 from ..core.marking import resolve_device
 from ..core.models import MODELS, Normalized, build_model, load_weights, read_checkpoint
 from ..core.scoring import logit_margin
+from ..core.stats import rank_p_values
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
-from .key import ClassCount, ClassLabel, validate_key
-from .marking import candidate_pattern_seed, mark_image
+from .designs import Candidate, null_candidates, published_pattern_seed
+from .key import ClassCount, ClassLabel, Seed, validate_key
+from .marking import mark_images
 
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -55,12 +58,14 @@ class Predictor:
 
 @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
 def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | None = None,
-                label: ClassLabel | None = None, batch_size: Annotated[int, Field(ge=1)] = 256,
-                key_source: str = "the key") -> dict[str, Any]:
-    """Score the owner's originals under every candidate pattern with `predict` (uint8 NCHW images ->
-    logits: a loaded model or any black-box callable) and rank the published pattern's mean loss.
-    The key is validated first (`load_key` has done so for a key file): nothing is computed from an
-    invalid one. `key_source` names the key in messages about its fields."""
+                label: ClassLabel | None = None, draws_seed: Seed | None = None,
+                batch_size: Annotated[int, Field(ge=1)] = 256, key_source: str = "the key") -> dict[str, Any]:
+    """Rank the published candidate's mean loss among the design's other candidates (each of the
+    owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
+    logits: a loaded model or any black-box callable). `draws_seed` (subset design) defaults to
+    fresh randomness, reported with the result so the audit can be repeated exactly. The key is
+    validated first (`load_key` has done so for a key file): nothing is computed from an invalid
+    one. `key_source` names the key in messages about its fields."""
     key = validate_key(key, key_source)
     predict = predict if isinstance(predict, Predictor) else Predictor(predict, "the model")
     folder = Path(originals or key["source_folder"])
@@ -85,26 +90,42 @@ def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | N
         hashes.append(entry["original_sha256"])
     cfg = MarkConfig.model_validate(key["mark"])
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
-    mean_loss = np.empty(key["n_patterns"])
-    for j in range(key["n_patterns"]):
-        seed_j = candidate_pattern_seed(key["seed"], j)
-        marked = [mark_image(im, sha, seed_j, cfg, pool, device) for im, sha in zip(images, hashes)]
-        losses = [per_image_losses(predict, np.stack(group), label, batch_size, label_name)
-                  for group in _same_size(marked)]
-        mean_loss[j] = float(np.concatenate(losses).mean())
-    chosen = key["pattern_index"]
-    others = np.delete(mean_loss, chosen)
-    p_value = (1 + int((others <= mean_loss[chosen]).sum())) / key["n_patterns"]
-    return {"p_value": p_value, "smallest_possible_p_value": 1 / key["n_patterns"], "n_images": len(images),
-            "published_pattern_loss": float(mean_loss[chosen]),
-            "other_patterns_loss": {"min": float(others.min()), "median": float(np.median(others))}}
+    draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
+    published = Candidate(tuple(key["published"]), published_pattern_seed(key))
+    losses = candidate_mean_losses([published, *null_candidates(key, draws_seed)], images, hashes, cfg, pool,
+                                   device, predict, label, batch_size, label_name)
+    observed, null = losses[0], losses[1:]
+    p_value = float(rank_p_values(np.array([-observed]), -null)[0])  # higher score = more member-like
+    return {"design": key["design"], "p_value": p_value, "smallest_possible_p_value": 1 / (len(null) + 1),
+            "n_images": len(published.files), "n_originals": len(images), "n_candidates": len(null),
+            "draws_seed": draws_seed if key["design"] == "subset" else None, "published_loss": float(observed),
+            "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))}}
 
 
-def _same_size(images: list[np.ndarray]) -> list[list[np.ndarray]]:
-    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for im in images:
-        groups.setdefault(im.shape, []).append(im)
-    return list(groups.values())
+def candidate_mean_losses(candidates: list[Candidate], images: list[np.ndarray], hashes: list[str], cfg: MarkConfig,
+                          pool: Any, device: str | None, predict: Predict, label: int, batch_size: int,
+                          label_name: str = "label") -> np.ndarray:
+    """Each candidate's mean loss over its images marked with its pattern. Images of several
+    candidates share a forward pass (full batches matter on a busy CPU), and only about a batch per
+    image size is held at a time, whatever the number of candidates."""
+    totals, counts = np.zeros(len(candidates)), np.zeros(len(candidates))
+    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+
+    def score(shape: tuple[int, ...]) -> None:
+        owners, batch = zip(*pending.pop(shape))
+        np.add.at(totals, list(owners), per_image_losses(predict, np.stack(batch), label, batch_size, label_name))
+        np.add.at(counts, list(owners), 1)
+
+    for index, candidate in enumerate(candidates):
+        marked = mark_images([images[i] for i in candidate.files], [hashes[i] for i in candidate.files],
+                             candidate.pattern_seed, cfg, pool, device)
+        for image in marked:
+            pending.setdefault(image.shape, []).append((index, image))
+            if len(pending[image.shape]) >= batch_size:
+                score(image.shape)
+    for shape in list(pending):
+        score(shape)
+    return totals / counts
 
 
 @torch.no_grad()

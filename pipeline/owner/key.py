@@ -4,7 +4,8 @@ is executed).
 A key is untrusted input: it may have been edited, truncated or written by another version, and
 the audit runs years after marking. It is validated against the schema of its `format` version
 before anything is computed from it, and refused by file and field otherwise. Each format version
-is one model in `KEY_FORMATS`; a new version adds a model (and keeps reading the old ones).
+is one model in `KEY_FORMATS`; a new version adds a model and keeps reading the old ones (format 1
+is read as format 2's `pattern` design).
 The bounds of the owner's options live here too, so `mtrack mark`, `mtrack audit` and the key
 schema accept exactly the same values.
 """
@@ -13,22 +14,19 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import MAX_SEED, MarkConfig
-from ..core.seeds import child_seed
 from ..store import StageError, file_sha256, read_json
+from .designs import Design, DesignParams, DrawCount, PatternCount, published_candidate
 
 KEY_NAME = "membership-key.json"
-KEY_FORMAT = "mtrack-key/1"
+KEY_FORMAT = "mtrack-key/2"  # 2: a design, every original listed, only the published ones marked
 
 MIN_SIDE = 8  # smallest marked image side in pixels (the pipeline's smallest grid, data.image_size)
-MAX_PATTERNS = 1000  # the audit marks and scores every image once per candidate pattern
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a head this wide for a 2048-wide ResNet is 800 MB
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-PatternCount = Annotated[int, Field(ge=2, le=MAX_PATTERNS)]
 ClassLabel = Annotated[int, Field(ge=0, lt=MAX_CLASSES)]
 ClassCount = Annotated[int, Field(ge=2, le=MAX_CLASSES)]
 Resolution = Annotated[int, Field(ge=MIN_SIDE)]
@@ -46,11 +44,6 @@ def _inside_folder(path: str) -> str:
 RelativePath = Annotated[str, AfterValidator(_inside_folder)]
 
 
-def secret_pattern_index(seed: int, n_patterns: int) -> int:
-    """Which of the `n_patterns` candidates the seed secretly publishes (format 1)."""
-    return int(np.random.default_rng(child_seed(seed, 3)).integers(n_patterns))
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -66,10 +59,31 @@ class FileEntry(_Strict):
     width: Side
 
 
+def _unique(files: list[Any], fields: tuple[str, ...]) -> None:
+    for field in fields:
+        seen: set[str] = set()
+        for i, entry in enumerate(files):
+            value = getattr(entry, field)
+            if value is None:
+                continue
+            if value in seen:  # a file listed twice would count twice in the audit's mean loss
+                raise ValueError(f"files.{i}.{field}: listed twice")
+            seen.add(value)
+
+
+def _within(files: list[Any], max_resolution: int | None) -> None:
+    if max_resolution is not None:
+        for i, entry in enumerate(files):
+            if max(entry.height, entry.width) > max_resolution:
+                raise ValueError(f"max_resolution: {max_resolution} is smaller than files.{i} "
+                                 f"({entry.height}x{entry.width})")
+
+
 class KeyV1(_Strict):
-    """Format 1: `n_patterns` candidate patterns derived from `seed`; the seed also picks the
-    published one, so `pattern_index` is checked against it (an edited index would test a pattern
-    that was never published)."""
+    """Format 1 (before designs): every image published with one of `n_patterns` candidate patterns
+    derived from `seed`; the seed also picks the published one, so `pattern_index` is checked against
+    it (an edited index would test a pattern that was never published). It is format 2's `pattern`
+    design, drawn by the same streams, and is read as such."""
 
     format: Literal["mtrack-key/1"]
     created: str
@@ -84,25 +98,85 @@ class KeyV1(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "KeyV1":
-        if self.pattern_index != secret_pattern_index(self.seed, self.n_patterns):
-            raise ValueError(f"pattern_index: {self.pattern_index} is not the pattern this seed published "
+        _, chosen = published_candidate(DesignParams("pattern", n_patterns=self.n_patterns), self.seed, len(self.files))
+        if self.pattern_index != chosen["pattern_index"]:
+            raise ValueError(f"pattern_index: {self.pattern_index} is not the pattern_index this seed published "
                              f"among n_patterns {self.n_patterns}")
-        for field in ("original", "marked", "original_sha256"):
-            seen: set[str] = set()
-            for i, entry in enumerate(self.files):
-                value = getattr(entry, field)
-                if value in seen:  # a file listed twice would count twice in the audit's mean loss
-                    raise ValueError(f"files.{i}.{field}: listed twice")
-                seen.add(value)
-        if self.max_resolution is not None:
-            for i, entry in enumerate(self.files):
-                if max(entry.height, entry.width) > self.max_resolution:
-                    raise ValueError(f"max_resolution: {self.max_resolution} is smaller than files.{i} "
-                                     f"({entry.height}x{entry.width})")
+        _unique(self.files, ("original", "marked", "original_sha256"))
+        _within(self.files, self.max_resolution)
+        return self
+
+    def upgraded(self) -> dict[str, Any]:
+        """The same key in format 2: the `pattern` design, every image published."""
+        return {**self.model_dump(mode="json"), "format": KEY_FORMAT, "design": "pattern",
+                "published": list(range(len(self.files)))}
+
+
+class OriginalEntry(_Strict):
+    """One of the owner's images: its original file, and its marked copy if it was published."""
+
+    original: RelativePath
+    original_sha256: Sha256
+    height: Side
+    width: Side
+    marked: RelativePath | None = None
+    marked_sha256: Sha256 | None = None
+
+
+# Fields each design needs; the others' must be null.
+DESIGN_FIELDS: dict[str, tuple[str, ...]] = {"subset": ("draws",), "groups": ("group",),
+                                             "pattern": ("n_patterns", "pattern_index")}
+
+
+class KeyV2(_Strict):
+    """Format 2: a design (`owner.designs`) chose which of the listed originals are `published`, and
+    with which pattern, from `seed`; the key is checked to be exactly that choice, so an edited
+    field can never make the audit test images or a pattern that were not published."""
+
+    format: Literal["mtrack-key/2"]
+    created: str
+    source_folder: Annotated[str, Field(min_length=1)]
+    design: Design
+    seed: Seed
+    published: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    draws: DrawCount | None = None
+    group: Annotated[int, Field(ge=0)] | None = None
+    n_patterns: PatternCount | None = None
+    pattern_index: Annotated[int, Field(ge=0)] | None = None
+    label: ClassLabel | None
+    max_resolution: Resolution | None
+    mark: MarkConfig
+    files: Annotated[list[OriginalEntry], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "KeyV2":
+        for design, fields in DESIGN_FIELDS.items():
+            for field in fields:
+                if (getattr(self, field) is None) == (design == self.design):
+                    raise ValueError(f"{field}: {'missing' if design == self.design else 'set'} for design {self.design}")
+        _unique(self.files, ("original", "marked", "original_sha256"))
+        _within(self.files, self.max_resolution)
+        n, k = len(self.files), len(self.published)
+        if self.published != sorted(set(self.published)) or self.published[-1] >= n:
+            raise ValueError(f"published: not distinct sorted indices of the {n} files")
+        for i, entry in enumerate(self.files):
+            if (entry.marked is None or entry.marked_sha256 is None) == (i in self.published):
+                raise ValueError(f"files.{i}: {'no marked copy, yet published' if i in self.published else 'a marked copy, yet not published'}")
+        if self.design != "pattern" and not (k < n and (self.design != "groups" or n // k >= 2)):
+            raise ValueError(f"published: {k} of {n} files is not a {self.design} design")
+        params = DesignParams(self.design, k, self.draws or 1, self.n_patterns or 2)
+        expected, fields = published_candidate(params, self.seed, n)
+        for field, value in fields.items():  # an edited choice would test what was never published
+            if getattr(self, field) != value:
+                among = f" among n_patterns {self.n_patterns}" if field == "pattern_index" else ""
+                raise ValueError(f"{field}: {getattr(self, field)} is not the {field} this seed published{among}")
+        if list(expected.files) != self.published:
+            raise ValueError(f"published: not the {self.design} this seed published (an edited key?)")
         return self
 
 
-KEY_FORMATS: dict[str, type[_Strict]] = {KEY_FORMAT: KeyV1}
+KEY_FORMATS: dict[str, type[_Strict]] = {"mtrack-key/1": KeyV1, KEY_FORMAT: KeyV2}
+
 
 
 def validate_key(data: Any, where: str | Path) -> dict[str, Any]:
@@ -121,14 +195,15 @@ def validate_key(data: Any, where: str | Path) -> dict[str, Any]:
         field = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         raise StageError(f"{where}: {field + ': ' if field else ''}{message}") from None
-    return key.model_dump(mode="json")
+    # fields left out stay out (an unpublished file has no marked copy; a design's fields only in it)
+    return key.upgraded() if isinstance(key, KeyV1) else key.model_dump(mode="json", exclude_unset=True)
 
 
 def load_key(key_path: str | Path, marked_folder: str | Path) -> dict[str, Any]:
     """Read a key (plain JSON, nothing executed), validate it, and check it was made for
     `marked_folder`: every marked file it lists is there with the recorded hash."""
     key = validate_key(read_json(key_path), key_path)
-    for entry in key["files"]:
+    for entry in (key["files"][i] for i in key["published"]):
         path = Path(marked_folder) / entry["marked"]
         if not path.is_file() or file_sha256(path) != entry["marked_sha256"]:
             raise StageError(f"{key_path}: made for another folder ({path} is missing or differs)")

@@ -1,8 +1,9 @@
 """A data owner's own marking: `mtrack mark <folder> --out <folder>`.
 
-Marks every image in a folder (any size or format; grey, RGBA, 16-bit, palette and EXIF-rotated
-images become upright RGB) and writes lossless PNG copies plus a private key file holding what a
-later audit needs: the seed, the pattern, the parameters and the hashes of every original and
+Reads every image in a folder (any size or format; grey, RGBA, 16-bit, palette and EXIF-rotated
+images become upright RGB), marks the ones its design publishes (by default a random tenth, see
+`owner.designs`) and writes them as lossless PNG copies, plus a private key file holding what a
+later audit needs: the design, the seed, the parameters and the hashes of every original and
 marked file. Originals are never touched: the output folder may not be, contain, or sit inside the
 input folder. Nothing is published unless every image reads, is large enough and appears once (a
 duplicate would count twice in the audit's mean loss), and every marked copy and the key were
@@ -23,13 +24,13 @@ import numpy as np
 from pydantic import ConfigDict, validate_call
 
 from ..config import MarkConfig
-from ..core.marking import make_pattern, mark_batch, resolve_device
+from ..core.marking import make_pattern, mark_batch, resolve_device, shape_groups
 from ..core.seeds import child_seed
 from ..data.images import fit_to_grid, grid_size, list_images, read_rgb, write_png
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line, write_json
-from .key import (KEY_FORMAT, KEY_NAME, MIN_SIDE, ClassLabel, PatternCount, Resolution, Seed, secret_pattern_index,
-                  validate_key)
+from .designs import DesignParams, published_candidate
+from .key import KEY_FORMAT, KEY_NAME, MIN_SIDE, ClassLabel, Resolution, Seed, validate_key
 
 
 def _check_folders(src: Path, out: Path, force: bool) -> None:
@@ -49,27 +50,28 @@ def _check_folders(src: Path, out: Path, force: bool) -> None:
         raise StageError(f"{out / KEY_NAME}: a key already exists here; choose another --out or pass --force")
 
 
-def candidate_pattern_seed(seed: int, index: int) -> int:
-    """Pattern seed of candidate `index` of the owner's M + 1 secret candidates."""
-    return child_seed(seed, 1, index)
+def mark_images(images: list[np.ndarray], shas: list[str], pattern_seed: int, cfg: MarkConfig, pool: Any,
+                device: str | None) -> list[np.ndarray]:
+    """The images marked with one pattern, batched by size; each image's noise is seeded by the
+    pattern and its original file's hash, so re-marking at audit time reproduces it exactly."""
+    out = list(images)
+    for group in shape_groups(images):
+        h, w = images[group[0]].shape[:2]
+        noise = np.array([child_seed(pattern_seed, 2, int(shas[i][:15], 16)) for i in group], np.uint64)
+        marked = mark_batch(np.stack([images[i] for i in group]), make_pattern(cfg, pattern_seed, h, w, pool), noise,
+                            cfg, device)
+        for i, image in zip(group, marked):
+            out[i] = image
+    return out
 
 
-def mark_image(image: np.ndarray, original_sha: str, pattern_seed: int, cfg: MarkConfig, pool: Any,
-               device: str | None) -> np.ndarray:
-    """One image marked with one candidate pattern; its noise is seeded by the pattern and the
-    original file's hash, so re-marking at audit time reproduces it exactly."""
-    noise_seed = child_seed(pattern_seed, 2, int(original_sha[:15], 16))
-    pattern = make_pattern(cfg, pattern_seed, image.shape[0], image.shape[1], pool)
-    return mark_batch(image[None], pattern, np.array([noise_seed], np.uint64), cfg, device)[0]
-
-
-def _check_images(src: Path, max_resolution: int | None) -> dict[Path, tuple[Path, str]]:
-    """Marked name -> (original, its SHA-256) for every image under `src`, once each has been read
-    and found usable; nothing is written before this returns."""
+def _check_images(src: Path, max_resolution: int | None) -> dict[Path, tuple[Path, str, tuple[int, int]]]:
+    """Marked name -> (original, its SHA-256, its size on the grid) for every image under `src`,
+    once each has been read and found usable; nothing is written before this returns."""
     files = list_images(src)
     if not files:
         raise StageError(f"{src}: no image files found")
-    targets: dict[Path, tuple[Path, str]] = {}
+    targets: dict[Path, tuple[Path, str, tuple[int, int]]] = {}
     first_with_hash: dict[str, Path] = {}
     for rel in files:
         target = rel.with_suffix(".png")
@@ -84,7 +86,7 @@ def _check_images(src: Path, max_resolution: int | None) -> dict[Path, tuple[Pat
         digest = file_sha256(src / rel)
         if digest in first_with_hash:  # it would count twice in the audit's mean loss
             raise StageError(f"{src / rel}: the same file as {src / first_with_hash[digest]}; keep one")
-        targets[target], first_with_hash[digest] = (rel, digest), rel
+        targets[target], first_with_hash[digest] = (rel, digest, size), rel
     return targets
 
 
@@ -133,46 +135,43 @@ def _remove(staging: Path, created: list[Path]) -> None:
 
 @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
 def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: Seed | None = None,
-                max_resolution: Resolution | None = None, force: bool = False, n_patterns: PatternCount = 100,
-                label: ClassLabel | None = None) -> dict[str, Any]:
-    """Mark every image under `src` into `out`; returns the key (also written to `out`).
+                max_resolution: Resolution | None = None, force: bool = False, label: ClassLabel | None = None,
+                params: DesignParams = DesignParams()) -> dict[str, Any]:
+    """Mark the published images of `src` into `out`; returns the key (also written to `out`).
 
-    Secret-pattern design: the seed defines `n_patterns` candidate patterns and secretly picks one;
-    only that one is published. At audit time the same originals are scored under every candidate,
-    and under the null (the model never saw them) the published one is exchangeable with the rest,
-    so its rank is an exact p-value with resolution 1 / n_patterns. The options are validated
-    against the same bounds as the key file (pydantic), before anything is read."""
+    The design (`owner.designs`) decides from the seed which images are published and with which
+    pattern; the key lists every original (the audit re-marks the unpublished ones too) with its
+    hash, and the marked copy of each published one. The options are validated against the same
+    bounds as the key file (pydantic), before anything is read."""
     src, out = Path(src), Path(out)
     _check_folders(src, out, force)
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     seed = secrets.randbits(63) if seed is None else seed
-    pattern_index = secret_pattern_index(seed, n_patterns)
-    pattern_seed = candidate_pattern_seed(seed, pattern_index)
     with _publishing(out) as staging:
-        targets = _check_images(src, max_resolution)
-        entries = []
-        for target, (rel, original_sha) in targets.items():
-            image = fit_to_grid(read_rgb(src / rel), max_resolution)
-            write_png(staging / target, mark_image(image, original_sha, pattern_seed, cfg, pool, device))
-            entries.append({"original": rel.as_posix(), "original_sha256": original_sha,
-                            "marked": target.as_posix(), "marked_sha256": file_sha256(staging / target),
-                            "height": image.shape[0], "width": image.shape[1]})
-        key = validate_key(_key(src, cfg, seed, n_patterns, pattern_index, label, max_resolution, entries), KEY_NAME)
+        targets = list(_check_images(src, max_resolution).items())
+        params.check(len(targets))
+        published, design_fields = published_candidate(params, seed, len(targets))
+        entries = [{"original": rel.as_posix(), "original_sha256": sha, "height": size[0], "width": size[1]}
+                   for _, (rel, sha, size) in targets]
+        images = [fit_to_grid(read_rgb(src / targets[i][1][0]), max_resolution) for i in published.files]
+        marked = mark_images(images, [entries[i]["original_sha256"] for i in published.files], published.pattern_seed,
+                             cfg, pool, device)
+        for i, image in zip(published.files, marked):
+            target = targets[i][0]
+            write_png(staging / target, image)
+            entries[i].update(marked=target.as_posix(), marked_sha256=file_sha256(staging / target))
+        key = validate_key({
+            "format": KEY_FORMAT,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_folder": str(src.resolve()),
+            "design": params.design,
+            "seed": seed,
+            "published": list(published.files),
+            **design_fields,
+            "label": label,
+            "max_resolution": max_resolution,
+            "mark": cfg.model_dump(mode="json"),
+            "files": entries,
+        }, KEY_NAME)
         write_json(staging / KEY_NAME, key, mode=0o600)  # the seed is the owner's secret
     return key
-
-
-def _key(src: Path, cfg: MarkConfig, seed: int, n_patterns: int, pattern_index: int, label: int | None,
-         max_resolution: int | None, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "format": KEY_FORMAT,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_folder": str(src.resolve()),
-        "seed": seed,
-        "n_patterns": n_patterns,
-        "pattern_index": pattern_index,
-        "label": label,
-        "max_resolution": max_resolution,
-        "mark": cfg.model_dump(mode="json"),
-        "files": entries,
-    }

@@ -20,10 +20,11 @@ import torch
 from ..data.betons import make_loader
 from ..config import AuditConfig
 from ..console import track
-from ..core.metrics import roc_metrics, user_scores
+from ..core.metrics import class_breakdown, roc_metrics, user_scores
 from ..core.models import load_weights
 from ..core.scoring import logit_margin
-from ..core.stats import benjamini_hochberg, clopper_pearson, leave_one_out_p_values, rank_p_values
+from ..core.stats import (benjamini_hochberg, bh_smallest_null_size, class_leave_one_out_p_values, class_rank_p_values,
+                          clopper_pearson, leave_one_out_p_values, null_calibration, rank_p_values)
 from ..store import Stage, StageError, load_npz, read_json, run_shards, save_npz, write_json
 from .contract import Context
 
@@ -57,21 +58,35 @@ def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device:
     return out
 
 
-def user_statistics(is_member: np.ndarray, score: np.ndarray, fdr_levels: tuple[float, ...] = (0.05, 0.1),
-                    confidence: float = 0.95) -> dict[str, Any]:
-    """Per member user the exact rank p-value among the non-member users; Clopper-Pearson intervals
-    on TPR at FPR = 0 and on FPR at TPR = 1; Benjamini-Hochberg decisions over all users (non-member
-    users get their leave-one-out p-value, as a never-trained-on user would)."""
+def _bh_decisions(p_members: np.ndarray, p_audited: np.ndarray, fdr_levels: tuple[float, ...]) -> dict[str, Any]:
+    """Benjamini–Hochberg over the member users and the audited non-member users, at each level."""
+    out = {}
+    for q in fdr_levels:
+        reject = benjamini_hochberg(np.concatenate([p_members, p_audited]), q)
+        flagged_members, flagged_null = int(reject[: len(p_members)].sum()), int(reject[len(p_members):].sum())
+        out[str(q)] = {"members_flagged": flagged_members, "nonmembers_flagged": flagged_null,
+                       "false_discovery_proportion": flagged_null / max(flagged_members + flagged_null, 1),
+                       "smallest_null_size": bh_smallest_null_size(len(p_members), len(p_members) + len(p_audited), q)}
+    return out
+
+
+def user_statistics(is_member: np.ndarray, score: np.ndarray, classes: np.ndarray, fdr_nonmembers: int = 100,
+                    fdr_levels: tuple[float, ...] = (0.05, 0.1), confidence: float = 0.95) -> dict[str, Any]:
+    """Per member user the exact rank p-value among the non-member users (pooled) and among those of
+    its class only (`class_conditional`); Clopper-Pearson intervals on TPR at FPR = 0 and on FPR at
+    TPR = 1; Benjamini-Hochberg decisions over the member users and the first `fdr_nonmembers`
+    non-member users (each with its leave-one-out p-value, as a never-trained-on user would get), with
+    the smallest M at which BH could flag every member; and per class, the share of non-member users
+    with leave-one-out p <= 0.05, which a calibrated null keeps inside its binomial limits."""
     member_scores, null = score[is_member], score[~is_member]
+    member_classes, null_classes = classes[is_member], classes[~is_member]
     p_members, p_null = rank_p_values(member_scores, null), leave_one_out_p_values(null)
+    c_members = class_rank_p_values(member_scores, member_classes, null, null_classes)
+    c_null = class_leave_one_out_p_values(null, null_classes)
+    audited = min(fdr_nonmembers, len(null))
     detected = int((member_scores > null.max()).sum())
     above_worst_member = int((null >= member_scores.min()).sum())
-    bh = {}
-    for q in fdr_levels:
-        reject = benjamini_hochberg(np.concatenate([p_members, p_null]), q)
-        flagged_members, flagged_null = int(reject[: len(p_members)].sum()), int(reject[len(p_members):].sum())
-        bh[str(q)] = {"members_flagged": flagged_members, "nonmembers_flagged": flagged_null,
-                      "false_discovery_proportion": flagged_null / max(flagged_members + flagged_null, 1)}
+    null_per_class = {int(c): int((null_classes == c).sum()) for c in np.unique(classes)}
     return {
         "member_p_values": p_members.tolist(),
         "smallest_possible_p_value": 1.0 / (len(null) + 1),
@@ -80,21 +95,32 @@ def user_statistics(is_member: np.ndarray, score: np.ndarray, fdr_levels: tuple[
         "fpr_at_tpr_1": {"value": above_worst_member / len(null),
                          "interval": clopper_pearson(above_worst_member, len(null), confidence)},
         "confidence": confidence,
-        "benjamini_hochberg": bh,
+        "fdr_hypotheses": {"members": len(p_members), "nonmembers": audited},
+        "benjamini_hochberg": _bh_decisions(p_members, p_null[:audited], fdr_levels),
+        "null_calibration": null_calibration(p_null, null_classes),
+        "class_conditional": {
+            "member_p_values": c_members.tolist(),
+            "smallest_possible_p_values": [1.0 / (null_per_class[int(c)] + 1) for c in member_classes],
+            "benjamini_hochberg": _bh_decisions(c_members, c_null[:audited], fdr_levels),
+            "null_calibration": null_calibration(c_null, null_classes),
+        },
     }
 
 
-def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) -> dict[str, Any]:
+def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]], fdr_nonmembers: int = 100) -> dict[str, Any]:
     per_user = user_scores(scores, users)
     members = {u["user_id"] for u in users if u["role"] == "member"}
     sample_is_member = np.isin(scores["user"], list(members))
+    classes = np.array([u["class"] for u in users])
+    statistics = user_statistics(per_user["is_member"], -per_user["mean_loss"], classes, fdr_nonmembers)
     return {
         "set_based": roc_metrics(per_user["is_member"], -per_user["mean_loss"]),
         "instance_based": roc_metrics(sample_is_member, -scores["loss"].astype(np.float64)),
         "set_based_logit": roc_metrics(per_user["is_member"], per_user["mean_margin"]),
-        "statistics": user_statistics(per_user["is_member"], -per_user["mean_loss"]),
+        "statistics": statistics,
         "member_mean_loss": float(per_user["mean_loss"][per_user["is_member"]].mean()),
         "nonmember_mean_loss": float(per_user["mean_loss"][~per_user["is_member"]].mean()),
+        **class_breakdown(per_user, classes, statistics),
     }
 
 
@@ -163,5 +189,5 @@ def run_audit(ctx: Context) -> None:
         return
     scores = merge_scores(stage, names, users)
     save_npz(stage.path("losses.npz"), **scores)
-    write_json(stage.path("metrics.json"), audit_metrics(scores, users))
+    write_json(stage.path("metrics.json"), audit_metrics(scores, users, cfg.fdr_nonmembers))
     stage.finish(["losses.npz", "metrics.json", *names])

@@ -65,13 +65,14 @@ class StageSpec:
 
 
 SHARD_FILES = ("shard-*-of-*.npz", "shard-*-of-*.json")
-REPORT_FILES = ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "marked_examples.png")
+REPORT_FILES = ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "classes.png",
+                "marked_examples.png")  # classes.png: with a marked arm
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("plan", config=("seed", "data", "plan"), reads={}, writes=("users.json", "train_ids.npz"),
               run="plan:run_plan"),
     StageSpec("mark", config=("data", "mark"), reads={"users": Read("plan", "users.json")},
-              writes=(*SHARD_FILES, "quality.json", "survival.json", "marked_examples.png"), run="mark:run_mark",
+              writes=(*SHARD_FILES, "quality.json", "survival.json", "marked_examples.png", "owners/*"), run="mark:run_mark",
               sharded=True),
     StageSpec("write", config=("seed", "data", "mark", "write"),
               reads={"users": Read("plan", "users.json"), "train_ids": Read("plan", "train_ids.npz"),

@@ -1,5 +1,9 @@
 """Stage `mark`: apply every user's mark to their images, optionally in shards.
 
+Owners (`plan.owners`) are not marked here but by their own tool: their originals are written as a
+folder under `owners/<id>/` and marked by the code `mtrack mark` runs, with the owner's seed; the
+published images of trained-on owners become their member users' marked images.
+
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
 (user, sample), so marks are bit-identical for a seed whatever the sharding. Each image is marked
 on the pixels the write stage stores (`StoredImages`: the grid, or with `data.max_resolution` its
@@ -27,8 +31,12 @@ from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device, sh
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
 from ..core.survival import mark_survival  # noqa: E402
+from ..data.images import read_rgb, write_png  # noqa: E402
 from ..data.ood import ood_pool  # noqa: E402
 from ..data.sources import ImageSplits, StoredImages, load_source  # noqa: E402
+from ..owner.designs import DesignParams  # noqa: E402
+from ..owner.key import KEY_NAME  # noqa: E402
+from ..owner.marking import mark_folder  # noqa: E402
 from ..store import StageError, atomic_path, load_npz, read_json, run_shards, save_npz, write_json  # noqa: E402
 from .contract import Context  # noqa: E402
 
@@ -88,15 +96,48 @@ def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], originals:
     return np.array([metric(o[None], m[None])[0] for o, m in zip(originals, marked)])
 
 
-def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], path: Path, label: str = "mark") -> None:
-    """Mark the given users' images and save them with their ids, PSNR and SSIM."""
+def owner_folder(stage_dir: Path, owner_id: int) -> Path:
+    return stage_dir / "owners" / f"{owner_id:05d}"
+
+
+def run_owner_tool(cfg: RunConfig, stored: StoredImages, owner: dict[str, Any], design: DesignParams,
+                   folder: Path) -> list[np.ndarray]:
+    """The folder a real owner would have: their originals as PNG files (`originals/`, on the grid the
+    write stage stores them on, as `mtrack mark --max-resolution` would mark them), marked by the
+    owner's own tool (the code `mtrack mark` runs, with the owner's seed) into `published/`. Returns
+    the published images in sample order, after checking they are the ones the plan put in training."""
+    originals = folder / "originals"
+    originals.mkdir(parents=True, exist_ok=True)
+    for sid, image in zip(owner["pool"], stored.take(owner["pool"])):
+        write_png(originals / f"{sid:08d}.png", image)
+    key = mark_folder(originals, folder / "published", cfg.mark, seed=owner["seed"], force=True, label=owner["class"],
+                      params=design)
+    entries = [key["files"][i] for i in key["published"]]
+    if [int(Path(e["original"]).stem) for e in entries] != owner["published"]:
+        raise StageError(f"{folder}: the owner's tool published other images than the plan has in training")
+    return [read_rgb(folder / "published" / e["marked"]) for e in entries]
+
+
+def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], owners: list[dict[str, Any]],
+               design: DesignParams | None, stage_dir: Path, path: Path, label: str = "mark") -> None:
+    """Mark the given users' images (owners' through their own tool, with `design`) and save them with
+    their ids, PSNR and SSIM; mark the folders of the given never-trained-on owners."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
     images: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
+    by_owner = {o["owner_id"]: o for o in owners}
+    for owner in owners:
+        if not owner["trained"]:
+            assert design is not None
+            run_owner_tool(cfg, stored, owner, design, owner_folder(stage_dir, owner["owner_id"]))
     for user in track(users, label, len(users), "users"):
         originals = stored.take(user["sample_ids"])
-        marked = mark_user(user, originals, cfg.mark, pool, device)
+        if "owner" in user:
+            assert design is not None
+            marked = run_owner_tool(cfg, stored, by_owner[user["owner"]], design, owner_folder(stage_dir, user["owner"]))
+        else:
+            marked = mark_user(user, originals, cfg.mark, pool, device)
         k = len(marked)
         images += marked
         for key, value in (("user_ids", np.full(k, user["user_id"])),
@@ -201,16 +242,21 @@ def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], 
 def run_mark(ctx: Context) -> None:
     """Mark the missing shards (or only the task's shard); once all are there, finish the stage."""
     cfg, stage, num_shards, only_shard = ctx.config, ctx.stage, ctx.task.num_shards, ctx.task.shard
-    users, data = read_json(ctx.input("users"))["users"], load_source(cfg.data)
+    plan, data = read_json(ctx.input("users")), load_source(cfg.data)
+    users, owners = plan["users"], plan.get("owners", [])
+    design = DesignParams(**plan["owner_design"]) if owners else None
+    shard_owners = [o for o in owners if not o["trained"]]  # trained owners are marked with their member user
+    trained_owners = [o for o in owners if o["trained"]]
     names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
-                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards], path,
-                                                           f"mark shard {shard}" if num_shards > 1 else "mark"))
+                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards],
+                                                      trained_owners + shard_owners[shard::num_shards], design,
+                                                      stage.dir, path, f"mark shard {shard}" if num_shards > 1 else "mark"))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
     quality = quality_by_user(merge_shards(stage.dir, names, users, images=False), users)
     members = [u for u in users if u["role"] == "member"][: cfg.mark.examples_users // 2]
     others = [u for u in users if u["role"] != "member"][: cfg.mark.examples_users - len(members)]
-    shown, measured = members + others, users[:SURVIVAL_USERS]
+    shown, measured = members + others, [u for u in users if "owner" not in u][:SURVIVAL_USERS]  # owners: their keys
     marked = user_images(stage.dir, names, list({u["user_id"]: u for u in shown + measured}.values()))
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
     save_examples(stage.path("marked_examples.png"), [stored.take(u["sample_ids"]) for u in shown],
@@ -223,5 +269,16 @@ def run_mark(ctx: Context) -> None:
     summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
                       "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role]))}
                for role in ("member", "nonmember")}
-    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png"], shards=names, quality=summary,
-                 per_user_quality=quality)
+    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
+                 shards=names, quality=summary, per_user_quality=quality)
+
+
+def owner_outputs(stage_dir: Path, owners: Sequence[dict[str, Any]]) -> list[str]:
+    """Each owner's key and published images, relative to the stage folder."""
+    out = []
+    for owner in owners:
+        published = owner_folder(stage_dir, owner["owner_id"]) / "published"
+        key = read_json(published / KEY_NAME)
+        out += [(published / name).relative_to(stage_dir).as_posix()
+                for name in [KEY_NAME, *(key["files"][i]["marked"] for i in key["published"])]]
+    return out

@@ -91,13 +91,15 @@ def run_train(ctx: Context) -> None:
         meta.update(countermeasure.checkpoint_meta())
     save_weights(module.model, meta, stage.path("model.pt"))
     res = eval_resolution(cfg)
-    train_loss, train_acc = evaluate(module.model, load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False,
-                                                        resolution=res), device)
-    test_loss, test_acc = evaluate(module.model, load(test_path, cfg.eval_batch_size, cfg.num_workers, train=False,
-                                                      resolution=res), device, cfg.test_time_flip)
+    train_loss, train_acc, _ = evaluate(module.model, load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False,
+                                                           resolution=res), device, num_classes)
+    test_loss, test_acc, class_test_acc = evaluate(
+        module.model, load(test_path, cfg.eval_batch_size, cfg.num_workers, train=False, resolution=res), device,
+        num_classes, cfg.test_time_flip)
     metrics = {
         "arm": arm, "epochs": cfg.epochs, "precision": precision,
         "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "class_test_accuracy": class_test_acc,
         "global_step": trainer.global_step,
         "best_val_checkpoint": Path(best.best_model_path).name if best.best_model_path else None,
         "best_val_accuracy": float(best.best_model_score) if best.best_model_score is not None else None,

@@ -138,14 +138,19 @@ def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) ->
     return (logits + model(images.flip(3)).float()) / 2 if flip else logits
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, flip: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` in eval mode over every sample of `loader`."""
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, num_classes: int,
+             flip: bool = False) -> tuple[float, float, list[float | None]]:
+    """Mean cross-entropy, accuracy and per-class accuracy (None for a class without samples) of
+    `model` in eval mode over every sample of `loader`: the audit's easy classes are the accurate ones."""
     model.eval().to(device)
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss = 0.0
+    correct, count = torch.zeros(num_classes, dtype=torch.int64), torch.zeros(num_classes, dtype=torch.int64)
     for images, labels, *_ in loader:
         logits = predict(model, images.to(device), flip)
         labels = labels.to(device)
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-        count += len(labels)
-    return total_loss / max(count, 1), correct / max(count, 1)
+        count += torch.bincount(labels.cpu(), minlength=num_classes)
+        correct += torch.bincount(labels[logits.argmax(1) == labels].cpu(), minlength=num_classes)
+    n = max(int(count.sum()), 1)
+    per_class = [int(c) / int(k) if k else None for c, k in zip(correct, count)]
+    return total_loss / n, int(correct.sum()) / n, per_class

@@ -1,0 +1,140 @@
+"""The owner's audit end to end on trained networks, one run per design.
+
+Each data owner holds a folder of images of one class and marks it with their own tool (the code
+`mtrack mark` runs, with their seed and key); the trained-on owners' published images replace
+training images through the normal plan / mark / write / train stages (`plan.owners`), other owners'
+are never trained on. Then `mtrack audit --model <model.pt> --user <published folder>` is run, as
+the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
+at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
+
+    python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
+                                [--set key=value ...] [--out results/owner-audit]
+
+writes <out>/<design>.json for every design, results.json for the first (the tool's default) and
+README.md comparing them. Each design is one training run of the config.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cli import main as mtrack
+from pipeline.config import RunConfig, load_config
+from pipeline.core.seeds import child_seed
+from pipeline.core.stats import binomial_limits
+from pipeline.launchers import launch
+from pipeline.owner.designs import DESIGNS
+from pipeline.stages.mark import owner_folder
+from pipeline.store import read_json, write_json, write_text
+
+RESULTS = Path("results/owner-audit")
+
+
+def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[str]:
+    """The config's run for one design: its own run folder; the pattern design publishes every
+    image of the owner's folder, so its folder holds just the K published ones."""
+    folder = f"{cfg.run_dir}-{design}"
+    extra = [f"plan.owners.images={cfg.plan.samples_per_user}"] if design == "pattern" else []
+    return [*overrides, f"plan.owners.design={design}", f"run_dir={folder}", f"results_dir={folder}/results", *extra]
+
+
+def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
+    """`mtrack audit` for each owner of a finished run, with draws independent of the owners' seeds."""
+    run = Path(cfg.run_dir)
+    model = run / "train-marked" / "model.pt"
+    results = []
+    for owner in read_json(run / "plan" / "users.json")["owners"]:
+        out = run / "owner-audit" / f"{owner['owner_id']:05d}.json"
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = mtrack(["audit", "--model", str(model), "--user",
+                             str(owner_folder(run / "mark", owner["owner_id"]) / "published"),
+                             "--draws-seed", str(child_seed(cfg.seed, 7, owner["owner_id"])), "--json", str(out)])
+        if status != 0:
+            raise SystemExit(f"mtrack audit failed for owner {owner['owner_id']} (exit {status})")
+        results.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"],
+                        "seconds": time.perf_counter() - started, **read_json(out)})
+    return results
+
+
+def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict[str, Any]:
+    o = cfg.plan.owners
+    assert o is not None
+    trained = [a["p_value"] for a in audits if a["trained"]]
+    never = [a["p_value"] for a in audits if not a["trained"]]
+    k = cfg.plan.samples_per_user
+    setting = (f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
+               f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}; {len(trained)} "
+               f"trained-on and {len(never)} never-trained-on owners, each publishing {k} of {o.images if design != 'pattern' else k} "
+               f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)")
+    population = read_json(Path(cfg.run_dir) / "audit-marked" / "metrics.json")
+    return {"design": design, "trained_on_p": trained, "never_trained_on_p": never, "n_images_per_owner": k,
+            "setting": setting, "images_per_owner_folder": o.images if design != "pattern" else k,
+            "smallest_possible_p_value": audits[0]["smallest_possible_p_value"],
+            "trained_on_at_0.01": sum(p <= 0.01 for p in trained),
+            "never_trained_on_rate_at_0.05": float(np.mean([p <= 0.05 for p in never])),
+            "never_trained_on_limits_at_0.05": binomial_limits(len(never), 0.05),
+            "audit_seconds_median": float(np.median([a["seconds"] for a in audits])),
+            "population_audit": {"auc": population["set_based"]["auc"],
+                                 "member_p_values": population["statistics"]["member_p_values"],
+                                 "n_nonmember_users": cfg.plan.n_nonmember_users},
+            "classes": {str(a["owner_id"]): a["class"] for a in audits}}
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = ["# Owner audit: `mtrack mark` / `mtrack audit` on trained networks", "",
+             f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).", "",
+             "| design | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
+             "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | seconds per audit |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        t, lo_hi = np.array(r["trained_on_p"]), r["never_trained_on_limits_at_0.05"]
+        lines.append(f"| {r['design']} | {r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
+                     f"{np.median(t):.4g}, {t.max():.4g} | {r['never_trained_on_rate_at_0.05']:.3f} of "
+                     f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {r['audit_seconds_median']:.1f} |")
+    lines += ["", "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
+              "of all classes, `audit-marked` of each run):", "",
+              "| design's run | non-member users | AUC | trained-on owners at p ≤ 0.01 | member p (median, max) |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        pop = r["population_audit"]
+        p = np.array(pop["member_p_values"])
+        lines.append(f"| {r['design']} | {pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
+                     f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/owner-audit.yaml")
+    parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS),
+                        help="designs to run; the first is written to results.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every design's run (its run folder is named after run_dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
+    rows = []
+    for design in args.designs:
+        overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)
+        launch(args.config, overrides, "local")
+        cfg = load_config(args.config, overrides)
+        rows.append(summarise(cfg, design, audit_every_owner(cfg)))
+        write_json(args.out / f"{design}.json", rows[-1])
+    write_json(args.out / "results.json", rows[0])
+    command = "python -m bench.owner_audit " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_text(args.out / "README.md", markdown(rows, command.strip()))
+    print(json.dumps({r["design"]: r["trained_on_at_0.01"] for r in rows}))
+
+
+if __name__ == "__main__":
+    main()
