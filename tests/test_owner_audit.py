@@ -84,10 +84,14 @@ def test_model_that_memorised_the_published_images_gets_the_smallest_p(world, de
 
 
 def _another_owner(key: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The key another owner with the same originals would hold: what mark_folder writes, less the files."""
+    """The key another owner with the same originals would hold: what mark_folder writes, with its
+    published files' marked copies named but never written (the audit scores the originals)."""
     params = PARAMS[key["design"]]
     published, fields = published_candidate(params, seed, len(key["files"]))
-    return {**key, "seed": seed, "published": list(published.files), **fields}
+    originals = [{k: e[k] for k in ("original", "original_sha256", "height", "width")} for e in key["files"]]
+    for i in published.files:
+        originals[i].update(marked=f"{i}.png", marked_sha256=originals[i]["original_sha256"])
+    return {**key, "seed": seed, "published": list(published.files), **fields, "files": originals}
 
 
 @pytest.mark.parametrize("design", DESIGNS)
