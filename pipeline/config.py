@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 MAX_SEED = 2**63 - 1  # seeds are 63-bit throughout (numpy's SeedSequence refuses negative ones)
+MAX_PATTERNS, MAX_DRAWS = 1000, 9999  # an owner's audit marks and scores K images per candidate
 MAX_SHARDS = 10_000  # array tasks a sharded stage may be split into
 
 
@@ -58,8 +59,8 @@ class OwnersConfig(_Strict):
     images: int = Field(100, ge=2)  # P: the owner's folder of originals
     never_trained: int = Field(100, ge=0)
     design: Literal["subset", "groups", "pattern"] = "subset"
-    draws: int = Field(999, ge=1)  # subset design: random subsets each audit compares with
-    n_patterns: int = Field(100, ge=2)  # pattern design: secret candidate patterns
+    draws: int = Field(999, ge=1, le=MAX_DRAWS)  # subset design: random subsets each audit compares with
+    n_patterns: int = Field(100, ge=2, le=MAX_PATTERNS)  # pattern design: secret candidate patterns
 
 
 class PlanConfig(_Strict):

@@ -182,3 +182,28 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
     (other / first).write_bytes((tmp / "subset" / first).read_bytes()[:-10])
     with pytest.raises(StageError, match="another folder"):
         load_key(tmp / "subset" / KEY_NAME, other)
+
+
+def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> None:
+    """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
+    training images through plan/mark/write/train, `mtrack audit` runs for every owner, and the
+    results file has the promised fields (power is the trained-CNN test's and the benchmark's job)."""
+    from bench.owner_audit import main as owner_benchmark
+
+    run = tmp_path / "run"
+    owner_benchmark(["--config", "configs/tiny.yaml", "--designs", "subset", "--out", str(tmp_path / "results"),
+                     "--set", f"run_dir={run}", "--set", "train.arms=[marked]", "--set", "plan.n_member_users=3",
+                     "--set", "plan.owners={images: 16, never_trained: 2, draws: 19}"])
+    result = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert result["design"] == "subset" and result["n_images_per_owner"] == 8
+    assert len(result["trained_on_p"]) == 3 and len(result["never_trained_on_p"]) == 2
+    assert all(0.05 <= p <= 1 for p in result["trained_on_p"] + result["never_trained_on_p"])  # 1/(19 + 1) at best
+    folder = Path(f"{run}-subset")
+    plan = json.loads((folder / "plan" / "users.json").read_text())
+    owner = plan["owners"][0]
+    published = folder / "mark" / "owners" / f"{owner['owner_id']:05d}" / "published"
+    key = load_key(published / KEY_NAME, published)
+    assert [int(Path(key["files"][i]["original"]).stem) for i in key["published"]] == owner["published"]
+    member = next(u for u in plan["users"] if u.get("owner") == owner["owner_id"])
+    assert member["sample_ids"] == owner["published"]  # the published images are what the model trained on
+    assert "| subset |" in (tmp_path / "results" / "README.md").read_text()

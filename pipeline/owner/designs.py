@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import Field
 from pydantic.dataclasses import dataclass as checked_dataclass
 
+from ..config import MAX_DRAWS, MAX_PATTERNS
 from ..core.seeds import child_seed
 from ..store import StageError
 
@@ -35,8 +36,6 @@ DESIGNS: tuple[Design, ...] = ("subset", "groups", "pattern")
 DESIGN_OPTIONS = {"subset": ("publish", "draws"), "groups": ("publish",), "pattern": ("n_patterns",)}  # of DesignParams
 # Streams derived from the owner's seed: patterns, the published choice, the groups' partition.
 PATTERN_STREAM, CHOICE_STREAM, PARTITION_STREAM = 1, 3, 4
-# The audit marks and scores K images per candidate: these bound its run time.
-MAX_PATTERNS, MAX_DRAWS = 1000, 9999
 PatternCount = Annotated[int, Field(ge=2, le=MAX_PATTERNS)]
 DrawCount = Annotated[int, Field(ge=1, le=MAX_DRAWS)]
 PublishCount = Annotated[int, Field(ge=1)]

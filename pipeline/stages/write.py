@@ -94,15 +94,18 @@ def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any
     records = BetonRecords(beton, train=False, augment="none", translate_pixels=0, resolution=None)
     position = {int(sid): i for i, sid in enumerate(train_ids)}
     member_positions = [position[sid] for u in members for sid in u["sample_ids"]]
-    measured = members[:SURVIVAL_USERS]
+    measured = [u for u in members if "owner" not in u][:SURVIVAL_USERS]  # owners' marks are known to their keys
+    share = float(np.mean(records.image_meta["mode"][member_positions] == IMAGE_MODES["jpg"]))
+    if not measured:
+        return {"n_images": 0, "jpeg_quality": cfg.data.jpeg_quality, "member_jpeg_share": share,
+                "storage": {"stored": {"full": None, "noise": None, "pattern": None}}}
     originals, patterns, seeds = intended_marks(cfg, data, measured, ood_pool(cfg.mark, cfg.data.image_size))
     stored = [records.decoded(position[sid]) for u in measured for sid in u["sample_ids"]]
     rows = np.isin(marked["user_ids"], [u["user_id"] for u in measured])  # rows are in manifest order
     correlations = mark_survival(originals, marked["images"][rows], cfg.mark, patterns, seeds, qualities=(),
                                  stored={"stored": stored})
     return {"n_images": correlations.pop("n_images"), "jpeg_quality": cfg.data.jpeg_quality,
-            "member_jpeg_share": float(np.mean(records.image_meta["mode"][member_positions] == IMAGE_MODES["jpg"])),
-            "storage": correlations}
+            "member_jpeg_share": share, "storage": correlations}
 
 
 def image_storage(cfg: RunConfig) -> ImageStorage:
