@@ -751,6 +751,16 @@ def test_run_dir_problems_are_named(breaks, command: list[str], names: str, base
     assert_refused(capsys, argv, names, snapshot(run_dir))
 
 
+def test_train_refuses_a_batch_larger_than_the_training_set(base_run: Path, tmp_path: Path) -> None:
+    """With fewer images than one batch per device there is no step to train: one line, not a
+    ZeroDivisionError from the learning-rate schedule."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    assert_refused(None, ["train", TINY, "--set", f"run_dir={run_dir}", "--set", "train.batch_size=4096",
+                          "--arm", "marked"], "train.batch_size: 4096 images per device on 1 device(s)",
+                   snapshot(run_dir / "write"))
+
+
 @pytest.mark.parametrize("make, names", [
     (lambda path, marker: path.write_bytes(pickle.dumps({"state_dict": Payload(marker)})), "last.ckpt: refused"),
     (lambda path, marker: path.write_bytes(b"PK\x03\x04 cut short"), "last.ckpt: not a loadable checkpoint"),

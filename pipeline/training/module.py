@@ -14,6 +14,7 @@ from ..core.models import Normalized, build_model, load_pretrained
 from ..data.betons import BetonLoader, make_loader
 from ..data.torchdata import TorchBetonLoader, make_torch_loader
 from ..registry import Registry
+from ..store import StageError
 from .countermeasures import Countermeasure, active
 from .schedules import eval_resolution, lr_factor
 
@@ -125,6 +126,9 @@ class Classifier(L.LightningModule):
         for countermeasure in self.countermeasures:
             opt = countermeasure.wrap_optimizer(self.model, opt)
         total = self.trainer.estimated_stepping_batches
+        if total < 1:  # every rank drops its last, partial batch: fewer images than one batch per rank
+            raise StageError(f"train.batch_size: {c.batch_size} images per device on {self.trainer.world_size} "
+                             "device(s) is more than the training set gives each; lower it or train.devices")
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
         else:
