@@ -54,6 +54,10 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
     results = []
     for owner in read_json(run / "plan" / "users.json")["owners"]:
         out = run / "owner-audit" / f"{owner['owner_id']:05d}.json"
+        if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already
+            results.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"],
+                            **read_json(out)})
+            continue
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             status = mtrack(["audit", "--model", str(model), "--user",
@@ -61,8 +65,9 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
                              "--draws-seed", str(child_seed(cfg.seed, 7, owner["owner_id"])), "--json", str(out)])
         if status != 0:
             raise SystemExit(f"mtrack audit failed for owner {owner['owner_id']} (exit {status})")
+        write_json(out, {**read_json(out), "seconds": time.perf_counter() - started})
         results.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"],
-                        "seconds": time.perf_counter() - started, **read_json(out)})
+                        **read_json(out)})
     return results
 
 
@@ -83,11 +88,16 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
             "trained_on_at_0.01": sum(p <= 0.01 for p in trained),
             "never_trained_on_rate_at_0.05": float(np.mean([p <= 0.05 for p in never])),
             "never_trained_on_limits_at_0.05": binomial_limits(len(never), 0.05),
-            "audit_seconds_median": float(np.median([a["seconds"] for a in audits])),
+            "audit_seconds_median": float(np.median(timed)) if (timed := [a["seconds"] for a in audits if "seconds" in a])
+            else None,  # the audits that were timed (resumed runs keep earlier results untimed)
             "population_audit": {"auc": population["set_based"]["auc"],
                                  "member_p_values": population["statistics"]["member_p_values"],
                                  "n_nonmember_users": cfg.plan.n_nonmember_users},
             "classes": {str(a["owner_id"]): a["class"] for a in audits}}
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
@@ -100,7 +110,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         t, lo_hi = np.array(r["trained_on_p"]), r["never_trained_on_limits_at_0.05"]
         lines.append(f"| {r['design']} | {r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
                      f"{np.median(t):.4g}, {t.max():.4g} | {r['never_trained_on_rate_at_0.05']:.3f} of "
-                     f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {r['audit_seconds_median']:.1f} |")
+                     f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {_seconds(r['audit_seconds_median'])} |")
     lines += ["", "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
               "of all classes, `audit-marked` of each run):", "",
               "| design's run | non-member users | AUC | trained-on owners at p ≤ 0.01 | member p (median, max) |",
