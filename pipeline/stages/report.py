@@ -86,8 +86,8 @@ def easy_class_effect(plan: dict[str, Any], audit: dict[str, Any], train: dict[s
     return {"per_class": per_class, "per_member": per_member}
 
 
-def _fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
 
 
 def _bh_sentence(st: dict[str, Any], null_size: str) -> str:
@@ -130,12 +130,12 @@ def easy_class_tables(m: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in m["per_class"].items():
         i = row["class"]
-        acc = "—" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}"
-        member_loss = "—" if row["member_mean_loss"] is None else f"{row['member_mean_loss']:.3g}"
+        acc, member_loss, nonmember_loss = (_fmt(row[k], spec) for k, spec in (
+            ("test_accuracy", ".3f"), ("member_mean_loss", ".3g"), ("nonmember_mean_loss", ".3g")))  # None: none there
         cal = [f"{c[str(i)]['rate']:.3f} ({c[str(i)]['limits'][0]:.3f}–{c[str(i)]['limits'][1]:.3f})"
                if str(i) in c else "—" for c in (pooled, within)]
         lines.append(f"| {name} | {acc} | {row['n_member_users']} | {row['n_nonmember_users']} | "
-                     f"{row['nonmembers_below_worst_member']} | {member_loss} | {row['nonmember_mean_loss']:.3g} | "
+                     f"{row['nonmembers_below_worst_member']} | {member_loss} | {nonmember_loss} | "
                      f"{cal[0]} | {cal[1]} |")
     lines += ["", "| member user | class | mean loss | p, pooled | p, class-conditional | non-members below it, by class |",
               "|---|---|---|---|---|---|"]
