@@ -193,7 +193,7 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> Non
     run = tmp_path / "run"
     owner_benchmark(["--config", "configs/tiny.yaml", "--designs", "subset", "--out", str(tmp_path / "results"),
                      "--set", f"run_dir={run}", "--set", "train.arms=[marked]", "--set", "plan.n_member_users=3",
-                     "--set", "plan.owners={images: 16, never_trained: 2, draws: 19}"])
+                     "--set", "plan.owners={images: 16, never_trained: 2, draws: 19}", "--set", "train.epochs=1"])
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
     assert len(result["trained_on_p"]) == 3 and len(result["never_trained_on_p"]) == 2
