@@ -23,7 +23,7 @@ from pipeline.data.images import read_rgb
 from pipeline.data.sources import load_source
 from pipeline.owner.audit import audit_owner
 from pipeline.owner.designs import DESIGNS, DesignParams, published_candidate
-from pipeline.owner.key import KEY_NAME, load_key
+from pipeline.owner.key import KEY_NAME, load_key, validate_key
 from pipeline.owner.marking import mark_folder
 from pipeline.store import StageError
 
@@ -207,3 +207,18 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> Non
     member = next(u for u in plan["users"] if u.get("owner") == owner["owner_id"])
     assert member["sample_ids"] == owner["published"]  # the published images are what the model trained on
     assert "| subset |" in (tmp_path / "results" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("design", ["subset", "groups"])
+def test_a_key_naming_other_published_images_is_refused(world, design: str) -> None:
+    """Moving the published marks to other images of the folder would audit images that were never
+    published: the key must name exactly the choice its seed made."""
+    _, _, keys, _ = world
+    key = json.loads(json.dumps(keys[design]))
+    moved = sorted(set(range(len(key["files"]))) - set(key["published"]))[: len(key["published"])]
+    for old, new in zip(key["published"], moved):
+        for field in ("marked", "marked_sha256"):
+            key["files"][new][field] = key["files"][old].pop(field)
+    key["published"] = moved
+    with pytest.raises(StageError, match=f"published: not the {design} this seed published"):
+        validate_key(key, "edited key")
