@@ -79,21 +79,27 @@ def _within(files: list[Any], max_resolution: int | None) -> None:
                                  f"({entry.height}x{entry.width})")
 
 
-class KeyV1(_Strict):
+class _Key(_Strict):
+    """What every key format holds; each format narrows `format` to its own name and adds its fields."""
+
+    format: str
+    created: str
+    source_folder: Annotated[str, Field(min_length=1)]
+    seed: Seed
+    label: ClassLabel | None
+    max_resolution: Resolution | None
+    mark: MarkConfig
+
+
+class KeyV1(_Key):
     """Format 1 (before designs): every image published with one of `n_patterns` candidate patterns
     derived from `seed`; the seed also picks the published one, so `pattern_index` is checked against
     it (an edited index would test a pattern that was never published). It is format 2's `pattern`
     design, drawn by the same streams, and is read as such."""
 
     format: Literal["mtrack-key/1"]
-    created: str
-    source_folder: Annotated[str, Field(min_length=1)]
-    seed: Seed
     n_patterns: PatternCount
     pattern_index: Annotated[int, Field(ge=0)]
-    label: ClassLabel | None
-    max_resolution: Resolution | None
-    mark: MarkConfig
     files: Annotated[list[FileEntry], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -128,24 +134,18 @@ DESIGN_FIELDS: dict[str, tuple[str, ...]] = {"subset": ("draws",), "groups": ("g
                                              "pattern": ("n_patterns", "pattern_index")}
 
 
-class KeyV2(_Strict):
+class KeyV2(_Key):
     """Format 2: a design (`owner.designs`) chose which of the listed originals are `published`, and
     with which pattern, from `seed`; the key is checked to be exactly that choice, so an edited
     field can never make the audit test images or a pattern that were not published."""
 
     format: Literal["mtrack-key/2"]
-    created: str
-    source_folder: Annotated[str, Field(min_length=1)]
     design: Design
-    seed: Seed
     published: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     draws: DrawCount | None = None
     group: Annotated[int, Field(ge=0)] | None = None
     n_patterns: PatternCount | None = None
     pattern_index: Annotated[int, Field(ge=0)] | None = None
-    label: ClassLabel | None
-    max_resolution: Resolution | None
-    mark: MarkConfig
     files: Annotated[list[OriginalEntry], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -175,7 +175,7 @@ class KeyV2(_Strict):
         return self
 
 
-KEY_FORMATS: dict[str, type[_Strict]] = {"mtrack-key/1": KeyV1, KEY_FORMAT: KeyV2}
+KEY_FORMATS: dict[str, type[_Key]] = {"mtrack-key/1": KeyV1, KEY_FORMAT: KeyV2}
 
 
 
