@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit
+.PHONY: setup demo test test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit \
+	imagenet-like rehearsal
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -55,9 +56,27 @@ imagenet-audit: $(SETUP)
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --launcher slurm --dry-run $(IMAGENET_ARGS)
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --launcher slurm $(IMAGENET_ARGS)
 
-IMAGENET_ARGS = --set data.root=$(IMAGENET_DIR) --set launch.slurm.partition=$(PARTITION) \
-	$(if $(ACCOUNT),--set launch.slurm.account=$(ACCOUNT)) --set wandb.enabled=true --set wandb.mode=$(or $(WANDB),offline) \
-	$(foreach o,$(OVERRIDES),--set '$(o)')
+IMAGENET_ARGS = --set data.root=$(IMAGENET_DIR) --set launch.slurm.partition=$(PARTITION) $(CLUSTER_ARGS)
+CLUSTER_ARGS = $(if $(ACCOUNT),--set launch.slurm.account=$(ACCOUNT)) --set wandb.enabled=true \
+	--set wandb.mode=$(or $(WANDB),offline) $(foreach o,$(OVERRIDES),--set '$(o)')
+
+# ImageNet-shaped JPEGs (sizes, file sizes and content like ImageNet's; deterministic from SEED):
+# make imagenet-like IMAGES=20000 [DIR=data/imagenet-like-20000] [SEED=0]
+IMAGES ?= 20000
+LIKE_DIR = $(or $(DIR),data/imagenet-like-$(IMAGES))
+imagenet-like: $(SETUP)
+	$(PY) -m bench.imagenet_like $(LIKE_DIR) --images $(IMAGES) $(if $(SEED),--seed $(SEED))
+
+# The ImageNet recipe rehearsed on CPUs before GPU-hours are spent: every stage, its storage, shards and
+# SLURM arrays as configured, a small network for 2 epochs, sizes following the folder. On IMAGENET_DIR
+# when given, else on IMAGES ImageNet-shaped images made here; PARTITION defaults to the cluster's own.
+rehearsal: $(SETUP)
+	@$(if $(IMAGENET_DIR),,$(MAKE) -s imagenet-like IMAGES=$(IMAGES) DIR=$(LIKE_DIR))
+	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --rehearse --launcher slurm --dry-run $(REHEARSAL_ARGS)
+	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --rehearse --launcher slurm $(REHEARSAL_ARGS)
+
+REHEARSAL_ARGS = --set data.root=$(or $(IMAGENET_DIR),$(LIKE_DIR)) $(if $(PARTITION),--set launch.slurm.partition=$(PARTITION)) \
+	$(CLUSTER_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -39,6 +39,7 @@ USER_ERRORS = (ConfigError, StageError, DataSourceError, ImageError)
 
 ShardCount = Annotated[int, Field(ge=1, le=MAX_SHARDS)]
 ShardIndex = Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+SeedCount = Annotated[int, Field(ge=1, le=1000)]  # experiments --seeds: runs per row
 Level = Annotated[float, Field(gt=0.0, lt=1.0)]
 DEFAULT_LEVEL = 0.05  # the owner's audit: significance level of the verdict
 MarkAlpha = Annotated[float, MarkConfig.model_fields["alpha"]]
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where stages run: 'local' runs each stage in its own process here, 'slurm' "
                           "submits them as SLURM jobs through submitit")
     run.add_argument("--dry-run", action="store_true", help="print the jobs that would run, and stop")
+    run.add_argument("--rehearse", action="store_true",
+                     help="rehearse the recipe on CPUs before spending GPU-hours: every stage, storage, shard and "
+                          "job array as configured, with a small network for 2 epochs and sizes that follow the "
+                          "data folder (docs: README, 'Rehearsing a recipe')")
     run.add_argument("--no-wait", dest="wait", action="store_false",
                      help="slurm: return once submitted instead of following the jobs to the end")
     status = sub.add_parser("status", help="the SLURM jobs of a run: state, reason, node, training progress")
@@ -127,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument("--launcher", choices=LAUNCHERS.names(), default="local")
     experiments.add_argument("--base", help="run the tables on this run config instead of their own "
                              "(e.g. configs/cifar10.yaml); results go to results/<table>-<config name>/")
+    experiments.add_argument("--seeds", type=checked(SeedCount, "N"), metavar="N",
+                             help="repeat every row (the baseline too) over seeds 0..N-1 instead of the table's seeds")
     special = {"audit": "run the audit stage, or audit a model for your own marked images (with --model)",
                "mark": "run the mark stage, or mark a folder of your own images (with --out)"}
     owner_only = argparse.SUPPRESS  # absent unless given: see OWNER_MARK_FLAGS
@@ -316,9 +323,16 @@ def _dispatch(argv: list[str] | None) -> int:
             from .experiments import run_table
 
             for table in args.tables:
-                run_table(table, args.launcher, base=args.base)
+                run_table(table, args.launcher, base=args.base, seeds=args.seeds)
         elif args.command == "run":
-            launch(args.config, args.overrides, args.launcher, args.force, args.dry_run, args.wait)
+            overrides = args.overrides
+            if args.rehearse:
+                from .rehearsal import plan_rehearsal
+
+                rehearsal = plan_rehearsal(args.config, overrides, args.launcher)
+                log.info("%s", rehearsal.summary())
+                overrides = [*rehearsal.overrides(), *overrides]
+            launch(args.config, overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "status":
             status(args.run_dir, args.follow)
         elif args.command == "mark" and _is_owner_mark(args):

@@ -190,7 +190,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU (None = torch default)
     arms: tuple[Literal["marked", "control"], ...] = ("marked", "control")
     checkpoint_every_n_steps: int = Field(500, ge=1)
-    record_samples: bool = False  # save the sample ids each rank trained on, per epoch (seen/ in the stage)
+    record_samples: bool = False  # save the sample and user ids each rank trained on, per epoch (seen/ in the stage)
     defense: DefenseConfig = DefenseConfig()
 
     @model_validator(mode="after")

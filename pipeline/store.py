@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import time
@@ -153,6 +154,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def process_usage() -> tuple[float, float]:
+    """CPU seconds this process and its finished children (FFCV's writer and loader workers) have
+    used so far, and the peak resident memory in MB of this process or of its largest child."""
+    t = os.times()
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return t.user + t.system + t.children_user + t.children_system, peak_kb / 1024
+
+
+def usage_since(started: float, started_cpu: float, written: Sequence[Path]) -> dict[str, float]:
+    """What a piece of work cost from (wall, CPU) start marks: seconds, CPU seconds, the process's
+    peak memory and the bytes of the files it wrote. Recorded in manifests and shard records, where
+    the scale benchmark and the cost estimate read it."""
+    cpu, peak = process_usage()
+    return {"seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(cpu - started_cpu, 3),
+            "peak_rss_mb": round(peak, 1), "bytes_written": int(sum(path.stat().st_size for path in written))}
+
+
 @dataclass
 class Stage:
     """One stage's folder in the run directory and its completion record."""
@@ -162,6 +180,7 @@ class Stage:
     config_hash: str
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)
+    started_cpu: float = field(default_factory=lambda: process_usage()[0])
 
     @property
     def dir(self) -> Path:
@@ -216,6 +235,7 @@ class Stage:
             "seconds": round(time.perf_counter() - self.started, 3),
             "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
             "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
+            "usage": usage_since(self.started, self.started_cpu, [self.path(rel) for rel in outputs]),
             **extra,
         }
         write_json(self.path(MANIFEST), manifest)
@@ -240,7 +260,7 @@ class Stage:
             raise StageError(f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
                              "use a new run_dir or --force")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.resolve().mkdir(parents=True, exist_ok=True)  # a shared stage's folder is a link (experiments)
         except OSError as exc:
             raise StageError(f"run_dir: cannot create {self.dir} ({exc.strerror or first_line(exc)})") from None
         if not record.exists():
@@ -249,7 +269,7 @@ class Stage:
     def invalidate(self) -> None:
         """Delete the stage's folder (used by --force): a forced run starts from nothing, not from
         the shards or checkpoints of the run it replaces."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir.resolve(), ignore_errors=True)  # through the link of a shared stage, keeping it
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -287,7 +307,10 @@ def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
     names = [shard_name(i, num_shards) for i in range(num_shards)]
     for shard in only_shards if only_shards is not None else range(num_shards):
         if not shard_done(stage, names[shard]):
+            started, (started_cpu, _) = time.perf_counter(), process_usage()
             write_shard(shard, stage.path(names[shard]))
+            written = [p for p in stage.dir.glob(f"{Path(names[shard]).stem}.*") if not p.name.endswith(".json")]
             write_json(stage.path(shard_record(names[shard])),
-                       {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards})
+                       {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards,
+                        "usage": usage_since(started, started_cpu, written)})
     return names if not missing_shards(stage, num_shards) else None

@@ -17,7 +17,7 @@ PACKAGE = REPO / "pipeline"
 DRAWING = REPO / "docs" / "architecture.md"
 
 BASE = ("config", "store", "registry", "console")
-APP = ("cli", "experiments")
+APP = ("cli", "experiments", "rehearsal")
 # Lowest first. A layer imports only from the layers listed for it (and within itself).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "base": (),
@@ -37,7 +37,7 @@ WHAT = {
     "stages": "stage contracts, the DAG, plan · mark · write · train · audit · report, W&B",
     "launchers": "local processes, SLURM through submitit",
     "owner": "the data owner's mtrack mark / mtrack audit",
-    "app": "the mtrack command, experiment tables",
+    "app": "the mtrack command, experiment tables, rehearsals",
 }
 
 

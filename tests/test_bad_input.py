@@ -710,6 +710,15 @@ def _edit_manifest(stage: str, outputs: dict[str, str]) -> Callable[[Path], None
     return edit
 
 
+def _swap_arms(run_dir: Path) -> None:
+    """The marked arm's records given to the control arm and back: same size, other content."""
+    path = run_dir / "write" / "arms.npz"
+    with np.load(path) as loaded:
+        arms = dict(loaded)
+    with open(path, "wb") as fh:
+        np.savez(fh, control=arms["marked"], marked=arms["control"])
+
+
 def _flip_class(run_dir: Path) -> None:
     path = run_dir / "plan" / "users.json"
     text = path.read_text()
@@ -719,11 +728,9 @@ def _flip_class(run_dir: Path) -> None:
 RUN_DIR_CASES = [
     ("manifest lists a missing output", lambda r: (r / "write" / "test.beton").unlink(), ["train", "--arm", "marked"],
      "test.beton"),
-    ("truncated output", lambda r: _truncate(r / "write" / "train_marked.beton"), ["train", "--arm", "marked"],
-     "train_marked.beton: size differs"),
-    ("beton written for another arm", lambda r: shutil.copyfile(r / "write" / "train_clean.beton",
-                                                                r / "write" / "train_marked.beton"),
-     ["train", "--arm", "marked"], "train_marked.beton: content differs"),
+    ("truncated output", lambda r: _truncate(r / "write" / "train.beton"), ["train", "--arm", "marked"],
+     "train.beton: size differs"),
+    ("arms swapped", _swap_arms, ["train", "--arm", "marked"], "arms.npz: content differs"),
     ("edited plan", _flip_class, ["mark", "--force"], "users.json: content differs"),
     ("lost mark shard", lambda r: (r / "mark" / "shard-0000-of-0001.npz").unlink(), ["write", "--force"],
      "shard-0000-of-0001.npz"),

@@ -31,7 +31,7 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
                  "clean_write_mode": "proportion"},
         "plan": {"n_member_users": 2, "n_nonmember_users": 2, "samples_per_user": 2},
         "train": {"width": 4, "epochs": 2, "batch_size": BATCH, "accelerator": "cpu", "devices": 2, "strategy": "ddp",
-                  "precision": "32-true", "num_workers": 1, "threads": 1, "arms": ["marked"], "augment": "flip",
+                  "precision": "32-true", "num_workers": 1, "threads": 1, "augment": "flip",
                   "record_samples": True, "schedule": "constant"},
     }
     config = tmp_path / "ddp.yaml"
@@ -39,18 +39,32 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     cfg = load_config(config)
     for stage in ("plan", "mark", "write"):
         run_task(cfg, Task(stage))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(config), "--arm", "marked"],
-                            cwd=repo, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("marked", "control"):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(config), "--arm", arm],
+                                cwd=repo, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
 
-    stage = stage_for(cfg, Task("train", "marked"))
+    # both arms read the one training file: the marked arm each member's marked record, the control
+    # arm the clean one, in the same order; the two ranks never share a record
+    users = read_json(tmp_path / "run" / "plan" / "users.json")["users"]
+    owner = {sid: u["user_id"] for u in users if u["role"] == "member" for sid in u["sample_ids"]}
     train_ids = set(np.load(tmp_path / "run" / "plan" / "train_ids.npz")["train_ids"].tolist())
     per_rank_steps = (N_TRAIN // 2) // BATCH  # DistributedSampler halves the set, then full batches only
-    for epoch in range(2):
-        seen = [np.load(stage.path("seen") / f"rank{rank}-epoch{epoch}.npy") for rank in (0, 1)]
-        assert [len(s) for s in seen] == [per_rank_steps * BATCH] * 2
-        assert not set(seen[0]) & set(seen[1]), f"epoch {epoch}: ranks trained on the same samples"
-        assert set(seen[0]) | set(seen[1]) <= train_ids
+    order = {}
+    for arm in ("marked", "control"):
+        folder = stage_for(cfg, Task("train", arm)).path("seen")
+        for epoch in range(2):
+            seen = [np.load(folder / f"rank{rank}-epoch{epoch}.npz") for rank in (0, 1)]
+            assert [len(s["sample"]) for s in seen] == [per_rank_steps * BATCH] * 2
+            assert not set(seen[0]["sample"]) & set(seen[1]["sample"]), f"epoch {epoch}: ranks trained on the same samples"
+            assert set(seen[0]["sample"]) | set(seen[1]["sample"]) <= train_ids
+            for s in seen:
+                expected = [owner.get(int(sid), -1) if arm == "marked" else -1 for sid in s["sample"]]
+                assert s["user"].tolist() == expected, f"{arm}: a member's record is not the arm's"
+            order[arm, epoch] = [s["sample"].tolist() for s in seen]
+    assert any(sid in owner for rank in order["marked", 0] for sid in rank)  # members were in the batches
+    assert all(order["marked", epoch] == order["control", epoch] for epoch in range(2))  # same images, same order
+    stage = stage_for(cfg, Task("train", "marked"))
     metrics = read_json(stage.path("metrics.json"))
     checkpoint = torch.load(stage.path("checkpoints") / "last.ckpt", map_location="cpu", weights_only=False)
     assert metrics["global_step"] == checkpoint["global_step"] == 2 * per_rank_steps
@@ -58,6 +72,7 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     # the DDP checkpoint resumes at its step: one more epoch on one process continues from there
     import lightning as L
 
+    from pipeline.stages.train import arm_indices
     from pipeline.training.module import BetonData, Classifier
 
     class FirstStep(L.Callback):
@@ -72,8 +87,9 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, callbacks=[first], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
-    trainer.fit(module, datamodule=BetonData(tmp_path / "run" / "write" / "train_marked.beton",
-                                             tmp_path / "run" / "write" / "test.beton", single, seed=0),
+    written = tmp_path / "run" / "write"
+    trainer.fit(module, datamodule=BetonData(written / "train.beton", written / "test.beton", single, seed=0,
+                                             indices=arm_indices(written / "arms.npz", "marked")),
                 ckpt_path=str(stage.path("checkpoints") / "last.ckpt"))
     assert first.step == 2 * per_rank_steps
     assert trainer.global_step == 2 * per_rank_steps + N_TRAIN // BATCH

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,33 +24,55 @@ def _table(folder: Path, repo: Path, **changes: object) -> Path:
 
 
 @pytest.mark.slow
-def test_table_runs_each_row_and_writes_results(tmp_path: Path, repo: Path, monkeypatch) -> None:
+def test_a_table_repeats_rows_over_seeds_and_shares_stages(tmp_path: Path, repo: Path, tiny_run: Path, monkeypatch,
+                                                           capfd, caplog) -> None:
+    """Two rows (the second changes only training) over two seeds: each seed draws its own plan, a
+    stage both rows need runs once, the same seed gives the same numbers as an independent run
+    (the session's tiny run), and the table reports each row's spread and its paired difference."""
     monkeypatch.chdir(tmp_path)
-    rows = run_table(_table(tmp_path, repo), results=tmp_path / "results")
-    assert [r["name"] for r in rows] == ["stripes + noise", "none"]
+    rows = [{"name": "plain"}, {"name": "smoothed", "set": {"train.label_smoothing": 0.2}}]
+    table = _table(tmp_path, repo, set={"train.arms": ["marked"]}, seeds=[0, 1], rows=rows,
+                   averages={"both rows": ["plain", "smoothed"]})
+    caplog.set_level(logging.INFO, logger="pipeline")
+    plain, smoothed = run_table(table, results=tmp_path / "results")
+    log = capfd.readouterr().err  # what the stages' processes printed
+    assert log.count("write: running") == 2 and log.count("train-marked: running") == 4  # write once per seed
+    assert caplog.text.count("write: done already, skipped") == 2  # the second row found it done
+    (p0, p1), (s0, s1) = ([tmp_path / run["run_dir"] for run in row["runs"]] for row in (plain, smoothed))
+    assert (p0 / "write").resolve() == (s0 / "write").resolve() != (p1 / "write").resolve()
+    assert (p0 / "train-marked").resolve() != (s0 / "train-marked").resolve()
+    users = [json.loads((run / "plan" / "users.json").read_text())["users"] for run in (p0, p1)]
+    assert [u["sample_ids"] for u in users[0]] != [u["sample_ids"] for u in users[1]]  # seeds draw other users
+    # seed 0 of the plain row is the tiny config's own run: the same losses, to the bit
+    ours, theirs = (np.load(run / "audit-marked" / "losses.npz") for run in (p0, tiny_run.parent / "run"))
+    assert np.array_equal(ours["loss"], theirs["loss"]) and np.array_equal(ours["user"], theirs["user"])
+
     saved = json.loads((tmp_path / "results" / "tiny-ablation" / "results.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["claim"] == "both parts of the mark help"
-    marked, unmarked = rows
-    assert marked["psnr"] < 40 < unmarked["psnr"]  # the unmarked row really left the images alone
-    report = json.loads((tmp_path / marked["run_dir"] / "results" / "metrics.json").read_text())
-    assert marked["auc"] == report["set_based"]["auc"]  # the row is its run's report
-    assert marked["tpr_at_fpr_below_0.001"] == report["set_based"]["tpr_at_fpr_below"]["0.001"]
-    assert marked["largest_member_p_value"] >= marked["smallest_possible_p_value"]
-    table = (tmp_path / "results" / "tiny-ablation" / "README.md").read_text()
-    assert "| stripes + noise |" in table and "| none |" in table
+    assert saved["rows"] == json.loads(json.dumps([plain, smoothed])) and saved["baseline"] == "plain"
+    aucs = [run["auc"] for run in plain["runs"]]
+    assert plain["n_seeds"] == 2 and plain["seeds"] == [0, 1] and plain["mean"]["auc"] == pytest.approx(np.mean(aucs))
+    lo, hi = plain["interval"]["auc"]
+    half = 12.7062047 * np.std(aucs, ddof=1) / np.sqrt(2)  # t(0.975) with 1 degree of freedom
+    assert lo == pytest.approx(np.mean(aucs) - half, abs=1e-6) and hi == pytest.approx(np.mean(aucs) + half, abs=1e-6)
+    assert "vs_baseline" not in plain
+    diff = smoothed["vs_baseline"]["auc"]
+    expected = np.mean([s["auc"] - p["auc"] for s, p in zip(smoothed["runs"], plain["runs"])])
+    assert diff["seeds_paired"] == 2 and diff["difference"] == pytest.approx(expected)
+    assert diff["beyond_noise"] == (diff["interval"][0] > 0 or diff["interval"][1] < 0)
+    report = json.loads((p0 / "results" / "metrics.json").read_text())
+    assert plain["runs"][0]["auc"] == report["set_based"]["auc"]  # each run's numbers are its report's
+    assert plain["n_nonmember_users"] == report["set_based"]["n_nonmembers"] == 20
+    (mean,) = saved["averages"]
+    assert mean["n_runs"] == 4 and mean["mean"]["auc"] == pytest.approx(np.mean(aucs + [r["auc"] for r in smoothed["runs"]]))
+
+    text = (tmp_path / "results" / "tiny-ablation" / "README.md").read_text()
+    assert "| plain | 2 |" in text and "| smoothed | 2 |" in text and "| baseline |" in text
+    assert "| smoothed | 0 |" in text and "| smoothed | 1 |" in text  # every run, by seed
+    assert (tmp_path / "results" / "tiny-ablation" / "spread.png").stat().st_size > 1000
     overview = (tmp_path / "results" / "README.md").read_text()
-    assert "## Tiny ablation\n\nPaper: both parts of the mark help. Ours ([table](tiny-ablation/README.md))" in overview
-    assert overview.count("- none: AUC") == 1
-    assert (tmp_path / unmarked["run_dir"] / "report" / "manifest.json").exists()
-    again = run_table(_table(tmp_path, repo, table="same-rows", title="Same rows",
-                             averages={"both rows": ["stripes + noise", "none"]}), results=tmp_path / "results")
-    assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows] and again[1]["auc"] == unmarked["auc"]
-    overview = (tmp_path / "results" / "README.md").read_text()
-    assert overview.count("## Tiny ablation") == 1 and overview.count("- none: AUC") == 2  # both tables listed
-    (mean,) = json.loads((tmp_path / "results" / "same-rows" / "results.json").read_text())["averages"]
-    assert mean["rows"] == 2 and mean["auc"] == pytest.approx((marked["auc"] + unmarked["auc"]) / 2)
-    assert f"- mean over both rows (2 runs): AUC {mean['auc']:.3f}" in overview
-    assert "| both rows | 2 |" in (tmp_path / "results" / "same-rows" / "README.md").read_text()
+    assert "## Tiny ablation\n\nPaper: both parts of the mark help. Ours ([table](tiny-ablation/README.md)" in overview
+    assert overview.count("- smoothed (2 seeds): AUC") == 1
+    assert ("Standing out from seed noise" in overview) or ("Within seed noise of the baseline: smoothed" in overview)
 
 
 def test_table_errors_name_the_file_and_key(tmp_path: Path, repo: Path) -> None:
@@ -104,10 +127,10 @@ def test_every_table_validates_on_a_base_with_jpeg_storage(tmp_path: Path, repo:
     for path in tables:
         table, base_file, runs = planned_rows(path, str(base))
         assert base_file == str(base.resolve()) and table.table.endswith("-demo-jpeg")
-        own = {folder for _, folder, _, _ in planned_rows(path)[2]}
-        assert runs and not own & {folder for _, folder, _, _ in runs}  # never mixed with the demo's own runs
-        for _, _, _, cfg in runs:
-            assert cfg.data.clean_write_mode == "jpg" and cfg.data.max_resolution == 24
+        own = {run.folder for run in planned_rows(path)[2]}
+        assert runs and not own & {run.folder for run in runs}  # never mixed with the demo's own runs
+        for run in runs:
+            assert run.config.data.clean_write_mode == "jpg" and run.config.data.max_resolution == 24
 
 
 @pytest.mark.slow
@@ -131,11 +154,11 @@ def test_a_table_runs_on_an_image_folder_stored_as_jpeg(tmp_path: Path, repo: Pa
         "audit": {"batch_size": 8, "num_workers": 1}}))
     rows = run_table(_table(tmp_path, repo, rows=[{"name": "stripes + noise"}]), results=tmp_path / "results",
                      base=str(base))
-    (row,) = rows
-    assert row["notes"].startswith("members' images 100% JPEG q75, noise part kept ")
-    assert row["notes"] in (tmp_path / "results" / "tiny-ablation-folder-jpeg" / "README.md").read_text()
-    report = (tmp_path / row["run_dir"] / "results" / "report.md").read_text()
+    ((run,),) = (row["runs"] for row in rows)
+    assert run["notes"].startswith("members' images 100% JPEG q75, noise part kept ")
+    assert run["notes"] in (tmp_path / "results" / "tiny-ablation-folder-jpeg" / "README.md").read_text()
+    report = (tmp_path / run["run_dir"] / "results" / "report.md").read_text()
     assert "100% of the member users' training images as JPEG (quality 75)" in report
     assert "| as stored by this run |" in report
-    losses = np.load(tmp_path / row["run_dir"] / "audit-marked" / "losses.npz")
+    losses = np.load(tmp_path / run["run_dir"] / "audit-marked" / "losses.npz")
     assert len(losses["loss"]) == 6 * 2 and np.isfinite(losses["loss"]).all()

@@ -29,7 +29,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same_outputs(ours: Path, reference: Path) -> None:
     """Bit-identical data, weights and losses; only files recording time or the launch may differ."""
-    for rel in ("plan/users.json", "plan/train_ids.npz", "write/train_marked.beton", "write/train_clean.beton",
+    for rel in ("plan/users.json", "plan/train_ids.npz", "write/train.beton", "write/arms.npz",
                 "write/audit.beton", "write/test.beton"):
         assert (ours / rel).read_bytes() == (reference / rel).read_bytes(), rel
     for arm in ("marked", "control"):

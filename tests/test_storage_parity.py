@@ -60,6 +60,11 @@ def _members(cfg: RunConfig) -> tuple[list[dict], list[dict], dict[int, int]]:
     return [u for u in users if u["role"] == "member"], users, position
 
 
+def _arms(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Record of train.beton each arm trains on, by training position."""
+    return dict(np.load(Path(cfg.run_dir) / "write" / "arms.npz"))
+
+
 @pytest.mark.parametrize("max_resolution", [None, MAX_RESOLUTION])
 @pytest.mark.parametrize("mode", ["raw", "jpg", "proportion"])
 def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(folder: Path, tmp_path: Path, mode: str,
@@ -68,14 +73,15 @@ def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(folder: Pat
     difference would be the storage telling members apart."""
     cfg = _write(folder, tmp_path / "run", mode, max_resolution, {"alpha": 1.0, "noise": "none"})
     members, users, position = _members(cfg)
-    marked, clean, audit = (_records(cfg, f"{name}.beton") for name in ("train_marked", "train_clean", "audit"))
+    train, audit, arms = _records(cfg, "train.beton"), _records(cfg, "audit.beton"), _arms(cfg)
     sizes = set()
     for user in members:
         for sid in user["sample_ids"]:
-            record = _stored(marked, position[sid])
-            assert record == _stored(clean, position[sid]), f"member sample {sid} is stored unlike its clean image"
+            marked, clean = arms["marked"][position[sid]], arms["control"][position[sid]]
+            assert marked != clean and train.ints["user"][marked] == user["user_id"] and train.ints["user"][clean] == -1
+            record = _stored(train, marked)
+            assert record == _stored(train, clean), f"member sample {sid} is stored unlike its clean image"
             sizes.add(record[1:3])
-    assert int(marked.ints["user"].max()) >= 0  # the marked set does know its members
     # the audit scores the very records the model was trained on; a non-member's image gets the
     # storage its sample id would get in training
     storage, stored_images = image_storage(cfg), StoredImages(load_source(cfg.data).train_images, max_resolution)
@@ -84,11 +90,11 @@ def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(folder: Pat
         for sid in user["sample_ids"]:
             mode_, height, width, data = _stored(audit, row)
             if user["role"] == "member":
-                assert (mode_, height, width, data) == _stored(marked, position[sid])
+                assert (mode_, height, width, data) == _stored(train, arms["marked"][position[sid]])
             assert mode_ == IMAGE_MODES["jpg" if storage.as_jpeg(np.array([sid]))[0] else "raw"]
             assert (height, width) == stored_images[sid].shape[:2]
             row += 1
-    all_modes = set(clean.image_meta["mode"].tolist())
+    all_modes = set(train.image_meta["mode"].tolist())
     assert all_modes == {"raw": {1}, "jpg": {0}, "proportion": {0, 1}}[mode]
     assert (len(sizes) > 1) == (max_resolution is not None)  # images of varying size really went through
 
@@ -99,14 +105,14 @@ def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(folder:
                                                                          max_resolution: int | None) -> None:
     cfg = _write(folder, tmp_path / "run", mode, max_resolution, {})
     members, _, position = _members(cfg)
-    marked, clean = _records(cfg, "train_marked.beton"), _records(cfg, "train_clean.beton")
+    train, arms = _records(cfg, "train.beton"), _arms(cfg)
     member_positions = [position[sid] for user in members for sid in user["sample_ids"]]
     for i in member_positions:
-        (mode_m, h_m, w_m, data_m), (mode_c, h_c, w_c, data_c) = _stored(marked, i), _stored(clean, i)
+        (mode_m, h_m, w_m, data_m), (mode_c, h_c, w_c, data_c) = (_stored(train, arms[arm][i]) for arm in ("marked", "control"))
         assert (mode_m, h_m, w_m) == (mode_c, h_c, w_c) and data_m != data_c
     # the report's stored-survival numbers describe this storage
     survival = json.loads((Path(cfg.run_dir) / "write" / "survival.json").read_text())
-    jpeg = clean.image_meta["mode"][member_positions] == IMAGE_MODES["jpg"]
+    jpeg = train.image_meta["mode"][arms["control"][member_positions]] == IMAGE_MODES["jpg"]
     assert survival["member_jpeg_share"] == pytest.approx(jpeg.mean())
     assert survival["n_images"] == len(member_positions)
     raw, stored = survival["storage"]["raw"], survival["storage"]["stored"]

@@ -6,13 +6,17 @@ Scores follow the convention "higher = more likely a member" (for the paper's sc
 mean loss). A user's p-value is their rank among M null scores, p = (1 + #{null >= score}) / (M + 1):
 exact (valid at every level) whenever the user's score and the M null scores are exchangeable under
 the null hypothesis "the model never trained on this user's images".
+
+Across repeated runs (seeds), a table row's spread is a Student-t interval of its mean, and its
+effect against a baseline row the t-interval of the differences paired by seed (each seed gives
+both rows the same plan where the rows do not change it).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from scipy.stats import beta, binom
+from scipy.stats import beta, binom, t
 
 
 def rank_p_values(scores: np.ndarray, null_scores: np.ndarray) -> np.ndarray:
@@ -95,3 +99,29 @@ def benjamini_hochberg(p_values: np.ndarray, fdr: float) -> np.ndarray:
     if passed.any():
         reject[order[: np.flatnonzero(passed).max() + 1]] = True
     return reject
+
+
+def t_interval(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval for the mean of `values` (seeds as independent repetitions); None with
+    fewer than two values. Equal values give the point itself: no spread was observed."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    mean, half = float(x.mean()), 0.0
+    if np.ptp(x) > 0:
+        half = float(t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean - half, mean + half
+
+
+def paired_difference(row: dict[int, float], baseline: dict[int, float],
+                      confidence: float = 0.95) -> dict[str, object] | None:
+    """A row's difference from the baseline over the seeds both ran ({seed: value} each): the mean
+    difference, its t-interval, and whether that interval excludes 0 (an effect beyond seed noise).
+    None with fewer than two common seeds."""
+    common = sorted(set(row) & set(baseline))
+    if len(common) < 2:
+        return None
+    differences = [row[s] - baseline[s] for s in common]
+    lo, hi = t_interval(differences, confidence)  # type: ignore[misc]
+    return {"difference": float(np.mean(differences)), "interval": [lo, hi], "seeds_paired": len(common),
+            "beyond_noise": bool(lo > 0 or hi < 0)}

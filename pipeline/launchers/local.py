@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..config import RunConfig
-from ..stages.contract import tasks
+from ..stages.contract import stage_for, tasks
 from ..stages.dag import SHARDED_STAGES
 from ..store import AlreadyReported, StageError
 from .jobs import LAUNCHERS, num_shards
@@ -22,6 +22,9 @@ def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
     (always waiting). Separate processes keep every stage's memory and DDP workers to itself, as a
     cluster job would."""
     for task in tasks(cfg):
+        if not force and stage_for(cfg, task).done():  # no process (a second's imports) for a finished stage
+            log.info("%s: done already, skipped", task.name)
+            continue
         cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config_path, *(f"--set={o}" for o in overrides)]
         cmd += ["--arm", task.arm] if task.arm else []
         cmd += ["--num-shards", str(num_shards(cfg, task.stage))] if task.stage in SHARDED_STAGES else []

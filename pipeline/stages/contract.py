@@ -46,7 +46,10 @@ class StageSpec:
     """One stage's contract. `config`: the top-level config keys (sections or scalars) its outputs
     depend on, the only ones it may read; `reads`: named inputs from earlier stages; `writes`: the
     files it leaves in its folder (glob patterns for shard files); `run`: "module:function" under
-    pipeline.stages, imported only when the stage runs (plan and mark never load torch or FFCV)."""
+    pipeline.stages, imported only when the stage runs (plan and mark never load torch or FFCV).
+    `unhashed`: dotted keys of its declared config that it reads but that change none of its outputs
+    (which arms a run trains does not change any one arm's model), so runs differing only there
+    share the stage."""
 
     name: str
     config: tuple[str, ...]
@@ -55,6 +58,7 @@ class StageSpec:
     run: str
     arms: bool = False
     sharded: bool = False
+    unhashed: tuple[str, ...] = ()
 
     def runner(self) -> Callable[["Context"], None]:
         module, function = self.run.split(":")
@@ -72,18 +76,18 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("plan", config=("seed", "data", "plan"), reads={}, writes=("users.json", "train_ids.npz"),
               run="plan:run_plan"),
     StageSpec("mark", config=("data", "mark"), reads={"users": Read("plan", "users.json")},
-              writes=(*SHARD_FILES, "quality.json", "survival.json", "marked_examples.png", "owners/*"), run="mark:run_mark",
+              writes=(*SHARD_FILES, "shard-*-of-*.pixels", "quality.json", "survival.json", "marked_examples.png", "owners/*"), run="mark:run_mark",
               sharded=True),
     StageSpec("write", config=("seed", "data", "mark", "write"),
               reads={"users": Read("plan", "users.json"), "train_ids": Read("plan", "train_ids.npz"),
                      "marks": Read("mark", MANIFEST)},
-              writes=("train_marked.beton", "train_clean.beton", "test.beton", "audit.beton", "survival.json"),
+              writes=("train.beton", "arms.npz", "test.beton", "audit.beton", "survival.json"),
               run="write:run_write"),
     StageSpec("train", config=("seed", "train"),
-              reads={"train_set": Read("write", {"marked": "train_marked.beton", "control": "train_clean.beton"}),
+              reads={"train_set": Read("write", "train.beton"), "arms": Read("write", "arms.npz"),
                      "test_set": Read("write", "test.beton"), "written": Read("write", MANIFEST)},
               writes=("model.pt", "metrics.json", "outliers.json", "checkpoints/*", "logs/*", "seen/*", "wandb/*"),
-              run="train:run_train", arms=True),
+              run="train:run_train", arms=True, unhashed=("train.arms",)),
     StageSpec("audit", config=("audit",),
               reads={"users": Read("plan", "users.json"), "audit_set": Read("write", "audit.beton"),
                      "model": Read("train", "model.pt", arm="same")},
@@ -147,14 +151,15 @@ def dependencies(cfg: RunConfig, task: Task) -> list[Task]:
     return list(found.values())
 
 
-def _declared_values(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The declared config keys' values, leaving out those at their default: a new option whose
-    default keeps the old behaviour does not invalidate finished runs."""
+def _declared_values(cfg: RunConfig, spec: StageSpec) -> dict[str, Any]:
+    """The declared config keys' values, leaving out those at their default (a new option whose
+    default keeps the old behaviour does not invalidate finished runs) and the unhashed ones."""
     values: dict[str, Any] = {}
-    for key in keys:
+    for key in spec.config:
         value = getattr(cfg, key)
         if hasattr(value, "model_dump"):
-            values[key] = value.model_dump(mode="json", exclude_defaults=True)
+            skip = {dotted.split(".", 1)[1] for dotted in spec.unhashed if dotted.startswith(f"{key}.")}
+            values[key] = value.model_dump(mode="json", exclude_defaults=True, exclude=skip)
         elif value != RunConfig.model_fields[key].default:
             values[key] = value
     return values
@@ -163,7 +168,7 @@ def _declared_values(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
 def config_hash(cfg: RunConfig, task: Task) -> str:
     """What a task's outputs depend on: its declared config, its arm, and the hashes of the tasks
     it reads (Merkle-style, so an upstream change reaches it and an unrelated one does not)."""
-    payload = {"stage": task.stage, "arm": task.arm, "config": _declared_values(cfg, task.spec.config),
+    payload = {"stage": task.stage, "arm": task.arm, "config": _declared_values(cfg, task.spec),
                "inputs": {dep.name: config_hash(cfg, dep) for dep in dependencies(cfg, task)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

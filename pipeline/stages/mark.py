@@ -9,15 +9,17 @@ Members and non-members are marked the same way, each with their own pattern; no
 on the pixels the write stage stores (`StoredImages`: the grid, or with `data.max_resolution` its
 own size shrunk to that longer side), so a marked image has the size of the clean one it replaces;
 images of one user may then differ in size, and each size is marked as one batch. Shard i of n marks
-users i, i+n, ... and writes only its own shard file (images, ids, PSNR and SSIM per image), so an
-array job can split the users; a finished shard is skipped. Finishing the stage checks that every
+users i, i+n, ... and writes only its own shard: the marked pixels streamed user by user into a raw
+`.pixels` file, and an `.npz` with each image's ids, place and size in it, PSNR and SSIM. So no
+process ever holds more than one user's images, and readers (`MarkedImages`) memory-map the pixels
+instead of loading them; an array job can split the users; a finished shard is skipped. Finishing the stage checks that every
 shard is there, then writes per-user quality, a grid of originals next to marked versions, and the
 mark's survival under JPEG re-encoding.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import matplotlib
 
@@ -44,33 +46,60 @@ SHARD_ARRAYS = ("user_ids", "sample_ids", "labels", "psnr", "ssim")  # besides t
 SURVIVAL_USERS = 50  # the mark's survival is measured on the images of this many users
 
 
-def image_array(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Images as one array: (N, H, W, 3) when they share a size (always so on a fixed grid), else a
-    1-D object array of (H, W, 3) arrays. Either indexes, masks and iterates image by image."""
-    if len({image.shape for image in images}) <= 1:
-        return np.stack(images) if len(images) else np.zeros((0, 0, 0, 3), np.uint8)
-    out = np.empty(len(images), dtype=object)
-    for i, image in enumerate(images):
-        out[i] = image
-    return out
+PIXELS = ".pixels"  # a shard's marked images, end to end, raw uint8 (H, W, 3) each
 
 
-def pack_images(images: np.ndarray) -> dict[str, np.ndarray]:
-    """`image_array` images as npz arrays (no pickles): `images` when they share a size, else their
-    pixels end to end with each image's height and width."""
-    if images.dtype != object:
-        return {"images": images}
-    return {"pixels": np.concatenate([image.reshape(-1) for image in images]),
-            "heights": np.array([image.shape[0] for image in images]),
-            "widths": np.array([image.shape[1] for image in images])}
+class ShardWriter:
+    """Streams one shard's marked images into its pixel file (whole or not at all, as every output)
+    and collects what the shard's npz says about each: offset and size in that file, ids, quality."""
+
+    def __init__(self, pixels_file: Any) -> None:
+        self.file, self.position = pixels_file, 0
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (*SHARD_ARRAYS, "offsets", "heights", "widths")}
+
+    def add(self, user: dict[str, Any], originals: Sequence[np.ndarray], marked: Sequence[np.ndarray]) -> None:
+        k = len(marked)
+        for image in marked:
+            self.parts["offsets"].append(np.array([self.position]))
+            self.parts["heights"].append(np.array([image.shape[0]]))
+            self.parts["widths"].append(np.array([image.shape[1]]))
+            self.file.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+            self.position += image.size
+        for key, value in (("user_ids", np.full(k, user["user_id"])), ("sample_ids", np.array(user["sample_ids"])),
+                           ("labels", np.full(k, user["class"])), ("psnr", per_image(psnr, originals, marked)),
+                           ("ssim", per_image(ssim, originals, marked))):
+            self.parts[key].append(value)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in self.parts.items()}
 
 
-def unpack_images(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    if "images" in arrays:
-        return list(arrays["images"])
-    ends = np.cumsum(arrays["heights"] * arrays["widths"] * 3)
-    return [pixels.reshape(h, w, 3) for pixels, h, w in
-            zip(np.split(arrays["pixels"], ends[:-1]), arrays["heights"], arrays["widths"])]
+class MarkedImages:
+    """Marked images of a finished mark stage, indexable by row: each read from its shard's pixel
+    file through a memory map, so a reader holds only the images it asks for (the page cache does
+    the rest). Pickles without its maps (FFCV's writer processes reopen them)."""
+
+    def __init__(self, mark_dir: Path, names: list[str], shard: np.ndarray, offsets: np.ndarray, heights: np.ndarray,
+                 widths: np.ndarray) -> None:
+        self.files = [mark_dir / Path(name).with_suffix(PIXELS).name for name in names]
+        self.shard, self.offsets, self.heights, self.widths = shard, offsets, heights, widths
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard, h, w = int(self.shard[i]), int(self.heights[i]), int(self.widths[i])
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.files[shard], dtype=np.uint8, mode="r")
+        start = int(self.offsets[i])
+        return np.array(self._maps[shard][start : start + h * w * 3]).reshape(h, w, 3)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
 
 
 def noise_seeds(user: dict[str, Any]) -> np.ndarray:
@@ -124,65 +153,55 @@ def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], o
     their ids, PSNR and SSIM; mark the folders of the given never-trained-on owners."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
-    images: list[np.ndarray] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_ARRAYS}
     by_owner = {o["owner_id"]: o for o in owners}
     for owner in owners:
         if not owner["trained"]:
             assert design is not None
             run_owner_tool(cfg, stored, owner, design, owner_folder(stage_dir, owner["owner_id"]))
-    for user in track(users, label, len(users), "users"):
-        originals = stored.take(user["sample_ids"])
-        if "owner" in user:
-            assert design is not None
-            marked = run_owner_tool(cfg, stored, by_owner[user["owner"]], design, owner_folder(stage_dir, user["owner"]))
-        else:
-            marked = mark_user(user, originals, cfg.mark, pool, device)
-        k = len(marked)
-        images += marked
-        for key, value in (("user_ids", np.full(k, user["user_id"])),
-                           ("sample_ids", np.array(user["sample_ids"])), ("labels", np.full(k, user["class"])),
-                           ("psnr", per_image(psnr, originals, marked)), ("ssim", per_image(ssim, originals, marked))):
-            parts[key].append(value)
-    save_npz(path, **pack_images(image_array(images)),
-             **{k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
+    with atomic_path(path.with_suffix(PIXELS)) as tmp, open(tmp, "wb") as pixels:
+        shard = ShardWriter(pixels)
+        for user in track(users, label, len(users), "users"):
+            originals = stored.take(user["sample_ids"])
+            if "owner" in user:
+                assert design is not None
+                marked = run_owner_tool(cfg, stored, by_owner[user["owner"]], design,
+                                        owner_folder(stage_dir, user["owner"]))
+            else:
+                marked = mark_user(user, originals, cfg.mark, pool, device)
+            shard.add(user, originals, marked)
+    save_npz(path, **shard.arrays())
 
 
-def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """All shards of a finished mark stage, rows in manifest order (user, then sample); "images" as
-    `image_array` gives them."""
+def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """All shards of a finished mark stage, rows in manifest order (user, then sample); "images" is
+    a `MarkedImages` view (nothing is read before it is asked for)."""
     return merge_shards(mark_dir, read_json(mark_dir / "manifest.json")["shards"], users)
 
 
-def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]],
-                 images: bool = True) -> dict[str, np.ndarray]:
-    """Concatenate shard files and order rows by manifest position: the result does not depend on
-    how many shards there were. `images=False` leaves the images out (see `user_images`)."""
-    missing = [n for n in names if not (mark_dir / n).exists()]
+def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' records ordered by manifest position, whatever the number of shards: ids,
+    labels, quality per image (a few bytes each) and a `MarkedImages` view of the images."""
+    missing = [n for n in names if not (mark_dir / n).exists() or not (mark_dir / n).with_suffix(PIXELS).exists()]
     if missing:
         raise StageError(f"{mark_dir}: shards {', '.join(missing)} are not done yet")
     shards = [load_npz(mark_dir / name) for name in names]
-    merged = {k: np.concatenate([s[k] for s in shards]) for k in SHARD_ARRAYS}
-    if images:
-        merged["images"] = image_array([image for s in shards for image in unpack_images(s)])
+    merged = {k: np.concatenate([s[k] for s in shards]) for k in (*SHARD_ARRAYS, "offsets", "heights", "widths")}
+    merged["shard"] = np.concatenate([np.full(len(s["user_ids"]), i) for i, s in enumerate(shards)])
     position = {u["user_id"]: i for i, u in enumerate(users)}
     order = np.lexsort((merged["sample_ids"], [position[int(u)] for u in merged["user_ids"]]))
     expected = sum(len(u["sample_ids"]) for u in users)
     if len(order) != expected:
         raise StageError(f"{mark_dir}: shards hold {len(order)} marked images, the plan has {expected}")
-    return {k: v[order] for k, v in merged.items()}
+    rows = {k: v[order] for k, v in merged.items()}
+    images = MarkedImages(mark_dir, names, *(rows.pop(k) for k in ("shard", "offsets", "heights", "widths")))
+    return {**rows, "images": images}
 
 
-def user_images(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[int, list[np.ndarray]]:
-    """The marked images of the given users (user id -> images in the order of its sample ids),
-    read one shard at a time: at full resolution all users' images together may not fit in memory."""
+def user_images(marked: dict[str, Any], users: list[dict[str, Any]]) -> dict[int, list[np.ndarray]]:
+    """The marked images of the given users (user id -> images in the order of its sample ids)."""
     wanted = {u["user_id"] for u in users}
-    found: dict[tuple[int, int], np.ndarray] = {}
-    for name in names:
-        shard = load_npz(mark_dir / name)
-        for uid, sid, image in zip(shard["user_ids"], shard["sample_ids"], unpack_images(shard)):
-            if int(uid) in wanted:
-                found[int(uid), int(sid)] = image.copy()  # not a view that keeps the whole shard alive
+    rows = [i for i, uid in enumerate(marked["user_ids"]) if int(uid) in wanted]
+    found = {(int(marked["user_ids"][i]), int(marked["sample_ids"][i])): marked["images"][i] for i in rows}
     return {u["user_id"]: [found[u["user_id"], sid] for sid in u["sample_ids"]] for u in users}
 
 
@@ -253,11 +272,12 @@ def run_mark(ctx: Context) -> None:
                                                       stage.dir, path, f"mark shard {shard}" if num_shards > 1 else "mark"))
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
-    quality = quality_by_user(merge_shards(stage.dir, names, users, images=False), users)
+    records = merge_shards(stage.dir, names, users)
+    quality = quality_by_user(records, users)
     members = [u for u in users if u["role"] == "member"][: cfg.mark.examples_users // 2]
     others = [u for u in users if u["role"] != "member"][: cfg.mark.examples_users - len(members)]
     shown, measured = members + others, [u for u in users if "owner" not in u][:SURVIVAL_USERS]  # owners: their keys
-    marked = user_images(stage.dir, names, list({u["user_id"]: u for u in shown + measured}.values()))
+    marked = user_images(records, shown + measured)
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
     save_examples(stage.path("marked_examples.png"), [stored.take(u["sample_ids"]) for u in shown],
                   [marked[u["user_id"]] for u in shown],
@@ -269,7 +289,8 @@ def run_mark(ctx: Context) -> None:
     summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
                       "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role]))}
                for role in ("member", "nonmember")}
-    stage.finish(names + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
+    pixels = [str(Path(name).with_suffix(PIXELS)) for name in names]
+    stage.finish(names + pixels + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
                  shards=names, quality=summary, per_user_quality=quality)
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..core.models import read_checkpoint, save_weights
 from ..core.seeds import child_seed
-from ..store import StageError, write_json
+from ..store import StageError, load_npz, write_json
 from ..training.callbacks import (EpochProgress, KeepLauncherSigterm, ResumableCheckpoint, SampleRecorder, cluster_plugins,
                                   make_loggers)
 from ..training.countermeasures import active
@@ -25,6 +26,13 @@ from ..training.schedules import eval_resolution, resolve_precision
 from .contract import Context
 
 
+
+def arm_indices(arms_file: Path, arm: str) -> np.ndarray:
+    """The records of the training file this arm trains on, in training order (see the write stage)."""
+    if not arms_file.is_file():
+        raise StageError(f"{arms_file}: missing: the write stage was run by an earlier version that wrote one training "
+                         "file per arm; re-run it with `mtrack write CONFIG --force`")
+    return load_npz(arms_file)[arm].astype(np.uint64)
 
 
 def run_train(ctx: Context) -> None:
@@ -37,13 +45,16 @@ def run_train(ctx: Context) -> None:
     countermeasures = active(cfg, num_classes)
     module = Classifier(cfg.arch, num_classes, cfg.width, mean, std, cfg.model_dump(mode="json"), countermeasures)
     load = LOADERS.lookup(cfg.loader)
-    indices, notes = None, {}
+    indices, notes = arm_indices(ctx.input("arms"), arm), {}
+
     def records() -> Any:
-        return load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False, resolution=eval_resolution(cfg))
+        return load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False, resolution=eval_resolution(cfg),
+                    indices=indices)
 
     for countermeasure in countermeasures:
         if (kept := countermeasure.select(records, stage.path("outliers.json"))) is not None:
-            indices, selection_notes = kept
+            positions, selection_notes = kept
+            indices = indices[positions]
             notes.update(selection_notes)
     data = BetonData(train_path, test_path, cfg, seed, indices)
     ckpt_dir = stage.path("checkpoints")
@@ -92,7 +103,8 @@ def run_train(ctx: Context) -> None:
     save_weights(module.model, meta, stage.path("model.pt"))
     res = eval_resolution(cfg)
     train_loss, train_acc, _ = evaluate(module.model, load(train_path, cfg.eval_batch_size, cfg.num_workers, train=False,
-                                                           resolution=res), device, num_classes)
+                                                           resolution=res, indices=arm_indices(ctx.input("arms"), arm)),
+                                        device, num_classes)
     test_loss, test_acc, class_test_acc = evaluate(
         module.model, load(test_path, cfg.eval_batch_size, cfg.num_workers, train=False, resolution=res), device,
         num_classes, cfg.test_time_flip)

@@ -1,21 +1,24 @@
 """Stage `write`: the FFCV datasets every later stage reads.
 
-- `train_marked.beton`: the training subset with each member user's images replaced by their
-  marked versions (what a model trained on the owners' published data sees), each record with
-  its user id (-1 for unmarked images), so training can report what happened to marked images;
-- `train_clean.beton`: the same subset unmarked, for the control model;
+- `train.beton`: the training subset once, unmarked, in training order (records 0..N-1, user -1),
+  followed by one extra record per member image holding its marked copy (with its user id, so
+  training can report what happened to marked images);
+- `arms.npz`: which records each arm trains on, in training order: `control` the first N, `marked`
+  the same with each member's sample swapped for its marked record. Both models thus see the same
+  images in the same order (a loader's shuffle permutes positions, whatever the record ids), and
+  the training set is stored once, not once per arm;
 - `test.beton`: the test split, for accuracy;
 - `audit.beton`: every marked member and non-member image with its user id.
 
 Storage parity: every image, marked or clean, is stored the same way. Its pixels are those of
 `StoredImages` (the grid, or with `data.max_resolution` its own size shrunk to that longer side),
 on which the mark stage marked it; it is raw or JPEG (quality `data.jpeg_quality`) as
-`data.clean_write_mode` decides for its sample id. A member's marked image is thus stored with the
-size and encoding of the clean image it replaces, and its audit record is byte for byte its
-training record (a non-member's gets the decision its sample id would get), so nothing but the
-mark tells members apart. `survival.json` says how much of the mark the members' training
-records keep under this storage. File-backed images are decoded by FFCV's writer workers one at a
-time; no split is ever held in memory.
+`data.clean_write_mode` decides for its sample id. A member's marked record thus has the size and
+encoding of the clean record it replaces, and its audit record is byte for byte that training
+record (a non-member's gets the decision its sample id would get), so nothing but the mark tells
+members apart. `survival.json` says how much of the mark the members' training records keep under
+this storage. Images are read one at a time as FFCV's writer workers ask for them (source files
+decoded, marked images memory-mapped from the mark stage's shards); no split is held in memory.
 """
 from __future__ import annotations
 
@@ -32,44 +35,49 @@ from ..data.betons import ImageStorage, write_beton
 from ..data.ood import ood_pool
 from ..data.sources import ImageArray, ImageSplits, StoredImages, load_source
 from ..data.torchdata import BetonRecords
-from ..store import StageError, load_npz, read_json, write_json
+from ..store import StageError, load_npz, read_json, save_npz, write_json
 from .contract import Context
-from .mark import SURVIVAL_USERS, intended_marks, load_marked
+from .mark import SURVIVAL_USERS, intended_marks, load_marked, user_images
 
-BETONS = ("train_marked.beton", "train_clean.beton", "test.beton", "audit.beton")
+BETONS = ("train.beton", "test.beton", "audit.beton")
 STATS_IMAGES, STATS_CHUNK = 10_000, 256  # the pixel mean/std come from at most this many training images
 
 
-class TrainingImages:
-    """The training subset as the writer streams it: record i is source image `train_ids[i]`, or its
-    marked copy for a member user's sample (`users[i]` is that user's id, else -1). Nothing is
-    decoded before the writer asks for it."""
+class TrainingRecords:
+    """The records of `train.beton` as the writer streams them: record i < N is source image
+    `train_ids[i]`, record N + j the marked image at row `marked_rows[j]` of the mark stage.
+    Nothing is decoded before the writer asks for it."""
 
-    def __init__(self, source: ImageArray | StoredImages, train_ids: np.ndarray, replaced: dict[int, np.ndarray],
-                 users: np.ndarray | None = None) -> None:
-        self.source, self.train_ids, self.replaced = source, train_ids, replaced
-        self.users = np.full(len(train_ids), -1, np.int64) if users is None else users
+    def __init__(self, source: ImageArray | StoredImages, train_ids: np.ndarray, marked_images: Any,
+                 marked_rows: np.ndarray) -> None:
+        self.source, self.train_ids, self.marked_images, self.marked_rows = source, train_ids, marked_images, marked_rows
 
     def __len__(self) -> int:
-        return len(self.train_ids)
+        return len(self.train_ids) + len(self.marked_rows)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.replaced[i] if i in self.replaced else self.source[int(self.train_ids[i])]
+        n = len(self.train_ids)
+        return self.source[int(self.train_ids[i])] if i < n else self.marked_images[int(self.marked_rows[i - n])]
 
 
-def marked_training_set(
-    source: ImageArray | StoredImages, train_ids: np.ndarray, marked: dict[str, np.ndarray], member_ids: set[int]
-) -> TrainingImages:
-    """The training images with every member user's samples swapped for their marked copies."""
+def member_records(train_ids: np.ndarray, marked: dict[str, Any], member_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the marked images that belong to member users (manifest order) and the training
+    positions of their samples."""
     position = {int(sid): i for i, sid in enumerate(train_ids)}
-    replaced, users = {}, np.full(len(train_ids), -1, np.int64)
-    for row, (uid, sid) in enumerate(zip(marked["user_ids"], marked["sample_ids"])):
-        if int(uid) in member_ids:
-            if int(sid) not in position:
-                raise StageError(f"write: member sample {int(sid)} of user {int(uid)} is not in the training subset")
-            replaced[position[int(sid)]] = marked["images"][row]
-            users[position[int(sid)]] = int(uid)
-    return TrainingImages(source, train_ids, replaced, users)
+    rows = np.array([row for row, uid in enumerate(marked["user_ids"]) if int(uid) in member_ids], dtype=np.int64)
+    for row in rows:
+        if int(marked["sample_ids"][row]) not in position:
+            raise StageError(f"write: member sample {int(marked['sample_ids'][row])} of user "
+                             f"{int(marked['user_ids'][row])} is not in the training subset")
+    return rows, np.array([position[int(marked["sample_ids"][row])] for row in rows], dtype=np.int64)
+
+
+def arm_records(n_train: int, member_positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Record indices of `train.beton` per arm, in training order (see the module docstring)."""
+    control = np.arange(n_train, dtype=np.int64)
+    marked = control.copy()
+    marked[member_positions] = n_train + np.arange(len(member_positions))
+    return {"control": control, "marked": marked}
 
 
 def pixel_stats(images: ImageArray, ids: np.ndarray) -> tuple[list[float], list[float]]:
@@ -84,26 +92,25 @@ def pixel_stats(images: ImageArray, ids: np.ndarray) -> tuple[list[float], list[
     return mean.round(6).tolist(), np.sqrt(np.maximum(squares / count - mean**2, 0)).round(6).tolist()
 
 
-def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, np.ndarray],
-                    beton: Path, train_ids: np.ndarray) -> dict[str, Any]:
+def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, Any],
+                    beton: Path, records_by_sample: dict[int, int]) -> dict[str, Any]:
     """How much of the mark the member users' training records keep as this run stored them (read
-    back from `beton`, JPEG decoded with OpenCV), measured on the first SURVIVAL_USERS member users,
-    next to the marked pixels before storage ("raw"); and the share of members' records that are
-    JPEG."""
+    back from `beton`, JPEG decoded with OpenCV; `records_by_sample` gives each member sample's
+    marked record), measured on the first SURVIVAL_USERS member users, next to the marked pixels
+    before storage ("raw"); and the share of members' records that are JPEG."""
     members = [u for u in users if u["role"] == "member"]
     records = BetonRecords(beton, train=False, augment="none", translate_pixels=0, resolution=None)
-    position = {int(sid): i for i, sid in enumerate(train_ids)}
-    member_positions = [position[sid] for u in members for sid in u["sample_ids"]]
+    member_records = [records_by_sample[sid] for u in members for sid in u["sample_ids"]]
     measured = [u for u in members if "owner" not in u][:SURVIVAL_USERS]  # owners' marks are known to their keys
-    share = float(np.mean(records.image_meta["mode"][member_positions] == IMAGE_MODES["jpg"]))
+    share = float(np.mean(records.image_meta["mode"][member_records] == IMAGE_MODES["jpg"]))
     if not measured:
         return {"n_images": 0, "jpeg_quality": cfg.data.jpeg_quality, "member_jpeg_share": share,
                 "storage": {"stored": {"full": None, "noise": None, "pattern": None}}}
     originals, patterns, seeds = intended_marks(cfg, data, measured, ood_pool(cfg.mark, cfg.data.image_size))
-    stored = [records.decoded(position[sid]) for u in measured for sid in u["sample_ids"]]
-    rows = np.isin(marked["user_ids"], [u["user_id"] for u in measured])  # rows are in manifest order
-    correlations = mark_survival(originals, marked["images"][rows], cfg.mark, patterns, seeds, qualities=(),
-                                 stored={"stored": stored})
+    stored = [records.decoded(records_by_sample[sid]) for u in measured for sid in u["sample_ids"]]
+    raw = user_images(marked, measured)  # in the order of each user's sample ids, as `intended_marks`
+    correlations = mark_survival(originals, [image for u in measured for image in raw[u["user_id"]]], cfg.mark,
+                                 patterns, seeds, qualities=(), stored={"stored": stored})
     return {"n_images": correlations.pop("n_images"), "jpeg_quality": cfg.data.jpeg_quality,
             "member_jpeg_share": share, "storage": correlations}
 
@@ -122,22 +129,25 @@ def run_write(ctx: Context) -> None:
     data = load_source(cfg.data)
     d = cfg.data
     member_ids = {u["user_id"] for u in users if u["role"] == "member"}
-    labels = data.train_labels[train_ids]
+    rows, positions = member_records(train_ids, marked, member_ids)
+    n = len(train_ids)
     storage = image_storage(cfg)
-    train_source = StoredImages(data.train_images, d.max_resolution)
-    with_marks = marked_training_set(train_source, train_ids, marked, member_ids)
     options = {"num_workers": cfg.write.num_workers, "storage": storage}
-    write_beton(stage.path("train_marked.beton"), with_marks, labels, train_ids, with_marks.users, **options)
-    write_beton(stage.path("train_clean.beton"), TrainingImages(train_source, train_ids, {}), labels, train_ids,
-                **options)
+    write_beton(stage.path("train.beton"), TrainingRecords(StoredImages(data.train_images, d.max_resolution), train_ids,
+                                                           marked["images"], rows),
+                np.concatenate([data.train_labels[train_ids], marked["labels"][rows]]),
+                np.concatenate([train_ids, marked["sample_ids"][rows]]),
+                np.concatenate([np.full(n, -1, np.int64), marked["user_ids"][rows]]), **options)
+    save_npz(stage.path("arms.npz"), **arm_records(n, positions))
     n_test = len(data.test_labels)
     write_beton(stage.path("test.beton"), StoredImages(data.test_images, d.max_resolution), data.test_labels,
                 np.arange(n_test), **options)
     write_beton(stage.path("audit.beton"), marked["images"], marked["labels"], marked["sample_ids"],
                 marked["user_ids"], **options)
+    records_by_sample = {int(marked["sample_ids"][row]): n + j for j, row in enumerate(rows)}
     write_json(stage.path("survival.json"),
-               stored_survival(cfg, data, users, marked, stage.path("train_marked.beton"), train_ids))
+               stored_survival(cfg, data, users, marked, stage.path("train.beton"), records_by_sample))
     mean, std = pixel_stats(data.train_images, train_ids)
-    stage.finish([*BETONS, "survival.json"], n_train=int(len(train_ids)), n_test=n_test,
+    stage.finish([*BETONS, "arms.npz", "survival.json"], n_train=n, n_marked_records=int(len(rows)), n_test=n_test,
                  n_audit=int(len(marked["images"])), num_classes=data.num_classes, mean=mean, std=std,
                  storage=storage.mode, jpeg_train_records=int(storage.as_jpeg(train_ids).sum()))

@@ -19,8 +19,9 @@ from ..store import Stage, atomic_path
 
 
 class SampleRecorder(Callback):
-    """Saves the sample ids each rank trained on in each epoch (`seen/rank<r>-epoch<e>.npy`): a record
-    of exactly which images went into the model, and of how DDP split them between ranks."""
+    """Saves which records each rank trained on in each epoch (`seen/rank<r>-epoch<e>.npz`: their
+    sample ids and user ids, -1 for a clean record): a record of exactly which images went into
+    the model, marked or not, and of how DDP split them between ranks."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.seen = folder, []
@@ -30,13 +31,15 @@ class SampleRecorder(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.seen.append(batch[2].cpu())
+        self.seen.append((batch[2].cpu(), batch[3].cpu()))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        ids = torch.cat(self.seen).numpy() if self.seen else np.zeros(0, np.int64)
-        with atomic_path(self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npy") as tmp:
+        samples, users = (torch.cat([batch[k] for batch in self.seen]).numpy() if self.seen else np.zeros(0, np.int64)
+                          for k in (0, 1))
+        with atomic_path(self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.save(fh, ids)
+                np.savez(fh, sample=samples, user=users)
+
 
 class EpochProgress(Callback):
     """Training progress on the console, from rank zero: a live bar on a terminal (moving every
