@@ -3,7 +3,7 @@ PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
 .PHONY: setup demo test test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit \
-	imagenet-like rehearsal
+	imagenet-like rehearsal scale
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh
@@ -15,7 +15,7 @@ demo: $(SETUP)
 	@echo "demo finished: see results/demo/report.md"
 
 test: $(SETUP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow"
@@ -74,6 +74,12 @@ rehearsal: $(SETUP)
 	@$(if $(IMAGENET_DIR),,$(MAKE) -s imagenet-like IMAGES=$(IMAGES) DIR=$(LIKE_DIR))
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --rehearse --launcher slurm --dry-run $(REHEARSAL_ARGS)
 	$(PY) -m pipeline.cli run configs/imagenet-rn50.yaml --rehearse --launcher slurm $(REHEARSAL_ARGS)
+
+# How cost grows with the data: the rehearsal at SIZES images on the local SLURM cluster -> results/bench/scale.*
+# (hours on 2 cores; each size is merged into scale.json as it finishes, so sizes can run one at a time)
+SIZES ?= 5200 20800 52000
+scale: $(SETUP)
+	$(PY) -m bench.scale --sizes $(SIZES) $(if $(PARTITION),--partition $(PARTITION))
 
 REHEARSAL_ARGS = --set data.root=$(or $(IMAGENET_DIR),$(LIKE_DIR)) $(if $(PARTITION),--set launch.slurm.partition=$(PARTITION)) \
 	$(CLUSTER_ARGS)

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rehearse", action="store_true",
                      help="rehearse the recipe on CPUs before spending GPU-hours: every stage, storage, shard and "
                           "job array as configured, with a small network for 2 epochs and sizes that follow the "
-                          "data folder (docs: README, 'Rehearsing a recipe')")
+                          "data folder (docs/cluster.md, 'Rehearsing a recipe')")
     run.add_argument("--no-wait", dest="wait", action="store_false",
                      help="slurm: return once submitted instead of following the jobs to the end")
     status = sub.add_parser("status", help="the SLURM jobs of a run: state, reason, node, training progress")

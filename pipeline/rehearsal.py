@@ -7,9 +7,10 @@ the shard counts and SLURM job arrays, W&B. What changes:
   is a tenth of the folder (M x K = 5,000 x 25 is ~10% of ImageNet-1k); enough held-out images for
   them (1.2 M K: ImageNet's 150,000 held out of 1,281,167 at that M); member users scaled from the
   recipe's by the training set's size (at least 2);
-- **the network** is a small CNN trained for 2 epochs on the CPU (one process, batches of 64,
-  the learning rate scaled with the batch), the crops growing from the recipe's smallest to its
-  largest over those two epochs;
+- **the network** is a small CNN (4, 8 and 16 channels) trained for 2 epochs on the CPU (one
+  process, batches of 64, the learning rate scaled with the batch), the crops growing from the
+  recipe's smallest to its largest over those two epochs; its convolutions cost little beside
+  decoding, so the train and audit stages measure the data path;
 - **resources** are cut to what the partition's nodes (or, running locally, this machine) offer:
   no GPUs, CPUs and memory at most a node's.
 Every stage still runs for real, so the run checks the whole path on the cluster and its manifests
@@ -24,14 +25,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config
 from .data.sources import load_source
 
 USER_IMAGES = 25  # K at the target scale (M = 5,000 x K = 25 on ImageNet-1k)
 AUDIT_SHARE = 0.10  # M x K as a share of the data, as at that scale
 HELD_OUT_SLACK = 1.2  # held-out images per non-member image: classes draw unevenly from a random split
 MIN_MEMBERS, MIN_NONMEMBERS = 2, 4
-EPOCHS, BATCH, ARCH, WIDTH = 2, 64, "small_cnn", 16
+EPOCHS, BATCH, ARCH, WIDTH = 2, 64, "small_cnn", 4  # 4-8-16 channels: the data path, not convolutions, dominates
 
 
 def node_limits(cfg: RunConfig, launcher: str) -> tuple[int, float]:
@@ -52,6 +53,10 @@ def rehearsal_sizes(n_images: int, recipe: RunConfig) -> dict[str, int]:
     held_out = math.ceil(HELD_OUT_SLACK * nonmembers * USER_IMAGES)
     n_train = n_images - held_out
     members = max(MIN_MEMBERS, round(recipe.plan.n_member_users * n_train / recipe.data.n_train))
+    if n_train < 2 * members * USER_IMAGES:
+        needed = held_out + 2 * members * USER_IMAGES
+        raise ConfigError(f"data.root: {n_images} training images are too few for a rehearsal (K = {USER_IMAGES}: "
+                          f"at least {needed})")
     return {"data.n_train": n_train, "plan.n_member_users": members, "plan.n_nonmember_users": nonmembers,
             "plan.samples_per_user": USER_IMAGES}
 
@@ -92,7 +97,7 @@ def plan_rehearsal(config_path: str | Path, overrides: list[str], launcher: str)
         **sizes, **{f"train.{k}": v for k, v in train.items()},
         "audit.batch_size": 128, "audit.num_workers": min(recipe.audit.num_workers, cpus),
         "write.num_workers": min(recipe.write.num_workers, cpus),
-        "run_dir": f"{recipe.run_dir}-rehearsal-{n_images}", "results_dir": f"{recipe.results_dir}-rehearsal-{n_images}",
+        "run_dir": f"{recipe.run_dir}-rehearsal-{n_images}", "results_dir": f"{recipe.run_dir}-rehearsal-{n_images}/results",
     }
     slurm = recipe.launch.slurm
     for name, res in [("default", slurm.default), *((f"stages.{s}", r) for s, r in slurm.stages.items())]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
+import re
 import secrets
 import shutil
 import time
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from .usage import cpu_seconds, start_sampling, usage_since
 
 MANIFEST = "manifest.json"
 STARTED = "started.json"
@@ -154,23 +156,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def process_usage() -> tuple[float, float]:
-    """CPU seconds this process and its finished children (FFCV's writer and loader workers) have
-    used so far, and the peak resident memory in MB of this process or of its largest child."""
-    t = os.times()
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return t.user + t.system + t.children_user + t.children_system, peak_kb / 1024
-
-
-def usage_since(started: float, started_cpu: float, written: Sequence[Path]) -> dict[str, float]:
-    """What a piece of work cost from (wall, CPU) start marks: seconds, CPU seconds, the process's
-    peak memory and the bytes of the files it wrote. Recorded in manifests and shard records, where
-    the scale benchmark and the cost estimate read it."""
-    cpu, peak = process_usage()
-    return {"seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(cpu - started_cpu, 3),
-            "peak_rss_mb": round(peak, 1), "bytes_written": int(sum(path.stat().st_size for path in written))}
-
-
 @dataclass
 class Stage:
     """One stage's folder in the run directory and its completion record."""
@@ -180,7 +165,7 @@ class Stage:
     config_hash: str
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)
-    started_cpu: float = field(default_factory=lambda: process_usage()[0])
+    started_cpu: float = field(default_factory=cpu_seconds)
 
     @property
     def dir(self) -> Path:
@@ -227,7 +212,9 @@ class Stage:
         return True
 
     def finish(self, outputs: list[str], **extra: Any) -> dict[str, Any]:
-        """Record the stage as done; written last, so a killed stage is never taken as finished."""
+        """Record the stage as done; written last, so a killed stage is never taken as finished.
+        Its `usage` is this process's since the stage started (for a sharded stage: since the shards
+        were all done, i.e. the merge; each shard's record holds that shard's)."""
         manifest = {
             "stage": self.name,
             "status": "done",
@@ -235,7 +222,8 @@ class Stage:
             "seconds": round(time.perf_counter() - self.started, 3),
             "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
             "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
-            "usage": usage_since(self.started, self.started_cpu, [self.path(rel) for rel in outputs]),
+            "usage": usage_since(self.started, self.started_cpu,  # shard files are counted in their records
+                                 [self.path(rel) for rel in outputs if not SHARD_FILE.fullmatch(rel)]),
             **extra,
         }
         write_json(self.path(MANIFEST), manifest)
@@ -255,6 +243,7 @@ class Stage:
     def begin(self) -> None:
         """Claim the folder for this config before any work, so that partial state a killed run left
         (shards, training checkpoints) is resumed only by the same config, never by another."""
+        start_sampling()  # the peak memory the finished stage records is sampled from here on
         record = self.path(STARTED)
         if record.exists() and read_json(record).get("config_hash") != self.config_hash:
             raise StageError(f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
@@ -270,6 +259,9 @@ class Stage:
         """Delete the stage's folder (used by --force): a forced run starts from nothing, not from
         the shards or checkpoints of the run it replaces."""
         shutil.rmtree(self.dir.resolve(), ignore_errors=True)  # through the link of a shared stage, keeping it
+
+
+SHARD_FILE = re.compile(r"shard-\d+-of-\d+\.\w+")
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -307,10 +299,13 @@ def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
     names = [shard_name(i, num_shards) for i in range(num_shards)]
     for shard in only_shards if only_shards is not None else range(num_shards):
         if not shard_done(stage, names[shard]):
-            started, (started_cpu, _) = time.perf_counter(), process_usage()
+            started, started_cpu = time.perf_counter(), cpu_seconds()
             write_shard(shard, stage.path(names[shard]))
             written = [p for p in stage.dir.glob(f"{Path(names[shard]).stem}.*") if not p.name.endswith(".json")]
             write_json(stage.path(shard_record(names[shard])),
                        {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards,
                         "usage": usage_since(started, started_cpu, written)})
-    return names if not missing_shards(stage, num_shards) else None
+    if missing_shards(stage, num_shards):
+        return None
+    stage.started, stage.started_cpu = time.perf_counter(), cpu_seconds()  # the manifest's usage: the merge's
+    return names

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
 DRAWING = REPO / "docs" / "architecture.md"
 
-BASE = ("config", "store", "registry", "console")
+BASE = ("config", "store", "registry", "console", "usage")
 APP = ("cli", "experiments", "rehearsal")
 # Lowest first. A layer imports only from the layers listed for it (and within itself).
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -30,7 +30,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "app": ("base", "core", "data", "training", "stages", "launchers", "owner"),
 }
 WHAT = {
-    "base": "config, run directory, registries, console",
+    "base": "config, run directory, registries, console, resource usage",
     "core": "marking, survival, quality, scoring, statistics, metrics, models, seeds",
     "data": "image files, sources, FFCV files, torch loader, OOD pool",
     "training": "Lightning module, schedules, callbacks, countermeasures",

@@ -69,8 +69,9 @@ def test_measured_gpu_numbers_replace_published_ones(tmp_path: Path) -> None:
     assert (audit.images, audit.gpus) == (96_000, 8)
     assert audit.wall_s == pytest.approx(96_000 / 8 / 8000)
     assert audit.gpu_hours == pytest.approx(96_000 / 8000 / 3600)
-    write = estimates["write"]  # both training sets, the marked images; 12 writer workers
-    assert write.wall_s == pytest.approx((2 * N_TRAIN + 96_000) / (100 * 12)) and write.gpu_hours == 0.0
+    write = estimates["write"]  # the training set once, members' marked records, the audit set, a 50,000-image
+    # validation split (data.n_test unset), by 32 writer workers
+    assert write.wall_s == pytest.approx((N_TRAIN + 500 * 64 + 96_000 + 50_000) / (100 * 32)) and write.gpu_hours == 0.0
 
 
 def test_a_cpu_run_of_the_check_or_another_model_is_not_used(tmp_path: Path) -> None:
@@ -87,9 +88,28 @@ def test_marking_rate_per_core_scales_to_the_grid_and_splits_over_shards(tmp_pat
     bench.mkdir()
     (bench / "marking.json").write_text(json.dumps({"machine": "Test CPU, 2 cores", "rows": [
         {"case": "mark 224x224 perlin, 1 core", "ours": 500.0, "baseline": 9.0, "unit": "img/s", "ratio": 55.6}]}))
-    mark = _estimates(tmp_path, bench)["mark"]  # 30 array tasks, each one process on the 256 px grid
-    assert mark.wall_s == pytest.approx(96_000 / 30 / (500 * (224 / 256) ** 2))
+    mark = _estimates(tmp_path, bench)["mark"]  # 30 array tasks, one process each, images stored at up to 500 px
+    assert mark.wall_s == pytest.approx(96_000 / 30 / (500 * (224 / 500) ** 2))
     assert mark.gpu_hours == 0.0 and mark.source == "measured: marking.json on Test CPU"
+    assert "mark_batch only" in mark.used
+
+
+def test_whole_stage_rates_of_the_scale_benchmark_come_first(tmp_path: Path) -> None:
+    """`make scale` measures the mark and write stages whole (decoding, PSNR/SSIM, encoding) per CPU
+    core on ImageNet-shaped images; the estimate prefers them to the marking kernel alone."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "marking.json").write_text(json.dumps({"machine": "Test CPU, 2 cores", "rows": [
+        {"case": "mark 224x224 perlin, 1 core", "ours": 500.0, "baseline": 9.0, "unit": "img/s", "ratio": 55.6}]}))
+    stages = [{"stage": stage, "n_images": n, "images_per_s_per_core": rate and rate * n / 52_000}
+              for n in (5_200, 52_000) for stage, rate in (("mark", 40.0), ("write", 150.0), ("plan", None))]
+    (bench / "scale.json").write_text(json.dumps({"machine": "Scale CPU, 2 cores", "rows": [], "stages": stages,
+                                                  "sizes": {"52000": {"config": {"max_resolution": 500}}}}))
+    estimates = _estimates(tmp_path, bench)
+    mark, write = estimates["mark"], estimates["write"]
+    assert mark.wall_s == pytest.approx(96_000 / 30 / 40.0) and "mark_batch only" not in mark.used
+    assert mark.source.startswith("measured: scale.json, the rehearsal on 52,000 ImageNet-shaped images on Scale CPU")
+    assert write.wall_s == pytest.approx((N_TRAIN + 500 * 64 + 96_000 + 50_000) / (150.0 * 32))
 
 
 def test_dry_run_prints_the_estimate_after_the_job_plan(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ whole config files). Every case must end in exit status 2 and exactly one line o
 `error:` line, naming what is wrong; no traceback; and the file tree exactly as it was.
 
 The values are drawn by hypothesis (derandomized, so every run tries the same cases) and are bad
-by an oracle written here from the bounds the README and --help state, not taken from the code
+by an oracle written here from the bounds the docs and --help state, not taken from the code
 under test. Calls are in-process (`pipeline.cli.main`); a few go through the installed `mtrack`.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pipeline.store import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-# Cases tried per test (the README's *When things go wrong* states their sum).
+# Cases tried per test (docs/configuration.md's *When things go wrong* states their sum).
 N_MARK, N_AUDIT, N_KEY, N_SET, N_CONFIG = 150, 100, 250, 150, 50
 
 MAX_SEED = 2**63 - 1

@@ -1,9 +1,10 @@
 """The SLURM path as a user meets it, on the real local cluster (slurm/setup-local-slurm.sh): an
 impossible request refused before anything is submitted, a refused sbatch leaving nothing queued, a
-job stuck pending ending the run, and `make imagenet-audit` followed state by state to its report."""
+job stuck pending ending the run, and `make rehearsal` (the ImageNet recipe, rehearsed) followed state by state to its report."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -118,18 +119,20 @@ def test_a_job_stuck_pending_is_shown_by_status_and_ends_the_run(tmp_path: Path)
     assert not _queued([j.job_id for j in record.jobs])
 
 
-def test_make_imagenet_audit_runs_every_stage_on_the_local_cluster(tmp_path: Path) -> None:
+def test_make_rehearsal_runs_the_imagenet_recipe_on_the_local_cluster(tmp_path: Path) -> None:
     """The headline command on a small ImageNet-layout folder: refused as the recipe stands (8 GPUs
-    per training job), then scaled down to 2 CPUs by OVERRIDES and followed to the report."""
+    per training job), then rehearsed with one switch (`make rehearsal`: the recipe's storage and
+    crops, a small network on the CPU, sizes from the folder) and followed to the report. Fewer
+    shards, one CPU per job and no control model only to keep the test short."""
     folder = tmp_path / "imagenet"
-    write_jpeg_folder(folder, "train", n_classes=4, per_class=12, sizes=((40, 32), (32, 36)), seed=0)
-    write_jpeg_folder(folder, "val", n_classes=4, per_class=3, sizes=((32, 32),), seed=1)
+    write_jpeg_folder(folder, "train", n_classes=4, per_class=100, sizes=((48, 36), (36, 48)), seed=0)
+    write_jpeg_folder(folder, "val", n_classes=4, per_class=3, sizes=((40, 40),), seed=1)
     run_dir = tmp_path / "run"
-    make = ["make", "-s", "-o", ".venv/.setup-stamp", f"PY={sys.executable}", "imagenet-audit",
-            f"IMAGENET_DIR={folder}", "PARTITION=debug"]
+    make = ["make", "-s", "-o", ".venv/.setup-stamp", f"PY={sys.executable}", f"IMAGENET_DIR={folder}", "PARTITION=debug"]
     where = f"run_dir={run_dir} results_dir={tmp_path / 'results'}"
 
-    recipe = subprocess.run([*make, f"OVERRIDES={where}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    recipe = subprocess.run([*make, "imagenet-audit", f"OVERRIDES={where}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
     assert recipe.returncode != 0
     assert "  train-marked   launch.slurm.stages.train.gpus_per_node: 8 GPUs per node; no node of partition debug " \
            "has a GPU" in recipe.stdout
@@ -137,19 +140,23 @@ def test_make_imagenet_audit_runs_every_stage_on_the_local_cluster(tmp_path: Pat
     assert len(errors) == 1 and "launch.slurm.stages.train.gpus_per_node" in errors[0], recipe.stderr[-2000:]
     assert not (run_dir / "launch").exists() and not _our_queued_jobs()
 
-    small = " ".join([
-        where, "data.image_size=32", "data.n_train=32", "data.max_resolution=40", "plan.n_member_users=2",
-        "plan.n_nonmember_users=4", "plan.samples_per_user=2", "train.arch=small_cnn", "train.width=4",
-        "train.epochs=1", "train.batch_size=8", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1",
-        "train.strategy=auto", "train.precision=32-true", "train.channels_last=false", "train.num_workers=1",
-        "train.warmup_epochs=0", "train.min_resolution=32", "train.resolution=32", "train.eval_resolution=32",
-        "train.arms=[marked]", "audit.batch_size=64", "audit.num_workers=1", "launch.mark_shards=2", "launch.audit_shards=1",
-        "launch.slurm.stages={}", "launch.slurm.default.time_min=10", "launch.slurm.summary_every_s=10",
-        "wandb.enabled=false", *FAST])
-    run = subprocess.run([*make, f"OVERRIDES={small}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    quick = " ".join([where, "train.arms=[marked]", "launch.mark_shards=2", "launch.audit_shards=1",
+                      "launch.slurm.summary_every_s=10", "launch.slurm.stages={}", *FAST])
+    run = subprocess.run([*make, "rehearsal", f"OVERRIDES={quick}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
+    assert re.search(r"^  train-marked +fits$", run.stdout, re.M)  # the rehearsal's pre-flight: no GPU asked for
     assert (tmp_path / "results" / "report.md").exists()
     lines = [line.split(" pipeline: ", 1)[1] for line in run.stderr.splitlines() if " pipeline: " in line]
+    assert lines[0].startswith("rehearsal on 400 images: 280 trained on, 2 member and 4 non-member users of K = 25, "
+                               "small_cnn for 2 epochs on the CPU")
+    cfg = load_config(REPO / "configs" / "imagenet-rn50.yaml", [f"data.root={folder}", f"run_dir={run_dir}"])
+    plan = json.loads((run_dir / "plan" / "users.json").read_text())["users"]
+    assert len(plan) == 6 and {len(u["sample_ids"]) for u in plan} == {25}
+    written = json.loads((run_dir / "write" / "manifest.json").read_text())
+    assert written["n_train"] == 280 and written["storage"] == cfg.data.clean_write_mode == "proportion"
+    trained = json.loads((run_dir / "train-marked" / "metrics.json").read_text())
+    assert trained["epochs"] == 2 and trained["precision"] in ("bf16-mixed", "32-true")
     record = JobRecord.load(JobRecord.path_for(run_dir))
     ids = {j.task: j.base_id for j in record.jobs}
 
@@ -159,7 +166,7 @@ def test_make_imagenet_audit_runs_every_stage_on_the_local_cluster(tmp_path: Pat
     order = [first(f"plan (job {ids['plan']}): running on localhost"), first(f"plan (job {ids['plan']}): completed after"),
              first(f"mark shards 0-1 (job {ids['mark']}): running on localhost"),
              first(f"write (job {ids['write']}): running on localhost"),
-             first("train-marked: epoch 1/1 train_loss "), first(f"train-marked (job {ids['train-marked']}): completed"),
+             first("train-marked: epoch 2/2 train_loss "), first(f"train-marked (job {ids['train-marked']}): completed"),
              first(f"audit-marked (job {ids['audit-marked']}): running"), first(f"report (job {ids['report']}): completed")]
     assert order == sorted(order), lines
     assert any("since submission: " in line and "pending (Dependency): " in line for line in lines)
@@ -168,7 +175,7 @@ def test_make_imagenet_audit_runs_every_stage_on_the_local_cluster(tmp_path: Pat
     status = mtrack("status", str(run_dir))
     assert status.returncode == 0, status.stderr
     assert f"train-marked (job {ids['train-marked']}): completed after" in status.stdout
-    assert "train-marked: epoch 1/1 train_loss" in status.stdout
+    assert "train-marked: epoch 2/2 train_loss" in status.stdout
     assert status.stdout.splitlines()[-1].endswith("since submission: completed: plan, mark shards 0-1, write, "
                                                    "train-marked, audit-marked, report")
     assert json.loads((tmp_path / "results" / "metrics.json").read_text())["set_based"]

@@ -65,6 +65,49 @@ def _correlations(originals: np.ndarray, versions: dict[str, np.ndarray], cfg: M
     return out
 
 
+def survival_correlations(
+    originals: Sequence[np.ndarray],
+    marked: Sequence[np.ndarray],
+    cfg: MarkConfig,
+    patterns: Sequence[np.ndarray],
+    noise_seeds: np.ndarray,
+    qualities: Sequence[int] = (75, 90, 95, 100),
+    stored: dict[str, Sequence[np.ndarray]] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per image, per stored version and per part of the mark: the correlation `mark_survival`
+    averages (see there). Callers with many images call this on a part of them at a time and
+    average with `summarise_survival`, so memory does not grow with the number of images."""
+    n = len(originals)
+    if len(marked) != n or len(noise_seeds) != n:
+        raise ValueError(f"{n} originals, {len(marked)} marked images and {len(noise_seeds)} noise seeds")
+    per_image: dict[str, dict[str, list[np.ndarray]]] = {}
+    chunks = [chunk for group in shape_groups(originals)
+              for chunk in np.array_split(group, -(-len(group) // SURVIVAL_CHUNK))]
+    for chunk in chunks:
+        x = np.stack([originals[i] for i in chunk])
+        versions = {"raw": np.stack([marked[i] for i in chunk])}
+        versions.update({name: np.stack([images[i] for i in chunk]) for name, images in (stored or {}).items()})
+        if x.ndim != 4 or x.shape[-1] != 3 or any(v.shape != x.shape for v in versions.values()):
+            raise ValueError(f"originals {x.shape[1:]} and their stored versions must all be (H, W, 3) alike")
+        versions.update({f"jpeg{q}": jpeg_roundtrip(versions["raw"], q) for q in qualities})
+        chunk_patterns = np.stack([patterns[i] for i in chunk])
+        for name, parts in _correlations(x, versions, cfg, chunk_patterns, np.asarray(noise_seeds)[chunk]).items():
+            for part, corr in parts.items():
+                per_image.setdefault(name, {}).setdefault(part, []).append(corr)
+    return {name: {part: np.concatenate(corr) for part, corr in parts.items()} for name, parts in per_image.items()}
+
+
+def summarise_survival(correlations: Sequence[dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """The mean of each version's and part's per-image correlations over every image of the given
+    results of `survival_correlations` (None over no defined value), and "n_images"."""
+    if not correlations:
+        return {"n_images": 0}
+    result: dict[str, Any] = {name: {part: _mean_defined(np.concatenate([c[name][part] for c in correlations]))
+                                     for part in parts} for name, parts in correlations[0].items()}
+    result["n_images"] = sum(len(c["raw"]["full"]) for c in correlations)
+    return result
+
+
 def mark_survival(
     originals: Sequence[np.ndarray],
     marked: Sequence[np.ndarray],
@@ -86,26 +129,5 @@ def mark_survival(
     correlates stored - x - pattern part with the noise part; "pattern" correlates stored - x -
     noise part with the pattern part. Images on which a target is constant (no noise, all of it
     clipped away, alpha = 1) are left out of that mean; a mean over no image, as for noise "none",
-    is None. Also returns "n_images". Computed in chunks of one size, so memory does not grow with
-    the number of images."""
-    n = len(originals)
-    if len(marked) != n or len(noise_seeds) != n:
-        raise ValueError(f"{n} originals, {len(marked)} marked images and {len(noise_seeds)} noise seeds")
-    per_image: dict[str, dict[str, list[np.ndarray]]] = {}
-    chunks = [chunk for group in shape_groups(originals)
-              for chunk in np.array_split(group, -(-len(group) // SURVIVAL_CHUNK))]
-    for chunk in chunks:
-        x = np.stack([originals[i] for i in chunk])
-        versions = {"raw": np.stack([marked[i] for i in chunk])}
-        versions.update({name: np.stack([images[i] for i in chunk]) for name, images in (stored or {}).items()})
-        if x.ndim != 4 or x.shape[-1] != 3 or any(v.shape != x.shape for v in versions.values()):
-            raise ValueError(f"originals {x.shape[1:]} and their stored versions must all be (H, W, 3) alike")
-        versions.update({f"jpeg{q}": jpeg_roundtrip(versions["raw"], q) for q in qualities})
-        chunk_patterns = np.stack([patterns[i] for i in chunk])
-        for name, parts in _correlations(x, versions, cfg, chunk_patterns, np.asarray(noise_seeds)[chunk]).items():
-            for part, corr in parts.items():
-                per_image.setdefault(name, {}).setdefault(part, []).append(corr)
-    result: dict[str, Any] = {name: {part: _mean_defined(np.concatenate(corr)) for part, corr in parts.items()}
-                              for name, parts in per_image.items()}
-    result["n_images"] = n
-    return result
+    is None. Also returns "n_images". Computed in chunks of one size."""
+    return summarise_survival([survival_correlations(originals, marked, cfg, patterns, noise_seeds, qualities, stored)])

@@ -267,9 +267,13 @@ def load_fashion_mnist(cfg: DataConfig) -> ImageSplits:
 SYNTHETIC_SEED = 20240906
 
 
+SYNTHETIC_CHUNK = 256  # images computed at a time: the float64 temporaries stay a few MB whatever the size
+
+
 def _synthetic_split(n_per_class: int, n_classes: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Class c is an oriented grating with its own angle, frequency and tint; each sample varies in
-    phase, contrast, position of a bright blob, and pixel noise, so a model must learn the class."""
+    phase, contrast, position of a bright blob, and pixel noise, so a model must learn the class.
+    Computed in chunks (the pixel noise drawn chunk after chunk is the same stream as drawn at once)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     labels = np.repeat(np.arange(n_classes), n_per_class)
     n = labels.size
@@ -277,14 +281,17 @@ def _synthetic_split(n_per_class: int, n_classes: int, size: int, rng: np.random
     freq = 2.0 + 3.0 * (labels % 4) + rng.normal(0, 0.3, n)
     phase = rng.uniform(0, 2 * np.pi, n)
     contrast = rng.uniform(0.5, 1.0, n)
-    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
-    grating = 0.5 + 0.5 * contrast[:, None, None] * np.sin(2 * np.pi * freq[:, None, None] * proj + phase[:, None, None])
     cy, cx = rng.uniform(0.2, 0.8, (2, n))
-    blob = np.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / 0.01)
     tint = np.stack([0.5 + 0.5 * np.cos(2 * np.pi * (labels / n_classes + k / 3)) for k in range(3)], axis=-1)
-    img = grating[..., None] * (0.4 + 0.6 * tint[:, None, None, :]) + 0.3 * blob[..., None]
-    img += rng.normal(0, 0.06, img.shape)
-    images = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    images = np.empty((n, size, size, 3), np.uint8)
+    for start in range(0, n, SYNTHETIC_CHUNK):
+        i = slice(start, start + SYNTHETIC_CHUNK)
+        proj = np.cos(angle[i])[:, None, None] * xx + np.sin(angle[i])[:, None, None] * yy
+        grating = 0.5 + 0.5 * contrast[i, None, None] * np.sin(2 * np.pi * freq[i, None, None] * proj + phase[i, None, None])
+        blob = np.exp(-((yy - cy[i, None, None]) ** 2 + (xx - cx[i, None, None]) ** 2) / 0.01)
+        img = grating[..., None] * (0.4 + 0.6 * tint[i, None, None, :]) + 0.3 * blob[..., None]
+        img += rng.normal(0, 0.06, img.shape)
+        images[i] = np.clip(np.rint(img * 255), 0, 255)
     order = rng.permutation(n)
     return images[order], labels[order].astype(np.int64)
 

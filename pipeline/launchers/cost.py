@@ -2,7 +2,8 @@
 at the resources `launch.slurm` asks for.
 
 Estimates come from throughputs, each named with its source: measured ones in `results/bench/`
-(`gpu.json` from `make gpu-check` on a CUDA machine; `marking.json` from `make bench`) and, for
+(`gpu.json` from `make gpu-check` on a CUDA machine; `scale.json` from `make scale`, the whole mark
+and write stages per CPU core on ImageNet-shaped images; `marking.json` from `make bench`) and, for
 ResNet-50 training without a GPU measurement, FFCV's published figure. A job with no source says
 so instead of guessing. Estimates cover the images each stage pushes through its main loop
 (marking, writing, training steps, scoring), not start-up, validation or reports, and assume every
@@ -23,6 +24,7 @@ from .jobs import Job
 from .slurm import slurm_parameters
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "results" / "bench"
+TEST_IMAGES_UNKNOWN = 50_000  # a test split of unset size (data.n_test: all) counted as ImageNet's validation set
 T = TypeVar("T")
 
 
@@ -112,6 +114,18 @@ def _cpu_marking(path: Path) -> Rate | None:
     return Rate(rates, "core", f"measured: {path.name} on {report['machine'].split(',')[0]}") if rates else None
 
 
+def _scale_rates(path: Path) -> dict[str, Rate]:
+    """Whole-stage CPU rates of the rehearsal at its largest size (`make scale`): images through the
+    stage per CPU-second of all its jobs, at the stored size (the recipe's longer side)."""
+    report = read_json(path)
+    largest = max(s["n_images"] for s in report["stages"])
+    side = max(size["config"]["max_resolution"] or 0 for size in report["sizes"].values()) or 256
+    where = f"measured: {path.name}, the rehearsal on {largest:,} ImageNet-shaped images on {report['machine'].split(',')[0]}"
+    return {stage["stage"]: Rate({side: float(stage["images_per_s_per_core"])}, "core",
+                                 f"{where} (whole stage: decode, mark or encode, write)")
+            for stage in report["stages"] if stage["n_images"] == largest and stage["images_per_s_per_core"]}
+
+
 def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
     """A benchmark file parsed, `empty` when there is none; a file of another shape is named."""
     if not path.is_file():
@@ -126,9 +140,10 @@ def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
 def load_rates(bench_dir: Path = BENCH_DIR) -> Rates:
     """The best source for each throughput: a GPU measurement, else the CPU benchmark or FFCV's figure."""
     gpu: dict[str, Rate] = _read(bench_dir / "gpu.json", _gpu_rates, {})
-    mark_cpu = _read(bench_dir / "marking.json", _cpu_marking, None)
+    scale: dict[str, Rate] = _read(bench_dir / "scale.json", _scale_rates, {})
+    mark_cpu = scale.get("mark") or _read(bench_dir / "marking.json", _cpu_marking, None)
     return Rates(train=gpu.get("train"), published_train=_published_train(), audit=gpu.get("audit"),
-                 mark_gpu=gpu.get("mark"), mark_cpu=mark_cpu, write=gpu.get("write"))
+                 mark_gpu=gpu.get("mark"), mark_cpu=mark_cpu, write=gpu.get("write") or scale.get("write"))
 
 
 @dataclass(frozen=True)
@@ -173,18 +188,19 @@ def _per_task(cfg: RunConfig, job: Job, images: int, rate: Rate | None, size: in
 def estimate_job(cfg: RunConfig, job: Job, rates: Rates) -> Estimate:
     """Expected wall time and GPUs of one job of the plan."""
     p, stage, size = slurm_parameters(cfg, job.task), job.task.stage, cfg.data.image_size
+    stored = cfg.data.max_resolution or size  # images are marked and written at their stored size
     gpus = p["gpus_per_node"] * p["nodes"]
     if stage == "mark":
         on_gpu = p["gpus_per_node"] > 0 and cfg.mark.device in ("auto", "cuda")
         rate = rates.mark_gpu if on_gpu else rates.mark_cpu
-        return _per_task(cfg, job, _users_images(cfg), rate, size, 1, p["gpus_per_node"],
-                         "not measured: run make gpu-check" if on_gpu else "not measured: run make bench",
-                         " (mark_batch only: not decoding, PSNR/SSIM)")
-    if stage == "write":
-        images = 2 * cfg.data.n_train + _users_images(cfg) + (cfg.data.n_test or 0)
-        workers = min(cfg.train.num_workers, p["cpus_per_task"])
-        return _per_task(cfg, job, images, rates.write, cfg.data.max_resolution or size, workers, gpus,
-                         "not measured: run make gpu-check")
+        scope = "" if rate is not None and "whole stage" in rate.source else " (mark_batch only: not decoding, PSNR/SSIM)"
+        return _per_task(cfg, job, _users_images(cfg), rate, stored, 1, p["gpus_per_node"],
+                         "not measured: run make gpu-check" if on_gpu else "not measured: run make scale", scope)
+    if stage == "write":  # the training set once, the members' marked records, the test split, the audit set
+        members = cfg.plan.n_member_users * cfg.plan.samples_per_user
+        images = cfg.data.n_train + members + _users_images(cfg) + (cfg.data.n_test or TEST_IMAGES_UNKNOWN)
+        workers = min(cfg.write.num_workers, p["cpus_per_task"])
+        return _per_task(cfg, job, images, rates.write, stored, workers, gpus, "not measured: run make scale")
     arch = cfg.train.arch
     if stage == "audit":
         if p["gpus_per_node"] == 0:

@@ -18,6 +18,7 @@ mark's survival under JPEG re-encoding.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,7 +33,7 @@ from ..console import track  # noqa: E402
 from ..core.marking import OODPool, make_pattern, mark_batch, resolve_device, shape_groups  # noqa: E402
 from ..core.quality import psnr, ssim  # noqa: E402
 from ..core.seeds import child_seed  # noqa: E402
-from ..core.survival import mark_survival  # noqa: E402
+from ..core.survival import summarise_survival, survival_correlations  # noqa: E402
 from ..data.images import read_rgb, write_png  # noqa: E402
 from ..data.ood import ood_pool  # noqa: E402
 from ..data.sources import ImageSplits, StoredImages, load_source  # noqa: E402
@@ -76,30 +77,36 @@ class ShardWriter:
 
 class MarkedImages:
     """Marked images of a finished mark stage, indexable by row: each read from its shard's pixel
-    file through a memory map, so a reader holds only the images it asks for (the page cache does
-    the rest). Pickles without its maps (FFCV's writer processes reopen them)."""
+    file when asked for, so a reader holds only the images it is using (the page cache does the
+    rest). Pickles without its open files (FFCV's writer processes reopen them)."""
 
     def __init__(self, mark_dir: Path, names: list[str], shard: np.ndarray, offsets: np.ndarray, heights: np.ndarray,
                  widths: np.ndarray) -> None:
         self.files = [mark_dir / Path(name).with_suffix(PIXELS).name for name in names]
         self.shard, self.offsets, self.heights, self.widths = shard, offsets, heights, widths
-        self._maps: dict[int, np.memmap] = {}
+        self._open: dict[int, int] = {}  # shard -> file descriptor
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> np.ndarray:
         shard, h, w = int(self.shard[i]), int(self.heights[i]), int(self.widths[i])
-        if shard not in self._maps:
-            self._maps[shard] = np.memmap(self.files[shard], dtype=np.uint8, mode="r")
-        start = int(self.offsets[i])
-        return np.array(self._maps[shard][start : start + h * w * 3]).reshape(h, w, 3)
+        if shard not in self._open:
+            self._open[shard] = os.open(self.files[shard], os.O_RDONLY)
+        data = os.pread(self._open[shard], h * w * 3, int(self.offsets[i]))
+        if len(data) != h * w * 3:
+            raise StageError(f"{self.files[shard]}: ends inside image {i} (truncated?); re-run the mark stage with --force")
+        return np.frombuffer(data, np.uint8).reshape(h, w, 3).copy()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_open": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_open", {}).values():
+            os.close(fd)
 
 
 def noise_seeds(user: dict[str, Any]) -> np.ndarray:
@@ -200,7 +207,7 @@ def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) 
 def user_images(marked: dict[str, Any], users: list[dict[str, Any]]) -> dict[int, list[np.ndarray]]:
     """The marked images of the given users (user id -> images in the order of its sample ids)."""
     wanted = {u["user_id"] for u in users}
-    rows = [i for i, uid in enumerate(marked["user_ids"]) if int(uid) in wanted]
+    rows = np.flatnonzero(np.isin(marked["user_ids"], list(wanted)))
     found = {(int(marked["user_ids"][i]), int(marked["sample_ids"][i])): marked["images"][i] for i in rows}
     return {u["user_id"]: [found[u["user_id"], sid] for sid in u["sample_ids"]] for u in users}
 
@@ -249,11 +256,16 @@ def intended_marks(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]
     return originals, patterns, np.concatenate([noise_seeds(u) for u in users] or [np.zeros(0, np.uint64)])
 
 
-def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: list[np.ndarray],
+def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, Any],
                 pool: OODPool | None) -> dict[str, Any]:
-    """How much of the mark survives JPEG re-encoding, on the given users' `marked` images."""
-    originals, patterns, seeds = intended_marks(cfg, data, users, pool)
-    storage = mark_survival(originals, marked, cfg.mark, patterns, seeds)
+    """How much of the mark survives JPEG re-encoding, on the given users' marked images (one user
+    at a time, so memory does not grow with their number)."""
+    parts = []
+    for user in users:
+        originals, patterns, seeds = intended_marks(cfg, data, [user], pool)
+        parts.append(survival_correlations(originals, user_images(marked, [user])[user["user_id"]], cfg.mark,
+                                           patterns, seeds))
+    storage = summarise_survival(parts)
     n_images = storage.pop("n_images")
     return {"n_images": n_images, "storage": storage}
 
@@ -277,13 +289,12 @@ def run_mark(ctx: Context) -> None:
     members = [u for u in users if u["role"] == "member"][: cfg.mark.examples_users // 2]
     others = [u for u in users if u["role"] != "member"][: cfg.mark.examples_users - len(members)]
     shown, measured = members + others, [u for u in users if "owner" not in u][:SURVIVAL_USERS]  # owners: their keys
-    marked = user_images(records, shown + measured)
+    marked = user_images(records, shown)
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
     save_examples(stage.path("marked_examples.png"), [stored.take(u["sample_ids"]) for u in shown],
                   [marked[u["user_id"]] for u in shown],
                   [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown])
-    survival = survival_of(cfg, data, measured, [image for u in measured for image in marked[u["user_id"]]],
-                           pool=ood_pool(cfg.mark, cfg.data.image_size))
+    survival = survival_of(cfg, data, measured, records, pool=ood_pool(cfg.mark, cfg.data.image_size))
     write_json(stage.path("quality.json"), {"per_user": quality})
     write_json(stage.path("survival.json"), survival)
     summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),

@@ -61,6 +61,8 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
     """Return (manifest body, training subset ids). Pure function of the config and the data."""
     rng = np.random.default_rng(child_seed(cfg.seed, 0))
     n_total = len(data.train_labels)
+    if data.num_classes < 2:  # one class: every loss is 0 and the audit's logit margin is infinite
+        raise StageError(f"plan: {data.name} has {data.num_classes} class; the audited classifier needs at least 2")
     if cfg.data.n_train >= n_total:
         raise StageError(
             f"plan: data.n_train={cfg.data.n_train} leaves no held-out images in the {n_total}-image train split "

@@ -30,7 +30,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 
 from ..config import RunConfig
 from ..core.seeds import child_seed
-from ..core.survival import mark_survival
+from ..core.survival import summarise_survival, survival_correlations
 from ..data.betons import ImageStorage, write_beton
 from ..data.ood import ood_pool
 from ..data.sources import ImageArray, ImageSplits, StoredImages, load_source
@@ -106,11 +106,14 @@ def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any
     if not measured:
         return {"n_images": 0, "jpeg_quality": cfg.data.jpeg_quality, "member_jpeg_share": share,
                 "storage": {"stored": {"full": None, "noise": None, "pattern": None}}}
-    originals, patterns, seeds = intended_marks(cfg, data, measured, ood_pool(cfg.mark, cfg.data.image_size))
-    stored = [records.decoded(records_by_sample[sid]) for u in measured for sid in u["sample_ids"]]
-    raw = user_images(marked, measured)  # in the order of each user's sample ids, as `intended_marks`
-    correlations = mark_survival(originals, [image for u in measured for image in raw[u["user_id"]]], cfg.mark,
-                                 patterns, seeds, qualities=(), stored={"stored": stored})
+    pool, parts = ood_pool(cfg.mark, cfg.data.image_size), []
+    for user in measured:  # one user at a time: memory does not grow with their number
+        originals, patterns, seeds = intended_marks(cfg, data, [user], pool)
+        stored = [records.decoded(records_by_sample[sid]) for sid in user["sample_ids"]]
+        raw = user_images(marked, [user])[user["user_id"]]  # in the order of its sample ids, as `intended_marks`
+        parts.append(survival_correlations(originals, raw, cfg.mark, patterns, seeds, qualities=(),
+                                           stored={"stored": stored}))
+    correlations = summarise_survival(parts)
     return {"n_images": correlations.pop("n_images"), "jpeg_quality": cfg.data.jpeg_quality,
             "member_jpeg_share": share, "storage": correlations}
 
