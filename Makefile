@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit \
+.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit \
 	imagenet-like rehearsal scale
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
@@ -14,8 +14,12 @@ demo: $(SETUP)
 	$(PY) -m pipeline.cli run configs/demo.yaml
 	@echo "demo finished: see results/demo/report.md"
 
-test: $(SETUP)
+test: lint
 	$(PY) -m pytest -q --durations=25
+
+lint: $(SETUP)  # seconds: ruff's lint rules and formatting (configured in pyproject.toml)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow"

@@ -8,22 +8,23 @@ within each repeat so machine load hits them alike:
 Run `python -m bench.audit` from the repository root; it writes results/bench/audit.json and the
 `audit.json` line of results/bench/README.md.
 """
+
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench.common import comparison, interleaved_medians, machine, publish
-from pipeline.stages.audit import pick_device, score_samples
-from pipeline.data.betons import make_loader, write_beton
 from pipeline.config import AuditConfig
 from pipeline.core.models import Normalized, build_model
+from pipeline.data.betons import make_loader, write_beton
+from pipeline.stages.audit import pick_device, score_samples
 
 N_IMAGES, SIZE, BATCH, REPEATS = 8192, 32, 512, 5
 
@@ -57,8 +58,13 @@ def main() -> None:
     model = Normalized(build_model("small_cnn", 10, 32), (0.5,) * 3, (0.25,) * 3).eval().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         beton = Path(tmp) / "audit.beton"
-        write_beton(beton, rng.integers(0, 256, (N_IMAGES, SIZE, SIZE, 3), dtype=np.uint8),
-                    rng.integers(0, 10, N_IMAGES), np.arange(N_IMAGES), np.arange(N_IMAGES) // 10)
+        write_beton(
+            beton,
+            rng.integers(0, 256, (N_IMAGES, SIZE, SIZE, 3), dtype=np.uint8),
+            rng.integers(0, 10, N_IMAGES),
+            np.arange(N_IMAGES),
+            np.arange(N_IMAGES) // 10,
+        )
         sides = {
             "ours": lambda: score_samples(model, beton, cfg, device),
             "bare": lambda: bare_forward(model, beton, cfg, device),
@@ -68,13 +74,21 @@ def main() -> None:
             run()
         median = interleaved_medians({name: (lambda run=run: _rate(run)) for name, run in sides.items()}, REPEATS)
     where = f"{SIZE}x{SIZE} small_cnn, batch {BATCH}, {device.type}"
-    rows = [comparison(f"audit vs bare forward, {where}", median["ours"], median["bare"]),
-            comparison(f"audit vs naive concatenation, {where}", median["ours"], median["naive"])]
+    rows = [
+        comparison(f"audit vs bare forward, {where}", median["ours"], median["bare"]),
+        comparison(f"audit vs naive concatenation, {where}", median["ours"], median["naive"]),
+    ]
     description = machine() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    publish("audit.json", rows, (
-        f"- `audit.json` — audit scoring throughput ({where}): {rows[0]['ratio']:.2f}× a bare forward loop "
-        f"(ours {median['ours']:.0f} img/s vs {median['bare']:.0f}), {rows[1]['ratio']:.2f}× naive per-batch "
-        f"concatenation ({median['naive']:.0f} img/s)"), description)
+    publish(
+        "audit.json",
+        rows,
+        (
+            f"- `audit.json` — audit scoring throughput ({where}): {rows[0]['ratio']:.2f}× a bare forward loop "
+            f"(ours {median['ours']:.0f} img/s vs {median['bare']:.0f}), {rows[1]['ratio']:.2f}× naive per-batch "
+            f"concatenation ({median['naive']:.0f} img/s)"
+        ),
+        description,
+    )
 
 
 if __name__ == "__main__":

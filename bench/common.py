@@ -1,11 +1,13 @@
 """What the benchmarks share: where results go, the machine they ran on, and the README index."""
+
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,12 +75,15 @@ def publish(name: str, rows: list[dict[str, Any]], readme_line: str, description
     write_json(RESULTS / "bench" / name, {"rows": rows, "machine": description or machine()})
     update_bench_readme(name, readme_line)
     for row in rows:
-        print(f"{row['case'][:90]:<90} ours {row['ours']:9.1f}  baseline {row['baseline']:9.1f} {row['unit']}"
-              f"  x{row['ratio']:.3f}")
+        print(
+            f"{row['case'][:90]:<90} ours {row['ours']:9.1f}  baseline {row['baseline']:9.1f} {row['unit']}"
+            f"  x{row['ratio']:.3f}"
+        )
 
 
-def write_jpeg_folder(root: Path, split: str, n_classes: int, per_class: int, sizes: tuple[tuple[int, int], ...],
-                      seed: int = 0) -> None:
+def write_jpeg_folder(
+    root: Path, split: str, n_classes: int, per_class: int, sizes: tuple[tuple[int, int], ...], seed: int = 0
+) -> None:
     """`root/split/class-<c>/img-<i>.JPEG`: per class a tint plus noise, with sizes cycling through
     `sizes` (width, height), as an ImageNet-style folder for benchmarks and tests."""
     rng = np.random.default_rng(seed)

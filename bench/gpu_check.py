@@ -23,6 +23,7 @@ versions, each part's status and the throughputs `mtrack run --launcher slurm --
 its cost estimate) and the `gpu.json` line of results/bench/README.md. `--device cpu --tiny` runs
 the same parts at tiny sizes on CPU (the test suite does) and writes under its work folder only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -81,26 +83,76 @@ class Scale:
 
 
 FULL = Scale(
-    classes=10, per_class=52, jpeg_sizes=((500, 375), (375, 500), (400, 400)), train_records=12288,
-    train_batch=512, train_resolutions=(160, 192), warm_batches=4, audit_records=8192, audit_size=256,
-    audit_batch=512, mark_batch=64, mark_images={224: 4096, 32: 8192}, mark_seconds=4.0, ddp_batches=16, repeats=3,
-    warm_runs=1, model={},
-    dag=("data.n_train=312", "plan.n_member_users=4", "plan.n_nonmember_users=8", "plan.samples_per_user=8",
-         "train.epochs=2", "train.resize_epochs=[0,1]", "train.batch_size=64", "audit.batch_size=64",
-         "launch.mark_shards=2", "launch.audit_shards=2"),
-    time_box={"prepare": 60, "mark": 60, "train": 150, "audit": 60, "dag": 150, "ddp": 90}, budget_s=480,
+    classes=10,
+    per_class=52,
+    jpeg_sizes=((500, 375), (375, 500), (400, 400)),
+    train_records=12288,
+    train_batch=512,
+    train_resolutions=(160, 192),
+    warm_batches=4,
+    audit_records=8192,
+    audit_size=256,
+    audit_batch=512,
+    mark_batch=64,
+    mark_images={224: 4096, 32: 8192},
+    mark_seconds=4.0,
+    ddp_batches=16,
+    repeats=3,
+    warm_runs=1,
+    model={},
+    dag=(
+        "data.n_train=312",
+        "plan.n_member_users=4",
+        "plan.n_nonmember_users=8",
+        "plan.samples_per_user=8",
+        "train.epochs=2",
+        "train.resize_epochs=[0,1]",
+        "train.batch_size=64",
+        "audit.batch_size=64",
+        "launch.mark_shards=2",
+        "launch.audit_shards=2",
+    ),
+    time_box={"prepare": 60, "mark": 60, "train": 150, "audit": 60, "dag": 150, "ddp": 90},
+    budget_s=480,
 )
 TINY = Scale(  # one crop size, one arm in the DAG: every code path, at the least CPU time
-    classes=4, per_class=16, jpeg_sizes=((48, 40), (40, 48), (44, 44)), train_records=64, train_batch=8,
-    train_resolutions=(32,), warm_batches=2, audit_records=64, audit_size=32, audit_batch=16, mark_batch=4,
-    mark_images={32: 8, 16: 8}, mark_seconds=30.0, ddp_batches=2, repeats=1, warm_runs=0,
+    classes=4,
+    per_class=16,
+    jpeg_sizes=((48, 40), (40, 48), (44, 44)),
+    train_records=64,
+    train_batch=8,
+    train_resolutions=(32,),
+    warm_batches=2,
+    audit_records=64,
+    audit_size=32,
+    audit_batch=16,
+    mark_batch=4,
+    mark_images={32: 8, 16: 8},
+    mark_seconds=30.0,
+    ddp_batches=2,
+    repeats=1,
+    warm_runs=0,
     model={"arch": "small_cnn", "width": 8},
-    dag=("data.image_size=32", "data.max_resolution=64", "data.n_train=48", "plan.n_member_users=2",
-         "plan.n_nonmember_users=2", "plan.samples_per_user=2", "train.min_resolution=32", "train.resolution=64",
-         "train.eval_resolution=64", "train.epochs=2", "train.resize_epochs=[0,1]", "train.batch_size=8",
-         "train.arms=[marked]",
-         "audit.batch_size=16", "launch.mark_shards=2", "launch.audit_shards=2"),
-    time_box={"prepare": 300, "mark": 300, "train": 300, "audit": 300, "dag": 900, "ddp": 300}, budget_s=2400,
+    dag=(
+        "data.image_size=32",
+        "data.max_resolution=64",
+        "data.n_train=48",
+        "plan.n_member_users=2",
+        "plan.n_nonmember_users=2",
+        "plan.samples_per_user=2",
+        "train.min_resolution=32",
+        "train.resolution=64",
+        "train.eval_resolution=64",
+        "train.epochs=2",
+        "train.resize_epochs=[0,1]",
+        "train.batch_size=8",
+        "train.arms=[marked]",
+        "audit.batch_size=16",
+        "launch.mark_shards=2",
+        "launch.audit_shards=2",
+    ),
+    time_box={"prepare": 300, "mark": 300, "train": 300, "audit": 300, "dag": 900, "ddp": 300},
+    budget_s=2400,
 )
 
 
@@ -216,24 +268,45 @@ def part_prepare(ctx: Context) -> dict[str, Any]:
     folder_s = time.perf_counter() - start
     data = load_source(DataConfig(source="imagefolder", root=str(ctx.folder), image_size=s.audit_size, n_train=10))
     d, workers, n = recipe.data, ctx.workers(recipe.train.num_workers), s.train_records
-    storage = ImageStorage(mode=d.clean_write_mode, jpeg_quality=d.jpeg_quality,
-                           compress_probability=d.compress_probability)
+    storage = ImageStorage(
+        mode=d.clean_write_mode, jpeg_quality=d.jpeg_quality, compress_probability=d.compress_probability
+    )
     start = time.perf_counter()
-    write_beton(ctx.train_beton, Cycled(StoredImages(data.train_images, d.max_resolution), n),
-                np.resize(data.train_labels, n), np.arange(n), num_workers=workers, storage=storage)
+    write_beton(
+        ctx.train_beton,
+        Cycled(StoredImages(data.train_images, d.max_resolution), n),
+        np.resize(data.train_labels, n),
+        np.arange(n),
+        num_workers=workers,
+        storage=storage,
+    )
     write_s = time.perf_counter() - start
     rng, k = np.random.default_rng(0), recipe.plan.samples_per_user
     distinct = rng.integers(0, 256, (min(s.audit_records, 512), s.audit_size, s.audit_size, 3), dtype=np.uint8)
     m = s.audit_records
-    write_beton(ctx.audit_beton, Cycled(distinct, m), rng.integers(0, NUM_CLASSES, m), np.arange(m), np.arange(m) // k,
-                num_workers=workers)
-    details = {"jpeg_files": len(data.train_labels), "folder_s": folder_s, "train_records": n, "write_s": write_s,
-               "writer_workers": workers, "audit_records": m}
+    write_beton(
+        ctx.audit_beton,
+        Cycled(distinct, m),
+        rng.integers(0, NUM_CLASSES, m),
+        np.arange(m),
+        np.arange(m) // k,
+        num_workers=workers,
+    )
+    details = {
+        "jpeg_files": len(data.train_labels),
+        "folder_s": folder_s,
+        "train_records": n,
+        "write_s": write_s,
+        "writer_workers": workers,
+        "audit_records": m,
+    }
     from pipeline.store import write_json
 
     write_json(ctx.prepared, details)
-    what = (f"FFCV writer from JPEG files, longer side <= {d.max_resolution} px, {d.compress_probability:.0%} JPEG "
-            f"q{d.jpeg_quality}, {workers} workers")
+    what = (
+        f"FFCV writer from JPEG files, longer side <= {d.max_resolution} px, {d.compress_probability:.0%} JPEG "
+        f"q{d.jpeg_quality}, {workers} workers"
+    )
     rate = {d.max_resolution: n / write_s / workers}
     return {"details": details, "throughput": {"write": throughput("worker", what, rate)}}
 
@@ -247,8 +320,11 @@ def _mark_inputs(size: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarr
     from pipeline.core.marking import stripe_pattern
 
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), stripe_pattern(seed, size, size),
-            np.arange(batch, dtype=np.uint64) + np.uint64(seed))
+    return (
+        rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        stripe_pattern(seed, size, size),
+        np.arange(batch, dtype=np.uint64) + np.uint64(seed),
+    )
 
 
 def _mark_worker_init(cfg: Any, sizes: tuple[int, ...], batch: int) -> None:
@@ -278,8 +354,9 @@ def part_mark(ctx: Context) -> dict[str, Any]:
     for size in sizes:  # warm-up: CUDA context and kernels
         mark_batch(*mine[size], cfg, ctx.device)
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # one core per worker
-    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn"), initializer=_mark_worker_init,
-                             initargs=(cfg, sizes, k)) as pool:
+    with ProcessPoolExecutor(
+        cores, mp_context=multiprocessing.get_context("spawn"), initializer=_mark_worker_init, initargs=(cfg, sizes, k)
+    ) as pool:
         list(pool.map(_mark_on_cpu, [sizes[0]] * 4 * cores))  # start every worker before timing
 
         def on_device(size: int) -> float:
@@ -293,12 +370,21 @@ def part_mark(ctx: Context) -> dict[str, Any]:
             done = sum(pool.map(_mark_on_cpu, [size] * (s.mark_images[size] // k)))
             return done / (time.perf_counter() - start)
 
-        sides = {f"{side} {size}": (lambda run=run, size=size: run(size))
-                 for size in sizes for side, run in (("device", on_device), ("cores", on_cores))}
+        sides = {
+            f"{side} {size}": (lambda run=run, size=size: run(size))
+            for size in sizes
+            for side, run in (("device", on_device), ("cores", on_cores))
+        }
         median = interleaved_medians(sides, s.repeats)
-    rows = [comparison(f"mark {size}x{size} perlin, mark_batch torch-{ctx.device} vs numpy on {cores} cores "
-                       f"(batches of {k}, {ctx.device_name()})", median[f"device {size}"], median[f"cores {size}"])
-            for size in sizes]
+    rows = [
+        comparison(
+            f"mark {size}x{size} perlin, mark_batch torch-{ctx.device} vs numpy on {cores} cores "
+            f"(batches of {k}, {ctx.device_name()})",
+            median[f"device {size}"],
+            median[f"cores {size}"],
+        )
+        for size in sizes
+    ]
     per = "GPU" if ctx.device == "cuda" else "process"
     rates = {size: median[f"device {size}"] for size in sizes}
     return {"rows": rows, "throughput": {"mark": throughput(per, f"mark_batch on {ctx.device}, batches of {k}", rates)}}
@@ -312,12 +398,22 @@ def _train_config(ctx: Context, resolution: int, **changes: Any) -> Any:
     from pipeline.config import TrainConfig, load_config
 
     recipe = load_config(RECIPE).train
-    return TrainConfig.model_validate({
-        **recipe.model_dump(), "accelerator": "gpu" if ctx.device == "cuda" else "cpu", "devices": 1,
-        "strategy": "auto", "epochs": 1, "batch_size": ctx.scale.train_batch, "min_resolution": None,
-        "resolution": resolution, "eval_resolution": resolution, "num_workers": ctx.workers(recipe.num_workers),
-        **ctx.scale.model, **changes,
-    })
+    return TrainConfig.model_validate(
+        {
+            **recipe.model_dump(),
+            "accelerator": "gpu" if ctx.device == "cuda" else "cpu",
+            "devices": 1,
+            "strategy": "auto",
+            "epochs": 1,
+            "batch_size": ctx.scale.train_batch,
+            "min_resolution": None,
+            "resolution": resolution,
+            "eval_resolution": resolution,
+            "num_workers": ctx.workers(recipe.num_workers),
+            **ctx.scale.model,
+            **changes,
+        }
+    )
 
 
 def _lightning_clock(warm: int) -> Any:
@@ -336,8 +432,9 @@ def _lightning_clock(warm: int) -> Any:
             if dist.is_available() and dist.is_initialized():
                 self.backend = str(dist.get_backend())
 
-        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
-                                 batch_idx: int) -> None:
+        def on_train_batch_start(
+            self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
             self.clock = self.clock or Clock(warm, module.device)
             self.clock.tick(len(batch[0]) * trainer.world_size)
 
@@ -358,10 +455,21 @@ def _fit(ctx: Context, cfg: Any) -> tuple[Any, Any]:
 
     clock = _lightning_clock(ctx.scale.warm_batches)
     module = Classifier(cfg.arch, NUM_CLASSES, cfg.width, MEAN, STD, cfg.model_dump(mode="json"))
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                        precision=resolve_precision(cfg), max_epochs=cfg.epochs, logger=False, callbacks=[clock],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, benchmark=True)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=resolve_precision(cfg),
+        max_epochs=cfg.epochs,
+        logger=False,
+        callbacks=[clock],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        benchmark=True,
+    )
     trainer.fit(module, datamodule=BetonData(ctx.train_beton, ctx.audit_beton, cfg, seed=0))
     return clock, trainer
 
@@ -377,8 +485,9 @@ def _plain_rate(ctx: Context, cfg: Any) -> float:
     device = torch.device(ctx.device)
     torch.backends.cudnn.benchmark = True
     model = Classifier(cfg.arch, NUM_CLASSES, cfg.width, MEAN, STD, cfg.model_dump(mode="json")).model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * 1e-3, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr * 1e-3, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     bf16 = resolve_precision(cfg) == "bf16-mixed"
     clock = Clock(ctx.scale.warm_batches, device)
     for images, labels, *_ in BetonData(ctx.train_beton, ctx.audit_beton, cfg, seed=0).train_dataloader():
@@ -404,15 +513,30 @@ def part_train(ctx: Context) -> dict[str, Any]:
         sides[f"plain {res}"] = lambda cfg=cfg: _plain_rate(ctx, cfg)
     median = interleaved_medians(sides, s.repeats)
     first, cfg = s.train_resolutions[0], configs[s.train_resolutions[0]]
-    setting = (f"batch {cfg.batch_size}, {resolve_precision(cfg)}, channels_last {cfg.channels_last}, "
-               f"FFCV {cfg.num_workers} workers, {ctx.device_name()}")
-    rows = [with_target(comparison(f"{cfg.arch} training at {res} px, Lightning Classifier vs plain PyTorch loop "
-                                   f"({setting})", median[f"lightning {res}"], median[f"plain {res}"]), 0.95)
-            for res in s.train_resolutions]
+    setting = (
+        f"batch {cfg.batch_size}, {resolve_precision(cfg)}, channels_last {cfg.channels_last}, "
+        f"FFCV {cfg.num_workers} workers, {ctx.device_name()}"
+    )
+    rows = [
+        with_target(
+            comparison(
+                f"{cfg.arch} training at {res} px, Lightning Classifier vs plain PyTorch loop ({setting})",
+                median[f"lightning {res}"],
+                median[f"plain {res}"],
+            ),
+            0.95,
+        )
+        for res in s.train_resolutions
+    ]
     published = FFCV_RN50.images_per_s(first)
-    rows.append(comparison(f"{cfg.arch} training at {first} px, Lightning on {ctx.device_name()} vs FFCV's published "
-                           f"rate per A100 ({FFCV_RN50.where}: 88 epochs in {FFCV_RN50.minutes} min on 8 GPUs)",
-                           median[f"lightning {first}"], published))
+    rows.append(
+        comparison(
+            f"{cfg.arch} training at {first} px, Lightning on {ctx.device_name()} vs FFCV's published "
+            f"rate per A100 ({FFCV_RN50.where}: 88 epochs in {FFCV_RN50.minutes} min on 8 GPUs)",
+            median[f"lightning {first}"],
+            published,
+        )
+    )
     rates = {res: median[f"lightning {res}"] for res in s.train_resolutions}
     what = f"{cfg.arch} training steps through Lightning, {setting}"
     per = "GPU" if ctx.device == "cuda" else "process"
@@ -431,11 +555,18 @@ def part_audit(ctx: Context) -> dict[str, Any]:
     from pipeline.stages.audit import score_samples
 
     s, recipe = ctx.scale, load_config(RECIPE)
-    cfg = recipe.audit.model_copy(update={"batch_size": s.audit_batch,
-                                          "num_workers": ctx.workers(recipe.audit.num_workers)})
+    cfg = recipe.audit.model_copy(
+        update={"batch_size": s.audit_batch, "num_workers": ctx.workers(recipe.audit.num_workers)}
+    )
     device, path = torch.device(ctx.device), ctx.work / "audit-model.pt"
-    meta = {"arch": recipe.train.arch, "width": recipe.train.width, **s.model, "num_classes": NUM_CLASSES, "mean": MEAN,
-            "std": STD}
+    meta = {
+        "arch": recipe.train.arch,
+        "width": recipe.train.width,
+        **s.model,
+        "num_classes": NUM_CLASSES,
+        "mean": MEAN,
+        "std": STD,
+    }
     save_weights(Normalized(build_model(meta["arch"], NUM_CLASSES, meta["width"]), tuple(MEAN), tuple(STD)), meta, path)
     model = load_weights(path)[0].to(device)  # as the audit stage loads a trained model
 
@@ -445,16 +576,24 @@ def part_audit(ctx: Context) -> dict[str, Any]:
         _sync(device)
         return s.audit_records / (time.perf_counter() - start)
 
-    sides = {"ours": lambda: rate(lambda: score_samples(model, ctx.audit_beton, cfg, device)),
-             "bare": lambda: rate(lambda: bare_forward(model, ctx.audit_beton, cfg, device))}
+    sides = {
+        "ours": lambda: rate(lambda: score_samples(model, ctx.audit_beton, cfg, device)),
+        "bare": lambda: rate(lambda: bare_forward(model, ctx.audit_beton, cfg, device)),
+    }
     for _ in range(s.warm_runs):
         for run in sides.values():
             run()
     median = interleaved_medians(sides, s.repeats)
-    where = (f"{meta['arch']} {s.audit_size}x{s.audit_size} fp32, batch {cfg.batch_size}, {cfg.num_workers} workers, "
-             f"{ctx.device_name()}")
-    rows = [with_target(comparison(f"audit scoring, score_samples vs bare forward loop ({where})", median["ours"],
-                                   median["bare"]), 0.9)]
+    where = (
+        f"{meta['arch']} {s.audit_size}x{s.audit_size} fp32, batch {cfg.batch_size}, {cfg.num_workers} workers, "
+        f"{ctx.device_name()}"
+    )
+    rows = [
+        with_target(
+            comparison(f"audit scoring, score_samples vs bare forward loop ({where})", median["ours"], median["bare"]),
+            0.9,
+        )
+    ]
     per = "GPU" if ctx.device == "cuda" else "process"
     rates = {s.audit_size: median["ours"]}
     return {"rows": rows, "throughput": {"audit": throughput(per, f"score_samples, {where}", rates, meta["arch"])}}
@@ -471,11 +610,19 @@ def part_dag(ctx: Context) -> dict[str, Any]:
     shutil.rmtree(run, ignore_errors=True)  # a finished run would be skipped, proving nothing
     recipe = load_config(RECIPE)
     workers = ctx.workers(recipe.train.num_workers)
-    overrides = [f"data.root={ctx.folder}", f"run_dir={run / 'run'}", f"results_dir={run / 'results'}", *ctx.scale.dag,
-                 *(f"train.{key}={value}" for key, value in ctx.scale.model.items()),
-                 f"mark.device={ctx.device}", f"train.accelerator={'gpu' if ctx.device == 'cuda' else 'cpu'}",
-                 "train.devices=1", "train.strategy=auto", f"train.num_workers={workers}",
-                 f"audit.num_workers={workers}"]
+    overrides = [
+        f"data.root={ctx.folder}",
+        f"run_dir={run / 'run'}",
+        f"results_dir={run / 'results'}",
+        *ctx.scale.dag,
+        *(f"train.{key}={value}" for key, value in ctx.scale.model.items()),
+        f"mark.device={ctx.device}",
+        f"train.accelerator={'gpu' if ctx.device == 'cuda' else 'cpu'}",
+        "train.devices=1",
+        "train.strategy=auto",
+        f"train.num_workers={workers}",
+        f"audit.num_workers={workers}",
+    ]
     command = [sys.executable, "-m", "pipeline.cli", "run", str(RECIPE), *(f"--set={o}" for o in overrides)]
     start, log = time.perf_counter(), run / "mtrack.log"
     run.mkdir(parents=True)
@@ -484,16 +631,27 @@ def part_dag(ctx: Context) -> dict[str, Any]:
     if code != 0:  # the launcher's line naming the stage, and the last exception before it
         lines = _error_lines(log.read_text(errors="replace"))
         said, causes = [x for x in lines if x.startswith("error:")], [x for x in lines if not x.startswith("error:")]
-        raise RuntimeError(f"mtrack run failed: {said[-1] if said else f'exit {code}'}"
-                           + (f"; cause: {causes[-1]}" if causes else "") + f" (log: {log})")
+        raise RuntimeError(
+            f"mtrack run failed: {said[-1] if said else f'exit {code}'}"
+            + (f"; cause: {causes[-1]}" if causes else "")
+            + f" (log: {log})"
+        )
     report = read_json(run / "results" / "metrics.json")
-    arms = {arm: read_json(run / "run" / f"train-{arm}" / "metrics.json")
-            for arm in load_config(RECIPE, overrides).train.arms}
-    return {"details": {
-        "seconds": time.perf_counter() - start, "overrides": overrides, "stage_seconds": report.get("seconds"),
-        "set_based_auc": report.get("set_based", {}).get("auc"),
-        "train": {arm: {k: m.get(k) for k in ("precision", "global_step", "test_accuracy")} for arm, m in arms.items()},
-    }}
+    arms = {
+        arm: read_json(run / "run" / f"train-{arm}" / "metrics.json")
+        for arm in load_config(RECIPE, overrides).train.arms
+    }
+    return {
+        "details": {
+            "seconds": time.perf_counter() - start,
+            "overrides": overrides,
+            "stage_seconds": report.get("seconds"),
+            "set_based_auc": report.get("set_based", {}).get("auc"),
+            "train": {
+                arm: {k: m.get(k) for k in ("precision", "global_step", "test_accuracy")} for arm, m in arms.items()
+            },
+        }
+    }
 
 
 # --- ddp ----------------------------------------------------------------------------------------
@@ -522,9 +680,18 @@ def part_ddp(ctx: Context) -> dict[str, Any] | None:
     rate, backend = clock.rate, clock.backend
     details = {"devices": n, "backend": backend, "epochs": epochs, "images_per_s": rate}
     single = ctx.report.get("throughput", {}).get("train", {}).get("images_per_s", {}).get(str(res))
-    rows = [] if single is None else [comparison(
-        f"DDP over {n} devices, Lightning all ranks vs {n} x one device ({ctx.device_name()}, {backend}, "
-        f"{cfg.arch} at {res} px)", rate, n * single)]
+    rows = (
+        []
+        if single is None
+        else [
+            comparison(
+                f"DDP over {n} devices, Lightning all ranks vs {n} x one device ({ctx.device_name()}, {backend}, "
+                f"{cfg.arch} at {res} px)",
+                rate,
+                n * single,
+            )
+        ]
+    )
     return {"rows": rows, "details": details}
 
 
@@ -535,8 +702,11 @@ class Part:
 
 
 PARTS: dict[str, Part] = {
-    "prepare": Part(part_prepare), "mark": Part(part_mark), "train": Part(part_train, needs_prepare=True),
-    "audit": Part(part_audit, needs_prepare=True), "dag": Part(part_dag, needs_prepare=True),
+    "prepare": Part(part_prepare),
+    "mark": Part(part_mark),
+    "train": Part(part_train, needs_prepare=True),
+    "audit": Part(part_audit, needs_prepare=True),
+    "dag": Part(part_dag, needs_prepare=True),
     "ddp": Part(part_ddp, needs_prepare=True),
 }
 
@@ -597,13 +767,28 @@ def run_part(name: str, ctx: Context, report_path: Path, timeout: float) -> dict
     logs, result = ctx.work / "logs", ctx.work / "results" / f"{name}.json"
     logs.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "bench.gpu_check", "--part", name, "--device", ctx.device, "--work", str(ctx.work),
-               "--result", str(result), "--context", str(report_path), *(["--tiny"] if ctx.scale is TINY else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--part",
+        name,
+        "--device",
+        ctx.device,
+        "--work",
+        str(ctx.work),
+        "--result",
+        str(result),
+        "--context",
+        str(report_path),
+        *(["--tiny"] if ctx.scale is TINY else []),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start, cpu = time.perf_counter(), _children_cpu_s()
     with open(logs / f"{name}.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             code: int | None = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -614,13 +799,19 @@ def run_part(name: str, ctx: Context, report_path: Path, timeout: float) -> dict
             except ProcessLookupError:
                 pass
             process.wait()
-    status: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 1),
-                              "cpu_s": round(_children_cpu_s() - cpu, 1), "log": str(logs / f"{name}.log")}
+    status: dict[str, Any] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu_s": round(_children_cpu_s() - cpu, 1),
+        "log": str(logs / f"{name}.log"),
+    }
     if code is None:
         return {"status": FAILED, "error": f"timed out after {timeout:.0f} s (its time box)", **status}
     if code != 0:
-        return {"status": FAILED, "error": _error_lines((logs / f"{name}.log").read_text(errors="replace"))[-1],
-                **status}
+        return {
+            "status": FAILED,
+            "error": _error_lines((logs / f"{name}.log").read_text(errors="replace"))[-1],
+            **status,
+        }
     if not result.is_file():
         return {"status": FAILED, "error": "ended without writing its results", **status}
     return {"status": PASSED, **status, **json.loads(result.read_text())}
@@ -651,10 +842,14 @@ def readme_line(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         met = "met" if row["ratio"] >= row.get("target", 0) else "missed"
         target = f", target {row['target']} {met}" if "target" in row else ""
-        rows.append(f"{row['case'].split(' (')[0]}: {row['ratio']:.2f}× ({row['ours']:,.0f} vs {row['baseline']:,.0f} "
-                    f"{row['unit']}{target})")
-    return (f"- `gpu.json` — `make gpu-check` on {gpu.get('name')} (driver {gpu.get('driver')}, CUDA "
-            f"{gpu.get('cuda_runtime')}), {report['started'][:10]}: {statuses}. " + "; ".join(rows))
+        rows.append(
+            f"{row['case'].split(' (')[0]}: {row['ratio']:.2f}× ({row['ours']:,.0f} vs {row['baseline']:,.0f} "
+            f"{row['unit']}{target})"
+        )
+    return (
+        f"- `gpu.json` — `make gpu-check` on {gpu.get('name')} (driver {gpu.get('driver')}, CUDA "
+        f"{gpu.get('cuda_runtime')}), {report['started'][:10]}: {statuses}. " + "; ".join(rows)
+    )
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -662,8 +857,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     work = Path(args.work or REPO / "runs" / f"gpu-check-{args.device}{'-tiny' if args.tiny else ''}").resolve()
     out = Path(args.out or (GPU_JSON if args.device == "cuda" and not args.tiny else work / "gpu.json")).resolve()
     if out == GPU_JSON and (args.device != "cuda" or args.tiny):
-        print(f"error: --out {GPU_JSON}: holds full-size CUDA numbers only; write CPU or --tiny runs elsewhere",
-              file=sys.stderr)
+        print(
+            f"error: --out {GPU_JSON}: holds full-size CUDA numbers only; write CPU or --tiny runs elsewhere",
+            file=sys.stderr,
+        )
         return 2
     names = list(PARTS) if args.parts is None else args.parts.split(",")
     if unknown := [n for n in names if n not in PARTS]:
@@ -673,10 +870,14 @@ def orchestrate(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         smi = nvidia_smi()
-        driver = (f"nvidia-smi: driver {smi.get('driver')}, CUDA up to {smi.get('driver_cuda')}" if smi
-                  else "no nvidia-smi")
-        print(f"error: --device cuda: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no GPU "
-              f"({driver}); --device cpu --tiny checks the CPU path", file=sys.stderr)
+        driver = (
+            f"nvidia-smi: driver {smi.get('driver')}, CUDA up to {smi.get('driver_cuda')}" if smi else "no nvidia-smi"
+        )
+        print(
+            f"error: --device cuda: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no GPU "
+            f"({driver}); --device cpu --tiny checks the CPU path",
+            file=sys.stderr,
+        )
         return 2
     from pipeline.store import write_json
 
@@ -686,11 +887,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         previous = {}  # only a rerun of some parts on the same device and scale keeps the others' results
     gpu = environment(args.device)
     report: dict[str, Any] = {
-        "rows": [], "machine": machine() + (f", {gpu['name']} x {gpu['count']}" if gpu.get("name") else ""),
-        "device": args.device, "scale": "tiny" if args.tiny else "full", "gpu": gpu,
+        "rows": [],
+        "machine": machine() + (f", {gpu['name']} x {gpu['count']}" if gpu.get("name") else ""),
+        "device": args.device,
+        "scale": "tiny" if args.tiny else "full",
+        "gpu": gpu,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
-        "budget_s": args.budget_s or scale.budget_s, "parts": previous.get("parts", {}), "throughput": {},
+        "budget_s": args.budget_s or scale.budget_s,
+        "parts": previous.get("parts", {}),
+        "throughput": {},
     }
     ctx = Context(args.device, scale, work)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # runs run_part's clean-up
@@ -712,8 +918,10 @@ def orchestrate(args: argparse.Namespace) -> int:
         collect(report)
         write_json(out, report)
     for row in report["rows"]:
-        print(f"{row['case']}\n    ours {row['ours']:,.1f}  baseline {row['baseline']:,.1f} {row['unit']}  "
-              f"x{row['ratio']:.3f}" + (f" (target {row['target']})" if "target" in row else ""))
+        print(
+            f"{row['case']}\n    ours {row['ours']:,.1f}  baseline {row['baseline']:,.1f} {row['unit']}  "
+            f"x{row['ratio']:.3f}" + (f" (target {row['target']})" if "target" in row else "")
+        )
     print(f"gpu-check: wrote {out}")
     if out == GPU_JSON:
         update_bench_readme("gpu.json", readme_line(report))
@@ -725,8 +933,12 @@ def run_one_part(args: argparse.Namespace) -> int:
     from pipeline.store import write_json
 
     context = Path(args.context)
-    ctx = Context(args.device, TINY if args.tiny else FULL, Path(args.work),
-                  json.loads(context.read_text()) if context.is_file() else {})
+    ctx = Context(
+        args.device,
+        TINY if args.tiny else FULL,
+        Path(args.work),
+        json.loads(context.read_text()) if context.is_file() else {},
+    )
     result = PARTS[args.part].run(ctx)
     if result is not None:
         write_json(args.result, result)
@@ -739,17 +951,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds per part): the CPU test of every path")
     parser.add_argument("--work", help="folder for data, logs and runs (default runs/gpu-check-<device>)")
     parser.add_argument("--out", help="the JSON to write (default: results/bench/gpu.json on CUDA, else in --work)")
-    parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} to (re)run; the JSON keeps "
-                                        "the other parts' results")
+    parser.add_argument(
+        "--parts",
+        help=f"comma-separated subset of {','.join(PARTS)} to (re)run; the JSON keeps the other parts' results",
+    )
     parser.add_argument("--budget-s", type=int, help="seconds for all parts together (default 480 on CUDA)")
-    parser.add_argument("--time-box", action="append", default=[], metavar="PART=SECONDS",
-                        help="override one part's time box (repeatable)")
+    parser.add_argument(
+        "--time-box",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="override one part's time box (repeatable)",
+    )
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # the orchestrator's child processes
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--context", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    bad = [item for item in args.time_box if "=" not in item or item.split("=", 1)[0] not in PARTS
-           or not item.split("=", 1)[1].isdigit()]
+    bad = [
+        item
+        for item in args.time_box
+        if "=" not in item or item.split("=", 1)[0] not in PARTS or not item.split("=", 1)[1].isdigit()
+    ]
     if bad:
         print(f"error: --time-box {bad[0]}: expected PART=SECONDS with a part of {', '.join(PARTS)}", file=sys.stderr)
         return 2

@@ -87,31 +87,48 @@ def _write_one(task: tuple[str, int, int, int, int]) -> tuple[int, int, int]:
     return image.shape[1], image.shape[0], path.stat().st_size
 
 
-def generate(root: Path, images: int, per_class: int = 1300, val_per_class: int = 50, seed: int = 0,
-             workers: int = 2) -> dict[str, object]:
+def generate(
+    root: Path, images: int, per_class: int = 1300, val_per_class: int = 50, seed: int = 0, workers: int = 2
+) -> dict[str, object]:
     """Write about `images` training images (whole classes of `per_class`) and `val_per_class`
     validation images per class under `root`; returns what was written (also in `root/dataset.json`).
     Files already there with the same settings are kept, so an interrupted run continues."""
     n_classes = max(1, math.ceil(images / per_class))
-    spec = {"images": images, "per_class": per_class, "val_per_class": val_per_class, "seed": seed,
-            "quality": QUALITY, "classes": n_classes}
+    spec = {
+        "images": images,
+        "per_class": per_class,
+        "val_per_class": val_per_class,
+        "seed": seed,
+        "quality": QUALITY,
+        "classes": n_classes,
+    }
     record = root / "dataset.json"
     if record.exists() and json.loads(record.read_text()).get("spec") == spec:
         return json.loads(record.read_text())
-    for split, count in (("train", per_class), ("val", val_per_class)):
+    for split in ("train", "val"):
         for cls in range(n_classes):
             (root / split / f"n{cls:08d}").mkdir(parents=True, exist_ok=True)
-    tasks = [(str(root), seed, split, cls, i) for split, count in ((0, per_class), (1, val_per_class))
-             for cls in range(n_classes) for i in range(count)]
+    tasks = [
+        (str(root), seed, split, cls, i)
+        for split, count in ((0, per_class), (1, val_per_class))
+        for cls in range(n_classes)
+        for i in range(count)
+    ]
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
         written = list(pool.map(_write_one, tasks, chunksize=64))
     sizes = np.array(written, dtype=np.float64)
-    summary = {"spec": spec, "train_images": n_classes * per_class, "val_images": n_classes * val_per_class,
-               "mean_width": round(sizes[:, 0].mean(), 1), "mean_height": round(sizes[:, 1].mean(), 1),
-               "shorter_side_p5_p95": np.percentile(sizes[:, :2].min(1), [5, 95]).round().tolist(),
-               "mean_kb": round(sizes[:, 2].mean() / 1000, 1), "total_gb": round(sizes[:, 2].sum() / 1e9, 2),
-               "seconds": round(time.perf_counter() - started, 1)}
+    summary = {
+        "spec": spec,
+        "train_images": n_classes * per_class,
+        "val_images": n_classes * val_per_class,
+        "mean_width": round(sizes[:, 0].mean(), 1),
+        "mean_height": round(sizes[:, 1].mean(), 1),
+        "shorter_side_p5_p95": np.percentile(sizes[:, :2].min(1), [5, 95]).round().tolist(),
+        "mean_kb": round(sizes[:, 2].mean() / 1000, 1),
+        "total_gb": round(sizes[:, 2].sum() / 1e9, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_json(record, summary)
     return summary
 
@@ -129,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --images, --per-class, --val-per-class and --workers must be at least 1", file=sys.stderr)
         return 2
     summary = generate(args.out, args.images, args.per_class, args.val_per_class, args.seed, args.workers)
-    print(f"{args.out}: {summary['train_images']:,} training and {summary['val_images']:,} validation images in "
-          f"{summary['spec']['classes']} classes, mean {summary['mean_width']:.0f} x {summary['mean_height']:.0f} px, "
-          f"{summary['mean_kb']:.0f} KB each ({summary['total_gb']} GB)")
+    print(
+        f"{args.out}: {summary['train_images']:,} training and {summary['val_images']:,} validation images in "
+        f"{summary['spec']['classes']} classes, mean {summary['mean_width']:.0f} x {summary['mean_height']:.0f} px, "
+        f"{summary['mean_kb']:.0f} KB each ({summary['total_gb']} GB)"
+    )
     return 0
 
 

@@ -9,10 +9,11 @@ the same rate, momentum and weight decay on the same batches, held in memory so 
 They take turns within each repeat so machine load hits them alike. Run `python -m bench.lightning`
 from the repository root; it writes results/bench/lightning.json and its results/bench/README.md line.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import lightning as L
 import torch
@@ -23,15 +24,28 @@ from pipeline.config import TrainConfig
 from pipeline.training.module import Classifier
 
 SIZE, BATCH, STEPS, WIDTH, REPEATS = 32, 128, 30, 32, 3
-CONFIG = TrainConfig(arch="small_cnn", width=WIDTH, batch_size=BATCH, lr=0.05, schedule="constant",
-                     precision="32-true", accelerator="cpu")
+CONFIG = TrainConfig(
+    arch="small_cnn",
+    width=WIDTH,
+    batch_size=BATCH,
+    lr=0.05,
+    schedule="constant",
+    precision="32-true",
+    accelerator="cpu",
+)
 
 
 def make_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
-             .contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (BATCH,), generator=generator))
-            for _ in range(STEPS)]
+    return [
+        (
+            torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator).contiguous(
+                memory_format=torch.channels_last
+            ),
+            torch.randint(0, 10, (BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def new_module() -> Classifier:
@@ -73,17 +87,28 @@ class EpochTimer(L.Callback):
 
 def lightning_rate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
-                        callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        precision="32-true",
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(new_module(), datamodule=InMemoryBatches(batches))
     return len(batches) * BATCH / timer.seconds
 
 
 def plain_rate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model = new_module().model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=CONFIG.lr, momentum=CONFIG.momentum, nesterov=True,
-                          weight_decay=CONFIG.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=CONFIG.lr, momentum=CONFIG.momentum, nesterov=True, weight_decay=CONFIG.weight_decay
+    )
     start = time.perf_counter()
     for images, labels in batches:
         opt.zero_grad(set_to_none=True)
@@ -102,10 +127,16 @@ def main() -> None:
     where = f"small_cnn width {WIDTH}, {SIZE}x{SIZE}, batch {BATCH}, {STEPS} steps, fp32, cpu"
     row = comparison(f"Lightning Classifier vs plain PyTorch loop, {where}", median["lightning"], median["plain"])
     slower = (1 - row["ratio"]) * 100
-    publish("lightning.json", [row], (
-        f"- `lightning.json` — training-step throughput ({where}; a shared 2-core machine): the Lightning module "
-        f"runs at {row['ratio']:.3f}× a plain PyTorch loop ({median['lightning']:.0f} vs {median['plain']:.0f} img/s, "
-        f"{slower:.1f}% {'slower' if slower >= 0 else 'faster'})"))
+    publish(
+        "lightning.json",
+        [row],
+        (
+            f"- `lightning.json` — training-step throughput ({where}; a shared 2-core machine): the Lightning module "
+            f"runs at {row['ratio']:.3f}× a plain PyTorch loop "
+            f"({median['lightning']:.0f} vs {median['plain']:.0f} img/s, "
+            f"{slower:.1f}% {'slower' if slower >= 0 else 'faster'})"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ same number of workers, taking turns within each repeat so machine load hits the
 Run `python -m bench.loader` from the repository root; it writes results/bench/loader.json and the
 `loader.json` line of results/bench/README.md.
 """
+
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ import torchvision
 from torchvision.transforms import v2
 
 from bench.common import comparison, interleaved_medians, publish, write_jpeg_folder
-from pipeline.data.betons import ImageStorage, make_loader, write_beton
 from pipeline.config import DataConfig
+from pipeline.data.betons import ImageStorage, make_loader, write_beton
 from pipeline.data.sources import full_resolution, load_source
 
 CLASSES, PER_CLASS, SIZES = 10, 200, ((320, 240), (240, 320), (300, 300))
@@ -55,22 +56,35 @@ def main() -> None:
         sides: dict[str, Iterable] = {"torchvision": torchvision_loader(root)}
         for mode in ("jpg", "raw"):
             beton = Path(tmp) / f"{mode}.beton"
-            write_beton(beton, images, data.train_labels, np.arange(n), num_workers=WORKERS,
-                        storage=ImageStorage(mode=mode, jpeg_quality=90))
+            write_beton(
+                beton,
+                images,
+                data.train_labels,
+                np.arange(n),
+                num_workers=WORKERS,
+                storage=ImageStorage(mode=mode, jpeg_quality=90),
+            )
             sides[mode] = make_loader(beton, BATCH, WORKERS, train=True, augment="flip", resolution=RESOLUTION)
         for loader in sides.values():  # warm-up epoch: numba compilation of FFCV's pipeline, page cache
             _rate(loader)
         # one epoch each per round; loaders are built once, as in training
-        median = interleaved_medians({name: (lambda loader=loader: _rate(loader)) for name, loader in sides.items()},
-                                     REPEATS)
+        median = interleaved_medians(
+            {name: (lambda loader=loader: _rate(loader)) for name, loader in sides.items()}, REPEATS
+        )
     where = f"{n} JPEGs of ~300 px, random-resized crop {RESOLUTION} + flip, batch {BATCH}, {WORKERS} workers"
     for mode, stored in (("jpg", "JPEG q90"), ("raw", "raw pixels")):
-        rows.append(comparison(f"FFCV ({stored}) vs torchvision ImageFolder, {where}", median[mode],
-                               median["torchvision"]))
-    publish("loader.json", rows, (
-        f"- `loader.json` — training loader throughput ({where}; a shared 2-core machine): FFCV from JPEG "
-        f"{rows[0]['ratio']:.2f}× torchvision ImageFolder + DataLoader ({median['jpg']:.0f} vs "
-        f"{median['torchvision']:.0f} img/s), from raw pixels {rows[1]['ratio']:.2f}× ({median['raw']:.0f} img/s)"))
+        rows.append(
+            comparison(f"FFCV ({stored}) vs torchvision ImageFolder, {where}", median[mode], median["torchvision"])
+        )
+    publish(
+        "loader.json",
+        rows,
+        (
+            f"- `loader.json` — training loader throughput ({where}; a shared 2-core machine): FFCV from JPEG "
+            f"{rows[0]['ratio']:.2f}× torchvision ImageFolder + DataLoader ({median['jpg']:.0f} vs "
+            f"{median['torchvision']:.0f} img/s), from raw pixels {rows[1]['ratio']:.2f}× ({median['raw']:.0f} img/s)"
+        ),
+    )
 
 
 if __name__ == "__main__":

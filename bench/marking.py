@@ -6,6 +6,7 @@ draw each image's parameters with `perlin_params` and the images of our batch re
 seeds, so both do the same work per image. Run `python -m bench.marking` from the repository root;
 it writes results/bench/marking.json and the `marking.json` line of results/bench/README.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ import functools  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -43,8 +45,15 @@ def official_perlin_map(height: int, width: int, period: float, octaves: int, ba
     out = np.empty((height, width))
     for row in range(height):
         for col in range(width):
-            out[row, col] = pnoise2(col / period, row / period, octaves=octaves, lacunarity=2.0,
-                                    repeatx=LATTICE_REPEAT, repeaty=LATTICE_REPEAT, base=base)
+            out[row, col] = pnoise2(
+                col / period,
+                row / period,
+                octaves=octaves,
+                lacunarity=2.0,
+                repeatx=LATTICE_REPEAT,
+                repeaty=LATTICE_REPEAT,
+                base=base,
+            )
     return out
 
 
@@ -69,7 +78,9 @@ def official_noise_delta(seeds: np.ndarray, height: int, width: int, epsilon: fl
     return out
 
 
-def official_mark_batch(images: np.ndarray, pattern: np.ndarray, noise_seeds: np.ndarray, cfg: MarkConfig) -> np.ndarray:
+def official_mark_batch(
+    images: np.ndarray, pattern: np.ndarray, noise_seeds: np.ndarray, cfg: MarkConfig
+) -> np.ndarray:
     """The baseline: reproduces the official per-pixel approach (a Python loop over pixels calling
     `noise.pnoise2`, image by image), then clips and blends exactly like `mark_batch`.
 
@@ -139,8 +150,13 @@ def readme_line(rows: list[dict[str, Any]]) -> str:
         label = f"{match[1]}²" if match[1] == match[2] else f"{match[1]}×{match[2]}"
         if "torch-" in match[3]:
             label += " " + match[3]
-        parts.append(f"{label}: {row['ratio']:.1f}× (ours {_rate(row['ours'])} img/s vs {_rate(row['baseline'])} img/s)")
-    return "- `marking.json` — marking throughput per core vs the official per-pixel Perlin (noise.pnoise2): " + "; ".join(parts)
+        parts.append(
+            f"{label}: {row['ratio']:.1f}× (ours {_rate(row['ours'])} img/s vs {_rate(row['baseline'])} img/s)"
+        )
+    return (
+        "- `marking.json` — marking throughput per core vs the official per-pixel Perlin (noise.pnoise2): "
+        + "; ".join(parts)
+    )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ at a rate inside its binomial 95% limits; a powerful one gives the trained-on ow
 writes <out>/<design>.json for every design, results.json for the first (the tool's default) and
 README.md comparing them. Each design is one training run of the config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,19 +56,31 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
     for owner in read_json(run / "plan" / "users.json")["owners"]:
         out = run / "owner-audit" / f"{owner['owner_id']:05d}.json"
         if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already
-            results.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"],
-                            **read_json(out)})
+            results.append(
+                {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
+            )
             continue
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            status = mtrack(["audit", "--model", str(model), "--user",
-                             str(owner_folder(run / "mark", owner["owner_id"]) / "published"),
-                             "--draws-seed", str(child_seed(cfg.seed, 7, owner["owner_id"])), "--json", str(out)])
+            status = mtrack(
+                [
+                    "audit",
+                    "--model",
+                    str(model),
+                    "--user",
+                    str(owner_folder(run / "mark", owner["owner_id"]) / "published"),
+                    "--draws-seed",
+                    str(child_seed(cfg.seed, 7, owner["owner_id"])),
+                    "--json",
+                    str(out),
+                ]
+            )
         if status != 0:
             raise SystemExit(f"mtrack audit failed for owner {owner['owner_id']} (exit {status})")
         write_json(out, {**read_json(out), "seconds": time.perf_counter() - started})
-        results.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"],
-                        **read_json(out)})
+        results.append(
+            {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
+        )
     return results
 
 
@@ -77,23 +90,35 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
     trained = [a["p_value"] for a in audits if a["trained"]]
     never = [a["p_value"] for a in audits if not a["trained"]]
     k = cfg.plan.samples_per_user
-    setting = (f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
-               f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}; {len(trained)} "
-               f"trained-on and {len(never)} never-trained-on owners, each publishing {k} of {o.images if design != 'pattern' else k} "
-               f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)")
+    setting = (
+        f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
+        f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}; {len(trained)} "
+        f"trained-on and {len(never)} never-trained-on owners, each publishing {k} of "
+        f"{o.images if design != 'pattern' else k} "
+        f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)"
+    )
     population = read_json(Path(cfg.run_dir) / "audit-marked" / "metrics.json")
-    return {"design": design, "trained_on_p": trained, "never_trained_on_p": never, "n_images_per_owner": k,
-            "setting": setting, "images_per_owner_folder": o.images if design != "pattern" else k,
-            "smallest_possible_p_value": audits[0]["smallest_possible_p_value"],
-            "trained_on_at_0.01": sum(p <= 0.01 for p in trained),
-            "never_trained_on_rate_at_0.05": float(np.mean([p <= 0.05 for p in never])),
-            "never_trained_on_limits_at_0.05": binomial_limits(len(never), 0.05),
-            "audit_seconds_median": float(np.median(timed)) if (timed := [a["seconds"] for a in audits if "seconds" in a])
-            else None,  # the audits that were timed (resumed runs keep earlier results untimed)
-            "population_audit": {"auc": population["set_based"]["auc"],
-                                 "member_p_values": population["statistics"]["member_p_values"],
-                                 "n_nonmember_users": cfg.plan.n_nonmember_users},
-            "classes": {str(a["owner_id"]): a["class"] for a in audits}}
+    return {
+        "design": design,
+        "trained_on_p": trained,
+        "never_trained_on_p": never,
+        "n_images_per_owner": k,
+        "setting": setting,
+        "images_per_owner_folder": o.images if design != "pattern" else k,
+        "smallest_possible_p_value": audits[0]["smallest_possible_p_value"],
+        "trained_on_at_0.01": sum(p <= 0.01 for p in trained),
+        "never_trained_on_rate_at_0.05": float(np.mean([p <= 0.05 for p in never])),
+        "never_trained_on_limits_at_0.05": binomial_limits(len(never), 0.05),
+        "audit_seconds_median": float(np.median(timed))
+        if (timed := [a["seconds"] for a in audits if "seconds" in a])
+        else None,  # the audits that were timed (resumed runs keep earlier results untimed)
+        "population_audit": {
+            "auc": population["set_based"]["auc"],
+            "member_p_values": population["statistics"]["member_p_values"],
+            "n_nonmember_users": cfg.plan.n_nonmember_users,
+        },
+        "classes": {str(a["owner_id"]): a["class"] for a in audits},
+    }
 
 
 def _seconds(value: float | None) -> str:
@@ -101,35 +126,58 @@ def _seconds(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    lines = ["# Owner audit: `mtrack mark` / `mtrack audit` on trained networks", "",
-             f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).", "",
-             "| design | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
-             "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | seconds per audit |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Owner audit: `mtrack mark` / `mtrack audit` on trained networks",
+        "",
+        f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).",
+        "",
+        "| design | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
+        "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | seconds per audit |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t, lo_hi = np.array(r["trained_on_p"]), r["never_trained_on_limits_at_0.05"]
-        lines.append(f"| {r['design']} | {r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
-                     f"{np.median(t):.4g}, {t.max():.4g} | {r['never_trained_on_rate_at_0.05']:.3f} of "
-                     f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {_seconds(r['audit_seconds_median'])} |")
-    lines += ["", "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
-              "of all classes, `audit-marked` of each run):", "",
-              "| design's run | non-member users | AUC | trained-on owners at p ≤ 0.01 | member p (median, max) |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['design']} | {r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
+            f"{np.median(t):.4g}, {t.max():.4g} | {r['never_trained_on_rate_at_0.05']:.3f} of "
+            f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {_seconds(r['audit_seconds_median'])} |"
+        )
+    lines += [
+        "",
+        "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
+        "of all classes, `audit-marked` of each run):",
+        "",
+        "| design's run | non-member users | AUC | trained-on owners at p ≤ 0.01 | member p (median, max) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         pop = r["population_audit"]
         p = np.array(pop["member_p_values"])
-        lines.append(f"| {r['design']} | {pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
-                     f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |")
+        lines.append(
+            f"| {r['design']} | {pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
+            f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/owner-audit.yaml")
-    parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS),
-                        help="designs to run; the first is written to results.json")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every design's run (its run folder is named after run_dir)")
+    parser.add_argument(
+        "--designs",
+        nargs="+",
+        choices=DESIGNS,
+        default=list(DESIGNS),
+        help="designs to run; the first is written to results.json",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every design's run (its run folder is named after run_dir)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster

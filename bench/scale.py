@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -46,9 +47,21 @@ LOADER_IMAGES, LOADER_REPEATS, LOADER_BATCH = 3000, 3, 64
 
 
 def run_rehearsal(root: Path, run_dir: Path, launcher: str, partition: str | None) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(RECIPE), "--rehearse", "--launcher", launcher,
-           f"--set=data.root={root}", f"--set=run_dir={run_dir}", f"--set=results_dir={run_dir}/results",
-           "--set=wandb.enabled=true", "--set=wandb.mode=offline"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        str(RECIPE),
+        "--rehearse",
+        "--launcher",
+        launcher,
+        f"--set=data.root={root}",
+        f"--set=run_dir={run_dir}",
+        f"--set=results_dir={run_dir}/results",
+        "--set=wandb.enabled=true",
+        "--set=wandb.mode=offline",
+    ]
     cmd += [f"--set=launch.slurm.partition={partition}"] if partition else []
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
 
@@ -63,8 +76,9 @@ def job_times(run_dir: Path) -> dict[str, dict[str, float]]:
         return {}
     record = JobRecord.load(path)
     ids = ",".join(sorted({j.job_id.split("_")[0] for j in record.jobs}))
-    out = subprocess.run(["sacct", "-X", "-P", "-n", "-j", ids, "-o", "JobID,ElapsedRaw,Start,End"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-j", ids, "-o", "JobID,ElapsedRaw,Start,End"], capture_output=True, text=True
+    ).stdout
     rows = {r[0]: r[1:] for r in (line.split("|") for line in out.splitlines()) if len(r) == 4}
     times = {}
     for task in {j.task for j in record.jobs}:
@@ -106,23 +120,46 @@ def measure_size(n: int, data_dir: Path, runs: Path, launcher: str, partition: s
     for folder in sorted(p for p in run_dir.iterdir() if (p / "manifest.json").is_file()):
         manifest = read_json(folder / "manifest.json")
         name = folder.name
-        parts = [(f"{name}[{json.loads(r.read_text())['shard']}]", read_json(r)["usage"])
-                 for r in sorted(folder.glob("shard-*-of-*.json"))]
+        parts = [
+            (f"{name}[{json.loads(r.read_text())['shard']}]", read_json(r)["usage"])
+            for r in sorted(folder.glob("shard-*-of-*.json"))
+        ]
         parts.append((name if not parts else f"{name} (merge)", manifest["usage"]))
         images = images_through(name, written if name.startswith("train") else manifest, plan, 2)
         cpu = sum(u["cpu_seconds"] for _, u in parts)
-        stages.append({
-            "stage": name, "n_images": generated["train_images"], "seconds": round(sum(u["seconds"] for _, u in parts), 2),
-            **times.get(name, {"job_seconds": None, "wall_seconds": None}), "cpu_seconds": round(cpu, 2),
-            "peak_rss_mb": max(u["peak_rss_mb"] for _, u in parts), "peak_anon_mb": max(u["peak_anon_mb"] for _, u in parts),
-            "bytes_written": sum(u["bytes_written"] for _, u in parts), "images": images,
-            "images_per_s_per_core": round(images / cpu, 2) if cpu else None, "jobs": len(parts)})
+        stages.append(
+            {
+                "stage": name,
+                "n_images": generated["train_images"],
+                "seconds": round(sum(u["seconds"] for _, u in parts), 2),
+                **times.get(name, {"job_seconds": None, "wall_seconds": None}),
+                "cpu_seconds": round(cpu, 2),
+                "peak_rss_mb": max(u["peak_rss_mb"] for _, u in parts),
+                "peak_anon_mb": max(u["peak_anon_mb"] for _, u in parts),
+                "bytes_written": sum(u["bytes_written"] for _, u in parts),
+                "images": images,
+                "images_per_s_per_core": round(images / cpu, 2) if cpu else None,
+                "jobs": len(parts),
+            }
+        )
         jobs += [{"job": job, "stage": name, "n_images": generated["train_images"], **usage} for job, usage in parts]
-    return {"n_images": generated["train_images"], "data": generated, "rehearsal_seconds": round(total, 1),
-            "config": {"n_train": written["n_train"], "users": len(plan["users"]), "K": len(plan["users"][0]["sample_ids"]),
-                       "mark_shards": cfg.launch.mark_shards, "audit_shards": cfg.launch.audit_shards,
-                       "storage": written["storage"], "max_resolution": cfg.data.max_resolution},
-            "stages": stages, "jobs": jobs, "run_dir": str(run_dir)}
+    return {
+        "n_images": generated["train_images"],
+        "data": generated,
+        "rehearsal_seconds": round(total, 1),
+        "config": {
+            "n_train": written["n_train"],
+            "users": len(plan["users"]),
+            "K": len(plan["users"][0]["sample_ids"]),
+            "mark_shards": cfg.launch.mark_shards,
+            "audit_shards": cfg.launch.audit_shards,
+            "storage": written["storage"],
+            "max_resolution": cfg.data.max_resolution,
+        },
+        "stages": stages,
+        "jobs": jobs,
+        "run_dir": str(run_dir),
+    }
 
 
 def loader_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
@@ -149,11 +186,21 @@ def loader_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
     for kind, train in (("train", True), ("eval", False)):
         dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transforms[kind])
         sides[f"torchvision {kind}"] = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, chosen.tolist()), batch_size=LOADER_BATCH, shuffle=train,
-            num_workers=workers, drop_last=train)
-        sides[f"ffcv {kind}"] = make_loader(beton, LOADER_BATCH, workers, train=train, augment="flip" if train else "none",
-                                            resolution=train_res if train else eval_res,
-                                            indices=np.arange(count, dtype=np.uint64))
+            torch.utils.data.Subset(dataset, chosen.tolist()),
+            batch_size=LOADER_BATCH,
+            shuffle=train,
+            num_workers=workers,
+            drop_last=train,
+        )
+        sides[f"ffcv {kind}"] = make_loader(
+            beton,
+            LOADER_BATCH,
+            workers,
+            train=train,
+            augment="flip" if train else "none",
+            resolution=train_res if train else eval_res,
+            indices=np.arange(count, dtype=np.uint64),
+        )
 
     def rate(loader: Iterable) -> float:
         start, count = time.perf_counter(), 0
@@ -163,15 +210,26 @@ def loader_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
 
     for loader in sides.values():  # warm-up: numba compilation, page cache
         rate(loader)
-    median = interleaved_medians({name: (lambda loader=loader: rate(loader)) for name, loader in sides.items()},
-                                 LOADER_REPEATS)
-    where = (f"{count} ImageNet-shaped images, batch {LOADER_BATCH}, {workers} workers; FFCV from the rehearsal's "
-             f"train.beton ({cfg.data.clean_write_mode}: {cfg.data.compress_probability:.0%} JPEG q{cfg.data.jpeg_quality}, "
-             f"the rest raw, longer side <= {cfg.data.max_resolution}), torchvision from the JPEG files")
-    return [comparison(f"training loader, random-resized crop {train_res} + flip: FFCV vs torchvision ImageFolder; {where}",
-                       median["ffcv train"], median["torchvision train"]),
-            comparison(f"evaluation loader, 224/256 centre crop at {eval_res}: FFCV vs torchvision ImageFolder; {where}",
-                       median["ffcv eval"], median["torchvision eval"])]
+    median = interleaved_medians(
+        {name: (lambda loader=loader: rate(loader)) for name, loader in sides.items()}, LOADER_REPEATS
+    )
+    where = (
+        f"{count} ImageNet-shaped images, batch {LOADER_BATCH}, {workers} workers; FFCV from the rehearsal's "
+        f"train.beton ({cfg.data.clean_write_mode}: {cfg.data.compress_probability:.0%} JPEG q{cfg.data.jpeg_quality}, "
+        f"the rest raw, longer side <= {cfg.data.max_resolution}), torchvision from the JPEG files"
+    )
+    return [
+        comparison(
+            f"training loader, random-resized crop {train_res} + flip: FFCV vs torchvision ImageFolder; {where}",
+            median["ffcv train"],
+            median["torchvision train"],
+        ),
+        comparison(
+            f"evaluation loader, 224/256 centre crop at {eval_res}: FFCV vs torchvision ImageFolder; {where}",
+            median["ffcv eval"],
+            median["torchvision eval"],
+        ),
+    ]
 
 
 def one_file_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
@@ -188,20 +246,37 @@ def one_file_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
     data = load_source(cfg.data)
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         start = time.perf_counter()
-        clean = TrainingRecords(StoredImages(data.train_images, cfg.data.max_resolution), train_ids, None,
-                                np.zeros(0, np.int64))
-        write_beton(Path(tmp) / "clean.beton", clean, data.train_labels[train_ids], train_ids,
-                    num_workers=min(cfg.write.num_workers, os.cpu_count() or 1), storage=image_storage(cfg))
+        clean = TrainingRecords(
+            StoredImages(data.train_images, cfg.data.max_resolution), train_ids, None, np.zeros(0, np.int64)
+        )
+        write_beton(
+            Path(tmp) / "clean.beton",
+            clean,
+            data.train_labels[train_ids],
+            train_ids,
+            num_workers=min(cfg.write.num_workers, os.cpu_count() or 1),
+            storage=image_storage(cfg),
+        )
         copy_seconds, copy_bytes = time.perf_counter() - start, (Path(tmp) / "clean.beton").stat().st_size
     ours_bytes = written["sizes"]["train.beton"]
     n = written["n_train"]
     write_seconds = written["usage"]["seconds"]
-    return [comparison(f"write stage, {n:,} training images: one training file for both arms vs one per arm "
-                       f"(the clean copy written again: {copy_seconds:.0f} s)", n / write_seconds,
-                       n / (write_seconds + copy_seconds), "training images/s"),
-            comparison(f"training data on disk, {n:,} images: one file ({ours_bytes / 1e9:.2f} GB) vs one per arm "
-                       f"({(ours_bytes + copy_bytes) / 1e9:.2f} GB)", n / (ours_bytes / 1e9),
-                       n / ((ours_bytes + copy_bytes) / 1e9), "training images/GB")]
+    return [
+        comparison(
+            f"write stage, {n:,} training images: one training file for both arms vs one per arm "
+            f"(the clean copy written again: {copy_seconds:.0f} s)",
+            n / write_seconds,
+            n / (write_seconds + copy_seconds),
+            "training images/s",
+        ),
+        comparison(
+            f"training data on disk, {n:,} images: one file ({ours_bytes / 1e9:.2f} GB) vs one per arm "
+            f"({(ours_bytes + copy_bytes) / 1e9:.2f} GB)",
+            n / (ours_bytes / 1e9),
+            n / ((ours_bytes + copy_bytes) / 1e9),
+            "training images/GB",
+        ),
+    ]
 
 
 def slope(ns: list[float], values: list[float]) -> float | None:
@@ -221,10 +296,13 @@ def fits(stages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rows = sorted((s for s in stages if s["stage"] == name), key=lambda s: s["n_images"])
         ns = [r["n_images"] for r in rows]
         last, before = rows[-1], rows[-2] if len(rows) > 1 else None
-        out[name] = {"sizes": ns, "seconds_slope": slope(ns, [r["job_seconds"] or r["seconds"] for r in rows]),
-                     "cpu_seconds_slope": slope(ns, [r["cpu_seconds"] for r in rows]),
-                     "anon_growth": None if before is None else round(last["peak_anon_mb"] / before["peak_anon_mb"], 3),
-                     "rss_growth": None if before is None else round(last["peak_rss_mb"] / before["peak_rss_mb"], 3)}
+        out[name] = {
+            "sizes": ns,
+            "seconds_slope": slope(ns, [r["job_seconds"] or r["seconds"] for r in rows]),
+            "cpu_seconds_slope": slope(ns, [r["cpu_seconds"] for r in rows]),
+            "anon_growth": None if before is None else round(last["peak_anon_mb"] / before["peak_anon_mb"], 3),
+            "rss_growth": None if before is None else round(last["peak_rss_mb"] / before["peak_rss_mb"], 3),
+        }
     return out
 
 
@@ -240,20 +318,36 @@ def imagenet_estimates(result: dict[str, Any]) -> list[dict[str, Any]]:
     largest = max(s["n_images"] for s in result["stages"])
     at = {s["stage"]: s for s in result["stages"] if s["n_images"] == largest}
     users = (cfg.plan.n_member_users + cfg.plan.n_nonmember_users) * cfg.plan.samples_per_user
-    images = {"plan": IMAGENET_IMAGES, "mark": users, "report": cfg.plan.n_member_users + cfg.plan.n_nonmember_users,
-              "write": cfg.data.n_train + cfg.plan.n_member_users * cfg.plan.samples_per_user + 50_000 + users}
-    parallel = {"mark": min(cfg.launch.mark_shards, cfg.launch.slurm.array_parallelism),
-                "write": cfg.write.num_workers, "plan": 1, "report": 1}
+    images = {
+        "plan": IMAGENET_IMAGES,
+        "mark": users,
+        "report": cfg.plan.n_member_users + cfg.plan.n_nonmember_users,
+        "write": cfg.data.n_train + cfg.plan.n_member_users * cfg.plan.samples_per_user + 50_000 + users,
+    }
+    parallel = {
+        "mark": min(cfg.launch.mark_shards, cfg.launch.slurm.array_parallelism),
+        "write": cfg.write.num_workers,
+        "plan": 1,
+        "report": 1,
+    }
     rows = []
     for stage, n in images.items():
         s = at[stage]
         per_image = s["cpu_seconds"] / s["images"]
         cpu_hours = per_image * n / 3600
         estimate = dry.get(stage)
-        rows.append({"stage": stage, "images": n, "cpu_seconds_per_image": per_image, "cpu_hours": cpu_hours,
-                     "wall_hours": cpu_hours / parallel[stage], "parallel": parallel[stage],
-                     "dry_run_wall_hours": None if estimate is None or estimate.wall_s is None else estimate.wall_s / 3600,
-                     "dry_run_used": None if estimate is None else estimate.used})
+        rows.append(
+            {
+                "stage": stage,
+                "images": n,
+                "cpu_seconds_per_image": per_image,
+                "cpu_hours": cpu_hours,
+                "wall_hours": cpu_hours / parallel[stage],
+                "parallel": parallel[stage],
+                "dry_run_wall_hours": None if estimate is None or estimate.wall_s is None else estimate.wall_s / 3600,
+                "dry_run_used": None if estimate is None else estimate.used,
+            }
+        )
     return rows
 
 
@@ -274,8 +368,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[1].plot(ns, [r["peak_anon_mb"] for r in rows], "o-", label=name)
         axes[2].plot(ns, [r["peak_rss_mb"] for r in rows], "o-", label=name)
     ns = sorted({s["n_images"] for s in result["stages"]})
-    for ax, what in zip(axes, ("CPU seconds (all jobs of the stage)", "peak anonymous memory, MB (largest job)",
-                               "peak RSS incl. mapped files, MB (largest job)")):
+    for ax, what in zip(
+        axes,
+        (
+            "CPU seconds (all jobs of the stage)",
+            "peak anonymous memory, MB (largest job)",
+            "peak RSS incl. mapped files, MB (largest job)",
+        ),
+    ):
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("images in the folder"), ax.set_title(what, fontsize=10), ax.grid(alpha=0.3, which="both")
     reference = np.array([ns[0], ns[-1]], dtype=float)
@@ -291,36 +391,58 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     sizes = sorted({s["n_images"] for s in result["stages"]})
-    head = "| stage | " + " | ".join(f"{n:,} images: CPU s / job s / anon MB / RSS MB / GB written" for n in sizes) + \
-           " | CPU-s slope | job-s slope | anon growth (last two) |\n" + "|---" * (len(sizes) + 4) + "|\n"
+    head = (
+        "| stage | "
+        + " | ".join(f"{n:,} images: CPU s / job s / anon MB / RSS MB / GB written" for n in sizes)
+        + " | CPU-s slope | job-s slope | anon growth (last two) |\n"
+        + "|---" * (len(sizes) + 4)
+        + "|\n"
+    )
     lines = []
     for name, fit in result["fits"].items():
         cells = []
         for n in sizes:
             s = next((s for s in result["stages"] if s["stage"] == name and s["n_images"] == n), None)
-            cells.append("—" if s is None else f"{s['cpu_seconds']:.0f} / {s['job_seconds'] or s['seconds']:.0f} / "
-                                               f"{s['peak_anon_mb']:.0f} / "
-                                               f"{s['peak_rss_mb']:.0f} / {s['bytes_written'] / 1e9:.2f}")
+            cells.append(
+                "—"
+                if s is None
+                else f"{s['cpu_seconds']:.0f} / {s['job_seconds'] or s['seconds']:.0f} / "
+                f"{s['peak_anon_mb']:.0f} / "
+                f"{s['peak_rss_mb']:.0f} / {s['bytes_written'] / 1e9:.2f}"
+            )
         fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(fit['cpu_seconds_slope'], '.2f')} | "
-                     f"{fmt(fit['seconds_slope'], '.2f')} | {fmt(fit['anon_growth'], '.2f')} |")
-    text = ("# Scale: the ImageNet recipe rehearsed at growing sizes\n\n"
-            "Regenerate: `make scale` (`python -m bench.scale`); machine: " + result["machine"] + ".\n\n"
-            "Per stage (all its jobs together; memory of its largest job): CPU seconds, seconds its SLURM jobs ran "
-            "(sacct; array tasks summed, start-up included), peak "
-            "anonymous memory (what the job must have), peak RSS (including pages of memory-mapped files, which the "
-            "page cache can drop), bytes written; then the log-log slope of time against images (1 = linear) and "
-            "the growth of peak anonymous memory between the two largest sizes.\n\n" + head + "\n".join(lines) + "\n")
-    text += ("\n## Extrapolated to ImageNet-1k (the recipe: its users, shards and workers)\n\n"
-             "| stage | images | CPU s per image (largest size) | CPU-hours | wall hours at | dry-run estimate (wall) |\n"
-             "|---|---|---|---|---|---|\n")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {fmt(fit['cpu_seconds_slope'], '.2f')} | "
+            f"{fmt(fit['seconds_slope'], '.2f')} | {fmt(fit['anon_growth'], '.2f')} |"
+        )
+    text = (
+        "# Scale: the ImageNet recipe rehearsed at growing sizes\n\n"
+        "Regenerate: `make scale` (`python -m bench.scale`); machine: " + result["machine"] + ".\n\n"
+        "Per stage (all its jobs together; memory of its largest job): CPU seconds, seconds its SLURM jobs ran "
+        "(sacct; array tasks summed, start-up included), peak "
+        "anonymous memory (what the job must have), peak RSS (including pages of memory-mapped files, which the "
+        "page cache can drop), bytes written; then the log-log slope of time against images (1 = linear) and "
+        "the growth of peak anonymous memory between the two largest sizes.\n\n" + head + "\n".join(lines) + "\n"
+    )
+    text += (
+        "\n## Extrapolated to ImageNet-1k (the recipe: its users, shards and workers)\n\n"
+        "| stage | images | CPU s per image (largest size) | CPU-hours | wall hours at | dry-run estimate (wall) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     for e in result["imagenet"]:
         dry = "—" if e["dry_run_wall_hours"] is None else f"{e['dry_run_wall_hours']:.2f} h ({e['dry_run_used']})"
-        text += (f"| {e['stage']} | {e['images']:,} | {e['cpu_seconds_per_image']:.4f} | {e['cpu_hours']:.1f} | "
-                 f"{e['wall_hours']:.2f} h with {e['parallel']} in parallel | {dry} |\n")
-    text += "\n## Loaders and one training file\n\n" + "\n".join(
-        f"- {r['case']}: ours {r['ours']:.1f}, baseline {r['baseline']:.1f} {r['unit']} (×{r['ratio']:.2f})"
-        for r in result["rows"]) + "\n"
+        text += (
+            f"| {e['stage']} | {e['images']:,} | {e['cpu_seconds_per_image']:.4f} | {e['cpu_hours']:.1f} | "
+            f"{e['wall_hours']:.2f} h with {e['parallel']} in parallel | {dry} |\n"
+        )
+    text += (
+        "\n## Loaders and one training file\n\n"
+        + "\n".join(
+            f"- {r['case']}: ours {r['ours']:.1f}, baseline {r['baseline']:.1f} {r['unit']} (×{r['ratio']:.2f})"
+            for r in result["rows"]
+        )
+        + "\n"
+    )
     return text
 
 
@@ -335,11 +457,16 @@ def report(result: dict[str, Any]) -> None:
     worst = max((f["cpu_seconds_slope"] or 0 for f in result["fits"].values()), default=0)
     growth = max((f["anon_growth"] or 0 for f in result["fits"].values()), default=0)
     sizes = sorted({s["n_images"] for s in result["stages"]})
-    update_bench_readme("scale.json", (
-        f"- `scale.json` — the ImageNet recipe rehearsed on {', '.join(f'{n:,}' for n in sizes)} ImageNet-shaped images "
-        f"on the SLURM cluster ([scale.md](scale.md), [scale.png](scale.png)): steepest CPU-time slope {worst:.2f} "
-        f"(log-log), largest growth of a job's peak anonymous memory between the two largest sizes ×{growth:.2f}; "
-        + "; ".join(f"{r['case'].split(':')[0]} ×{r['ratio']:.2f}" for r in result["rows"])))
+    update_bench_readme(
+        "scale.json",
+        (
+            f"- `scale.json` — the ImageNet recipe rehearsed on {', '.join(f'{n:,}' for n in sizes)} "
+            "ImageNet-shaped images "
+            f"on the SLURM cluster ([scale.md](scale.md), [scale.png](scale.png)): steepest CPU-time slope {worst:.2f} "
+            f"(log-log), largest growth of a job's peak anonymous memory between the two largest sizes ×{growth:.2f}; "
+            + "; ".join(f"{r['case'].split(':')[0]} ×{r['ratio']:.2f}" for r in result["rows"])
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=REPO / "runs", help="where the rehearsals' run folders go")
     parser.add_argument("--launcher", default="slurm", choices=("slurm", "local"))
     parser.add_argument("--partition", default=None)
-    parser.add_argument("--loaders-at", type=int, help="size whose run the loader and one-file rows are measured on "
-                                                       "(default: the largest measured here)")
+    parser.add_argument(
+        "--loaders-at",
+        type=int,
+        help="size whose run the loader and one-file rows are measured on (default: the largest measured here)",
+    )
     args = parser.parse_args(argv)
     result = read_json(OUT) if OUT.exists() else {"rows": [], "stages": [], "jobs": [], "sizes": {}}
     result["machine"] = machine()

@@ -6,6 +6,7 @@ noise. Images come in groups of one user each, marked with that user's pattern. 
 `python -m bench.survival` from the repository root; it writes results/marking/survival.json and
 the table in results/marking/README.md.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,8 @@ import numpy as np
 from bench.common import RESULTS, machine, write_text
 from pipeline.config import MarkConfig
 from pipeline.core.marking import make_pattern, mark_batch
-from pipeline.store import write_json
 from pipeline.core.survival import mark_survival
+from pipeline.store import write_json
 
 SIZES = {224: 32, 64: 128, 32: 256}  # image side -> images measured
 IMAGES_PER_USER = 8
@@ -63,8 +64,10 @@ def run(cfg: MarkConfig) -> list[dict[str, Any]]:
             patterns[user] = make_pattern(cfg, start // IMAGES_PER_USER, size, size)
             marked[user] = mark_batch(originals[user], patterns[start], seeds[user], cfg)
         survival = mark_survival(originals, marked, cfg, patterns, seeds, QUALITIES)
-        rows += [{"size": size, "storage": storage, **survival[storage], "n_images": n}
-                 for storage in ("raw", *(f"jpeg{q}" for q in QUALITIES))]
+        rows += [
+            {"size": size, "storage": storage, **survival[storage], "n_images": n}
+            for storage in ("raw", *(f"jpeg{q}" for q in QUALITIES))
+        ]
     return rows
 
 
@@ -89,8 +92,10 @@ def readme(result: dict[str, Any]) -> str:
         "| size | storage | images | whole mark | noise part |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['size']}² | {r['storage']} | {r['n_images']} | {_corr(r['full'])} | {_corr(r['noise'])} |"
-              for r in result["rows"]]
+    lines += [
+        f"| {r['size']}² | {r['storage']} | {r['n_images']} | {_corr(r['full'])} | {_corr(r['noise'])} |"
+        for r in result["rows"]
+    ]
     return "\n".join(lines) + "\n"
 
 

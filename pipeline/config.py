@@ -4,6 +4,7 @@ One YAML file describes a whole run; each stage reads only its own section. Unkn
 keys, wrong types and out-of-range values are rejected with a one-line error naming the file and
 the key, before any stage touches the run directory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 
 MAX_SEED = 2**63 - 1  # seeds are 63-bit throughout (numpy's SeedSequence refuses negative ones)
 MAX_PATTERNS, MAX_DRAWS = 1000, 9999  # an owner's audit marks and scores K images per candidate
@@ -75,11 +75,13 @@ class PlanConfig(_Strict):
     owners: OwnersConfig | None = None  # members are data owners using their own tool (owner-audit benchmark)
 
     @model_validator(mode="after")
-    def _owners_publish(self) -> "PlanConfig":
+    def _owners_publish(self) -> PlanConfig:
         o = self.owners
         if o is not None and (o.images == self.samples_per_user) != (o.design == "pattern"):
-            raise ValueError("plan.owners: the pattern design publishes all plan.owners.images, the others fewer: "
-                             "samples_per_user must equal images exactly for design 'pattern'")
+            raise ValueError(
+                "plan.owners: the pattern design publishes all plan.owners.images, the others fewer: "
+                "samples_per_user must equal images exactly for design 'pattern'"
+            )
         return self
 
 
@@ -97,7 +99,7 @@ class MarkConfig(_Strict):
     examples_users: int = Field(6, ge=1)  # users shown in the originals-vs-marked grid
 
     @model_validator(mode="after")
-    def _ood_source(self) -> "MarkConfig":
+    def _ood_source(self) -> MarkConfig:
         sources = [s for s in (self.ood_folder, self.ood_dataset) if s is not None]
         if self.pattern == "ood_image" and len(sources) != 1:
             raise ValueError("pattern 'ood_image' needs exactly one of mark.ood_folder or mark.ood_dataset")
@@ -144,7 +146,7 @@ class DefenseConfig(_Strict):
     dp: DPConfig | None = None
 
     @model_validator(mode="after")
-    def _pruning(self) -> "DefenseConfig":
+    def _pruning(self) -> DefenseConfig:
         if self.finetune_epochs and not self.prune_fraction:
             raise ValueError("train.defense.finetune_epochs fine-tunes after pruning; set prune_fraction")
         return self
@@ -194,7 +196,7 @@ class TrainConfig(_Strict):
     defense: DefenseConfig = DefenseConfig()
 
     @model_validator(mode="after")
-    def _schedule(self) -> "TrainConfig":
+    def _schedule(self) -> TrainConfig:
         if self.schedule == "multistep" and (not self.milestones or list(self.milestones) != sorted(self.milestones)):
             raise ValueError("schedule 'multistep' needs train.milestones: epochs in increasing order")
         if self.schedule == "onecycle" and self.warmup_epochs:
@@ -209,7 +211,6 @@ class TrainConfig(_Strict):
             # DDP would average raw gradients that DP-SGD then overwrites with each rank's own noisy ones
             raise ValueError("train.defense.dp trains on one device: set train.devices 1 and train.num_nodes 1")
         return self
-
 
     def resolution_at(self, epoch: int) -> int:
         """Training crop size at `epoch` under progressive resizing, as FFCV's ImageNet recipe computes
@@ -303,10 +304,12 @@ class RunConfig(_Strict):
     launch: LaunchConfig = LaunchConfig()  # where stages run: not part of any stage's config hash
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         if self.data.max_resolution is not None and self.train.resolution is None:
-            raise ValueError("data.max_resolution stores images at their own size: set train.resolution "
-                             "(random-resized-crop training) so batches have one size")
+            raise ValueError(
+                "data.max_resolution stores images at their own size: set train.resolution "
+                "(random-resized-crop training) so batches have one size"
+            )
         k, n = self.plan.samples_per_user, self.plan.n_member_users
         if k * n > self.data.n_train:
             raise ValueError(
@@ -344,7 +347,9 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{exc.object[exc.start]:02x}") from None
+        raise ConfigError(
+            f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{exc.object[exc.start]:02x}"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:

@@ -5,6 +5,7 @@ Progress is a live bar on a terminal and, in a batch log (SLURM, CI, a file), pl
 every `LINE_INTERVAL_S` seconds plus one at the end, so a log says how far a run got without
 filling up with carriage-return updates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 LINE_INTERVAL_S = 10.0
@@ -66,8 +68,9 @@ class Progress:
     every LINE_INTERVAL_S seconds and when the loop ends. `start` counts steps done before this
     process (a resumed run), so the ETA follows the rate of this process only."""
 
-    def __init__(self, label: str, total: int, unit: str = "", start: int = 0, live: bool | None = None,
-                 prefix: str = "") -> None:
+    def __init__(
+        self, label: str, total: int, unit: str = "", start: int = 0, live: bool | None = None, prefix: str = ""
+    ) -> None:
         self.label, self.total, self.unit, self.prefix = label, max(total, 1), unit, prefix
         self.done: float = start
         self.start = start
@@ -76,19 +79,33 @@ class Progress:
         self.bar: Any = None
         if sys.stderr.isatty() if live is None else live:
             from rich.console import Console
-            from rich.progress import (BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
-            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                    TimeRemainingColumn(), console=Console(stderr=True))
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
             self.task = self.bar.add_task(self.counts(), total=self.total, completed=start)
             self.bar.start()
 
     def counts(self) -> str:
         """`<label>: <prefix><done>/<total> <unit> (<pct>%)[, <detail>]`."""
         detail = f", {self.detail}" if self.detail else ""
-        return (f"{self.label}: {self.prefix}{int(self.done)}/{self.total}{' ' + self.unit if self.unit else ''} "
-                f"({100 * self.done / self.total:.0f}%){detail}")
+        return (
+            f"{self.label}: {self.prefix}{int(self.done)}/{self.total}{' ' + self.unit if self.unit else ''} "
+            f"({100 * self.done / self.total:.0f}%){detail}"
+        )
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.began

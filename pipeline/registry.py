@@ -1,7 +1,9 @@
 """Name -> builder registries, so configs choose components without if-chains."""
+
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from .store import StageError
 

@@ -55,10 +55,15 @@ def rehearsal_sizes(n_images: int, recipe: RunConfig) -> dict[str, int]:
     members = max(MIN_MEMBERS, round(recipe.plan.n_member_users * n_train / recipe.data.n_train))
     if n_train < 2 * members * USER_IMAGES:
         needed = held_out + 2 * members * USER_IMAGES
-        raise ConfigError(f"data.root: {n_images} training images are too few for a rehearsal (K = {USER_IMAGES}: "
-                          f"at least {needed})")
-    return {"data.n_train": n_train, "plan.n_member_users": members, "plan.n_nonmember_users": nonmembers,
-            "plan.samples_per_user": USER_IMAGES}
+        raise ConfigError(
+            f"data.root: {n_images} training images are too few for a rehearsal (K = {USER_IMAGES}: at least {needed})"
+        )
+    return {
+        "data.n_train": n_train,
+        "plan.n_member_users": members,
+        "plan.n_nonmember_users": nonmembers,
+        "plan.samples_per_user": USER_IMAGES,
+    }
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,11 @@ class Rehearsal:
 
     def summary(self) -> str:
         s = self.settings
-        return (f"rehearsal on {self.n_images:,} images: {s['data.n_train']:,} trained on, {s['plan.n_member_users']} "
-                f"member and {s['plan.n_nonmember_users']} non-member users of K = {s['plan.samples_per_user']}, "
-                f"{ARCH} for {EPOCHS} epochs on the CPU, in {s['run_dir']}")
+        return (
+            f"rehearsal on {self.n_images:,} images: {s['data.n_train']:,} trained on, {s['plan.n_member_users']} "
+            f"member and {s['plan.n_nonmember_users']} non-member users of K = {s['plan.samples_per_user']}, "
+            f"{ARCH} for {EPOCHS} epochs on the CPU, in {s['run_dir']}"
+        )
 
 
 def plan_rehearsal(config_path: str | Path, overrides: list[str], launcher: str) -> Rehearsal:
@@ -87,17 +94,31 @@ def plan_rehearsal(config_path: str | Path, overrides: list[str], launcher: str)
     cpus, mem_gb = node_limits(recipe, launcher)
     t = recipe.train
     per_step = t.batch_size * (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes
-    train = {"arch": ARCH, "width": WIDTH, "epochs": EPOCHS, "batch_size": BATCH, "eval_batch_size": 128,
-             "lr": round(t.lr * BATCH / per_step, 6),
-             "warmup_epochs": 0, "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
-             "num_workers": min(t.num_workers, cpus), "checkpoint_every_n_steps": 100}
+    train = {
+        "arch": ARCH,
+        "width": WIDTH,
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "eval_batch_size": 128,
+        "lr": round(t.lr * BATCH / per_step, 6),
+        "warmup_epochs": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "num_workers": min(t.num_workers, cpus),
+        "checkpoint_every_n_steps": 100,
+    }
     if t.min_resolution is not None:
         train["resize_epochs"] = [0, EPOCHS - 1]
     settings: dict[str, object] = {
-        **sizes, **{f"train.{k}": v for k, v in train.items()},
-        "audit.batch_size": 128, "audit.num_workers": min(recipe.audit.num_workers, cpus),
+        **sizes,
+        **{f"train.{k}": v for k, v in train.items()},
+        "audit.batch_size": 128,
+        "audit.num_workers": min(recipe.audit.num_workers, cpus),
         "write.num_workers": min(recipe.write.num_workers, cpus),
-        "run_dir": f"{recipe.run_dir}-rehearsal-{n_images}", "results_dir": f"{recipe.run_dir}-rehearsal-{n_images}/results",
+        "run_dir": f"{recipe.run_dir}-rehearsal-{n_images}",
+        "results_dir": f"{recipe.run_dir}-rehearsal-{n_images}/results",
     }
     slurm = recipe.launch.slurm
     for name, res in [("default", slurm.default), *((f"stages.{s}", r) for s, r in slurm.stages.items())]:

@@ -5,6 +5,7 @@ then renamed). A stage is done when its `manifest.json` exists and records the h
 it was built from; a re-run with the same config skips it, a different config is refused rather
 than silently mixing outputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,10 +15,11 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -207,8 +209,10 @@ class Stage:
             if out.stat().st_size != manifest.get("sizes", {}).get(rel, out.stat().st_size):
                 raise StageError(f"{out}: size differs from {manifest_path}; re-run the stage with --force")
             if verify_hashes and file_sha256(out) != digest:
-                raise StageError(f"{out}: content differs from {manifest_path} (replaced since the stage ran?); "
-                                 "re-run the stage with --force")
+                raise StageError(
+                    f"{out}: content differs from {manifest_path} (replaced since the stage ran?); "
+                    "re-run the stage with --force"
+                )
         return True
 
     def finish(self, outputs: list[str], **extra: Any) -> dict[str, Any]:
@@ -222,8 +226,11 @@ class Stage:
             "seconds": round(time.perf_counter() - self.started, 3),
             "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
             "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
-            "usage": usage_since(self.started, self.started_cpu,  # shard files are counted in their records
-                                 [self.path(rel) for rel in outputs if not SHARD_FILE.fullmatch(rel)]),
+            "usage": usage_since(
+                self.started,
+                self.started_cpu,  # shard files are counted in their records
+                [self.path(rel) for rel in outputs if not SHARD_FILE.fullmatch(rel)],
+            ),
             **extra,
         }
         write_json(self.path(MANIFEST), manifest)
@@ -246,8 +253,10 @@ class Stage:
         start_sampling()  # the peak memory the finished stage records is sampled from here on
         record = self.path(STARTED)
         if record.exists() and read_json(record).get("config_hash") != self.config_hash:
-            raise StageError(f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
-                             "use a new run_dir or --force")
+            raise StageError(
+                f"{self.dir}: holds partial work of stage '{self.name}' from a different config; "
+                "use a new run_dir or --force"
+            )
         try:
             self.dir.resolve().mkdir(parents=True, exist_ok=True)  # a shared stage's folder is a link (experiments)
         except OSError as exc:
@@ -276,8 +285,7 @@ def shard_record(name: str) -> str:
 def shard_done(stage: Stage, name: str) -> bool:
     """A shard is done when its file and a record holding this stage's config hash exist."""
     record = stage.path(shard_record(name))
-    return (record.exists() and stage.path(name).exists()
-            and read_json(record).get("config_hash") == stage.config_hash)
+    return record.exists() and stage.path(name).exists() and read_json(record).get("config_hash") == stage.config_hash
 
 
 def missing_shards(stage: Stage, num_shards: int) -> list[int]:
@@ -285,8 +293,9 @@ def missing_shards(stage: Stage, num_shards: int) -> list[int]:
     return [i for i in range(num_shards) if not shard_done(stage, shard_name(i, num_shards))]
 
 
-def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
-               write_shard: Callable[[int, Path], None]) -> list[str] | None:
+def run_shards(
+    stage: Stage, num_shards: int, only_shards: Sequence[int] | None, write_shard: Callable[[int, Path], None]
+) -> list[str] | None:
     """Run a sharded stage's missing shards (all of them, or only `only_shards`: one array task's).
 
     `write_shard(i, path)` writes shard i to `path` (atomically), then its record; re-running a
@@ -302,9 +311,15 @@ def run_shards(stage: Stage, num_shards: int, only_shards: Sequence[int] | None,
             started, started_cpu = time.perf_counter(), cpu_seconds()
             write_shard(shard, stage.path(names[shard]))
             written = [p for p in stage.dir.glob(f"{Path(names[shard]).stem}.*") if not p.name.endswith(".json")]
-            write_json(stage.path(shard_record(names[shard])),
-                       {"config_hash": stage.config_hash, "shard": shard, "num_shards": num_shards,
-                        "usage": usage_since(started, started_cpu, written)})
+            write_json(
+                stage.path(shard_record(names[shard])),
+                {
+                    "config_hash": stage.config_hash,
+                    "shard": shard,
+                    "num_shards": num_shards,
+                    "usage": usage_since(started, started_cpu, written),
+                },
+            )
     if missing_shards(stage, num_shards):
         return None
     stage.started, stage.started_cpu = time.perf_counter(), cpu_seconds()  # the manifest's usage: the merge's

@@ -15,8 +15,8 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import psutil
 
@@ -87,7 +87,13 @@ def usage_since(started: float, started_cpu: float, written: Sequence[Path]) -> 
     of memory (see the module docstring) and the bytes of the files it wrote."""
     start_sampling()
     assert _SAMPLER is not None
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return {"seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(cpu_seconds() - started_cpu, 3),
-            "peak_rss_mb": round(peak_kb / 1024, 1), "peak_anon_mb": round(_SAMPLER.sample() / 2**20, 1),
-            "bytes_written": int(sum(path.stat().st_size for path in written))}
+    peak_kb = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "cpu_seconds": round(cpu_seconds() - started_cpu, 3),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_anon_mb": round(_SAMPLER.sample() / 2**20, 1),
+        "bytes_written": int(sum(path.stat().st_size for path in written)),
+    }

@@ -6,6 +6,7 @@ Each module belongs to a layer; a layer may import only the layers it lists in A
 itself). tests/test_layers.py checks the rule, the absence of cycles, and that the committed
 drawing is the one this script draws from the current code.
 """
+
 from __future__ import annotations
 
 import ast
@@ -84,11 +85,16 @@ def layer_edges(edges: dict[str, set[str]]) -> set[tuple[str, str]]:
 
 
 def drawing(edges: dict[str, set[str]]) -> str:
-    lines = ["# Architecture: the import graph of `pipeline/`", "",
-             "Drawn by `python scripts/import_graph.py` from the code (tests/test_layers.py fails when it is out of",
-             "date). An arrow `a --> b` means a module of layer `a` imports one of layer `b`; every arrow points",
-             "down, to a layer `a` may use. The owner's tool uses only the core and data access.", "",
-             "```mermaid", "flowchart TD"]
+    lines = [
+        "# Architecture: the import graph of `pipeline/`",
+        "",
+        "Drawn by `python scripts/import_graph.py` from the code (tests/test_layers.py fails when it is out of",
+        "date). An arrow `a --> b` means a module of layer `a` imports one of layer `b`; every arrow points",
+        "down, to a layer `a` may use. The owner's tool uses only the core and data access.",
+        "",
+        "```mermaid",
+        "flowchart TD",
+    ]
     for layer in reversed(ALLOWED):
         lines.append(f'    {layer}["<b>{layer}</b><br/>{WHAT[layer]}"]')
     order = list(ALLOWED)

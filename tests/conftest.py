@@ -1,4 +1,5 @@
 """Shared fixtures: small deterministic data that every test can afford."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,14 @@ class Payload:
 
 def mtrack(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """The command line as a user runs it, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=timeout,
+    )
 
 
 def tiny_config(folder: Path, **overrides: object) -> Path:

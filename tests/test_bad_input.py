@@ -1,6 +1,7 @@
 """Bad input through the command line: exit status 2, one `error: ...` line on stderr naming the file
 or key, no traceback, and every output that existed before is byte-for-byte unchanged. Unusual but
 valid images (grey, RGBA, 16-bit, palette, ...) are accepted, not refused."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,13 +25,13 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import MarkConfig, load_config
-from pipeline.stages.contract import Task, stage_for
-from pipeline.stages.dag import run_task
-from pipeline.data.images import read_rgb
 from pipeline.core.models import Normalized, build_model, save_weights
+from pipeline.data.images import read_rgb
 from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
 from pipeline.owner.marking import mark_folder
+from pipeline.stages.contract import Task, stage_for
+from pipeline.stages.dag import run_task
 from pipeline.store import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,9 @@ def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -
     """The command exits 2 with one error line containing `names`, and changes none of `untouched`.
     With `capsys` None it runs in its own process (Lightning's log handlers outlive one test's capture)."""
     if capsys is None:
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, argv)], cwd=REPO,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *map(str, argv)], cwd=REPO, capture_output=True, text=True
+        )
         code, err = result.returncode, result.stderr
     else:
         code, err = main([str(a) for a in argv]), capsys.readouterr().err
@@ -64,6 +66,7 @@ def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -
 
 # --- a data owner marking a folder ----------------------------------------------------------------
 
+
 def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (16, 12), seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,12 +76,14 @@ def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (16, 12), seed
 
 def _png_header(path: Path, width: int, height: int) -> None:
     """A tiny PNG file whose header claims width x height pixels (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +96,11 @@ def owner(tmp_path_factory) -> Path:
     mark_folder(root / "originals", root / "marked", MarkConfig(), seed=1, label=0, params=every)
     mark_folder(root / "originals", root / "other-marked", MarkConfig(), seed=2, params=every)
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
-    save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
-                 root / "model.pt")
+    save_weights(
+        model,
+        {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
+        root / "model.pt",
+    )
     torch.save(model.net.state_dict(), root / "plain_small_cnn.pt")
     (root / "owner_models.py").write_text(OWNER_MODELS)
     (root / "owner_broken.py").write_text("raise RuntimeError('cannot start: no licence server')\n")
@@ -153,43 +161,81 @@ def _copy_first_image(src: Path, name: str) -> None:
 
 
 MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
-    ("truncated png", lambda s: (_image(s / "bad.png", size=(64, 64)), _truncate(s / "bad.png")), ["--force"], "bad.png"),
-    ("truncated jpeg", lambda s: (_image(s / "bad.jpg", size=(64, 64)), _truncate(s / "bad.jpg")), ["--force"], "bad.jpg"),
-    ("garbage bytes", lambda s: (s / "noise.png").write_bytes(np.random.default_rng(0).bytes(500)), ["--force"],
-     "noise.png"),
+    (
+        "truncated png",
+        lambda s: (_image(s / "bad.png", size=(64, 64)), _truncate(s / "bad.png")),
+        ["--force"],
+        "bad.png",
+    ),
+    (
+        "truncated jpeg",
+        lambda s: (_image(s / "bad.jpg", size=(64, 64)), _truncate(s / "bad.jpg")),
+        ["--force"],
+        "bad.jpg",
+    ),
+    (
+        "garbage bytes",
+        lambda s: (s / "noise.png").write_bytes(np.random.default_rng(0).bytes(500)),
+        ["--force"],
+        "noise.png",
+    ),
     ("text named .jpg", lambda s: (s / "notes.jpg").write_text("shopping list"), ["--force"], "notes.jpg"),
     ("empty file", lambda s: (s / "empty.webp").write_bytes(b""), ["--force"], "empty.webp"),
     ("decompression bomb", lambda s: _png_header(s / "huge.png", 30_000, 30_000), ["--force"], "huge.png: too large"),
     ("duplicate file", lambda s: _copy_first_image(s, "img0-copy.png"), ["--force"], "img0-copy.png"),
     ("same target name", lambda s: _image(s / "img1.jpg"), ["--force"], "img1"),
     ("empty folder", lambda s: [p.unlink() for p in list(s.iterdir())], ["--force"], "no image files"),
-    ("only non-images", lambda s: [p.rename(p.with_suffix(".txt")) for p in list(s.iterdir())], ["--force"],
-     "no image files"),
+    (
+        "only non-images",
+        lambda s: [p.rename(p.with_suffix(".txt")) for p in list(s.iterdir())],
+        ["--force"],
+        "no image files",
+    ),
     ("already-marked folder", lambda s: (s / KEY_NAME).write_text("{}"), ["--force"], "already marked"),
     ("existing key, no --force", lambda s: None, [], KEY_NAME),
     ("alpha zero", lambda s: None, ["--force", "--alpha", "0"], "--alpha"),
     ("alpha above one", lambda s: None, ["--force", "--alpha", "1.5"], "--alpha"),
     ("negative epsilon", lambda s: None, ["--force", "--epsilon", "-0.01"], "--epsilon"),
     ("one pattern", lambda s: None, ["--force", "--design", "pattern", "--n-patterns", "1"], "--n-patterns"),
-    ("patterns without the pattern design", lambda s: None, ["--force", "--n-patterns", "5"],
-     "--n-patterns: not an option of --design subset"),
-    ("draws with the groups design", lambda s: None, ["--force", "--design", "groups", "--draws", "5"],
-     "--draws: not an option of --design groups"),
+    (
+        "patterns without the pattern design",
+        lambda s: None,
+        ["--force", "--n-patterns", "5"],
+        "--n-patterns: not an option of --design subset",
+    ),
+    (
+        "draws with the groups design",
+        lambda s: None,
+        ["--force", "--design", "groups", "--draws", "5"],
+        "--draws: not an option of --design groups",
+    ),
     ("publish nothing", lambda s: None, ["--force", "--publish", "0"], "--publish"),
     ("publish everything", lambda s: None, ["--force", "--publish", "3"], "--publish 3"),
     ("groups of more than half", lambda s: None, ["--force", "--design", "groups", "--publish", "2"], "--publish 2"),
     ("no draws", lambda s: None, ["--force", "--draws", "0"], "--draws"),
     ("draws beyond the audit's bound", lambda s: None, ["--force", "--draws", "10000"], "--draws"),
     ("ood without folder", lambda s: None, ["--force", "--pattern", "ood_image"], "--ood-folder"),
-    ("ood folder missing", lambda s: None, ["--force", "--pattern", "ood_image", "--ood-folder", "/nonexistent/ood"],
-     "/nonexistent/ood"),
-    ("ood folder without images", lambda s: (s.parent / "ood").mkdir(), ["--force", "--pattern", "ood_image",
-     "--ood-folder", "{tmp}/ood"], "no image files to draw OOD patterns from"),
+    (
+        "ood folder missing",
+        lambda s: None,
+        ["--force", "--pattern", "ood_image", "--ood-folder", "/nonexistent/ood"],
+        "/nonexistent/ood",
+    ),
+    (
+        "ood folder without images",
+        lambda s: (s.parent / "ood").mkdir(),
+        ["--force", "--pattern", "ood_image", "--ood-folder", "{tmp}/ood"],
+        "no image files to draw OOD patterns from",
+    ),
     ("ood folder without ood pattern", lambda s: None, ["--force", "--ood-folder", "{tmp}/photos"], "--ood-folder"),
     ("max resolution zero", lambda s: None, ["--force", "--max-resolution", "0"], "--max-resolution"),
     ("max resolution one pixel", lambda s: None, ["--force", "--max-resolution", "1"], "--max-resolution"),
-    ("thin image shrunk to nothing", lambda s: _image(s / "banner.png", size=(300, 9)), ["--force", "--max-resolution",
-     "16"], "banner.png: 9x300 pixels (0x16 after --max-resolution 16) is too small"),
+    (
+        "thin image shrunk to nothing",
+        lambda s: _image(s / "banner.png", size=(300, 9)),
+        ["--force", "--max-resolution", "16"],
+        "banner.png: 9x300 pixels (0x16 after --max-resolution 16) is too small",
+    ),
     ("image too small to mark", lambda s: _image(s / "icon.png", size=(4, 4)), ["--force"], "icon.png: 4x4 pixels"),
     ("no patterns", lambda s: None, ["--force", "--n-patterns", "0"], "--n-patterns"),
     ("negative patterns", lambda s: None, ["--force", "--n-patterns", "-5"], "--n-patterns"),
@@ -236,14 +282,19 @@ OUT_CASES = [
     ("an existing file", _a_file, "it is the file"),
     ("a path under a file", _under_file, "lies under the file"),
     ("a virtual file system (/proc)", lambda tmp: Path("/proc/mtrack-marked"), "/proc/mtrack-marked: cannot write"),
-    ("a read-only virtual file system (/sys)", lambda tmp: Path("/sys/mtrack-marked"), "/sys/mtrack-marked: cannot write"),
+    (
+        "a read-only virtual file system (/sys)",
+        lambda tmp: Path("/sys/mtrack-marked"),
+        "/sys/mtrack-marked: cannot write",
+    ),
     ("a new folder under /proc", lambda tmp: Path("/proc/mtrack/a/b"), "/proc/mtrack/a/b: cannot write"),
 ]
 
 
 @pytest.mark.parametrize("make_out, names", [c[1:] for c in OUT_CASES], ids=[c[0] for c in OUT_CASES])
-def test_owner_mark_refuses_an_output_it_cannot_write(make_out, names: str, owner: Path, tmp_path: Path,
-                                                      capsys) -> None:
+def test_owner_mark_refuses_an_output_it_cannot_write(
+    make_out, names: str, owner: Path, tmp_path: Path, capsys
+) -> None:
     src = tmp_path / "photos"
     shutil.copytree(owner / "originals", src)
     out = make_out(tmp_path)
@@ -253,8 +304,9 @@ def test_owner_mark_refuses_an_output_it_cannot_write(make_out, names: str, owne
 
 
 def test_owner_mark_names_a_missing_input_folder(tmp_path: Path, capsys) -> None:
-    assert_refused(capsys, ["mark", tmp_path / "my-photos", "--out", tmp_path / "out"],
-                   "my-photos: input folder not found", {})
+    assert_refused(
+        capsys, ["mark", tmp_path / "my-photos", "--out", tmp_path / "out"], "my-photos: input folder not found", {}
+    )
     assert_refused(capsys, ["mark", tmp_path / "my-photos"], "not found (neither a run config nor a folder", {})
     assert not (tmp_path / "out").exists()
 
@@ -263,8 +315,9 @@ def test_stage_refuses_the_owners_flags(tmp_path: Path, capsys) -> None:
     """`mtrack mark CONFIG --seed 3` would otherwise run the stage and silently ignore --seed."""
     run_dir = tmp_path / "run"
     assert_refused(capsys, ["mark", TINY, "--set", f"run_dir={run_dir}", "--seed", "3"], "--seed: only for marking", {})
-    assert_refused(capsys, ["audit", TINY, "--arm", "marked", "--set", f"run_dir={run_dir}", "--label", "1"],
-                   "--model", {})
+    assert_refused(
+        capsys, ["audit", TINY, "--arm", "marked", "--set", f"run_dir={run_dir}", "--label", "1"], "--model", {}
+    )
     assert not run_dir.exists()
 
 
@@ -290,8 +343,12 @@ def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path
     for out, extra in ((tmp_path / "new" / "marked", []), (tmp_path / "earlier", ["--force"])):
         written.clear()
         before = snapshot(tmp_path)
-        assert_refused(capsys, ["mark", src, "--out", out, "--seed", "5", "--design", "pattern", *extra],
-                       "No space left on device", before)
+        assert_refused(
+            capsys,
+            ["mark", src, "--out", out, "--seed", "5", "--design", "pattern", *extra],
+            "No space left on device",
+            before,
+        )
         assert written, "the failure was not midway"
         assert snapshot(tmp_path) == before, "a failed marking left files behind"
 
@@ -312,8 +369,26 @@ def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) ->
 
 def test_owner_mark_accepts_the_bounds(owner: Path, tmp_path: Path, capsys) -> None:
     """The largest values --help allows are accepted, not refused (the refusals above start one past them)."""
-    argv = ["mark", str(owner / "originals"), "--out", str(tmp_path / "out"), "--design", "pattern", "--n-patterns", "1000", "--seed",
-            str(2**63 - 1), "--label", "99999", "--max-resolution", "16", "--alpha", "1", "--epsilon", "0"]
+    argv = [
+        "mark",
+        str(owner / "originals"),
+        "--out",
+        str(tmp_path / "out"),
+        "--design",
+        "pattern",
+        "--n-patterns",
+        "1000",
+        "--seed",
+        str(2**63 - 1),
+        "--label",
+        "99999",
+        "--max-resolution",
+        "16",
+        "--alpha",
+        "1",
+        "--epsilon",
+        "0",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
     assert (key["n_patterns"], key["seed"], key["label"], key["max_resolution"]) == (1000, 2**63 - 1, 99999, 16)
@@ -330,17 +405,20 @@ def test_owner_mark_accepts_unusual_images(mode: str, tmp_path: Path, capsys) ->
         Image.fromarray(np.random.default_rng(0).integers(0, 65535, (12, 16), dtype=np.uint16)).save(src / "a.png")
     elif mode == "palette+transparency":
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).convert("P").save(
-            src / "a.png", transparency=0)
+            src / "a.png", transparency=0
+        )
     else:
         _image(src / ("a.jpg" if mode == "CMYK" else "a.png"), mode)
-    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]) == 0, \
+    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]) == 0, (
         capsys.readouterr().err
+    )
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
     assert len(key["files"]) == 1
     assert read_rgb(tmp_path / "out" / key["files"][0]["marked"]).shape == (12, 16, 3)
 
 
 # --- a data owner auditing a model ----------------------------------------------------------------
+
 
 def _malicious(root: Path) -> Path:
     with open(root / "evil.pt", "wb") as fh:
@@ -351,8 +429,11 @@ def _malicious(root: Path) -> Path:
 def _inconsistent(root: Path) -> Path:
     """This pipeline's format, but the weights are of another architecture than the metadata says."""
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
-    save_weights(model, {"arch": "small_cnn", "width": 16, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
-                 root / "wrong-width.pt")
+    save_weights(
+        model,
+        {"arch": "small_cnn", "width": 16, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
+        root / "wrong-width.pt",
+    )
     return root / "wrong-width.pt"
 
 
@@ -393,6 +474,7 @@ def _loose_folder(root: Path) -> Path:
 
 def _key_edit(edit: Callable[[dict], object]) -> Callable[[Path], str]:
     """Edit the key in place; the model is a callable that leaves a trace if it is ever called."""
+
     def make(root: Path) -> str:
         key = json.loads((root / "marked" / KEY_NAME).read_text())
         edit(key)
@@ -406,12 +488,21 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("truncated checkpoint", _truncated_model, [], "cut.pt"),
     ("malicious pickle", _malicious, [], "evil.pt: refused"),
     ("weights of another width", _inconsistent, [], "wrong-width.pt"),
-    ("state_dict of another arch", lambda r: r / "plain_small_cnn.pt", ["--arch", "resnet18_cifar", "--num-classes", "4"],
-     "does not fit --arch resnet18_cifar"),
+    (
+        "state_dict of another arch",
+        lambda r: r / "plain_small_cnn.pt",
+        ["--arch", "resnet18_cifar", "--num-classes", "4"],
+        "does not fit --arch resnet18_cifar",
+    ),
     ("plain state_dict without --arch", lambda r: r / "plain_small_cnn.pt", [], "--arch"),
     ("missing checkpoint", lambda r: r / "nope.pt", [], "nope.pt"),
     ("unimportable callable", lambda r: Path("no_such_module:predict"), [], "no_such_module"),
-    ("key for another folder", lambda r: r / "model.pt", ["--key", "{root}/other-marked/" + KEY_NAME], "another folder"),
+    (
+        "key for another folder",
+        lambda r: r / "model.pt",
+        ["--key", "{root}/other-marked/" + KEY_NAME],
+        "another folder",
+    ),
     ("key not JSON", _key_file("{ truncated"), [], KEY_NAME),
     ("key a JSON list", _key_file("[1, 2]"), [], f"{KEY_NAME}: format: missing"),
     ("key of another format", _key_file('{"format": "something/2"}'), [], "format: 'something/2' is not a key format"),
@@ -419,53 +510,102 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("fewer marked images than the key", _drop_marked, [], "img1.png"),
     ("fewer originals than the key", _drop_original, [], "img2.png"),
     ("no label", lambda r: r / "model.pt", ["--user", "{root}/other-marked"], "--label"),
-    ("empty checkpoint file", lambda r: _bytes(r / "empty.pt", b""), [], "empty.pt: not a loadable checkpoint: an empty file"),
-    ("random bytes", lambda r: _bytes(r / "noise.pt", np.random.default_rng(0).bytes(4000)), [],
-     "noise.pt: not a loadable checkpoint: unrecognised binary data"),
-    ("an image as the model", lambda r: r / "originals" / "img0.png", [], "img0.png: not a loadable checkpoint: a PNG image"),
+    (
+        "empty checkpoint file",
+        lambda r: _bytes(r / "empty.pt", b""),
+        [],
+        "empty.pt: not a loadable checkpoint: an empty file",
+    ),
+    (
+        "random bytes",
+        lambda r: _bytes(r / "noise.pt", np.random.default_rng(0).bytes(4000)),
+        [],
+        "noise.pt: not a loadable checkpoint: unrecognised binary data",
+    ),
+    (
+        "an image as the model",
+        lambda r: r / "originals" / "img0.png",
+        [],
+        "img0.png: not a loadable checkpoint: a PNG image",
+    ),
     ("a config as the model", lambda r: TINY, [], "tiny.yaml: not a loadable checkpoint: a text file"),
     ("a folder as the model", lambda r: r / "originals", [], "originals: a folder, not a checkpoint file"),
-    ("callable that raises", lambda r: "owner_models:raises", [],
-     "owner_models:raises: failed on 12 images of 12x16 pixels (ValueError: the service is down)"),
+    (
+        "callable that raises",
+        lambda r: "owner_models:raises",
+        [],
+        "owner_models:raises: failed on 12 images of 12x16 pixels (ValueError: the service is down)",
+    ),
     ("callable returning a string", lambda r: "owner_models:wrong_type", [], "returned a str, not logits"),
     ("callable returning one value per image", lambda r: "owner_models:wrong_shape", [], "returned shape (12,) for 12"),
     ("callable returning another batch size", lambda r: "owner_models:wrong_batch", [], "returned shape (1, 4) for 12"),
     ("callable with one class", lambda r: "owner_models:one_class", [], "at least 2 classes"),
     ("callable returning NaN", lambda r: "owner_models:nan_logits", [], "NaN or infinite logits"),
     ("not callable", lambda r: "owner_models:not_callable", [], "owner_models:not_callable: not callable"),
-    ("image too small for the network", lambda r: "owner_models:needs_32_pixels", [],
-     "needs_32_pixels: failed on 12 images of 12x16 pixels (RuntimeError"),
+    (
+        "image too small for the network",
+        lambda r: "owner_models:needs_32_pixels",
+        [],
+        "needs_32_pixels: failed on 12 images of 12x16 pixels (RuntimeError",
+    ),
     ("module failing on import", lambda r: "owner_broken:predict", [], "cannot import the callable (RuntimeError"),
     ("module with a syntax error", lambda r: "owner_typo:predict", [], "cannot import the callable (SyntaxError"),
     ("callable without a module", lambda r: ":predict", [], "expected a checkpoint file or module:function"),
     ("label outside the model", lambda r: r / "model.pt", ["--label", "4"], "--label 4: outside the model's 4 classes"),
-    ("label in the key outside the model", lambda r: _key_edit(lambda k: k.update(label=7))(r) and r / "model.pt", [],
-     f"{KEY_NAME}: label 7: outside the model's 4 classes"),
+    (
+        "label in the key outside the model",
+        lambda r: _key_edit(lambda k: k.update(label=7))(r) and r / "model.pt",
+        [],
+        f"{KEY_NAME}: label 7: outside the model's 4 classes",
+    ),
     ("negative label", lambda r: r / "model.pt", ["--label", "-1"], "--label"),
     ("level zero", lambda r: r / "model.pt", ["--alpha", "0"], "--alpha"),
     ("level one", lambda r: r / "model.pt", ["--alpha", "1"], "--alpha"),
     ("level not a number", lambda r: r / "model.pt", ["--alpha", "nan"], "--alpha"),
     ("no classes", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "0"], "--num-classes"),
     ("one class", lambda r: r / "plain_small_cnn.pt", ["--arch", "small_cnn", "--num-classes", "1"], "--num-classes"),
-    ("classes past the bound", lambda r: r / "plain_small_cnn.pt", ["--arch", "resnet50", "--num-classes", "100001"],
-     "--num-classes"),
-    ("unknown architecture", lambda r: r / "plain_small_cnn.pt", ["--arch", "nonet", "--num-classes", "4"],
-     "--arch nonet: unknown architecture"),
-    ("user folder missing", lambda r: r / "model.pt", ["--user", "{root}/nowhere"], "--user {root}/nowhere: folder not found"),
+    (
+        "classes past the bound",
+        lambda r: r / "plain_small_cnn.pt",
+        ["--arch", "resnet50", "--num-classes", "100001"],
+        "--num-classes",
+    ),
+    (
+        "unknown architecture",
+        lambda r: r / "plain_small_cnn.pt",
+        ["--arch", "nonet", "--num-classes", "4"],
+        "--arch nonet: unknown architecture",
+    ),
+    (
+        "user folder missing",
+        lambda r: r / "model.pt",
+        ["--user", "{root}/nowhere"],
+        "--user {root}/nowhere: folder not found",
+    ),
     ("user folder without a key", lambda r: _loose_folder(r), ["--user", "{root}/loose"], "no key file here"),
     ("key is a folder", lambda r: r / "model.pt", ["--key", "{root}/originals"], "originals: is a folder, not a file"),
     ("key is a device", lambda r: r / "model.pt", ["--key", "/dev/zero"], "/dev/zero: not a regular file"),
-    ("originals folder missing", lambda r: r / "model.pt", ["--originals", "{root}/gone"],
-     "--originals {root}/gone: folder not found"),
-    ("originals a file", lambda r: r / "model.pt", ["--originals", "{root}/model.pt"], "--originals {root}/model.pt: not a"),
+    (
+        "originals folder missing",
+        lambda r: r / "model.pt",
+        ["--originals", "{root}/gone"],
+        "--originals {root}/gone: folder not found",
+    ),
+    (
+        "originals a file",
+        lambda r: r / "model.pt",
+        ["--originals", "{root}/model.pt"],
+        "--originals {root}/model.pt: not a",
+    ),
     ("a config next to --model", lambda r: r / "model.pt", [str(TINY)], "takes no CONFIG"),
     ("a stage flag next to --model", lambda r: r / "model.pt", ["--arm", "marked"], "--arm"),
 ]
 
 
 @pytest.mark.parametrize("make, args, names", [c[1:] for c in AUDIT_CASES], ids=[c[0] for c in AUDIT_CASES])
-def test_owner_audit_refuses(make, args: list[str], names: str, owner: Path, tmp_path: Path, capsys,
-                             monkeypatch) -> None:
+def test_owner_audit_refuses(
+    make, args: list[str], names: str, owner: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     root = _owner_copy(owner, tmp_path)
     monkeypatch.chdir(root)  # module:function is imported from the current directory first
     model = make(root)
@@ -518,9 +658,16 @@ KEY_CASES = [
     ("one pattern", _set("n_patterns", 1), "n_patterns:"),
     ("a billion patterns (would run for ever)", _set("n_patterns", 10**9), "n_patterns:"),
     ("negative pattern index", _set("pattern_index", -1), "pattern_index:"),
-    ("unpublished pattern index", _set("pattern_index", lambda k: (k["pattern_index"] + 1) % k["n_patterns"]),
-     "pattern_index: "),
-    ("pattern index beyond the patterns", _set("pattern_index", 4), "pattern_index: 4 is not the pattern_index this seed"),
+    (
+        "unpublished pattern index",
+        _set("pattern_index", lambda k: (k["pattern_index"] + 1) % k["n_patterns"]),
+        "pattern_index: ",
+    ),
+    (
+        "pattern index beyond the patterns",
+        _set("pattern_index", 4),
+        "pattern_index: 4 is not the pattern_index this seed",
+    ),
     ("negative label", _set("label", -1), "label:"),
     ("label as a boolean", _set("label", True), "label:"),
     ("max_resolution of a few pixels", _set("max_resolution", 4), "max_resolution:"),
@@ -571,6 +718,7 @@ def test_audit_without_user_folder(owner: Path, capsys) -> None:
 
 
 # --- configs, data and the run directory ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
@@ -637,19 +785,39 @@ def _config(tmp: Path, **top: object) -> Path:
 
 
 RUN_CASES = [
-    ("run_dir under a file", lambda t: ["--set", f"run_dir={_a_file(t)}/run"],
-     "run_dir: {tmp}/notes.txt/run lies under the file {tmp}/notes.txt"),
-    ("run_dir on /proc", lambda t: ["--set", "run_dir=/proc/mtrack-run"], "run_dir: cannot write into /proc/mtrack-run"),
-    ("results_dir on /sys", lambda t: ["--set", "results_dir=/sys/mtrack-results"],
-     "results_dir: cannot write into /sys/mtrack-results"),
-    ("results_dir is a file", lambda t: ["--set", f"results_dir={_a_file(t)}"], "results_dir: {tmp}/notes.txt is a file"),
+    (
+        "run_dir under a file",
+        lambda t: ["--set", f"run_dir={_a_file(t)}/run"],
+        "run_dir: {tmp}/notes.txt/run lies under the file {tmp}/notes.txt",
+    ),
+    (
+        "run_dir on /proc",
+        lambda t: ["--set", "run_dir=/proc/mtrack-run"],
+        "run_dir: cannot write into /proc/mtrack-run",
+    ),
+    (
+        "results_dir on /sys",
+        lambda t: ["--set", "results_dir=/sys/mtrack-results"],
+        "results_dir: cannot write into /sys/mtrack-results",
+    ),
+    (
+        "results_dir is a file",
+        lambda t: ["--set", f"results_dir={_a_file(t)}"],
+        "results_dir: {tmp}/notes.txt is a file",
+    ),
     ("unknown architecture", lambda t: ["--set", "train.arch=resnet9000"], "train.arch: unknown 'resnet9000'"),
     ("negative seed", lambda t: ["--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
     ("unknown launcher", lambda t: ["--launcher", "kubernetes"], "--launcher: invalid choice: 'kubernetes'"),
-    ("missing weights to fine-tune from", lambda t: ["--set", f"train.init_weights={t}/resnet.pt"],
-     "train.init_weights: {tmp}/resnet.pt is not a file"),
-    ("missing OOD folder", lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
-     "mark.ood_folder: {tmp}/ood is not a folder"),
+    (
+        "missing weights to fine-tune from",
+        lambda t: ["--set", f"train.init_weights={t}/resnet.pt"],
+        "train.init_weights: {tmp}/resnet.pt is not a file",
+    ),
+    (
+        "missing OOD folder",
+        lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
+        "mark.ood_folder: {tmp}/ood is not a folder",
+    ),
 ]
 
 
@@ -673,8 +841,12 @@ def test_run_reports_a_stage_refusal_once(tmp_path: Path) -> None:
 def _idx_folder(root: Path) -> str:
     """Fashion-MNIST's four IDX files, the training images truncated."""
     root.mkdir()
-    header = {"train-images-idx3-ubyte": (3, [60, 28, 28]), "train-labels-idx1-ubyte": (1, [60]),
-              "t10k-images-idx3-ubyte": (3, [10, 28, 28]), "t10k-labels-idx1-ubyte": (1, [10])}
+    header = {
+        "train-images-idx3-ubyte": (3, [60, 28, 28]),
+        "train-labels-idx1-ubyte": (1, [60]),
+        "t10k-images-idx3-ubyte": (3, [10, 28, 28]),
+        "t10k-labels-idx1-ubyte": (1, [10]),
+    }
     for name, (ndim, dims) in header.items():
         body = bytes(int(np.prod(dims)) // (2 if name.startswith("train-images") else 1))
         (root / name).write_bytes(bytes([0, 0, 8, ndim]) + struct.pack(f">{ndim}I", *dims) + body)
@@ -682,12 +854,18 @@ def _idx_folder(root: Path) -> str:
 
 
 PLAN_CASES = [
-    ("K larger than a class", lambda tmp: ["plan.n_member_users=1", "plan.samples_per_user=250"],
-     "plan.samples_per_user=250"),
+    (
+        "K larger than a class",
+        lambda tmp: ["plan.n_member_users=1", "plan.samples_per_user=250"],
+        "plan.samples_per_user=250",
+    ),
     ("no held-out images", lambda tmp: ["data.n_train=1600"], "data.n_train=1600"),
     ("missing dataset path", lambda tmp: ["data.source=fashion_mnist", f"data.root={tmp}/nowhere"], "nowhere"),
-    ("truncated dataset file", lambda tmp: ["data.source=fashion_mnist", f"data.root={_idx_folder(tmp / 'fm')}"],
-     "train-images-idx3-ubyte"),
+    (
+        "truncated dataset file",
+        lambda tmp: ["data.source=fashion_mnist", f"data.root={_idx_folder(tmp / 'fm')}"],
+        "train-images-idx3-ubyte",
+    ),
 ]
 
 
@@ -726,30 +904,59 @@ def _flip_class(run_dir: Path) -> None:
 
 
 RUN_DIR_CASES = [
-    ("manifest lists a missing output", lambda r: (r / "write" / "test.beton").unlink(), ["train", "--arm", "marked"],
-     "test.beton"),
-    ("truncated output", lambda r: _truncate(r / "write" / "train.beton"), ["train", "--arm", "marked"],
-     "train.beton: size differs"),
+    (
+        "manifest lists a missing output",
+        lambda r: (r / "write" / "test.beton").unlink(),
+        ["train", "--arm", "marked"],
+        "test.beton",
+    ),
+    (
+        "truncated output",
+        lambda r: _truncate(r / "write" / "train.beton"),
+        ["train", "--arm", "marked"],
+        "train.beton: size differs",
+    ),
     ("arms swapped", _swap_arms, ["train", "--arm", "marked"], "arms.npz: content differs"),
     ("edited plan", _flip_class, ["mark", "--force"], "users.json: content differs"),
-    ("lost mark shard", lambda r: (r / "mark" / "shard-0000-of-0001.npz").unlink(), ["write", "--force"],
-     "shard-0000-of-0001.npz"),
+    (
+        "lost mark shard",
+        lambda r: (r / "mark" / "shard-0000-of-0001.npz").unlink(),
+        ["write", "--force"],
+        "shard-0000-of-0001.npz",
+    ),
     ("manifest not JSON", lambda r: _truncate(r / "plan" / "manifest.json"), ["mark", "--force"], "plan/manifest.json"),
-    ("manifest path escapes the run", _edit_manifest("plan", {"../../outside.txt": "0"}), ["mark", "--force"],
-     "'../../outside.txt' lies outside"),
-    ("manifest absolute path", _edit_manifest("mark", {"/etc/hostname": "0"}), ["write", "--force"],
-     "'/etc/hostname' lies outside"),
-    ("stage before its input", lambda r: shutil.rmtree(r / "write"), ["train", "--arm", "marked"],
-     "needs stage 'write'"),
+    (
+        "manifest path escapes the run",
+        _edit_manifest("plan", {"../../outside.txt": "0"}),
+        ["mark", "--force"],
+        "'../../outside.txt' lies outside",
+    ),
+    (
+        "manifest absolute path",
+        _edit_manifest("mark", {"/etc/hostname": "0"}),
+        ["write", "--force"],
+        "'/etc/hostname' lies outside",
+    ),
+    (
+        "stage before its input",
+        lambda r: shutil.rmtree(r / "write"),
+        ["train", "--arm", "marked"],
+        "needs stage 'write'",
+    ),
     ("changed config on a finished stage", lambda r: None, ["mark", "--set", "mark.alpha=0.5"], "different config"),
-    ("shard outside the range", lambda r: shutil.rmtree(r / "mark"), ["mark", "--shard", "3", "--num-shards", "2"],
-     "--shard 3"),
+    (
+        "shard outside the range",
+        lambda r: shutil.rmtree(r / "mark"),
+        ["mark", "--shard", "3", "--num-shards", "2"],
+        "--shard 3",
+    ),
 ]
 
 
 @pytest.mark.parametrize("breaks, command, names", [c[1:] for c in RUN_DIR_CASES], ids=[c[0] for c in RUN_DIR_CASES])
-def test_run_dir_problems_are_named(breaks, command: list[str], names: str, base_run: Path, tmp_path: Path,
-                                    capsys) -> None:
+def test_run_dir_problems_are_named(
+    breaks, command: list[str], names: str, base_run: Path, tmp_path: Path, capsys
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)
     breaks(run_dir)
@@ -763,15 +970,22 @@ def test_train_refuses_a_batch_larger_than_the_training_set(base_run: Path, tmp_
     ZeroDivisionError from the learning-rate schedule."""
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)
-    assert_refused(None, ["train", TINY, "--set", f"run_dir={run_dir}", "--set", "train.batch_size=4096",
-                          "--arm", "marked"], "train.batch_size: 4096 images per device on 1 device(s)",
-                   snapshot(run_dir / "write"))
+    assert_refused(
+        None,
+        ["train", TINY, "--set", f"run_dir={run_dir}", "--set", "train.batch_size=4096", "--arm", "marked"],
+        "train.batch_size: 4096 images per device on 1 device(s)",
+        snapshot(run_dir / "write"),
+    )
 
 
-@pytest.mark.parametrize("make, names", [
-    (lambda path, marker: path.write_bytes(pickle.dumps({"state_dict": Payload(marker)})), "last.ckpt: refused"),
-    (lambda path, marker: path.write_bytes(b"PK\x03\x04 cut short"), "last.ckpt: not a loadable checkpoint"),
-], ids=["malicious resume checkpoint", "truncated resume checkpoint"])
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda path, marker: path.write_bytes(pickle.dumps({"state_dict": Payload(marker)})), "last.ckpt: refused"),
+        (lambda path, marker: path.write_bytes(b"PK\x03\x04 cut short"), "last.ckpt: not a loadable checkpoint"),
+    ],
+    ids=["malicious resume checkpoint", "truncated resume checkpoint"],
+)
 def test_train_refuses_a_checkpoint_it_cannot_resume(make, names: str, base_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)

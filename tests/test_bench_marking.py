@@ -1,5 +1,6 @@
 """The marking benchmark: its baseline is a real implementation of the official per-pixel mark, and
 its README line is generated, replaced and never duplicated."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,10 @@ def test_noise_step_alone_moves_pixels_by_epsilon() -> None:
 
 def test_readme_keeps_one_line_per_result_file(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    rows = [{"case": f"mark {s}x{s} perlin, 1 core", "ours": 2.0 * s, "baseline": s, "unit": "img/s", "ratio": 2.0}
-            for s in (32, 224)]
+    rows = [
+        {"case": f"mark {s}x{s} perlin, 1 core", "ours": 2.0 * s, "baseline": s, "unit": "img/s", "ratio": 2.0}
+        for s in (32, 224)
+    ]
     update_bench_readme("other.json", "- `other.json` — kept", readme)
     update_bench_readme("marking.json", readme_line(rows), readme)
     update_bench_readme("marking.json", readme_line(rows), readme)

@@ -95,7 +95,10 @@ def test_every_record_follows_the_storage_decision_of_its_sample_id(tmp_path: Pa
     assert np.array_equal(Reader(str(tmp_path / "c.beton")).metadata["f0"]["mode"], modes[0][::-1])
     back = read_all(tmp_path / "a.beton")["image"].permute(0, 2, 3, 1).numpy()
     assert np.array_equal(back[~as_jpeg], images[~as_jpeg])  # raw records are exact
-    assert not np.array_equal(back[as_jpeg], images[as_jpeg]) and np.abs(back[as_jpeg] - images[as_jpeg].astype(int)).mean() < 5
+    assert (
+        not np.array_equal(back[as_jpeg], images[as_jpeg])
+        and np.abs(back[as_jpeg] - images[as_jpeg].astype(int)).mean() < 5
+    )
 
 
 def test_images_of_varying_size_are_stored_at_their_size(tmp_path: Path) -> None:

@@ -26,9 +26,13 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, key",
-    [("mark:\n  alpha: 1.5\n", "mark.alpha"), ("mark:\n  alpha: 0\n", "mark.alpha"),
-     ("mark:\n  epsilon: -0.1\n", "mark.epsilon"), ("train:\n  epochs: many\n", "train.epochs"),
-     ("data:\n  source: imagenet21k\n", "data.source")],
+    [
+        ("mark:\n  alpha: 1.5\n", "mark.alpha"),
+        ("mark:\n  alpha: 0\n", "mark.alpha"),
+        ("mark:\n  epsilon: -0.1\n", "mark.epsilon"),
+        ("train:\n  epochs: many\n", "train.epochs"),
+        ("data:\n  source: imagenet21k\n", "data.source"),
+    ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -52,16 +56,22 @@ def test_imagenet_recipe_plans_at_full_scale(repo: Path) -> None:
     non-member user finds K held-out images of its class."""
     import numpy as np
 
-    from pipeline.stages.plan import make_plan
     from pipeline.data.sources import ImageSplits
+    from pipeline.stages.plan import make_plan
 
     cfg = load_config(repo / "configs" / "imagenet-rn50.yaml", ["data.root=/nonexistent"])
     sizes = np.full(1000, 1300)
     sizes[:300] = np.linspace(732, 1299, 300).astype(int)
     sizes[-1] += 1_281_167 - sizes.sum()
     labels = np.repeat(np.arange(1000), sizes)
-    data = ImageSplits("imagenet", tuple(f"n{i:08d}" for i in range(1000)), np.zeros(0), labels, np.zeros(0),
-                       np.zeros(50_000, np.int64))
+    data = ImageSplits(
+        "imagenet",
+        tuple(f"n{i:08d}" for i in range(1000)),
+        np.zeros(0),
+        labels,
+        np.zeros(0),
+        np.zeros(50_000, np.int64),
+    )
     body, train_ids = make_plan(cfg, data)
     assert len(train_ids) == 1_131_167 and len(body["users"]) == 1500
     assert {len(u["sample_ids"]) for u in body["users"]} == {64}
@@ -73,7 +83,10 @@ def test_every_shipped_config_loads(repo: Path) -> None:
 
 
 def test_extends_starts_from_the_named_config(repo: Path, tmp_path: Path) -> None:
-    swin, rn50 = load_config(repo / "configs" / "imagenet-swint.yaml"), load_config(repo / "configs" / "imagenet-rn50.yaml")
+    swin, rn50 = (
+        load_config(repo / "configs" / "imagenet-swint.yaml"),
+        load_config(repo / "configs" / "imagenet-rn50.yaml"),
+    )
     assert (swin.train.arch, swin.train.optimizer, swin.train.epochs) == ("swin_t", "adamw", 300)
     assert swin.data == rn50.data and swin.plan == rn50.plan and swin.launch == rn50.launch
     assert swin.train.label_smoothing == rn50.train.label_smoothing  # inherited inside a section
@@ -100,9 +113,16 @@ def test_yaml_errors_name_line_and_column(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "seed: 1\n"), ["train.epochs={"])
 
 
-@pytest.mark.parametrize("override, key", [("train.lr=.inf", "train.lr"), ("mark.epsilon=.nan", "mark.epsilon"),
-                                           ("seed=-1", "seed"), (f"seed={2**63}", "seed"),
-                                           ("launch.audit_shards=20000", "launch.audit_shards")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=.inf", "train.lr"),
+        ("mark.epsilon=.nan", "mark.epsilon"),
+        ("seed=-1", "seed"),
+        (f"seed={2**63}", "seed"),
+        ("launch.audit_shards=20000", "launch.audit_shards"),
+    ],
+)
 def test_numbers_a_generator_or_launcher_cannot_take(tmp_path: Path, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"cfg.yaml: {key.replace('.', '[.]')}: "):
         load_config(_write(tmp_path, "seed: 1\n"), [override])

@@ -1,4 +1,5 @@
 """The console: progress a person can follow, and nothing from the libraries they did not ask for."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,9 @@ from pipeline import console
 from pipeline.console import Progress, clock
 
 
-def test_plain_progress_lines_are_throttled_and_give_an_eta(monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_plain_progress_lines_are_throttled_and_give_an_eta(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     now = [100.0]
     monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
     caplog.set_level(logging.INFO, logger="pipeline")

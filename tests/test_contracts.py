@@ -1,14 +1,16 @@
 """Stage contracts: a stage's hash follows exactly the config it reads, and it can read nothing else."""
+
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from conftest import REPO
 from pydantic import BaseModel, ValidationError
 
-from conftest import REPO
 from pipeline.config import RunConfig, load_config
 from pipeline.stages.contract import STAGES, Task, config_hash, context, dependencies, output_path, stage_for, tasks
 from pipeline.store import StageError, read_json

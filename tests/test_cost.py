@@ -1,5 +1,6 @@
 """The cost estimate of `mtrack run --launcher slurm --dry-run`: where its numbers come from and that
 they follow from images, epochs, throughput and GPUs."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def _estimates(tmp_path: Path, bench: Path, *overrides: str) -> dict:
 
 def _gpu_json(bench: Path, device: str = "cuda", **throughput: dict) -> None:
     bench.mkdir(parents=True, exist_ok=True)
-    (bench / "gpu.json").write_text(json.dumps({"rows": [], "machine": "test", "device": device,
-                                                "gpu": {"name": "Test GPU"}, "throughput": throughput}))
+    (bench / "gpu.json").write_text(
+        json.dumps(
+            {"rows": [], "machine": "test", "device": device, "gpu": {"name": "Test GPU"}, "throughput": throughput}
+        )
+    )
 
 
 def test_published_ffcv_rate_reproduces_its_table() -> None:
@@ -57,9 +61,12 @@ def test_train_gpu_hours_follow_from_epochs_images_rate_and_gpus(tmp_path: Path)
 
 def test_measured_gpu_numbers_replace_published_ones(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
-    _gpu_json(bench, train={"per": "GPU", "what": "t", "arch": "resnet50", "images_per_s": {"160": 5000, "192": 3500}},
-              audit={"per": "GPU", "what": "a", "arch": "resnet50", "images_per_s": {"256": 8000}},
-              write={"per": "worker", "what": "w", "images_per_s": {"500": 100}})
+    _gpu_json(
+        bench,
+        train={"per": "GPU", "what": "t", "arch": "resnet50", "images_per_s": {"160": 5000, "192": 3500}},
+        audit={"per": "GPU", "what": "a", "arch": "resnet50", "images_per_s": {"256": 8000}},
+        write={"per": "worker", "what": "w", "images_per_s": {"500": 100}},
+    )
     estimates = _estimates(tmp_path, bench)
     train = estimates["train-marked"]
     assert train.source.startswith("measured: gpu.json on Test GPU")
@@ -76,8 +83,9 @@ def test_measured_gpu_numbers_replace_published_ones(tmp_path: Path) -> None:
 
 def test_a_cpu_run_of_the_check_or_another_model_is_not_used(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
-    _gpu_json(bench, device="cpu", train={"per": "process", "what": "t", "arch": "resnet50",
-                                          "images_per_s": {"160": 1e6}})
+    _gpu_json(
+        bench, device="cpu", train={"per": "process", "what": "t", "arch": "resnet50", "images_per_s": {"160": 1e6}}
+    )
     assert _estimates(tmp_path, bench)["train-marked"].source.startswith("published")
     swin = _estimates(tmp_path, bench, "train.arch=swin_t")["train-marked"]
     assert swin.wall_s is None and "no throughput for swin_t" in swin.used
@@ -86,8 +94,22 @@ def test_a_cpu_run_of_the_check_or_another_model_is_not_used(tmp_path: Path) -> 
 def test_marking_rate_per_core_scales_to_the_grid_and_splits_over_shards(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "marking.json").write_text(json.dumps({"machine": "Test CPU, 2 cores", "rows": [
-        {"case": "mark 224x224 perlin, 1 core", "ours": 500.0, "baseline": 9.0, "unit": "img/s", "ratio": 55.6}]}))
+    (bench / "marking.json").write_text(
+        json.dumps(
+            {
+                "machine": "Test CPU, 2 cores",
+                "rows": [
+                    {
+                        "case": "mark 224x224 perlin, 1 core",
+                        "ours": 500.0,
+                        "baseline": 9.0,
+                        "unit": "img/s",
+                        "ratio": 55.6,
+                    }
+                ],
+            }
+        )
+    )
     mark = _estimates(tmp_path, bench)["mark"]  # 30 array tasks, one process each, images stored at up to 500 px
     assert mark.wall_s == pytest.approx(96_000 / 30 / (500 * (224 / 500) ** 2))
     assert mark.gpu_hours == 0.0 and mark.source == "measured: marking.json on Test CPU"
@@ -99,12 +121,37 @@ def test_whole_stage_rates_of_the_scale_benchmark_come_first(tmp_path: Path) -> 
     core on ImageNet-shaped images; the estimate prefers them to the marking kernel alone."""
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "marking.json").write_text(json.dumps({"machine": "Test CPU, 2 cores", "rows": [
-        {"case": "mark 224x224 perlin, 1 core", "ours": 500.0, "baseline": 9.0, "unit": "img/s", "ratio": 55.6}]}))
-    stages = [{"stage": stage, "n_images": n, "images_per_s_per_core": rate and rate * n / 52_000}
-              for n in (5_200, 52_000) for stage, rate in (("mark", 40.0), ("write", 150.0), ("plan", None))]
-    (bench / "scale.json").write_text(json.dumps({"machine": "Scale CPU, 2 cores", "rows": [], "stages": stages,
-                                                  "sizes": {"52000": {"config": {"max_resolution": 500}}}}))
+    (bench / "marking.json").write_text(
+        json.dumps(
+            {
+                "machine": "Test CPU, 2 cores",
+                "rows": [
+                    {
+                        "case": "mark 224x224 perlin, 1 core",
+                        "ours": 500.0,
+                        "baseline": 9.0,
+                        "unit": "img/s",
+                        "ratio": 55.6,
+                    }
+                ],
+            }
+        )
+    )
+    stages = [
+        {"stage": stage, "n_images": n, "images_per_s_per_core": rate and rate * n / 52_000}
+        for n in (5_200, 52_000)
+        for stage, rate in (("mark", 40.0), ("write", 150.0), ("plan", None))
+    ]
+    (bench / "scale.json").write_text(
+        json.dumps(
+            {
+                "machine": "Scale CPU, 2 cores",
+                "rows": [],
+                "stages": stages,
+                "sizes": {"52000": {"config": {"max_resolution": 500}}},
+            }
+        )
+    )
     estimates = _estimates(tmp_path, bench)
     mark, write = estimates["mark"], estimates["write"]
     assert mark.wall_s == pytest.approx(96_000 / 30 / 40.0) and "mark_batch only" not in mark.used

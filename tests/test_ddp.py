@@ -1,4 +1,5 @@
 """Two-process DDP training (gloo, CPU) on a JPEG image folder through FFCV, launched as a user does."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,13 +27,30 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     write_jpeg_folder(root, "train", n_classes=4, per_class=16, sizes=((20, 16), (16, 24)))
     write_jpeg_folder(root, "val", n_classes=4, per_class=2, sizes=((16, 16),), seed=1)
     tree = {
-        "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "results"),
-        "data": {"source": "imagefolder", "root": str(root), "image_size": 16, "n_train": N_TRAIN,
-                 "clean_write_mode": "proportion"},
+        "run_dir": str(tmp_path / "run"),
+        "results_dir": str(tmp_path / "results"),
+        "data": {
+            "source": "imagefolder",
+            "root": str(root),
+            "image_size": 16,
+            "n_train": N_TRAIN,
+            "clean_write_mode": "proportion",
+        },
         "plan": {"n_member_users": 2, "n_nonmember_users": 2, "samples_per_user": 2},
-        "train": {"width": 4, "epochs": 2, "batch_size": BATCH, "accelerator": "cpu", "devices": 2, "strategy": "ddp",
-                  "precision": "32-true", "num_workers": 1, "threads": 1, "augment": "flip",
-                  "record_samples": True, "schedule": "constant"},
+        "train": {
+            "width": 4,
+            "epochs": 2,
+            "batch_size": BATCH,
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": "ddp",
+            "precision": "32-true",
+            "num_workers": 1,
+            "threads": 1,
+            "augment": "flip",
+            "record_samples": True,
+            "schedule": "constant",
+        },
     }
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(tree))
@@ -40,8 +58,13 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
     for stage in ("plan", "mark", "write"):
         run_task(cfg, Task(stage))
     for arm in ("marked", "control"):
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(config), "--arm", arm],
-                                cwd=repo, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", str(config), "--arm", arm],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     # both arms read the one training file: the marked arm each member's marked record, the control
@@ -56,7 +79,9 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
         for epoch in range(2):
             seen = [np.load(folder / f"rank{rank}-epoch{epoch}.npz") for rank in (0, 1)]
             assert [len(s["sample"]) for s in seen] == [per_rank_steps * BATCH] * 2
-            assert not set(seen[0]["sample"]) & set(seen[1]["sample"]), f"epoch {epoch}: ranks trained on the same samples"
+            assert not set(seen[0]["sample"]) & set(seen[1]["sample"]), (
+                f"epoch {epoch}: ranks trained on the same samples"
+            )
             assert set(seen[0]["sample"]) | set(seen[1]["sample"]) <= train_ids
             for s in seen:
                 expected = [owner.get(int(sid), -1) if arm == "marked" else -1 for sid in s["sample"]]
@@ -81,15 +106,32 @@ def test_two_ranks_train_disjoint_shards_and_resume(tmp_path: Path, repo: Path) 
 
     write = read_json(tmp_path / "run" / "write" / "manifest.json")
     single = cfg.train.model_copy(update={"devices": 1, "strategy": "auto", "epochs": 3})
-    module = Classifier(single.arch, write["num_classes"], single.width, write["mean"], write["std"],
-                        single.model_dump(mode="json"))
+    module = Classifier(
+        single.arch, write["num_classes"], single.width, write["mean"], write["std"], single.model_dump(mode="json")
+    )
     first = FirstStep()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, callbacks=[first], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=3,
+        callbacks=[first],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     written = tmp_path / "run" / "write"
-    trainer.fit(module, datamodule=BetonData(written / "train.beton", written / "test.beton", single, seed=0,
-                                             indices=arm_indices(written / "arms.npz", "marked")),
-                ckpt_path=str(stage.path("checkpoints") / "last.ckpt"))
+    trainer.fit(
+        module,
+        datamodule=BetonData(
+            written / "train.beton",
+            written / "test.beton",
+            single,
+            seed=0,
+            indices=arm_indices(written / "arms.npz", "marked"),
+        ),
+        ckpt_path=str(stage.path("checkpoints") / "last.ckpt"),
+    )
     assert first.step == 2 * per_rank_steps
     assert trainer.global_step == 2 * per_rank_steps + N_TRAIN // BATCH

@@ -1,5 +1,6 @@
 """Countermeasures (`train.defense`): each transform does what it says, and a tiny model trained
 with them (and one with DP-SGD) goes through the audit."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import mtrack
 from pydantic import ValidationError
 from torch import nn
 
-from conftest import mtrack
 from pipeline.config import DefenseConfig, DPConfig, RandAugmentConfig, TrainConfig
+from pipeline.core.models import build_model, dp_compatible
+from pipeline.store import read_json
 from pipeline.training.countermeasures import COUNTERMEASURES, active
 from pipeline.training.countermeasures.dp import dp_epsilon
 from pipeline.training.countermeasures.jpeg import reencode_jpeg
 from pipeline.training.countermeasures.outliers import select_inliers
 from pipeline.training.countermeasures.pruning import magnitude_masks
 from pipeline.training.countermeasures.randaugment import randaugment
-from pipeline.core.models import build_model, dp_compatible
-from pipeline.store import read_json
 
 
 def _images(n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -76,8 +77,10 @@ def test_outlier_filter_drops_the_unusual_images_of_each_class(tmp_path: Path) -
     labels, users = np.arange(100) // 50, np.full(100, -1)
     images[[3, 7]] = 240  # two marked-looking images in class 0
     users[[3, 7]] = [0, 1]
-    batches = [tuple(torch.from_numpy(a[i:i + 32]) for a in (images, labels, np.arange(100) + 1000, users))
-               for i in range(0, 100, 32)]
+    batches = [
+        tuple(torch.from_numpy(a[i : i + 32]) for a in (images, labels, np.arange(100) + 1000, users))
+        for i in range(0, 100, 32)
+    ]
     kept, counts = select_inliers(batches, 0.04, tmp_path / "outliers.json")  # two per class
     record = read_json(tmp_path / "outliers.json")
     assert counts == {key: record[key] for key in ("dropped", "marked", "marked_dropped")}
@@ -98,7 +101,10 @@ def test_magnitude_pruning_uses_one_threshold_for_all_layers() -> None:
 
 
 def test_dp_epsilon_falls_with_more_noise() -> None:
-    tight, loose = dp_epsilon(DPConfig(noise_multiplier=2.0), 0.01, 1000), dp_epsilon(DPConfig(noise_multiplier=0.7), 0.01, 1000)
+    tight, loose = (
+        dp_epsilon(DPConfig(noise_multiplier=2.0), 0.01, 1000),
+        dp_epsilon(DPConfig(noise_multiplier=0.7), 0.01, 1000),
+    )
     assert 0 < tight < loose < math.inf
     assert dp_epsilon(DPConfig(noise_multiplier=0.0), 0.01, 1000) == math.inf
 
@@ -132,14 +138,23 @@ def _train_and_audit(tiny_run: Path, tmp_path: Path, defense: dict) -> tuple[dic
     for stage in ("train", "audit"):
         result = mtrack(stage, str(config), "--arm", "marked")
         assert result.returncode == 0, result.stderr[-3000:]
-    return (read_json(tmp_path / "run" / "train-marked" / "metrics.json"),
-            json.loads((tmp_path / "run" / "audit-marked" / "manifest.json").read_text()))
+    return (
+        read_json(tmp_path / "run" / "train-marked" / "metrics.json"),
+        json.loads((tmp_path / "run" / "audit-marked" / "manifest.json").read_text()),
+    )
 
 
 @pytest.mark.slow
 def test_tiny_model_trained_with_countermeasures_is_audited(tiny_run: Path, tmp_path: Path) -> None:
-    defense = {"jpeg_quality": 75, "randaugment": {"per": "batch"}, "mix": "cutmix", "outlier_fraction": 0.05,
-               "prune_fraction": 0.5, "finetune_epochs": 1, "early_stopping_patience": 1}
+    defense = {
+        "jpeg_quality": 75,
+        "randaugment": {"per": "batch"},
+        "mix": "cutmix",
+        "outlier_fraction": 0.05,
+        "prune_fraction": 0.5,
+        "finetune_epochs": 1,
+        "early_stopping_patience": 1,
+    }
     metrics, audit = _train_and_audit(tiny_run, tmp_path, defense)
     assert metrics["sparsity"] >= 0.5, "pruned weights stay zero through fine-tuning"
     outliers = read_json(tmp_path / "run" / "train-marked" / "outliers.json")

@@ -1,6 +1,7 @@
 """The front page and the guides: every relative link in README.md, docs/*.md and results/README.md
 leads to a file or folder that exists, every `#anchor` to a heading of the file it points into, and
 the README stays a front page (at most 150 lines, with the two commands)."""
+
 from __future__ import annotations
 
 import re
@@ -61,8 +62,9 @@ def test_slug_follows_github() -> None:
 def test_the_documents_exist() -> None:
     for path in DOCS:
         assert path.is_file(), f"{path.relative_to(REPO)} is missing"
-    assert {"owner.md", "cluster.md", "configuration.md", "experiments.md", "benchmarks.md",
-            "architecture.md"} <= {p.name for p in DOCS}
+    assert {"owner.md", "cluster.md", "configuration.md", "experiments.md", "benchmarks.md", "architecture.md"} <= {
+        p.name for p in DOCS
+    }
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
@@ -85,14 +87,24 @@ def test_readme_is_a_front_page() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= README_MAX_LINES
     assert "make demo" in text and "make test" in text
-    for guide in ("docs/owner.md", "docs/experiments.md", "docs/cluster.md", "docs/configuration.md",
-                  "docs/benchmarks.md", "docs/architecture.md", "results/README.md", "LICENSE"):
+    for guide in (
+        "docs/owner.md",
+        "docs/experiments.md",
+        "docs/cluster.md",
+        "docs/configuration.md",
+        "docs/benchmarks.md",
+        "docs/architecture.md",
+        "results/README.md",
+        "LICENSE",
+    ):
         assert f"]({guide}" in text, f"README.md does not link {guide}"
 
 
 def test_the_checker_finds_broken_links(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
-    doc.write_text("# Title\n\n## A section\n\n[ok](#a-section) [gone](missing.md) [bad](#nowhere) "
-                   "`[not a link](x.md)`\n\n```\n[code](y.md)\n```\n[web](https://example.com)\n")
+    doc.write_text(
+        "# Title\n\n## A section\n\n[ok](#a-section) [gone](missing.md) [bad](#nowhere) "
+        "`[not a link](x.md)`\n\n```\n[code](y.md)\n```\n[web](https://example.com)\n"
+    )
     assert links(doc) == ["#a-section", "missing.md", "#nowhere", "https://example.com"]
     assert anchors(doc) == {"title", "a-section"}

@@ -1,4 +1,5 @@
 """The whole DAG on the synthetic source, through the command line, as a user runs it."""
+
 from __future__ import annotations
 
 import json
@@ -8,17 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import mtrack
 
 from pipeline.config import load_config
 from pipeline.stages.contract import stage_for, tasks
 from pipeline.stages.mark import load_marked
 
-from conftest import mtrack
-
 pytestmark = pytest.mark.slow
 
-SCHEMA_KEYS = {"dataset", "n_train", "n_member_users", "n_nonmember_users", "samples_per_user", "marked_fraction",
-               "test_accuracy", "fpr_resolution", "seconds", "set_based", "instance_based", "control_unmarked"}
+SCHEMA_KEYS = {
+    "dataset",
+    "n_train",
+    "n_member_users",
+    "n_nonmember_users",
+    "samples_per_user",
+    "marked_fraction",
+    "test_accuracy",
+    "fpr_resolution",
+    "seconds",
+    "set_based",
+    "instance_based",
+    "control_unmarked",
+}
 BLOCK_KEYS = {"auc", "fpr_at_tpr_1", "tpr_at_fpr"}
 
 
@@ -43,8 +55,15 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
 def test_metrics_file_schema(tiny_run: Path) -> None:
     cfg = load_config(tiny_run)
     results = Path(cfg.results_dir)
-    for name in ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "classes.png",
-                 "marked_examples.png"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "roc.png",
+        "loss_hist.png",
+        "p_values.png",
+        "classes.png",
+        "marked_examples.png",
+    ):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics.json").read_text())
     assert SCHEMA_KEYS <= metrics.keys()
@@ -104,8 +123,9 @@ def test_sharded_audit_matches_and_checks_coverage(tiny_run: Path, tmp_path: Pat
     order, ref_order = np.lexsort((ours["sample"], ours["user"])), np.lexsort((reference["sample"], reference["user"]))
     assert np.allclose(ours["loss"][order], reference["loss"][ref_order], rtol=1e-5, atol=1e-7)
     sharded_auc = json.loads((copy / "audit-marked" / "metrics.json").read_text())["set_based"]["auc"]
-    assert sharded_auc == pytest.approx(json.loads((Path(cfg.run_dir) / "audit-marked" / "metrics.json").read_text())
-                                        ["set_based"]["auc"])
+    assert sharded_auc == pytest.approx(
+        json.loads((Path(cfg.run_dir) / "audit-marked" / "metrics.json").read_text())["set_based"]["auc"]
+    )
     # a shard scored twice (wrong shard count mixed in) is caught at the merge
     stage = stage_for(sharded, Task("audit", "marked"))
     shard_file = stage.path("shard-0000-of-0003.npz")
@@ -128,12 +148,31 @@ def test_audit_split_over_processes_scores_every_sample_once(tiny_run: Path, tmp
     cfg = load_config(tiny_run)
     copy, config = _without_marked_audit(tiny_run, tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc-per-node=2", "-m", "pipeline.cli", "audit", str(config),
-                             "--arm", "marked", "--num-shards", "2"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node=2",
+            "-m",
+            "pipeline.cli",
+            "audit",
+            str(config),
+            "--arm",
+            "marked",
+            "--num-shards",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (copy / "audit-marked").glob("shard-*.npz")) == [
-        f"shard-{i:04d}-of-0004.npz" for i in range(4)]
-    ours, reference = np.load(copy / "audit-marked" / "losses.npz"), np.load(Path(cfg.run_dir) / "audit-marked" / "losses.npz")
+        f"shard-{i:04d}-of-0004.npz" for i in range(4)
+    ]
+    ours, reference = (
+        np.load(copy / "audit-marked" / "losses.npz"),
+        np.load(Path(cfg.run_dir) / "audit-marked" / "losses.npz"),
+    )
     order, ref_order = np.lexsort((ours["sample"], ours["user"])), np.lexsort((reference["sample"], reference["user"]))
     assert len(order) == len(ref_order)
     assert np.array_equal(ours["user"][order], reference["user"][ref_order])
@@ -146,8 +185,11 @@ def real_images_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/tiny-fmnist.yaml run once through the CLI: the tiny DAG on Fashion-MNIST."""
     folder = tmp_path_factory.mktemp("tiny-fmnist")
     tree = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny-fmnist.yaml").read_text())
-    tree.update(extends=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
-                run_dir=str(folder / "run"), results_dir=str(folder / "results"))
+    tree.update(
+        extends=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+        run_dir=str(folder / "run"),
+        results_dir=str(folder / "results"),
+    )
     config = folder / "tiny-fmnist.yaml"
     config.write_text(yaml.safe_dump(tree))
     result = mtrack("run", str(config))

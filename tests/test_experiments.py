@@ -1,4 +1,5 @@
 """Experiment tables: every row a real pipeline run, the table and the overview written from them."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,14 @@ from pipeline.experiments import defense_notes, load_table, on_base, planned_row
 
 
 def _table(folder: Path, repo: Path, **changes: object) -> Path:
-    spec = {"table": "tiny-ablation", "title": "Tiny ablation", "base": str(repo / "configs" / "tiny.yaml"),
-            "claim": "both parts of the mark help", "set": {"train.arms": ["marked"], "train.epochs": 1},
-            "rows": [{"name": "stripes + noise"}, {"name": "none", "set": {"mark.noise": "none", "mark.alpha": 1.0}}]}
+    spec = {
+        "table": "tiny-ablation",
+        "title": "Tiny ablation",
+        "base": str(repo / "configs" / "tiny.yaml"),
+        "claim": "both parts of the mark help",
+        "set": {"train.arms": ["marked"], "train.epochs": 1},
+        "rows": [{"name": "stripes + noise"}, {"name": "none", "set": {"mark.noise": "none", "mark.alpha": 1.0}}],
+    }
     spec.update(changes)
     path = folder / "table.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -24,15 +30,22 @@ def _table(folder: Path, repo: Path, **changes: object) -> Path:
 
 
 @pytest.mark.slow
-def test_a_table_repeats_rows_over_seeds_and_shares_stages(tmp_path: Path, repo: Path, tiny_run: Path, monkeypatch,
-                                                           capfd, caplog) -> None:
+def test_a_table_repeats_rows_over_seeds_and_shares_stages(
+    tmp_path: Path, repo: Path, tiny_run: Path, monkeypatch, capfd, caplog
+) -> None:
     """Two rows (the second changes only training) over two seeds: each seed draws its own plan, a
     stage both rows need runs once, the same seed gives the same numbers as an independent run
     (the session's tiny run), and the table reports each row's spread and its paired difference."""
     monkeypatch.chdir(tmp_path)
     rows = [{"name": "plain"}, {"name": "smoothed", "set": {"train.label_smoothing": 0.2}}]
-    table = _table(tmp_path, repo, set={"train.arms": ["marked"]}, seeds=[0, 1], rows=rows,
-                   averages={"both rows": ["plain", "smoothed"]})
+    table = _table(
+        tmp_path,
+        repo,
+        set={"train.arms": ["marked"]},
+        seeds=[0, 1],
+        rows=rows,
+        averages={"both rows": ["plain", "smoothed"]},
+    )
     caplog.set_level(logging.INFO, logger="pipeline")
     plain, smoothed = run_table(table, results=tmp_path / "results")
     log = capfd.readouterr().err  # what the stages' processes printed
@@ -63,7 +76,9 @@ def test_a_table_repeats_rows_over_seeds_and_shares_stages(tmp_path: Path, repo:
     assert plain["runs"][0]["auc"] == report["set_based"]["auc"]  # each run's numbers are its report's
     assert plain["n_nonmember_users"] == report["set_based"]["n_nonmembers"] == 20
     (mean,) = saved["averages"]
-    assert mean["n_runs"] == 4 and mean["mean"]["auc"] == pytest.approx(np.mean(aucs + [r["auc"] for r in smoothed["runs"]]))
+    assert mean["n_runs"] == 4 and mean["mean"]["auc"] == pytest.approx(
+        np.mean(aucs + [r["auc"] for r in smoothed["runs"]])
+    )
 
     text = (tmp_path / "results" / "tiny-ablation" / "README.md").read_text()
     assert "| plain | 2 |" in text and "| smoothed | 2 |" in text and "| baseline |" in text
@@ -97,10 +112,17 @@ def test_a_bad_row_fails_before_any_row_runs(tmp_path: Path, repo: Path, monkeyp
 
 def test_defense_notes_say_what_each_countermeasure_did() -> None:
     assert defense_notes({"train_loss": 0.1}) == ""
-    notes = defense_notes({"dp_epsilon": 7.123, "sparsity": 0.5, "stopped_epoch": 12,
-                           "outliers": {"dropped": 100, "marked": 100, "marked_dropped": 37}})
-    assert notes == ("DP epsilon 7.12; 50% of weights zero; filter dropped 100 images, 37 of 100 marked; "
-                     "stopped after 12 epochs")
+    notes = defense_notes(
+        {
+            "dp_epsilon": 7.123,
+            "sparsity": 0.5,
+            "stopped_epoch": 12,
+            "outliers": {"dropped": 100, "marked": 100, "marked_dropped": 37},
+        }
+    )
+    assert notes == (
+        "DP epsilon 7.12; 50% of weights zero; filter dropped 100 images, 37 of 100 marked; stopped after 12 epochs"
+    )
 
 
 def test_a_table_runs_on_another_base_config_into_its_own_folder(tmp_path: Path, repo: Path) -> None:
@@ -114,9 +136,16 @@ def _jpeg_base(folder: Path, repo: Path) -> Path:
     """configs/demo.yaml with every image stored as JPEG at its own size (longer side 24 px)."""
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / "demo-jpeg.yaml"
-    base.write_text(yaml.safe_dump({"extends": str(repo / "configs" / "demo.yaml"), "name": "demo jpeg",
-                                    "data": {"clean_write_mode": "jpg", "max_resolution": 24},
-                                    "train": {"resolution": 24}}))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(repo / "configs" / "demo.yaml"),
+                "name": "demo jpeg",
+                "data": {"clean_write_mode": "jpg", "max_resolution": 24},
+                "train": {"resolution": 24},
+            }
+        )
+    )
     return base
 
 
@@ -144,16 +173,29 @@ def test_a_table_runs_on_an_image_folder_stored_as_jpeg(tmp_path: Path, repo: Pa
     write_jpeg_folder(root, "train", n_classes=2, per_class=20, sizes=((40, 30), (24, 36), (18, 22)), seed=0)
     write_jpeg_folder(root, "val", n_classes=2, per_class=4, sizes=((30, 30),), seed=1)
     base = tmp_path / "folder-jpeg.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "folder jpeg",
-        "data": {"source": "imagefolder", "root": str(root), "image_size": 16, "n_train": 24, "max_resolution": 24,
-                 "clean_write_mode": "jpg", "jpeg_quality": 75},
-        "plan": {"n_member_users": 2, "n_nonmember_users": 4, "samples_per_user": 2},
-        "mark": {"examples_users": 2},
-        "train": {"width": 4, "batch_size": 8, "resolution": 16, "augment": "none", "num_workers": 1},
-        "audit": {"batch_size": 8, "num_workers": 1}}))
-    rows = run_table(_table(tmp_path, repo, rows=[{"name": "stripes + noise"}]), results=tmp_path / "results",
-                     base=str(base))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "name": "folder jpeg",
+                "data": {
+                    "source": "imagefolder",
+                    "root": str(root),
+                    "image_size": 16,
+                    "n_train": 24,
+                    "max_resolution": 24,
+                    "clean_write_mode": "jpg",
+                    "jpeg_quality": 75,
+                },
+                "plan": {"n_member_users": 2, "n_nonmember_users": 4, "samples_per_user": 2},
+                "mark": {"examples_users": 2},
+                "train": {"width": 4, "batch_size": 8, "resolution": 16, "augment": "none", "num_workers": 1},
+                "audit": {"batch_size": 8, "num_workers": 1},
+            }
+        )
+    )
+    rows = run_table(
+        _table(tmp_path, repo, rows=[{"name": "stripes + noise"}]), results=tmp_path / "results", base=str(base)
+    )
     ((run,),) = (row["runs"] for row in rows)
     assert run["notes"].startswith("members' images 100% JPEG q75, noise part kept ")
     assert run["notes"] in (tmp_path / "results" / "tiny-ablation-folder-jpeg" / "README.md").read_text()

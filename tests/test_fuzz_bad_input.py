@@ -7,6 +7,7 @@ The values are drawn by hypothesis (derandomized, so every run tries the same ca
 by an oracle written here from the bounds the docs and --help state, not taken from the code
 under test. Calls are in-process (`pipeline.cli.main`); a few go through the installed `mtrack`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,8 +44,7 @@ N_MARK, N_AUDIT, N_KEY, N_SET, N_CONFIG = 150, 100, 250, 150, 50
 
 MAX_SEED = 2**63 - 1
 INT_OPTIONS = {  # flag: (lowest, highest) allowed, as --help states them
-    "mark": {"--seed": (0, MAX_SEED), "--n-patterns": (2, 1000), "--label": (0, 99_999),
-             "--max-resolution": (8, None)},
+    "mark": {"--seed": (0, MAX_SEED), "--n-patterns": (2, 1000), "--label": (0, 99_999), "--max-resolution": (8, None)},
     "audit": {"--label": (0, 99_999), "--num-classes": (2, 100_000)},
 }
 FLOAT_OPTIONS = {  # flag: (low, high, low allowed, high allowed)
@@ -80,15 +81,25 @@ def owner(tmp_path_factory) -> Path:
         (root / "originals").mkdir(exist_ok=True)
         rgb = np.random.default_rng(i).integers(0, 256, (12, 16, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(root / "originals" / f"img{i}.png")
-    mark_folder(root / "originals", root / "published", MarkConfig(), seed=1, label=0,
-                params=DesignParams("pattern", n_patterns=4))
+    mark_folder(
+        root / "originals",
+        root / "published",
+        MarkConfig(),
+        seed=1,
+        label=0,
+        params=DesignParams("pattern", n_patterns=4),
+    )
     model = Normalized(build_model("small_cnn", 4, 8), (0.5,) * 3, (0.25,) * 3)
-    save_weights(model, {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
-                 root / "model.pt")
+    save_weights(
+        model,
+        {"arch": "small_cnn", "width": 8, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
+        root / "model.pt",
+    )
     return root
 
 
 # --- oracles and strategies -----------------------------------------------------------------------
+
 
 def _int_ok(text: str, low: int, high: int | None) -> bool:
     try:
@@ -103,12 +114,18 @@ def _float_ok(text: str, low: float, high: float, low_ok: bool, high_ok: bool) -
         value = float(text)
     except ValueError:
         return False
-    return math.isfinite(value) and (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+    return (
+        math.isfinite(value)
+        and (low <= value if low_ok else low < value)
+        and (value <= high if high_ok else value < high)
+    )
 
 
 def bad_int(low: int, high: int | None) -> st.SearchStrategy[str]:
     outside = st.integers(max_value=low - 1) | (st.integers(min_value=high + 1) if high is not None else st.nothing())
-    junk = st.sampled_from(["", " ", "1.5", "1e3", "0x10", "nan", "inf", "ten", "--", "2**8", "١٢"]) | st.text(max_size=12)
+    junk = st.sampled_from(["", " ", "1.5", "1e3", "0x10", "nan", "inf", "ten", "--", "2**8", "١٢"]) | st.text(
+        max_size=12
+    )
     return (outside.map(str) | junk).filter(lambda t: not _int_ok(t, low, high))
 
 
@@ -122,25 +139,41 @@ def bad_option(command: str) -> st.SearchStrategy[tuple[str, str]]:
     """(flag, value) with the value outside what the flag accepts."""
     options = [st.tuples(st.just(f), bad_int(*b)) for f, b in INT_OPTIONS.get(command, {}).items()]
     options += [st.tuples(st.just(f), bad_float(*b)) for f, b in FLOAT_OPTIONS.get(command, {}).items()]
-    options += [st.tuples(st.just(f), st.text(max_size=10).filter(lambda t, c=c: t not in c))
-                for f, c in CHOICE_OPTIONS.get(command, {}).items()]
+    options += [
+        st.tuples(st.just(f), st.text(max_size=10).filter(lambda t, c=c: t not in c))
+        for f, c in CHOICE_OPTIONS.get(command, {}).items()
+    ]
     return st.one_of(options)
 
 
 def good_options(command: str) -> st.SearchStrategy[list[str]]:
     """Valid options to mix in, so a bad one is caught whatever comes with it."""
-    pool = {"mark": [("--seed", st.integers(0, MAX_SEED)), ("--n-patterns", st.integers(2, 1000)),
-                     ("--label", st.integers(0, 99_999)), ("--noise", st.sampled_from(["perlin", "uniform", "none"]))],
-            "audit": [("--label", st.integers(0, 3)), ("--alpha", st.floats(0.001, 0.999))]}[command]
+    pool = {
+        "mark": [
+            ("--seed", st.integers(0, MAX_SEED)),
+            ("--n-patterns", st.integers(2, 1000)),
+            ("--label", st.integers(0, 99_999)),
+            ("--noise", st.sampled_from(["perlin", "uniform", "none"])),
+        ],
+        "audit": [("--label", st.integers(0, 3)), ("--alpha", st.floats(0.001, 0.999))],
+    }[command]
     chosen = st.lists(st.sampled_from(range(len(pool))), unique=True, max_size=len(pool))
-    return chosen.flatmap(lambda idx: st.tuples(*(pool[i][1].map(lambda v, f=pool[i][0]: f"{f}={v}") for i in idx))
-                          ).map(list)
+    return chosen.flatmap(
+        lambda idx: st.tuples(*(pool[i][1].map(lambda v, f=pool[i][0]: f"{f}={v}") for i in idx))
+    ).map(list)
 
 
-NOT_INT = st.one_of(st.text(max_size=8), st.floats(allow_nan=False), st.none(), st.booleans(),
-                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-NOT_STR = st.one_of(st.integers(), st.floats(allow_nan=False), st.none(), st.booleans(), st.lists(st.text(max_size=3),
-                                                                                                 max_size=2))
+NOT_INT = st.one_of(
+    st.text(max_size=8),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+NOT_STR = st.one_of(
+    st.integers(), st.floats(allow_nan=False), st.none(), st.booleans(), st.lists(st.text(max_size=3), max_size=2)
+)
 NOT_NUMBER = st.one_of(st.text(max_size=8), st.none(), st.booleans(), st.lists(st.floats(), max_size=2))
 
 
@@ -152,10 +185,13 @@ def floats_outside(low: float, high: float, low_ok: bool, high_ok: bool) -> st.S
     return st.floats().filter(lambda v: not _float_ok(repr(v), low, high, low_ok, high_ok))
 
 
-BAD_PATHS = st.one_of(st.sampled_from(["", "/etc/hostname", "../img0.png", "a/../../b.png", "./img0.png", "a\\b.png",
-                                       "img\0.png"]), NOT_STR)
-BAD_HASHES = st.one_of(st.text(max_size=70).filter(lambda t: not (len(t) == 64 and set(t) <= set("0123456789abcdef"))),
-                       NOT_STR)
+BAD_PATHS = st.one_of(
+    st.sampled_from(["", "/etc/hostname", "../img0.png", "a/../../b.png", "./img0.png", "a\\b.png", "img\0.png"]),
+    NOT_STR,
+)
+BAD_HASHES = st.one_of(
+    st.text(max_size=70).filter(lambda t: not (len(t) == 64 and set(t) <= set("0123456789abcdef"))), NOT_STR
+)
 # key field -> strategy of values that field must refuse (the key's images are 12x16 and 4 patterns)
 KEY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "format": st.one_of(st.text(max_size=20).filter(lambda t: t != "mtrack-key/1"), NOT_STR),
@@ -229,19 +265,45 @@ def _numbers(whole: bool, low: float | None = None, high: float | None = None) -
 
 
 SET_FIELDS = _config_fields(RunConfig)
-YAML_BREAKERS = ["[", "{", "'", '"', "]", "}", "*undefined", "!!python/object:os.system", "a: b: c", "- [", "{a: [}",
-                 "&x", "%YAML 1.1", "\t", "@", "`"]
+YAML_BREAKERS = [
+    "[",
+    "{",
+    "'",
+    '"',
+    "]",
+    "}",
+    "*undefined",
+    "!!python/object:os.system",
+    "a: b: c",
+    "- [",
+    "{a: [}",
+    "&x",
+    "%YAML 1.1",
+    "\t",
+    "@",
+    "`",
+]
 
 
 def bad_set() -> st.SearchStrategy[tuple[str, str]]:
     """(--set text, what the error must name)."""
     out_of_range = st.sampled_from(SET_FIELDS).flatmap(lambda f: _outside(f[1]).map(lambda v: (f"{f[0]}={v}", f[0])))
-    broken_yaml = st.tuples(st.sampled_from(SET_FIELDS), st.sampled_from(YAML_BREAKERS), st.text(max_size=5)).filter(
-        lambda t: not _yaml_ok(t[1] + t[2])).map(lambda t: (f"{t[0][0]}={t[1]}{t[2]}", f"--set {t[0][0]}"))
-    unknown = st.tuples(st.sampled_from(["", "data.", "plan.", "mark.", "train.", "audit.", "launch."]),
-                        st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True)).filter(
-        lambda t: t[1] not in _known(t[0])).map(lambda t: (f"{t[0]}{t[1]}=1", f"{t[0]}{t[1]}"))
-    malformed = st.sampled_from(["train.epochs", "=3", ".=1", "train..lr=1", "train.=1", " =2"]).map(lambda t: (t, "--set"))
+    broken_yaml = (
+        st.tuples(st.sampled_from(SET_FIELDS), st.sampled_from(YAML_BREAKERS), st.text(max_size=5))
+        .filter(lambda t: not _yaml_ok(t[1] + t[2]))
+        .map(lambda t: (f"{t[0][0]}={t[1]}{t[2]}", f"--set {t[0][0]}"))
+    )
+    unknown = (
+        st.tuples(
+            st.sampled_from(["", "data.", "plan.", "mark.", "train.", "audit.", "launch."]),
+            st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True),
+        )
+        .filter(lambda t: t[1] not in _known(t[0]))
+        .map(lambda t: (f"{t[0]}{t[1]}=1", f"{t[0]}{t[1]}"))
+    )
+    malformed = st.sampled_from(["train.epochs", "=3", ".=1", "train..lr=1", "train.=1", " =2"]).map(
+        lambda t: (t, "--set")
+    )
     return st.one_of(out_of_range, broken_yaml, unknown, malformed)
 
 
@@ -318,8 +380,11 @@ def test_audit_refuses_random_bad_key_fields(owner: Path, tmp_path: Path) -> Non
     field_values = st.sampled_from(sorted(KEY_FIELDS)).flatmap(lambda f: st.tuples(st.just(f), KEY_FIELDS[f]))
     extra = st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(lambda n: n not in key).map(lambda n: ("extra", n))
     dropped = st.sampled_from(sorted(key)).map(lambda n: ("drop", n))
-    garbage = st.one_of(st.binary(max_size=64), st.text(max_size=30).map(str.encode),
-                        st.lists(st.integers(), max_size=3).map(lambda v: json.dumps(v).encode())).map(lambda b: ("raw", b))
+    garbage = st.one_of(
+        st.binary(max_size=64),
+        st.text(max_size=30).map(str.encode),
+        st.lists(st.integers(), max_size=3).map(lambda v: json.dumps(v).encode()),
+    ).map(lambda b: ("raw", b))
 
     def check(case: tuple[str, Any]) -> None:
         kind, value = case
@@ -335,8 +400,11 @@ def test_audit_refuses_random_bad_key_fields(owner: Path, tmp_path: Path) -> Non
         else:
             edited.write_text(json.dumps(_mutate(key, kind, value)))
             names = f"{edited.name}: {kind.split('.')[0]}"
-        refused(["audit", "--model", str(root / "model.pt"), "--user", str(root / "published"), "--key", str(edited)],
-                root, names)
+        refused(
+            ["audit", "--model", str(root / "model.pt"), "--user", str(root / "published"), "--key", str(edited)],
+            root,
+            names,
+        )
 
     strategy = st.one_of(field_values, field_values, field_values, extra, dropped, garbage)
     assert _run(check, strategy, N_KEY) >= N_KEY
@@ -368,10 +436,12 @@ def _bytes_not_a_config(data: bytes) -> bool:
 def test_run_refuses_random_config_files(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "cfg.yaml"
-    lines = st.lists(st.sampled_from(YAML_BREAKERS + ["seed: 1", "train:", "  epochs: 2", "x", "- 1"]), min_size=1,
-                     max_size=5).map(lambda parts: "\n".join(parts).encode())
-    texts = st.one_of(st.binary(min_size=1, max_size=80), st.text(min_size=1, max_size=80).map(str.encode),
-                      lines).filter(_bytes_not_a_config)
+    lines = st.lists(
+        st.sampled_from(YAML_BREAKERS + ["seed: 1", "train:", "  epochs: 2", "x", "- 1"]), min_size=1, max_size=5
+    ).map(lambda parts: "\n".join(parts).encode())
+    texts = st.one_of(
+        st.binary(min_size=1, max_size=80), st.text(min_size=1, max_size=80).map(str.encode), lines
+    ).filter(_bytes_not_a_config)
 
     def check(data: bytes) -> None:
         config.write_bytes(data)
@@ -388,16 +458,20 @@ ENTRY_POINT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("command, extra, names", ENTRY_POINT_CASES, ids=[" ".join([c[0], *c[1]]) for c in ENTRY_POINT_CASES])
+@pytest.mark.parametrize(
+    "command, extra, names", ENTRY_POINT_CASES, ids=[" ".join([c[0], *c[1]]) for c in ENTRY_POINT_CASES]
+)
 def test_installed_entry_point(command: str, extra: list[str], names: str, owner: Path, tmp_path: Path) -> None:
     """The same property through the `mtrack` script pip installed, in its own process."""
     mtrack = shutil.which("mtrack", path=str(Path(sys.executable).parent))
     assert mtrack, "the mtrack entry point is not installed"
     root = tmp_path / "owner"
     shutil.copytree(owner, root)
-    argv = {"mark": ["mark", str(root / "originals"), "--out", str(root / "new")],
-            "audit": ["audit", "--model", str(root / "model.pt"), "--user", str(root / "published")],
-            "run": ["run", str(TINY), "--set", f"run_dir={root / 'run'}"]}[command] + extra
+    argv = {
+        "mark": ["mark", str(root / "originals"), "--out", str(root / "new")],
+        "audit": ["audit", "--model", str(root / "model.pt"), "--user", str(root / "published")],
+        "run": ["run", str(TINY), "--set", f"run_dir={root / 'run'}"],
+    }[command] + extra
     before = snapshot(root)
     result = subprocess.run([mtrack, *argv], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and not result.stdout, result

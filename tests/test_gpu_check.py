@@ -1,5 +1,6 @@
 """`make gpu-check` on CPU at tiny sizes: every part it drives on a GPU runs here too, so none of them
 can rot unnoticed; its JSON has the benchmark schema and feeds the cost estimate."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def gpu_check(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.slow
@@ -39,8 +46,15 @@ def test_every_part_passes_on_cpu_and_feeds_the_cost_estimate(tmp_path: Path) ->
         assert set(row) >= {"case", "ours", "baseline", "unit", "ratio"}, row
         assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
     cases = " | ".join(row["case"] for row in report["rows"])
-    for expected in ("mark 32x32", "mark 16x16", "Lightning Classifier vs plain PyTorch loop", "FFCV's published",
-                     "score_samples vs bare forward", "DDP over 2 devices", "gloo"):
+    for expected in (
+        "mark 32x32",
+        "mark 16x16",
+        "Lightning Classifier vs plain PyTorch loop",
+        "FFCV's published",
+        "score_samples vs bare forward",
+        "DDP over 2 devices",
+        "gloo",
+    ):
         assert expected in cases
     assert set(report["throughput"]) == {"write", "mark", "train", "audit"}
     dag = report["parts"]["dag"]["details"]
@@ -61,8 +75,21 @@ def test_every_part_passes_on_cpu_and_feeds_the_cost_estimate(tmp_path: Path) ->
 
 def test_a_failed_part_is_recorded_and_the_next_part_runs(tmp_path: Path) -> None:
     out = tmp_path / "gpu-cpu.json"
-    result = gpu_check("--device", "cpu", "--tiny", "--work", str(tmp_path), "--out", str(out),
-                       "--parts", "mark,prepare,train", "--time-box", "mark=1", "--time-box", "train=1")
+    result = gpu_check(
+        "--device",
+        "cpu",
+        "--tiny",
+        "--work",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--parts",
+        "mark,prepare,train",
+        "--time-box",
+        "mark=1",
+        "--time-box",
+        "train=1",
+    )
     parts = json.loads(out.read_text())["parts"]
     assert result.returncode == 1
     assert parts["mark"]["status"] == "failed" and "timed out after 1 s" in parts["mark"]["error"]
@@ -70,8 +97,9 @@ def test_a_failed_part_is_recorded_and_the_next_part_runs(tmp_path: Path) -> Non
     assert parts["train"]["status"] == "failed"
 
     # a rerun of one part keeps the others' results in the same file
-    gpu_check("--device", "cpu", "--tiny", "--work", str(tmp_path), "--out", str(out), "--parts", "ddp",
-              "--time-box", "ddp=1")
+    gpu_check(
+        "--device", "cpu", "--tiny", "--work", str(tmp_path), "--out", str(out), "--parts", "ddp", "--time-box", "ddp=1"
+    )
     rerun = json.loads(out.read_text())["parts"]
     assert rerun["prepare"] == parts["prepare"] and rerun["ddp"]["status"] == "failed"
 
@@ -80,12 +108,21 @@ def test_parts_needing_data_are_skipped_without_it(tmp_path: Path) -> None:
     out = tmp_path / "gpu-cpu.json"
     result = gpu_check("--device", "cpu", "--tiny", "--work", str(tmp_path), "--out", str(out), "--parts", "audit")
     assert result.returncode == 0
-    assert json.loads(out.read_text())["parts"]["audit"] == {"status": "skipped",
-                                                            "reason": "needs the prepare part, which has not passed"}
+    assert json.loads(out.read_text())["parts"]["audit"] == {
+        "status": "skipped",
+        "reason": "needs the prepare part, which has not passed",
+    }
 
 
-@pytest.mark.parametrize("args", [["--device", "cpu", "--out", str(GPU_JSON)], ["--tiny", "--out", str(GPU_JSON)],
-                                  ["--device", "cpu", "--parts", "mark,bogus"], ["--device", "cpu", "--time-box", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--device", "cpu", "--out", str(GPU_JSON)],
+        ["--tiny", "--out", str(GPU_JSON)],
+        ["--device", "cpu", "--parts", "mark,bogus"],
+        ["--device", "cpu", "--time-box", "x"],
+    ],
+)
 def test_bad_arguments_are_one_line_errors(args: list[str]) -> None:
     result = gpu_check(*args, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1

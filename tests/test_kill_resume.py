@@ -5,6 +5,7 @@ Each stage runs as `python -m pipeline.cli STAGE configs/tiny.yaml --set ...` in
 group, killed as a batch scheduler kills a job. Training is killed after a mid-run checkpoint and
 must resume from it (same step count, same weights: the FFCV order is replayed from the epoch and
 the batch the checkpoint recorded)."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("plan", "mark", "write", "train", "audit", "report")
 ARM = {"train": "marked", "audit": "marked"}
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 12, 4  # tiny: 800 images, batch 64, drop_last
-OVERRIDES = ["train.arms=[marked]", f"train.epochs={EPOCHS}", "train.augment=none",
-             f"train.checkpoint_every_n_steps={CHECKPOINT_EVERY}"]
+OVERRIDES = [
+    "train.arms=[marked]",
+    f"train.epochs={EPOCHS}",
+    "train.augment=none",
+    f"train.checkpoint_every_n_steps={CHECKPOINT_EVERY}",
+]
 
 
 def _command(stage: str, root: Path) -> list[str]:
@@ -43,8 +48,9 @@ def _stage_dir(root: Path, stage: str) -> Path:
 
 
 def _start(stage: str, root: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(_command(stage, root), cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        _command(stage, root), cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _finish(stage: str, root: Path) -> float:
@@ -99,7 +105,10 @@ def test_killed_stage_reruns_to_identical_outputs(stage: str, reference, tmp_pat
     assert _outputs(tmp_path, stage) == expected
     assert not list(out.glob(".*.tmp")), "temporary files of the killed run were left behind"
     if stage == "train":
-        assert f"train-marked: resumed from its last checkpoint at step {resumed_from}," in (tmp_path / "train.log").read_text()
+        assert (
+            f"train-marked: resumed from its last checkpoint at step {resumed_from},"
+            in (tmp_path / "train.log").read_text()
+        )
         assert read_json(out / "metrics.json")["global_step"] == EPOCHS * STEPS_PER_EPOCH
 
 

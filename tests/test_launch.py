@@ -1,4 +1,5 @@
 """The job plan both launchers share, without a cluster: what --dry-run shows and what it refuses."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,16 +22,28 @@ def test_ranges_use_array_notation() -> None:
 def test_plan_lists_every_unfinished_task_with_its_shards_and_upstream(tmp_path: Path) -> None:
     cfg = load_config(tiny_config(tmp_path), ["launch.mark_shards=3", "launch.audit_shards=2"])
     jobs = {job.task.name: job for job in plan_jobs(cfg)}
-    assert list(jobs) == ["plan", "mark", "write", "train-marked", "train-control", "audit-marked",
-                          "audit-control", "report"]
+    assert list(jobs) == [
+        "plan",
+        "mark",
+        "write",
+        "train-marked",
+        "train-control",
+        "audit-marked",
+        "audit-control",
+        "report",
+    ]
     assert jobs["mark"].shards == (0, 1, 2) and jobs["audit-control"].shards == (0, 1)
     assert not jobs["write"].is_array
     assert {t.name for t in jobs["audit-marked"].after} >= {"train-marked", "write"}
 
 
 def test_training_job_asks_for_one_task_per_device(tmp_path: Path) -> None:
-    overrides = ["train.devices=4", "train.num_nodes=2", "launch.slurm.stages.train.gpus_per_node=4",
-                 "launch.slurm.partition=gpu"]
+    overrides = [
+        "train.devices=4",
+        "train.num_nodes=2",
+        "launch.slurm.stages.train.gpus_per_node=4",
+        "launch.slurm.partition=gpu",
+    ]
     cfg = load_config(tiny_config(tmp_path), overrides)
     train = next(job.task for job in plan_jobs(cfg) if job.task.stage == "train")
     params = slurm_parameters(cfg, train)

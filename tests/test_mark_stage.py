@@ -1,5 +1,6 @@
 """The mark stage: sharded marking gives the same marks as one process (bit-identical for a seed),
 shards are idempotent."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,13 @@ def test_shards_match_a_single_process(tmp_path: Path, repo: Path) -> None:
         assert np.array_equal(a[key], b[key]), key
     assert np.array_equal(np.stack(list(a["images"])), np.stack(list(b["images"])))
     # two runs with one seed write byte-identical plans and mark summaries, however the marking was split
-    for rel in ("plan/users.json", "plan/train_ids.npz", "mark/quality.json", "mark/survival.json",
-                "mark/marked_examples.png"):
+    for rel in (
+        "plan/users.json",
+        "plan/train_ids.npz",
+        "mark/quality.json",
+        "mark/survival.json",
+        "mark/marked_examples.png",
+    ):
         assert file_sha256(Path(whole.run_dir) / rel) == file_sha256(Path(split.run_dir) / rel), rel
     quality = read_json(Path(split.run_dir) / "mark" / "quality.json")["per_user"]
     assert all(q["psnr_mean"] > 10 and 0 < q["ssim_mean"] <= 1 for q in quality)

@@ -50,7 +50,9 @@ def test_blend_formula_and_range() -> None:
     expected = np.rint((0.7 * imgs / 255.0 + 0.3 * pattern) * 255)
     assert np.abs(out.astype(int) - expected).max() <= 1
     full = mark_batch(imgs, pattern, np.arange(4, dtype=np.uint64), MarkConfig(noise="perlin", alpha=0.7))
-    assert np.abs(full.astype(int) - expected).max() <= round(0.7 * MarkConfig().epsilon * 255) + 1  # noise after blend: alpha * eps
+    assert (
+        np.abs(full.astype(int) - expected).max() <= round(0.7 * MarkConfig().epsilon * 255) + 1
+    )  # noise after blend: alpha * eps
 
 
 def test_identity_when_unmarked() -> None:
@@ -126,8 +128,15 @@ def test_separable_perlin_equals_per_pixel_definition() -> None:
     perm, period = params["perm"][0], 13.0
     h, w = 23, 37
     ours = fractal_perlin(perm, period, 3, h, w)
-    expected = np.array([[sum(_perlin_reference(x * 2**k / period, y * 2**k / period, perm) / 2**k for k in range(3))
-                          for x in range(w)] for y in range(h)])
+    expected = np.array(
+        [
+            [
+                sum(_perlin_reference(x * 2**k / period, y * 2**k / period, perm) / 2**k for k in range(3))
+                for x in range(w)
+            ]
+            for y in range(h)
+        ]
+    )
     assert np.allclose(ours, expected, atol=1e-12)
 
 
@@ -154,8 +163,8 @@ def test_ood_image_patterns(tmp_path) -> None:
     deterministic for a seed, different across users."""
     from PIL import Image
 
-    from pipeline.data.ood import ood_pool
     from pipeline.core.marking import make_pattern
+    from pipeline.data.ood import ood_pool
 
     rng = np.random.default_rng(0)
     for i in range(5):

@@ -78,8 +78,11 @@ def test_class_breakdown_counts_non_members_below_the_members_by_class() -> None
     from pipeline.core.metrics import class_breakdown
 
     # members (classes 0, 1) have mean loss 0.1 and 0.3; non-members: class 1 at 0.05 and 0.2, class 0 at 0.5
-    per_user = {"user_id": np.arange(5), "is_member": np.array([1, 1, 0, 0, 0], bool),
-                "mean_loss": np.array([0.1, 0.3, 0.05, 0.2, 0.5])}
+    per_user = {
+        "user_id": np.arange(5),
+        "is_member": np.array([1, 1, 0, 0, 0], bool),
+        "mean_loss": np.array([0.1, 0.3, 0.05, 0.2, 0.5]),
+    }
     stats = {"member_p_values": [0.5, 0.75], "class_conditional": {"member_p_values": [0.5, 1.0]}}
     out = class_breakdown(per_user, np.array([0, 1, 1, 1, 0]), stats)
     assert out["per_class"]["1"]["nonmembers_below_worst_member"] == 2  # both below 0.3

@@ -1,4 +1,5 @@
 """A data owner marking their own folder: formats, the key file, and never touching originals."""
+
 from __future__ import annotations
 
 import json
@@ -83,12 +84,30 @@ def test_refuses_an_existing_key_and_names_corrupt_files(tmp_path: Path) -> None
 
 def test_command_line(tmp_path: Path) -> None:
     src = _folder(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "o"),
-                             "--seed", "3", "--alpha", "0.8"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "mark",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--seed",
+            "3",
+            "--alpha",
+            "0.8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o" / KEY_NAME).read_text())["mark"]["alpha"] == 0.8
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "p"),
-                          "--alpha", "1.5"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "p"), "--alpha", "1.5"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "alpha" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -98,11 +117,14 @@ def test_publishes_a_secret_subset_and_lists_every_original(tmp_path: Path) -> N
     src = tmp_path / "photos"
     src.mkdir()
     for i in range(30):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            src / f"{i:02d}.png"
+        )
     key = mark_folder(src, tmp_path / "out", MarkConfig(), seed=5, params=DesignParams(publish=4))
     assert key["design"] == "subset" and len(key["files"]) == 30 and len(key["published"]) == 4
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        key["files"][i]["marked"] for i in key["published"]]
+        key["files"][i]["marked"] for i in key["published"]
+    ]
     assert all(("marked" in e) == (i in key["published"]) for i, e in enumerate(key["files"]))
     other = mark_folder(src, tmp_path / "out2", MarkConfig(), seed=6, params=DesignParams(publish=4))
     assert other["published"] != key["published"]  # the seed chooses (a clash has probability 1 / C(30, 4))

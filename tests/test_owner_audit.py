@@ -1,6 +1,7 @@
 """A data owner's audit: exact p-values for owners whose images a model never saw, the smallest p
 for models that memorised the published images (a 1-nearest-neighbour memoriser and a small CNN
 trained on Fashion-MNIST), for every design, as callables and on the command line."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ from pipeline.owner.marking import mark_folder
 from pipeline.store import StageError
 
 # Each design publishes 6 images (subset and groups: of 60); small candidate families keep the tests fast
-PARAMS = {"subset": DesignParams("subset", publish=6, draws=19), "groups": DesignParams("groups", publish=6),
-          "pattern": DesignParams("pattern", n_patterns=20)}
+PARAMS = {
+    "subset": DesignParams("subset", publish=6, draws=19),
+    "groups": DesignParams("groups", publish=6),
+    "pattern": DesignParams("pattern", n_patterns=20),
+}
 
 
 def _write_folder(folder: Path, images: np.ndarray) -> Path:
@@ -44,13 +48,16 @@ def world(tmp_path_factory):
     """An owner's 60 synthetic images of class 0 (6 of them for the pattern design), marked under each
     design; other data of 4 classes."""
     tmp = tmp_path_factory.mktemp("owner")
-    data = load_source(DataConfig(source="synthetic", image_size=16, n_train=10, synthetic_per_class=200,
-                                  synthetic_classes=4))
+    data = load_source(
+        DataConfig(source="synthetic", image_size=16, n_train=10, synthetic_per_class=200, synthetic_classes=4)
+    )
     owner_ids = np.flatnonzero(data.train_labels == 0)[:60]
     originals = _write_folder(tmp / "originals", data.train_images[owner_ids])
     six = _write_folder(tmp / "six", data.train_images[owner_ids[:6]])  # the pattern design publishes every image
-    keys = {d: mark_folder(six if d == "pattern" else originals, tmp / d, MarkConfig(), seed=11, label=0, params=p)
-            for d, p in PARAMS.items()}
+    keys = {
+        d: mark_folder(six if d == "pattern" else originals, tmp / d, MarkConfig(), seed=11, label=0, params=p)
+        for d, p in PARAMS.items()
+    }
     others = np.setdiff1d(np.arange(len(data.train_labels)), owner_ids)
     return tmp, data, keys, others
 
@@ -76,8 +83,10 @@ def _published(folder: Path, key: dict[str, Any]) -> np.ndarray:
 def test_model_that_memorised_the_published_images_gets_the_smallest_p(world, design: str) -> None:
     tmp, data, keys, others = world
     published = _published(tmp / design, keys[design])
-    model = NearestNeighbour(np.concatenate([data.train_images[others[:300]], published]),
-                             np.concatenate([data.train_labels[others[:300]], np.zeros(len(published), np.int64)]))
+    model = NearestNeighbour(
+        np.concatenate([data.train_images[others[:300]], published]),
+        np.concatenate([data.train_labels[others[:300]], np.zeros(len(published), np.int64)]),
+    )
     result = audit_owner(load_key(tmp / design / KEY_NAME, tmp / design), model, draws_seed=0)
     assert result["p_value"] == pytest.approx(result["smallest_possible_p_value"])
     assert result["published_loss"] < result["candidates_loss"]["min"]
@@ -130,7 +139,7 @@ def _train_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 
     for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x) - 63, 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             opt.zero_grad()
             loss.backward()
@@ -149,13 +158,22 @@ def test_owner_audit_detects_a_trained_cnn(tmp_path: Path) -> None:
     rest = np.setdiff1d(np.flatnonzero(labels == 4), ids)  # coat: neither easy nor the hardest class
     keys, folders = [], []
     for owner in range(3):
-        folder = _write_folder(tmp_path / f"originals{owner}", images[rest[owner * 100:(owner + 1) * 100]])
-        keys.append(mark_folder(folder, tmp_path / f"published{owner}", MarkConfig(), seed=owner, label=4,
-                                params=DesignParams(publish=10, draws=99)))
+        folder = _write_folder(tmp_path / f"originals{owner}", images[rest[owner * 100 : (owner + 1) * 100]])
+        keys.append(
+            mark_folder(
+                folder,
+                tmp_path / f"published{owner}",
+                MarkConfig(),
+                seed=owner,
+                label=4,
+                params=DesignParams(publish=10, draws=99),
+            )
+        )
         folders.append(tmp_path / f"published{owner}")
     published = _published(folders[0], keys[0])
-    model = _train_cnn(np.concatenate([images[ids], published]), np.concatenate([labels[ids], np.full(10, 4)]),
-                       epochs=30)
+    model = _train_cnn(
+        np.concatenate([images[ids], published]), np.concatenate([labels[ids], np.full(10, 4)]), epochs=30
+    )
     p = [audit_owner(key, model, draws_seed=7)["p_value"] for key in keys]
     assert p[0] <= 0.02, p
     assert min(p[1:]) > 0.02, p
@@ -165,11 +183,25 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
     tmp, data, keys, others = world
     model = Normalized(build_model("small_cnn", 4, 16), (0.5,) * 3, (0.25,) * 3).eval()
     weights = tmp_path / "model.pt"
-    save_weights(model, {"arch": "small_cnn", "width": 16, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
-                 weights)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "audit", "--model", str(weights),
-                             "--user", str(tmp / "subset"), "--json", str(tmp_path / "r.json")],
-                            capture_output=True, text=True)
+    save_weights(
+        model, {"arch": "small_cnn", "width": 16, "num_classes": 4, "mean": [0.5] * 3, "std": [0.25] * 3}, weights
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "audit",
+            "--model",
+            str(weights),
+            "--user",
+            str(tmp / "subset"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "verdict:" in result.stdout and "p = " in result.stdout and "--draws-seed" in result.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -191,9 +223,26 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> Non
     from bench.owner_audit import main as owner_benchmark
 
     run = tmp_path / "run"
-    owner_benchmark(["--config", "configs/tiny.yaml", "--designs", "subset", "--out", str(tmp_path / "results"),
-                     "--set", f"run_dir={run}", "--set", "train.arms=[marked]", "--set", "plan.n_member_users=3",
-                     "--set", "plan.owners={images: 16, never_trained: 2, draws: 19}", "--set", "train.epochs=1"])
+    owner_benchmark(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--designs",
+            "subset",
+            "--out",
+            str(tmp_path / "results"),
+            "--set",
+            f"run_dir={run}",
+            "--set",
+            "train.arms=[marked]",
+            "--set",
+            "plan.n_member_users=3",
+            "--set",
+            "plan.owners={images: 16, never_trained: 2, draws: 19}",
+            "--set",
+            "train.epochs=1",
+        ]
+    )
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
     assert len(result["trained_on_p"]) == 3 and len(result["never_trained_on_p"]) == 2

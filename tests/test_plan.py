@@ -4,18 +4,25 @@ import numpy as np
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.stages.plan import make_plan
 from pipeline.data.sources import load_source
+from pipeline.stages.plan import make_plan
 from pipeline.store import StageError
 
 
 def _cfg(**plan: int) -> RunConfig:
-    return RunConfig.model_validate({
-        "seed": 5,
-        "data": {"source": "synthetic", "image_size": 16, "n_train": 400, "synthetic_per_class": 150,
-                 "synthetic_classes": 4},
-        "plan": {"n_member_users": 6, "n_nonmember_users": 30, "samples_per_user": 5, **plan},
-    })
+    return RunConfig.model_validate(
+        {
+            "seed": 5,
+            "data": {
+                "source": "synthetic",
+                "image_size": 16,
+                "n_train": 400,
+                "synthetic_per_class": 150,
+                "synthetic_classes": 4,
+            },
+            "plan": {"n_member_users": 6, "n_nonmember_users": 30, "samples_per_user": 5, **plan},
+        }
+    )
 
 
 @pytest.fixture(scope="module")

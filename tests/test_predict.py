@@ -1,4 +1,5 @@
 """Test-time flip: the mean of the logits of each image and its mirror image, for accuracy only."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """The SLURM pre-flight check and the follower's reading of SLURM, without a cluster: scontrol's
 records, time and GRES formats, requests against partitions, stuck reasons, and Lightning's CSV log."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -15,18 +16,26 @@ from pipeline.launchers.preflight import Node, Partition, gres_gpus, minutes, pa
 from pipeline.launchers.slurm import slurm_parameters
 from pipeline.store import StageError
 
-NODE_LINE = ("NodeName=gpu01 Arch=x86_64 CoresPerSocket=32  CPUAlloc=0 CPUEfctv=64 CPUTot=64 CPULoad=0.01 "
-             "AvailableFeatures=a100,ib ActiveFeatures=a100,ib Gres=gpu:a100:8(S:0-1) NodeAddr=gpu01 "
-             "OS=Linux 5.14.0 #1 SMP PREEMPT_DYNAMIC @0  RealMemory=1000000 State=IDLE Reason=maintenance by admin "
-             "Partitions=gpu")
+NODE_LINE = (
+    "NodeName=gpu01 Arch=x86_64 CoresPerSocket=32  CPUAlloc=0 CPUEfctv=64 CPUTot=64 CPULoad=0.01 "
+    "AvailableFeatures=a100,ib ActiveFeatures=a100,ib Gres=gpu:a100:8(S:0-1) NodeAddr=gpu01 "
+    "OS=Linux 5.14.0 #1 SMP PREEMPT_DYNAMIC @0  RealMemory=1000000 State=IDLE Reason=maintenance by admin "
+    "Partitions=gpu"
+)
 
 
 def test_scontrol_records_times_and_gres_are_read_as_slurm_writes_them() -> None:
     node = parse_record(NODE_LINE)
     assert node["OS"] == "Linux 5.14.0 #1 SMP PREEMPT_DYNAMIC @0" and node["Reason"] == "maintenance by admin"
     assert node["CPUEfctv"] == "64" and node["Gres"] == "gpu:a100:8(S:0-1)" and node["Partitions"] == "gpu"
-    assert [minutes(t) for t in ("30", "30:00", "4:00:00", "2-00:00:00", "1-12", "UNLIMITED")] == \
-        [30, 30, 240, 2880, 2160, None]
+    assert [minutes(t) for t in ("30", "30:00", "4:00:00", "2-00:00:00", "1-12", "UNLIMITED")] == [
+        30,
+        30,
+        240,
+        2880,
+        2160,
+        None,
+    ]
     assert gres_gpus("gpu:a100:4(S:0-1),gpu:v100:2,mps:100") == 6
     assert gres_gpus("gpu:2") == 2 and gres_gpus("(null)") == 0
 
@@ -52,67 +61,103 @@ def test_the_imagenet_recipe_fits_a_gpu_node_and_is_refused_where_it_does_not(tm
         "launch.slurm.stages.train.gpus_per_node: train-marked asks for 8 GPUs per node; partition gpu's largest "
         "node has 4 GPUs",
         "launch.slurm.stages.train.mem_gb: train-marked asks for 480 GB per node (491520 MB); partition gpu's "
-        "largest node has 262144 MB"]
+        "largest node has 262144 MB",
+    ]
     assert list(small) == ["train-marked", "train-control"]  # audit (1 GPU, 64 GB) fits
     limited = _imagenet_problems(_partition(_node("gpu01"), max_time=720, max_nodes=1), "train.num_nodes=2")
-    assert "launch.slurm.stages.train.time_min: train-marked asks for 1440 min; partition gpu allows 720 min " \
-           "(MaxTime)" in limited["train-marked"]
-    assert "train.num_nodes: train-marked asks for 2 nodes; partition gpu allows 1 (MaxNodes)" in limited["train-marked"]
+    assert (
+        "launch.slurm.stages.train.time_min: train-marked asks for 1440 min; partition gpu allows 720 min "
+        "(MaxTime)" in limited["train-marked"]
+    )
+    assert (
+        "train.num_nodes: train-marked asks for 2 nodes; partition gpu allows 1 (MaxNodes)" in limited["train-marked"]
+    )
     # every resource exists somewhere, but no node has 8 GPUs and 480 GB together
     split = _imagenet_problems(_partition(_node("fat", gpus=0), _node("thin", mem_gb=128)))
-    assert split["train-marked"] == ["train.num_nodes: train-marked asks for 1 node with 96 CPUs, 491520 MB, "
-                                     "8 GPUs; partition gpu has 0 such nodes"]
+    assert split["train-marked"] == [
+        "train.num_nodes: train-marked asks for 1 node with 96 CPUs, 491520 MB, 8 GPUs; partition gpu has 0 such nodes"
+    ]
     constrained = _imagenet_problems(_partition(_node("gpu01", features=("a100",))), "launch.slurm.constraint=h100")
-    assert any("asks for nodes with 'h100'; no node of partition gpu has it (features: a100)" in p
-               for p in constrained["plan"])
+    assert any(
+        "asks for nodes with 'h100'; no node of partition gpu has it (features: a100)" in p for p in constrained["plan"]
+    )
     assert _imagenet_problems(_partition(_node("gpu01", features=("a100",))), "launch.slurm.constraint=h100|a100") == {}
 
 
 def test_an_unfit_request_is_refused_in_one_line_naming_every_key_to_change() -> None:
     cfg = load_config(REPO / "configs" / "imagenet-rn50.yaml", ["data.root=/nonexistent"])
-    result = preflight_against(cfg, [(job, slurm_parameters(cfg, job.task)) for job in plan_jobs(cfg)],
-                               _partition(_node("cpu01", cpus=2, mem_gb=22, gpus=0)))
+    result = preflight_against(
+        cfg,
+        [(job, slurm_parameters(cfg, job.task)) for job in plan_jobs(cfg)],
+        _partition(_node("cpu01", cpus=2, mem_gb=22, gpus=0)),
+    )
     with pytest.raises(StageError) as refused:
         result.raise_if_unfit()
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith("launch.slurm.default.cpus_per_task: plan asks for 8 CPUs per node; partition gpu's "
-                              "largest node has 2 CPUs; also: launch.slurm.default.mem_gb, ")
-    assert "launch.slurm.stages.train.gpus_per_node" in message and message.endswith("nothing submitted "
-                                                                                       "(--dry-run shows each job against the partition)")
+    assert message.startswith(
+        "launch.slurm.default.cpus_per_task: plan asks for 8 CPUs per node; partition gpu's "
+        "largest node has 2 CPUs; also: launch.slurm.default.mem_gb, "
+    )
+    assert "launch.slurm.stages.train.gpus_per_node" in message and message.endswith(
+        "nothing submitted (--dry-run shows each job against the partition)"
+    )
 
 
 def test_reasons_that_cannot_resolve_end_the_run_and_others_wait() -> None:
     assert stuck_reason("PartitionConfig") == "its request exceeds what the partition allows"
     assert stuck_reason("DependencyNeverSatisfied") and stuck_reason("BadConstraints")
     assert stuck_reason("QOSMaxGRESPerJob") == "it exceeds a per-job limit of its QOS or association"
-    for waiting in ("Priority", "Resources", "Dependency", "QOSGrpCpuLimit", "ReqNodeNotAvail, Reserved for maintenance"):
+    for waiting in (
+        "Priority",
+        "Resources",
+        "Dependency",
+        "QOSGrpCpuLimit",
+        "ReqNodeNotAvail, Reserved for maintenance",
+    ):
         assert stuck_reason(waiting) is None, waiting
 
 
 def test_state_lines_follow_the_order_things_happened(tmp_path: Path) -> None:
     """Not the DAG's order; array tasks that changed alike share a line; within a second an ending
     precedes a start; a state SLURM passes through (COMPLETING) is not reported."""
-    jobs = [RecordedJob("train-marked", None, "5", str(tmp_path)), RecordedJob("train-control", None, "6", str(tmp_path)),
-            RecordedJob("mark", 0, "7_0", str(tmp_path)), RecordedJob("mark", 1, "7_1", str(tmp_path)),
-            RecordedJob("write", None, "8", str(tmp_path))]
+    jobs = [
+        RecordedJob("train-marked", None, "5", str(tmp_path)),
+        RecordedJob("train-control", None, "6", str(tmp_path)),
+        RecordedJob("mark", 0, "7_0", str(tmp_path)),
+        RecordedJob("mark", 1, "7_1", str(tmp_path)),
+        RecordedJob("write", None, "8", str(tmp_path)),
+    ]
     follower = Follower(JobRecord(tmp_path / "record.json", str(tmp_path / "%j"), jobs=jobs))
     mark_done = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:00", "2026-01-01T10:00:05")
-    lines = follower.update({
-        "5": JobState("COMPLETED", "None", "n1", "2026-01-01T09:59:00", "2026-01-01T09:59:58"),
-        "6": JobState("COMPLETED", "None", "n1", "2026-01-01T09:59:00", "2026-01-01T09:59:50"),
-        "8": JobState("RUNNING", "None", "n2", "2026-01-01T10:00:05", ""), "7_0": mark_done, "7_1": mark_done})
-    assert lines == ["train-control (job 6): completed after 50s", "train-marked (job 5): completed after 58s",
-                     "mark shards 0-1 (job 7): completed after 5s", "write (job 8): running on n2"]
+    lines = follower.update(
+        {
+            "5": JobState("COMPLETED", "None", "n1", "2026-01-01T09:59:00", "2026-01-01T09:59:58"),
+            "6": JobState("COMPLETED", "None", "n1", "2026-01-01T09:59:00", "2026-01-01T09:59:50"),
+            "8": JobState("RUNNING", "None", "n2", "2026-01-01T10:00:05", ""),
+            "7_0": mark_done,
+            "7_1": mark_done,
+        }
+    )
+    assert lines == [
+        "train-control (job 6): completed after 50s",
+        "train-marked (job 5): completed after 58s",
+        "mark shards 0-1 (job 7): completed after 5s",
+        "write (job 8): running on n2",
+    ]
     assert follower.update({"8": JobState("COMPLETING", "None", "n2", "2026-01-01T10:00:05", "")}) == []
     follower.record.jobs.append(RecordedJob("report", None, "9", str(tmp_path)))
     assert follower.update({"9": JobState("PENDING", "Dependency")}) == ["report (job 9): pending (Dependency)"]
     quick = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:06", "2026-01-01T10:00:06")  # between two polls
     assert follower.update({"9": quick}) == ["report (job 9): running on n1", "report (job 9): completed after 0s"]
-    assert follower.update({"8": JobState("FAILED", "None", "n2", "2026-01-01T10:00:05", "2026-01-01T10:01:05")}) == \
-        ["write (job 8): failed after 1m00s"]
+    assert follower.update({"8": JobState("FAILED", "None", "n2", "2026-01-01T10:00:05", "2026-01-01T10:01:05")}) == [
+        "write (job 8): failed after 1m00s"
+    ]
     fresh = Follower(JobRecord(tmp_path / "record.json", str(tmp_path / "%j"), jobs=jobs[:1]), just_submitted=True)
-    assert fresh.update({"5": quick}) == ["train-marked (job 5): running on n1", "train-marked (job 5): completed after 0s"]
+    assert fresh.update({"5": quick}) == [
+        "train-marked (job 5): running on n1",
+        "train-marked (job 5): completed after 0s",
+    ]
     assert JobState("PENDING", "Priority").describe() == "pending (Priority)"
     assert JobState("PENDING", "None", start="N/A").event_time() <= datetime.now()
 

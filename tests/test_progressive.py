@@ -1,4 +1,5 @@
 """Progressive resizing: the crop size per epoch, and both loaders changing it between epochs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.betons import make_loader, write_beton
 from pipeline.config import TrainConfig
+from pipeline.data.betons import make_loader, write_beton
 from pipeline.data.torchdata import make_torch_loader
 
 

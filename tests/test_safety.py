@@ -1,5 +1,6 @@
 """Nothing read from disk can run code or reach outside the run: checkpoints load weights-only, keys
 are plain JSON, and manifests cannot name files outside their stage's folder."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def test_manifest_cannot_name_files_outside_the_stage(rel: str, tmp_path: Path) 
 def test_manifest_may_name_files_in_subfolders(tmp_path: Path) -> None:
     stage = Stage(tmp_path / "run", "audit", "hash")
     write_json(stage.path("sub/scores.json"), {"ok": True})
-    write_json(stage.path("manifest.json"), {"config_hash": "hash",
-                                              "outputs": {"sub/scores.json": file_sha256(stage.path("sub/scores.json"))}})
+    write_json(
+        stage.path("manifest.json"),
+        {"config_hash": "hash", "outputs": {"sub/scores.json": file_sha256(stage.path("sub/scores.json"))}},
+    )
     assert stage.done(verify_hashes=True)
     assert json.loads(stage.path("sub/scores.json").read_text()) == {"ok": True}

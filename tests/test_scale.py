@@ -27,11 +27,18 @@ def _marked_run(folder: Path, marked_images: int) -> Path:
     users = marked_images // K
     folder.mkdir(parents=True)
     config = folder / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(folder / "run"), "results_dir": str(folder / "results"),
-        "data": {"source": "synthetic", "image_size": 64, "n_train": 1000, "synthetic_per_class": 1000},
-        "plan": {"n_member_users": 4, "n_nonmember_users": users - 4, "samples_per_user": K},
-        "mark": {"examples_users": 2}, "write": {"num_workers": 1}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(folder / "run"),
+                "results_dir": str(folder / "results"),
+                "data": {"source": "synthetic", "image_size": 64, "n_train": 1000, "synthetic_per_class": 1000},
+                "plan": {"n_member_users": 4, "n_nonmember_users": users - 4, "samples_per_user": K},
+                "mark": {"examples_users": 2},
+                "write": {"num_workers": 1},
+            }
+        )
+    )
     cfg = load_config(config)
     for stage in ("plan", "mark"):
         run_task(cfg, Task(stage))
@@ -74,12 +81,18 @@ def test_imagenet_like_images_are_deterministic_and_photo_sized(tmp_path: Path) 
     assert not np.array_equal(photo_like(0, 0, 3, 7), photo_like(1, 0, 3, 7))
     summary = generate(tmp_path / "data", images=24, per_class=12, val_per_class=2, workers=1)
     files = sorted((tmp_path / "data" / "train").rglob("*.JPEG"))
-    assert len(files) == 24 and summary["spec"]["classes"] == 2 and len(list((tmp_path / "data" / "val").rglob("*.JPEG"))) == 4
+    assert (
+        len(files) == 24
+        and summary["spec"]["classes"] == 2
+        and len(list((tmp_path / "data" / "val").rglob("*.JPEG"))) == 4
+    )
     sides = [sorted(Image.open(f).size) for f in files]
     assert all(120 <= short <= long <= 500 for short, long in sides)
     assert 40 < summary["mean_kb"] < 200  # photographs at quality 90, not flat colour or white noise
     again = generate(tmp_path / "copy", images=24, per_class=12, val_per_class=2, workers=2)
-    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in sorted((tmp_path / "copy" / "train").rglob("*.JPEG"))]
+    assert [f.read_bytes() for f in files] == [
+        f.read_bytes() for f in sorted((tmp_path / "copy" / "train").rglob("*.JPEG"))
+    ]
     assert json.loads((tmp_path / "copy" / "dataset.json").read_text())["spec"] == again["spec"]
 
 
@@ -88,8 +101,16 @@ def test_a_folder_too_small_for_a_rehearsal_is_refused_in_one_line(tmp_path: Pat
 
     write_jpeg_folder(tmp_path / "tiny", "train", n_classes=2, per_class=20, sizes=((20, 16),))
     write_jpeg_folder(tmp_path / "tiny", "val", n_classes=2, per_class=2, sizes=((20, 16),))
-    result = mtrack("run", "configs/imagenet-rn50.yaml", "--rehearse", "--dry-run", "--set", f"data.root={tmp_path / 'tiny'}",
-                    cwd=Path(__file__).parents[1])
+    result = mtrack(
+        "run",
+        "configs/imagenet-rn50.yaml",
+        "--rehearse",
+        "--dry-run",
+        "--set",
+        f"data.root={tmp_path / 'tiny'}",
+        cwd=Path(__file__).parents[1],
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: data.root: 40 training images are too few for a rehearsal (K = 25: at least 220)"]
+        "error: data.root: 40 training images are too few for a rehearsal (K = 25: at least 220)"
+    ]

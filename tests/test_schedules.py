@@ -1,4 +1,5 @@
 """Learning-rate schedules: warm-up, then linear / cosine / multistep decay, step by step."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def test_warmup_then_linear_decay_to_zero() -> None:
     warmup = 2 * STEPS_PER_EPOCH
     assert f[0] == pytest.approx(1 / warmup) and f[warmup - 1] == pytest.approx(1.0)
     assert f[warmup] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / (len(f) - warmup))
-    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1 :]))
 
 
 def test_cosine_ends_near_zero_and_bad_schedules_are_refused() -> None:
@@ -48,7 +49,9 @@ def test_optimizer_follows_config_and_spares_norms_and_biases_from_decay(name: s
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
     cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.05, momentum=0.8)
-    opt = OPTIMIZERS.lookup(cfg.optimizer)([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], cfg)
+    opt = OPTIMIZERS.lookup(cfg.optimizer)(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], cfg
+    )
     assert type(opt).__name__ == kind and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     first_moment = opt.param_groups[0]["betas"][0] if kind == "AdamW" else opt.param_groups[0]["momentum"]
     assert first_moment == 0.8

@@ -1,5 +1,6 @@
 """The DAG on a real SLURM cluster through submitit (slurm/setup-local-slurm.sh starts one; the
 `slurm_cluster` fixture skips these tests without one, or fails them under .ci/run)."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,18 @@ from pipeline.launchers.jobs import plan_jobs
 from pipeline.launchers.slurm import submit_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
-SHARDS = ["--set", "launch.mark_shards=2", "--set", "launch.audit_shards=2", "--set", "launch.slurm.poll_s=1",
-          "--set", "launch.slurm.default.cpus_per_task=1", "--set", "launch.slurm.default.mem_gb=2"]
+SHARDS = [
+    "--set",
+    "launch.mark_shards=2",
+    "--set",
+    "launch.audit_shards=2",
+    "--set",
+    "launch.slurm.poll_s=1",
+    "--set",
+    "launch.slurm.default.cpus_per_task=1",
+    "--set",
+    "launch.slurm.default.mem_gb=2",
+]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -29,8 +40,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same_outputs(ours: Path, reference: Path) -> None:
     """Bit-identical data, weights and losses; only files recording time or the launch may differ."""
-    for rel in ("plan/users.json", "plan/train_ids.npz", "write/train.beton", "write/arms.npz",
-                "write/audit.beton", "write/test.beton"):
+    for rel in (
+        "plan/users.json",
+        "plan/train_ids.npz",
+        "write/train.beton",
+        "write/arms.npz",
+        "write/audit.beton",
+        "write/test.beton",
+    ):
         assert (ours / rel).read_bytes() == (reference / rel).read_bytes(), rel
     for arm in ("marked", "control"):
         w, ref_w = _weights(ours / f"train-{arm}" / "model.pt"), _weights(reference / f"train-{arm}" / "model.pt")
@@ -76,8 +93,13 @@ def test_dag_on_slurm_matches_local_and_reruns_a_failed_shard_alone(tiny_run: Pa
 def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """SIGTERM then USR2, as SLURM preempts: submitit requeues, training continues from last.ckpt."""
     config = tiny_config(tmp_path)
-    overrides = ["train.epochs=6", "train.checkpoint_every_n_steps=6", "train.arms=[marked]",
-                 "launch.slurm.default.cpus_per_task=1", "launch.slurm.default.mem_gb=2"]
+    overrides = [
+        "train.epochs=6",
+        "train.checkpoint_every_n_steps=6",
+        "train.arms=[marked]",
+        "launch.slurm.default.cpus_per_task=1",
+        "launch.slurm.default.mem_gb=2",
+    ]
     for stage in ("plan", "mark", "write"):
         done = mtrack(stage, str(config), *(f"--set={o}" for o in overrides))
         assert done.returncode == 0, done.stderr[-2000:]
@@ -95,6 +117,7 @@ def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert "train-marked: resumed from its last checkpoint at step" in log, log[-3000:]
     metrics = json.loads((Path(cfg.run_dir) / "train-marked" / "metrics.json").read_text())
     assert metrics["global_step"] == 6 * (800 // 64)
-    states = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job.job_id, "-o", "State"], capture_output=True,
-                            text=True).stdout.split()
+    states = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-j", job.job_id, "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     assert "REQUEUED" in states or "PREEMPTED" in states, states

@@ -85,8 +85,9 @@ def test_to_grid_resizes_large_images() -> None:
 
 def test_class_subset_keeps_and_relabels_only_those_classes(tmp_path: Path) -> None:
     images, labels = _fake_fashion_mnist(tmp_path)
-    cfg = DataConfig(source="fashion_mnist", root=str(tmp_path), image_size=28, n_train=10,
-                     classes=("shirt", "T-Shirt", 3))  # names (any case) or indices; relabelled in source order
+    cfg = DataConfig(
+        source="fashion_mnist", root=str(tmp_path), image_size=28, n_train=10, classes=("shirt", "T-Shirt", 3)
+    )  # names (any case) or indices; relabelled in source order
     splits = load_source(cfg)
     assert splits.classes == ("t-shirt", "dress", "shirt")
     kept = np.flatnonzero(np.isin(labels, [0, 3, 6]))

@@ -1,4 +1,5 @@
 """File-backed sources: ImageNet-style and Tiny-ImageNet-style image folders (lazy), CIFAR archives."""
+
 from __future__ import annotations
 
 import pickle
@@ -78,9 +79,18 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path) -> None:
 def _fake_cifar(root: Path, name: str, per_batch: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """A tiny archive in the official format: pickled dicts with bytes keys, rows of 3072 channel-planar pixels."""
     rng = np.random.default_rng(3)
-    layouts = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                           "batches.meta", b"labels", b"label_names", 10),
-               "cifar100": ("cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names", 100)}
+    layouts = {
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+            b"labels",
+            b"label_names",
+            10,
+        ),
+        "cifar100": ("cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names", 100),
+    }
     folder_name, train, test, meta, label_key, names_key, n_classes = layouts[name]
     folder = root / folder_name
     folder.mkdir(parents=True)

@@ -1,13 +1,22 @@
 """Statistics: exact p-values, intervals and FDR control, checked by simulation under the null."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.core.stats import (benjamini_hochberg, bh_smallest_null_size, binomial_limits,
-                                 class_leave_one_out_p_values, class_rank_p_values, clopper_pearson,
-                                 leave_one_out_p_values, null_calibration, rank_p_values)
+from pipeline.core.stats import (
+    benjamini_hochberg,
+    bh_smallest_null_size,
+    binomial_limits,
+    class_leave_one_out_p_values,
+    class_rank_p_values,
+    clopper_pearson,
+    leave_one_out_p_values,
+    null_calibration,
+    rank_p_values,
+)
 
 
 def test_rank_p_value_by_hand() -> None:
@@ -110,6 +119,7 @@ def test_audit_bh_tests_members_and_a_hundred_never_trained_on_users() -> None:
         for null in (stats, stats["class_conditional"]):
             assert null["benjamini_hochberg"]["0.05"]["members_flagged"] == flagged
             assert null["benjamini_hochberg"]["0.05"]["smallest_null_size"] == 219
-    every_user = benjamini_hochberg(np.concatenate([rank_p_values(score[:10], score[10:]),
-                                                    leave_one_out_p_values(score[10:])]), 0.05)
+    every_user = benjamini_hochberg(
+        np.concatenate([rank_p_values(score[:10], score[10:]), leave_one_out_p_values(score[10:])]), 0.05
+    )
     assert not every_user.any()

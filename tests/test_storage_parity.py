@@ -1,5 +1,6 @@
 """Storage parity: a member's marked image is stored exactly like the clean image it replaces (same
 size, same JPEG-or-raw decision, same quality), so nothing but the mark tells members apart."""
+
 from __future__ import annotations
 
 import json
@@ -31,20 +32,33 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _write(root: Path, run_dir: Path, mode: str, max_resolution: int | None, mark: dict) -> RunConfig:
-    cfg = RunConfig.model_validate({
-        "run_dir": str(run_dir), "results_dir": str(run_dir / "results"),
-        "data": {"source": "imagefolder", "root": str(root), "image_size": 16, "n_train": 20,
-                 "clean_write_mode": mode, "jpeg_quality": 75, "max_resolution": max_resolution},
-        "plan": {"n_member_users": 2, "n_nonmember_users": 2, "samples_per_user": 3},
-        "mark": {"examples_users": 1, **mark}, "train": {"num_workers": 1, "resolution": 16 if max_resolution else None}})
+    cfg = RunConfig.model_validate(
+        {
+            "run_dir": str(run_dir),
+            "results_dir": str(run_dir / "results"),
+            "data": {
+                "source": "imagefolder",
+                "root": str(root),
+                "image_size": 16,
+                "n_train": 20,
+                "clean_write_mode": mode,
+                "jpeg_quality": 75,
+                "max_resolution": max_resolution,
+            },
+            "plan": {"n_member_users": 2, "n_nonmember_users": 2, "samples_per_user": 3},
+            "mark": {"examples_users": 1, **mark},
+            "train": {"num_workers": 1, "resolution": 16 if max_resolution else None},
+        }
+    )
     for stage in ("plan", "mark", "write"):
         run_task(cfg, Task(stage))
     return cfg
 
 
 def _records(cfg: RunConfig, name: str) -> BetonRecords:
-    return BetonRecords(Path(cfg.run_dir) / "write" / name, train=False, augment="none", translate_pixels=0,
-                        resolution=None)
+    return BetonRecords(
+        Path(cfg.run_dir) / "write" / name, train=False, augment="none", translate_pixels=0, resolution=None
+    )
 
 
 def _stored(records: BetonRecords, i: int) -> tuple[int, int, int, bytes]:
@@ -67,8 +81,9 @@ def _arms(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("max_resolution", [None, MAX_RESOLUTION])
 @pytest.mark.parametrize("mode", ["raw", "jpg", "proportion"])
-def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(folder: Path, tmp_path: Path, mode: str,
-                                                                     max_resolution: int | None) -> None:
+def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(
+    folder: Path, tmp_path: Path, mode: str, max_resolution: int | None
+) -> None:
     """With the mark switched off the marked set must be the clean set, record by record: any
     difference would be the storage telling members apart."""
     cfg = _write(folder, tmp_path / "run", mode, max_resolution, {"alpha": 1.0, "noise": "none"})
@@ -101,14 +116,17 @@ def test_unmarked_members_are_stored_byte_for_byte_like_clean_images(folder: Pat
 
 @pytest.mark.parametrize("max_resolution", [None, MAX_RESOLUTION])
 @pytest.mark.parametrize("mode", ["raw", "jpg", "proportion"])
-def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(folder: Path, tmp_path: Path, mode: str,
-                                                                         max_resolution: int | None) -> None:
+def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(
+    folder: Path, tmp_path: Path, mode: str, max_resolution: int | None
+) -> None:
     cfg = _write(folder, tmp_path / "run", mode, max_resolution, {})
     members, _, position = _members(cfg)
     train, arms = _records(cfg, "train.beton"), _arms(cfg)
     member_positions = [position[sid] for user in members for sid in user["sample_ids"]]
     for i in member_positions:
-        (mode_m, h_m, w_m, data_m), (mode_c, h_c, w_c, data_c) = (_stored(train, arms[arm][i]) for arm in ("marked", "control"))
+        (mode_m, h_m, w_m, data_m), (mode_c, h_c, w_c, data_c) = (
+            _stored(train, arms[arm][i]) for arm in ("marked", "control")
+        )
         assert (mode_m, h_m, w_m) == (mode_c, h_c, w_c) and data_m != data_c
     # the report's stored-survival numbers describe this storage
     survival = json.loads((Path(cfg.run_dir) / "write" / "survival.json").read_text())

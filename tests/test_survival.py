@@ -1,4 +1,5 @@
 """Mark survival: lossless storage keeps the mark, JPEG weakens its noise part."""
+
 from __future__ import annotations
 
 import numpy as np

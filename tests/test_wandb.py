@@ -1,5 +1,6 @@
 """W&B logging through Lightning's logger: offline by default, one run per stage with a fixed id, and
 the API key never written anywhere in the run directory or the results."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,10 @@ def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, rep
     assert len(json.loads(table.read_text())["data"]) == cfg.plan.n_member_users + cfg.plan.n_nonmember_users
     assert b"set_based/auc" in next(audit.glob("offline-run-*/*.wandb")).read_bytes()
     report = stage_for(cfg, tasks(cfg)[-1]).dir / "wandb"
-    assert {p.name.split("_0_")[0] for p in report.glob("offline-run-*/files/media/images/*.png")} >= {"roc", "p_values"}
+    assert {p.name.split("_0_")[0] for p in report.glob("offline-run-*/files/media/images/*.png")} >= {
+        "roc",
+        "p_values",
+    }
     written = [p for folder in (tmp_path / "run", tmp_path / "results") for p in folder.rglob("*") if p.is_file()]
     assert len(written) > 20
     leaked = [p for p in written if SENTINEL.encode() in p.read_bytes()]

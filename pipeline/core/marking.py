@@ -5,10 +5,12 @@ map drawn per image (or i.i.d. signs for `uniform`), and clips to [0, 1]. Step 2
 user's pattern: x' = alpha * (x + delta) + (1 - alpha) * p. Every random choice comes from seeds,
 so the same seeds give bit-identical marks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numba
@@ -21,9 +23,22 @@ from ..config import MarkConfig
 # [128, 160): a low-contrast wash the model can memorise without it dominating the image.
 STRIPE_PALETTE = np.array(
     [
-        (255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
-        (255, 255, 255), (0, 0, 0), (255, 165, 0), (128, 0, 128), (255, 192, 203), (165, 42, 42),
-        (128, 128, 128), (0, 0, 128), (128, 128, 0), (0, 128, 128),
+        (255, 0, 0),
+        (0, 128, 0),
+        (0, 0, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (255, 0, 255),
+        (255, 255, 255),
+        (0, 0, 0),
+        (255, 165, 0),
+        (128, 0, 128),
+        (255, 192, 203),
+        (165, 42, 42),
+        (128, 128, 128),
+        (0, 0, 128),
+        (128, 128, 0),
+        (0, 128, 128),
     ],
     dtype=np.float32,
 )
@@ -62,8 +77,16 @@ class Backend:
 
 
 NUMPY = Backend(
-    np.asarray, np.asarray, lambda a: a.min(axis=1, keepdims=True), lambda a: a.max(axis=1, keepdims=True),
-    np.floor, np.where, np.clip, np.rint, lambda a: a.astype(np.float32), np.stack,
+    np.asarray,
+    np.asarray,
+    lambda a: a.min(axis=1, keepdims=True),
+    lambda a: a.max(axis=1, keepdims=True),
+    np.floor,
+    np.where,
+    np.clip,
+    np.rint,
+    lambda a: a.astype(np.float32),
+    np.stack,
 )
 
 
@@ -78,9 +101,16 @@ def torch_backend(device: str | torch.device) -> Backend:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
     return Backend(
-        asarray, lambda t: t.cpu().numpy(), lambda t: t.amin(dim=1, keepdim=True),
-        lambda t: t.amax(dim=1, keepdim=True), torch.floor, torch.where, torch.clamp, torch.round,
-        lambda t: t.float(), torch.stack,
+        asarray,
+        lambda t: t.cpu().numpy(),
+        lambda t: t.amin(dim=1, keepdim=True),
+        lambda t: t.amax(dim=1, keepdim=True),
+        torch.floor,
+        torch.where,
+        torch.clamp,
+        torch.round,
+        lambda t: t.float(),
+        torch.stack,
     )
 
 
@@ -98,7 +128,7 @@ class OODPool:
         self.size, self.load, self.name = size, load, name
 
     @classmethod
-    def from_array(cls, images: np.ndarray, name: str) -> "OODPool":
+    def from_array(cls, images: np.ndarray, name: str) -> OODPool:
         return cls(len(images), lambda i: images[i], name)
 
     def pattern(self, seed: int, height: int, width: int) -> np.ndarray:
@@ -163,8 +193,12 @@ def perlin_params(seeds: np.ndarray) -> dict[str, np.ndarray]:
     """Per image, from a generator seeded by its seed: the permutation table, the period in
     [30, 59], the octave count in [1, 4] and the warp frequency in [20, 59]."""
     seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
-    params = {"perm": np.empty((seeds.size, 512), np.int64), "period": np.empty(seeds.size),
-              "octaves": np.empty(seeds.size, np.int64), "freq": np.empty(seeds.size)}
+    params = {
+        "perm": np.empty((seeds.size, 512), np.int64),
+        "period": np.empty(seeds.size),
+        "octaves": np.empty(seeds.size, np.int64),
+        "freq": np.empty(seeds.size),
+    }
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng(int(seed))
         p = rng.permutation(256)
@@ -189,8 +223,7 @@ def perlin_signs(seeds: np.ndarray, height: int, width: int, xp: Backend = NUMPY
     return xp.stack(out)
 
 
-def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, width: int,
-                   xp: Backend = NUMPY) -> Any:
+def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, width: int, xp: Backend = NUMPY) -> Any:
     """(H, W) sum over octaves k of perlin(x 2^k / period, y 2^k / period) / 2^k, as one matrix product."""
     factors = [_octave_factors(perm, 2.0**k / period, height, width) for k in range(octaves)]
     left = np.concatenate([f[0] / 2.0**k for k, f in enumerate(factors)], axis=1)
@@ -217,8 +250,12 @@ def _warp_signs(total: Any, freq: float, xp: Backend) -> Any:
     phase = periods - xp.floor(periods)
     gap = abs(phase - np.float32(0.25))  # in [0, 3/4); the circular distance is min(gap, 1 - gap)
     gap_far = abs(phase - np.float32(0.75))
-    width = _arc_width(float(xp.amin(gap[None]).item()), float(xp.amax(gap[None]).item()),
-                       float(xp.amin(gap_far[None]).item()), float(xp.amax(gap_far[None]).item()))
+    width = _arc_width(
+        float(xp.amin(gap[None]).item()),
+        float(xp.amax(gap[None]).item()),
+        float(xp.amin(gap_far[None]).item()),
+        float(xp.amax(gap_far[None]).item()),
+    )
     if width <= 0.25:  # the arc around 1/4 does not wrap past 0 or 1
         inside = gap <= np.float32(width)
     else:  # circular distance <= width  <=>  gap is not strictly between width and 1 - width
@@ -304,8 +341,11 @@ def mark_batch(
     xp = get_backend(device)
     b, h, w, _ = images.shape
     # on the 0..255 scale: clip(x + 255 delta), times alpha, plus (1 - alpha) 255 p, rounded
-    delta = (xp.f32(noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon * 255.0, xp)) if cfg.noise != "none"
-             else xp.asarray(np.zeros((b, h, w, 1), np.float32)))
+    delta = (
+        xp.f32(noise_delta(cfg.noise, noise_seeds, h, w, cfg.epsilon * 255.0, xp))
+        if cfg.noise != "none"
+        else xp.asarray(np.zeros((b, h, w, 1), np.float32))
+    )
     blend = xp.asarray(((1.0 - cfg.alpha) * 255.0 * np.asarray(pattern, dtype=np.float64)).astype(np.float32))
     if xp is NUMPY:  # one fused pass instead of six array passes over every channel of every pixel
         out = np.empty_like(images)

@@ -6,6 +6,7 @@ the paper's numbers) and `tpr_at_fpr` (FPR <= t). At t = k/M with M negatives, <
 false positive than <. With M negatives the smallest non-zero FPR is 1/M, so every t <= 1/M reads
 as FPR = 0 under < (t < 1/M under <=); the report states that resolution.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -73,16 +74,30 @@ def class_breakdown(per_user: dict[str, np.ndarray], classes: np.ndarray, statis
     for c in np.unique(classes):
         mine = classes == c
         per_class[str(c)] = {
-            "n_member_users": int((mine & member).sum()), "n_nonmember_users": int((mine & ~member).sum()),
+            "n_member_users": int((mine & member).sum()),
+            "n_nonmember_users": int((mine & ~member).sum()),
             "nonmembers_below_worst_member": int((mine & ~member & (loss <= worst)).sum()),
             "member_mean_loss": float(loss[mine & member].mean()) if (mine & member).any() else None,
             "nonmember_mean_loss": float(loss[mine & ~member].mean()) if (mine & ~member).any() else None,
         }
     null_loss, null_classes = loss[~member], classes[~member]
     per_member = [
-        {"user_id": int(uid), "class": int(c), "mean_loss": float(l), "p_value": p, "class_p_value": cp,
-         "nonmembers_below": {str(k): int(((null_classes == k) & (null_loss <= l)).sum()) for k in np.unique(classes)}}
-        for uid, c, l, p, cp in zip(per_user["user_id"][member], classes[member], loss[member],
-                                    statistics["member_p_values"], statistics["class_conditional"]["member_p_values"])
+        {
+            "user_id": int(uid),
+            "class": int(c),
+            "mean_loss": float(mean_loss),
+            "p_value": p,
+            "class_p_value": cp,
+            "nonmembers_below": {
+                str(k): int(((null_classes == k) & (null_loss <= mean_loss)).sum()) for k in np.unique(classes)
+            },
+        }
+        for uid, c, mean_loss, p, cp in zip(
+            per_user["user_id"][member],
+            classes[member],
+            loss[member],
+            statistics["member_p_values"],
+            statistics["class_conditional"]["member_p_values"],
+        )
     ]
     return {"per_class": per_class, "per_member": per_member}

@@ -1,12 +1,14 @@
 """Model registry: architectures by name, so configs pick a model without if-chains in the trainer."""
+
 from __future__ import annotations
 
 import json
 import pickletools
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -32,10 +34,17 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
     memorise a few tens of thousands of images, cheap enough to train on two CPU cores."""
     w = width
     return nn.Sequential(
-        _conv_bn(3, w), _conv_bn(w, w), nn.MaxPool2d(2),
-        _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
-        _conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w), nn.AdaptiveMaxPool2d(1),
-        nn.Flatten(), nn.Linear(4 * w, num_classes),
+        _conv_bn(3, w),
+        _conv_bn(w, w),
+        nn.MaxPool2d(2),
+        _conv_bn(w, 2 * w),
+        _conv_bn(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        _conv_bn(2 * w, 4 * w),
+        _conv_bn(4 * w, 4 * w),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
     )
 
 
@@ -73,10 +82,16 @@ def wide_resnet(depth: int, widen: int, num_classes: int) -> nn.Module:
     layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False)]
     for group, stride in zip(range(3), (1, 2, 2)):
         for b in range(blocks):
-            layers.append(_WideBlock(widths[group] if b == 0 else widths[group + 1], widths[group + 1],
-                                     stride if b == 0 else 1))
-    layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-               nn.Linear(widths[3], num_classes)]
+            layers.append(
+                _WideBlock(widths[group] if b == 0 else widths[group + 1], widths[group + 1], stride if b == 0 else 1)
+            )
+    layers += [
+        nn.BatchNorm2d(widths[3]),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[3], num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -159,8 +174,15 @@ def read_checkpoint(path: Path) -> Any:
         raise StageError(f"{path}: {_why_not_loadable(path, exc)}") from None
 
 
-_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF document",
-          b"\x1f\x8b": "a gzip archive", b"\x93NUMPY": "a numpy array file", b"\x7fELF": "a program (ELF)"}
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a numpy array file",
+    b"\x7fELF": "a program (ELF)",
+}
 _ALLOWED_MODULES = ("torch", "collections", "_codecs")  # what torch's own checkpoints import
 
 
@@ -184,8 +206,10 @@ def _why_not_loadable(path: Path, exc: Exception) -> str:
     if imports is not None:
         foreign = sorted(i for i in imports if i.split(".")[0] not in _ALLOWED_MODULES)
         if foreign:
-            return (f"refused: it holds Python objects other than tensors (it imports {', '.join(foreign[:3])}), "
-                    "and loading those could run code")
+            return (
+                f"refused: it holds Python objects other than tensors (it imports {', '.join(foreign[:3])}), "
+                "and loading those could run code"
+            )
         return f"not a loadable checkpoint ({first_line(exc)})"
     kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
     if kind is None:

@@ -1,4 +1,5 @@
 """How visible a mark is: PSNR and SSIM of marked images against their originals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,5 +16,6 @@ def ssim(original: np.ndarray, marked: np.ndarray) -> np.ndarray:
     """Per-image SSIM (scikit-image, colour, 7x7 windows shrunk to fit small images)."""
     win = min(7, original.shape[1], original.shape[2])
     win -= 1 - win % 2
-    return np.array([structural_similarity(o, m, channel_axis=-1, data_range=255, win_size=win)
-                     for o, m in zip(original, marked)])
+    return np.array(
+        [structural_similarity(o, m, channel_axis=-1, data_range=255, win_size=win) for o, m in zip(original, marked)]
+    )

@@ -4,6 +4,7 @@ Loss is computed from the logit margin m = z_y - logsumexp_{j != y} z_j as CE = 
 same number as cross-entropy, but it does not round to zero for confident predictions, so memorised
 members stay distinguishable from merely easy non-members.
 """
+
 from __future__ import annotations
 
 import torch

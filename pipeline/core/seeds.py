@@ -1,4 +1,5 @@
 """Seed derivation: independent, reproducible random streams for users, images and stages."""
+
 from __future__ import annotations
 
 import numpy as np

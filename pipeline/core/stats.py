@@ -11,6 +11,7 @@ Across repeated runs (seeds), a table row's spread is a Student-t interval of it
 effect against a baseline row the t-interval of the differences paired by seed (each seed gives
 both rows the same plan where the rows do not change it).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def leave_one_out_p_values(null_scores: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / len(null)
 
 
-def class_rank_p_values(scores: np.ndarray, classes: np.ndarray, null_scores: np.ndarray,
-                        null_classes: np.ndarray) -> np.ndarray:
+def class_rank_p_values(
+    scores: np.ndarray, classes: np.ndarray, null_scores: np.ndarray, null_classes: np.ndarray
+) -> np.ndarray:
     """Each score's rank p-value among the null scores of its own class only (1 when the class has
     none): exact when a user is exchangeable with the non-member users of its class, which removes
     the confound of classes that are easy whether trained on or not."""
@@ -75,8 +77,14 @@ def binomial_limits(n: int, rate: float, confidence: float = 0.95) -> tuple[floa
 def null_calibration(p_null: np.ndarray, classes: np.ndarray, level: float = 0.05) -> dict[str, dict[str, object]]:
     """Per class, the share of null users with p <= level and its binomial limits if calibrated."""
     p_null, classes = np.asarray(p_null), np.asarray(classes)
-    return {str(c): {"n": int((classes == c).sum()), "rate": float((p_null[classes == c] <= level).mean()),
-                     "limits": binomial_limits(int((classes == c).sum()), level)} for c in np.unique(classes)}
+    return {
+        str(c): {
+            "n": int((classes == c).sum()),
+            "rate": float((p_null[classes == c] <= level).mean()),
+            "limits": binomial_limits(int((classes == c).sum()), level),
+        }
+        for c in np.unique(classes)
+    }
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -113,8 +121,9 @@ def t_interval(values: list[float] | np.ndarray, confidence: float = 0.95) -> tu
     return mean - half, mean + half
 
 
-def paired_difference(row: dict[int, float], baseline: dict[int, float],
-                      confidence: float = 0.95) -> dict[str, object] | None:
+def paired_difference(
+    row: dict[int, float], baseline: dict[int, float], confidence: float = 0.95
+) -> dict[str, object] | None:
     """A row's difference from the baseline over the seeds both ran ({seed: value} each): the mean
     difference, its t-interval, and whether that interval excludes 0 (an effect beyond seed noise).
     None with fewer than two common seeds."""
@@ -123,5 +132,9 @@ def paired_difference(row: dict[int, float], baseline: dict[int, float],
         return None
     differences = [row[s] - baseline[s] for s in common]
     lo, hi = t_interval(differences, confidence)  # type: ignore[misc]
-    return {"difference": float(np.mean(differences)), "interval": [lo, hi], "seeds_paired": len(common),
-            "beyond_noise": bool(lo > 0 or hi < 0)}
+    return {
+        "difference": float(np.mean(differences)),
+        "interval": [lo, hi],
+        "seeds_paired": len(common),
+        "beyond_noise": bool(lo > 0 or hi < 0),
+    }

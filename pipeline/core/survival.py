@@ -5,9 +5,11 @@ JPEG, and a trainer may store them as JPEG too. Per image we correlate the resid
 stored with the residual intended, for the whole mark and for its noise and pattern parts alone:
 the noise is small (epsilon) and high-frequency, so it is what lossy compression removes first.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,8 +49,13 @@ def _mean_defined(corr: np.ndarray) -> float | None:
 SURVIVAL_CHUNK = 64  # images of one size whose float residuals are held at once
 
 
-def _correlations(originals: np.ndarray, versions: dict[str, np.ndarray], cfg: MarkConfig, patterns: np.ndarray,
-                  noise_seeds: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+def _correlations(
+    originals: np.ndarray,
+    versions: dict[str, np.ndarray],
+    cfg: MarkConfig,
+    patterns: np.ndarray,
+    noise_seeds: np.ndarray,
+) -> dict[str, dict[str, np.ndarray]]:
     """Per image of one size and per stored version: the correlation of each part of the mark
     (see `mark_survival`)."""
     _, h, w, _ = originals.shape
@@ -59,9 +66,11 @@ def _correlations(originals: np.ndarray, versions: dict[str, np.ndarray], cfg: M
     out = {}
     for name, stored_uint8 in versions.items():
         residual = stored_uint8.astype(np.float64) / 255.0 - x
-        out[name] = {"full": pearson_rows(residual, noise_target + pattern_target),
-                     "noise": pearson_rows(residual - pattern_target, noise_target),
-                     "pattern": pearson_rows(residual - noise_target, pattern_target)}
+        out[name] = {
+            "full": pearson_rows(residual, noise_target + pattern_target),
+            "noise": pearson_rows(residual - pattern_target, noise_target),
+            "pattern": pearson_rows(residual - noise_target, pattern_target),
+        }
     return out
 
 
@@ -81,8 +90,9 @@ def survival_correlations(
     if len(marked) != n or len(noise_seeds) != n:
         raise ValueError(f"{n} originals, {len(marked)} marked images and {len(noise_seeds)} noise seeds")
     per_image: dict[str, dict[str, list[np.ndarray]]] = {}
-    chunks = [chunk for group in shape_groups(originals)
-              for chunk in np.array_split(group, -(-len(group) // SURVIVAL_CHUNK))]
+    chunks = [
+        chunk for group in shape_groups(originals) for chunk in np.array_split(group, -(-len(group) // SURVIVAL_CHUNK))
+    ]
     for chunk in chunks:
         x = np.stack([originals[i] for i in chunk])
         versions = {"raw": np.stack([marked[i] for i in chunk])}
@@ -102,8 +112,10 @@ def summarise_survival(correlations: Sequence[dict[str, dict[str, np.ndarray]]])
     results of `survival_correlations` (None over no defined value), and "n_images"."""
     if not correlations:
         return {"n_images": 0}
-    result: dict[str, Any] = {name: {part: _mean_defined(np.concatenate([c[name][part] for c in correlations]))
-                                     for part in parts} for name, parts in correlations[0].items()}
+    result: dict[str, Any] = {
+        name: {part: _mean_defined(np.concatenate([c[name][part] for c in correlations])) for part in parts}
+        for name, parts in correlations[0].items()
+    }
     result["n_images"] = sum(len(c["raw"]["full"]) for c in correlations)
     return result
 
@@ -122,7 +134,8 @@ def mark_survival(
     `originals` and `marked` are (H, W, 3) uint8 images (a (B, H, W, 3) array, or a sequence of
     images of varying size), `marked` as `mark_batch` made it; `patterns` holds each image's
     pattern p, (H, W, 3) float32 in [0, 1], and `noise_seeds` the seeds the noise delta was drawn
-    from. The intended mark is recomputed in float, before rounding to uint8: x' - x = alpha * (clip(x + delta) - x) + (1 - alpha) * (p - x), the noise
+    from. The intended mark is recomputed in float, before rounding to uint8:
+    x' - x = alpha * (clip(x + delta) - x) + (1 - alpha) * (p - x), the noise
     part plus the pattern part. Stored versions: "raw" (the marked uint8 as is), "jpeg<q>" per
     quality (re-encoded with OpenCV), and any given in `stored` (name -> images, e.g. the records a
     run wrote). Per version: "full" correlates stored - x with the whole intended mark; "noise"

@@ -90,12 +90,14 @@ def storage_note(metrics: dict[str, Any]) -> str:
     if not stored or not stored["member_jpeg_share"]:
         return ""
     noise = stored["storage"]["stored"]["noise"]
-    return (f"members' images {100 * stored['member_jpeg_share']:.0f}% JPEG q{stored['jpeg_quality']}"
-            + ("" if noise is None else f", noise part kept {noise:.2f}"))
+    return f"members' images {100 * stored['member_jpeg_share']:.0f}% JPEG q{stored['jpeg_quality']}" + (
+        "" if noise is None else f", noise part kept {noise:.2f}"
+    )
 
 
-def planned_rows(path: str | Path, base: str | None = None,
-                 seeds: int | None = None) -> tuple[Table, str, list[PlannedRun]]:
+def planned_rows(
+    path: str | Path, base: str | None = None, seeds: int | None = None
+) -> tuple[Table, str, list[PlannedRun]]:
     """A table (on `base` when given, over seeds 0..seeds-1 when given), the base config file its
     rows start from and every row × seed to run. Every run's config is validated, so a bad row stops
     the table before any row runs."""
@@ -112,8 +114,10 @@ def planned_rows(path: str | Path, base: str | None = None,
         for seed in table.seeds_of(row):
             settings = {**table.set, **row.set, **({} if seed is None else {"seed": seed})}
             folder = run_folder(base, settings)
-            overrides = [f"{key}={json.dumps(value)}" for key, value in
-                         {**settings, "run_dir": folder, "results_dir": f"{folder}/results"}.items()]
+            overrides = [
+                f"{key}={json.dumps(value)}"
+                for key, value in {**settings, "run_dir": folder, "results_dir": f"{folder}/results"}.items()
+            ]
             try:
                 cfg = load_config(base, overrides)
             except ConfigError as exc:
@@ -122,8 +126,13 @@ def planned_rows(path: str | Path, base: str | None = None,
     return table, base, runs
 
 
-def run_table(path: str | Path, launcher: str = "local", results: Path = Path("results"),
-              base: str | None = None, seeds: int | None = None) -> list[dict[str, Any]]:
+def run_table(
+    path: str | Path,
+    launcher: str = "local",
+    results: Path = Path("results"),
+    base: str | None = None,
+    seeds: int | None = None,
+) -> list[dict[str, Any]]:
     """Run every row of a table at each of its seeds (finished stages, also other rows' and other
     tables', are skipped by the stages themselves) and write the table; with `base`, on that run
     config instead of the table's; with `seeds`, over seeds 0..seeds-1."""
@@ -136,14 +145,24 @@ def run_table(path: str | Path, launcher: str = "local", results: Path = Path("r
         training = read_json(output_path(run.config, "train", "metrics.json", arm="marked"))
         notes = "; ".join(note for note in (defense_notes(training), storage_note(metrics)) if note)
         by_row[run.row.name].append({"seed": run.seed, "run_dir": run.folder, **run_summary(metrics), "notes": notes})
-    rows = summarise([{"name": row.name, "set": row.set, "runs": by_row[row.name]} for row in table.rows],
-                     table.baseline_row.name)
+    rows = summarise(
+        [{"name": row.name, "set": row.set, "runs": by_row[row.name]} for row in table.rows], table.baseline_row.name
+    )
     means = group_means(table.averages, rows)
     out = results / table.table
-    write_json(out / "results.json", {"title": table.title, "claim": table.claim, "base": table.base,
-                                      "set": table.set, "baseline": table.baseline_row.name,
-                                      "interval": "95% Student-t over seeds; differences paired by seed",
-                                      "rows": rows, "averages": means})
+    write_json(
+        out / "results.json",
+        {
+            "title": table.title,
+            "claim": table.claim,
+            "base": table.base,
+            "set": table.set,
+            "baseline": table.baseline_row.name,
+            "interval": "95% Student-t over seeds; differences paired by seed",
+            "rows": rows,
+            "averages": means,
+        },
+    )
     write_text(out / "README.md", markdown(table, rows, means))
     plot_spread(rows, out / "spread.png", table.title)
     update_overview(results, table, rows, means)

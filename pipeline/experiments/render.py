@@ -17,14 +17,19 @@ from ..store import atomic_path, write_text  # noqa: E402
 from .summary import HEADLINE, INTERVAL, effects  # noqa: E402
 from .tables import Table  # noqa: E402
 
-LABELS = {"auc": "AUC", "fpr_at_tpr_1": "FPR @ 100% TPR", "tpr_at_fpr_below_0.001": "TPR @ FPR < 1e-3",
-          "test_accuracy": "test acc"}
+LABELS = {
+    "auc": "AUC",
+    "fpr_at_tpr_1": "FPR @ 100% TPR",
+    "tpr_at_fpr_below_0.001": "TPR @ FPR < 1e-3",
+    "test_accuracy": "test acc",
+}
 OVERVIEW_HEADER = (
     "# Experiment results\n\nEach table regenerates with `make experiments` (or `mtrack experiments <table yaml>`); "
     "the paper's claim is stated next to ours. Every row is repeated over seeds (each seed draws other users, images "
     f"and patterns and trains another model); numbers are means with a {INTERVAL}, and each row is compared with "
     "its table's baseline row by the differences paired by seed: an effect *stands out from seed noise* when the "
-    "95% interval of that difference excludes 0 (per row and number, not corrected for the many comparisons).\n")
+    "95% interval of that difference excludes 0 (per row and number, not corrected for the many comparisons).\n"
+)
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -62,40 +67,73 @@ def row_notes(run: dict[str, Any]) -> str:
     if run.get("member_classes"):
         notes.append("members: " + ", ".join(run["member_classes"]))
     if run.get("false_positives_by_class"):
-        notes.append("below the worst member: " + ", ".join(f"{c} {n}" for c, n in run["false_positives_by_class"].items()))
+        notes.append(
+            "below the worst member: " + ", ".join(f"{c} {n}" for c, n in run["false_positives_by_class"].items())
+        )
     return "; ".join(n for n in notes if n)
 
 
 def markdown(table: Table, rows: list[dict[str, Any]], means: list[dict[str, Any]]) -> str:
     baseline = table.baseline_row.name
     m = min(row["n_nonmember_users"] for row in rows)
-    head = ("| variant | seeds | " + " | ".join(LABELS[k] for k in HEADLINE) + " | "
-            + " | ".join(f"Δ {LABELS[k]}" for k in HEADLINE) + " |\n" + "|---" * (2 + 2 * len(HEADLINE)) + "|\n")
-    lines = [f"| {r['name']} | {r['n_seeds']} | " + " | ".join(with_interval(r, k) for k in HEADLINE) + " | "
-             + " | ".join(difference(r, k) for k in HEADLINE) + " |" for r in rows]
-    text = (f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
-            f"set-based audit of the marked model against M = {m:,} non-member users (FPR resolved to 1/M; "
-            "TPR @ FPR < t counts false positives strictly below t, as the official code does). Each cell: mean "
-            f"over the row's seeds [{INTERVAL}]; Δ: difference from the baseline row *{baseline}*, paired by "
-            "seed [95% t-interval]; **bold** where that interval excludes 0 (the effect stands out from seed "
-            f"noise). Figure: [spread.png](spread.png). Regenerate: `mtrack experiments "
-            f"configs/experiments/{table.table}.yaml`.\n\n" + head + "\n".join(lines) + "\n")
+    head = (
+        "| variant | seeds | "
+        + " | ".join(LABELS[k] for k in HEADLINE)
+        + " | "
+        + " | ".join(f"Δ {LABELS[k]}" for k in HEADLINE)
+        + " |\n"
+        + "|---" * (2 + 2 * len(HEADLINE))
+        + "|\n"
+    )
+    lines = [
+        f"| {r['name']} | {r['n_seeds']} | "
+        + " | ".join(with_interval(r, k) for k in HEADLINE)
+        + " | "
+        + " | ".join(difference(r, k) for k in HEADLINE)
+        + " |"
+        for r in rows
+    ]
+    text = (
+        f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
+        f"set-based audit of the marked model against M = {m:,} non-member users (FPR resolved to 1/M; "
+        "TPR @ FPR < t counts false positives strictly below t, as the official code does). Each cell: mean "
+        f"over the row's seeds [{INTERVAL}]; Δ: difference from the baseline row *{baseline}*, paired by "
+        "seed [95% t-interval]; **bold** where that interval excludes 0 (the effect stands out from seed "
+        f"noise). Figure: [spread.png](spread.png). Regenerate: `mtrack experiments "
+        f"configs/experiments/{table.table}.yaml`.\n\n" + head + "\n".join(lines) + "\n"
+    )
     if means:
-        text += ("\n| mean over | runs | " + " | ".join(LABELS[k] for k in HEADLINE) + " |\n"
-                 + "|---" * (2 + len(HEADLINE)) + "|\n")
-        text += "\n".join(f"| {g['name']} | {g['n_runs']} | " + " | ".join(with_interval(g, k) for k in HEADLINE) + " |"
-                          for g in means) + "\n"
-    text += ("\n## Every run\n\n| variant | seed | AUC | FPR @ 100% TPR (95% CI) | TPR @ FPR 0 (95% CI) | "
-             "TPR @ FPR < 1e-3 / < 1e-4 | max member p: pooled / own class | instance AUC | control AUC | train loss | "
-             "test acc | PSNR dB | notes |\n" + "|---" * 13 + "|\n")
+        text += (
+            "\n| mean over | runs | "
+            + " | ".join(LABELS[k] for k in HEADLINE)
+            + " |\n"
+            + "|---" * (2 + len(HEADLINE))
+            + "|\n"
+        )
+        text += (
+            "\n".join(
+                f"| {g['name']} | {g['n_runs']} | " + " | ".join(with_interval(g, k) for k in HEADLINE) + " |"
+                for g in means
+            )
+            + "\n"
+        )
+    text += (
+        "\n## Every run\n\n| variant | seed | AUC | FPR @ 100% TPR (95% CI) | TPR @ FPR 0 (95% CI) | "
+        "TPR @ FPR < 1e-3 / < 1e-4 | max member p: pooled / own class | instance AUC | control AUC | train loss | "
+        "test acc | PSNR dB | notes |\n" + "|---" * 13 + "|\n"
+    )
     text += "\n".join(
-        f"| {r['name']} | {run['seed']} | {run['auc']:.3f} | {run['fpr_at_tpr_1']:.3f} ({run['fpr_at_tpr_1_interval'][0]:.3f}–"
+        f"| {r['name']} | {run['seed']} | {run['auc']:.3f} | {run['fpr_at_tpr_1']:.3f} "
+        f"({run['fpr_at_tpr_1_interval'][0]:.3f}–"
         f"{run['fpr_at_tpr_1_interval'][1]:.3f}) | {run['tpr_at_fpr_0']:.2f} ({run['tpr_at_fpr_0_interval'][0]:.2f}–"
         f"{run['tpr_at_fpr_0_interval'][1]:.2f}) | {_num(run.get('tpr_at_fpr_below_0.001'), '.2f')} / "
         f"{_num(run.get('tpr_at_fpr_below_0.0001'), '.2f')} | {run['largest_member_p_value']:.3g} / "
         f"{_num(run.get('largest_class_conditional_p_value'), '.3g')} | {run['instance_auc']:.3f} | "
         f"{_num(run.get('control_auc'), '.3f')} | {run['train_loss']:.2g} | {run['test_accuracy']:.3f} | "
-        f"{run['psnr']:.1f} | {row_notes(run)} |" for r in rows for run in r["runs"])
+        f"{run['psnr']:.1f} | {row_notes(run)} |"
+        for r in rows
+        for run in r["runs"]
+    )
     return text + "\n"
 
 
@@ -105,9 +143,14 @@ def effects_sentences(rows: list[dict[str, Any]], baseline: str) -> str:
     by_name = {row["name"]: row for row in rows}
     parts = []
     if beyond:
-        parts.append(f"Standing out from seed noise against *{baseline}*: " + "; ".join(
-            f"{name} ({', '.join(f'{LABELS[k]} {difference(by_name[name], k)}'.replace('**', '') for k in keys)})"
-            for name, keys in beyond) + ".")
+        parts.append(
+            f"Standing out from seed noise against *{baseline}*: "
+            + "; ".join(
+                f"{name} ({', '.join(f'{LABELS[k]} {difference(by_name[name], k)}'.replace('**', '') for k in keys)})"
+                for name, keys in beyond
+            )
+            + "."
+        )
     if within:
         parts.append("Within seed noise of the baseline: " + ", ".join(within) + ".")
     if unknown:
@@ -123,12 +166,24 @@ def update_overview(results: Path, table: Table, rows: list[dict[str, Any]], mea
     sections = [part for part in text.split("\n## ") if part.strip()]
     entries = {part.split("\n", 1)[0]: part for part in sections[1:]}
     m = min(row["n_nonmember_users"] for row in rows)
-    entry = (f"{table.title}\n\nPaper: {table.claim}. Ours ([table]({table.table}/README.md), "
-             f"[figure]({table.table}/spread.png); M = {m:,} non-member users; mean [95% t-interval] over seeds):\n\n")
-    entry += "\n".join(f"- {r['name']} ({r['n_seeds']} seeds): " + ", ".join(
-        f"{LABELS[k]} {with_interval(r, k)}" for k in HEADLINE) for r in rows) + "\n"
-    entry += "".join(f"- mean over {g['name']} ({g['n_runs']} runs): "
-                     + ", ".join(f"{LABELS[k]} {with_interval(g, k)}" for k in HEADLINE) + "\n" for g in means)
+    entry = (
+        f"{table.title}\n\nPaper: {table.claim}. Ours ([table]({table.table}/README.md), "
+        f"[figure]({table.table}/spread.png); M = {m:,} non-member users; mean [95% t-interval] over seeds):\n\n"
+    )
+    entry += (
+        "\n".join(
+            f"- {r['name']} ({r['n_seeds']} seeds): "
+            + ", ".join(f"{LABELS[k]} {with_interval(r, k)}" for k in HEADLINE)
+            for r in rows
+        )
+        + "\n"
+    )
+    entry += "".join(
+        f"- mean over {g['name']} ({g['n_runs']} runs): "
+        + ", ".join(f"{LABELS[k]} {with_interval(g, k)}" for k in HEADLINE)
+        + "\n"
+        for g in means
+    )
     if sentences := effects_sentences(rows, table.baseline_row.name):
         entry += "\n" + sentences + "\n"
     entries[table.title] = entry
@@ -145,8 +200,15 @@ def plot_spread(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.scatter([run[key] for run in row["runs"]], [y] * len(row["runs"]), s=14, color="tab:gray", zorder=2)
             mean, bounds = row["mean"][key], row["interval"][key]
             if bounds is not None:
-                ax.errorbar(mean, y, xerr=[[mean - bounds[0]], [bounds[1] - mean]], fmt="none", ecolor="tab:blue",
-                            capsize=4, zorder=3)
+                ax.errorbar(
+                    mean,
+                    y,
+                    xerr=[[mean - bounds[0]], [bounds[1] - mean]],
+                    fmt="none",
+                    ecolor="tab:blue",
+                    capsize=4,
+                    zorder=3,
+                )
             ax.plot([mean], [y], "D", color="tab:blue", zorder=4)
         ax.set_xlabel(LABELS[key])
         ax.grid(axis="x", alpha=0.3)

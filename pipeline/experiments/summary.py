@@ -12,9 +12,20 @@ from ..core.stats import paired_difference, t_interval
 
 # The numbers every table gives with their spread over seeds; HEADLINE ones are also compared with
 # the baseline row. None where a run's report predates the number (or the run has no control arm).
-SPREAD = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_0", "tpr_at_fpr_below_0.001", "tpr_at_fpr_below_0.0001",
-          "largest_member_p_value", "largest_class_conditional_p_value", "instance_auc", "control_auc",
-          "train_loss", "test_accuracy", "psnr")
+SPREAD = (
+    "auc",
+    "fpr_at_tpr_1",
+    "tpr_at_fpr_0",
+    "tpr_at_fpr_below_0.001",
+    "tpr_at_fpr_below_0.0001",
+    "largest_member_p_value",
+    "largest_class_conditional_p_value",
+    "instance_auc",
+    "control_auc",
+    "train_loss",
+    "test_accuracy",
+    "psnr",
+)
 HEADLINE = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_below_0.001", "test_accuracy")
 INTERVAL = "95% Student-t interval over seeds"
 
@@ -33,7 +44,8 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "tpr_at_fpr_below_0.0001": below.get("0.0001"),
         "largest_member_p_value": max(stats["member_p_values"]),
         "largest_class_conditional_p_value": max(stats["class_conditional"]["member_p_values"])
-        if "class_conditional" in stats else None,
+        if "class_conditional" in stats
+        else None,
         "smallest_possible_p_value": stats["smallest_possible_p_value"],
         "n_nonmember_users": metrics["set_based"]["n_nonmembers"],
         "instance_auc": metrics["instance_based"]["auc"],
@@ -42,9 +54,11 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "test_accuracy": training["test_accuracy"],
         "psnr": metrics["mark_quality"]["member"]["psnr_mean"],
         "member_classes": sorted({row["class"] for row in metrics.get("per_member", [])}),
-        "false_positives_by_class": {name: row["nonmembers_below_worst_member"]
-                                     for name, row in metrics.get("per_class", {}).items()
-                                     if row["nonmembers_below_worst_member"]},
+        "false_positives_by_class": {
+            name: row["nonmembers_below_worst_member"]
+            for name, row in metrics.get("per_class", {}).items()
+            if row["nonmembers_below_worst_member"]
+        },
     }
 
 
@@ -71,11 +85,17 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]
     out = []
     for row in rows:
         runs = row["runs"]
-        entry = {**row, "seeds": [run["seed"] for run in runs], "n_seeds": len(runs),
-                 "n_nonmember_users": min(run["n_nonmember_users"] for run in runs), **spread(runs)}
+        entry = {
+            **row,
+            "seeds": [run["seed"] for run in runs],
+            "n_seeds": len(runs),
+            "n_nonmember_users": min(run["n_nonmember_users"] for run in runs),
+            **spread(runs),
+        }
         if row is not base:
-            entry["vs_baseline"] = {key: paired_difference(by_seed(runs, key), by_seed(base["runs"], key))
-                                    for key in HEADLINE}
+            entry["vs_baseline"] = {
+                key: paired_difference(by_seed(runs, key), by_seed(base["runs"], key)) for key in HEADLINE
+            }
         out.append(entry)
     return out
 
@@ -84,10 +104,15 @@ def group_means(averages: dict[str, list[str]], rows: list[dict[str, Any]]) -> l
     """Each averaged group of rows (e.g. single-target runs over target classes): the spread over
     every run of its rows."""
     by_name = {row["name"]: row for row in rows}
-    return [{"name": name, "rows": len(members),
-             "n_runs": sum(len(by_name[m]["runs"]) for m in members),
-             **spread([run for m in members for run in by_name[m]["runs"]])}
-            for name, members in averages.items()]
+    return [
+        {
+            "name": name,
+            "rows": len(members),
+            "n_runs": sum(len(by_name[m]["runs"]) for m in members),
+            **spread([run for m in members for run in by_name[m]["runs"]]),
+        }
+        for name, members in averages.items()
+    ]
 
 
 def effects(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, list[str]]], list[str], list[str]]:

@@ -49,7 +49,7 @@ class Table(_Strict):
     averages: dict[str, list[str]] = {}  # name -> rows averaged into one line (e.g. one per target class)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Table":
+    def _consistent(self) -> Table:
         names = [row.name for row in self.rows]
         if len(set(names)) != len(names):
             raise ValueError(f"rows: two rows are named {next(n for n in names if names.count(n) > 1)!r}")
@@ -82,15 +82,22 @@ def load_table(path: Path) -> Table:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(
+            f"{path}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def on_base(table: Table, base: str) -> Table:
     """The table run on another base config (CIFAR, ImageNet): its own results folder, and its title's
     trailing parenthetical (the default setting) replaced by the base config's name."""
     name = load_config(base).name
-    return table.model_copy(update={"table": f"{table.table}-{Path(base).stem}", "base": base,
-                                    "title": f"{table.title.split(' (')[0]} ({name})"})
+    return table.model_copy(
+        update={
+            "table": f"{table.table}-{Path(base).stem}",
+            "base": base,
+            "title": f"{table.title.split(' (')[0]} ({name})",
+        }
+    )
 
 
 def with_seeds(table: Table, n: int) -> Table:
@@ -99,5 +106,6 @@ def with_seeds(table: Table, n: int) -> Table:
         raise ConfigError(f"--seeds {n}: needs at least one seed")
     if any("seed" in {**table.set, **row.set} for row in table.rows):
         raise ConfigError(f"table {table.table}: a row sets 'seed'; --seeds cannot repeat it over seeds")
-    return table.model_copy(update={"seeds": tuple(range(n)),
-                                    "rows": [row.model_copy(update={"seeds": None}) for row in table.rows]})
+    return table.model_copy(
+        update={"seeds": tuple(range(n)), "rows": [row.model_copy(update={"seeds": None}) for row in table.rows]}
+    )

@@ -12,6 +12,7 @@ only its missing shards, so a failed array task is re-run alone. Every job is ch
 after a preemption or time-out submitit requeues it and the task resumes from its own state
 (training from Lightning's last checkpoint).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,8 @@ from ..config import RunConfig, load_config
 from ..store import StageError, writable_folder
 from .cost import cost_table
 from .follow import Follower, JobRecord, follow
-from .local import run_local
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
+from .local import run_local
 from .preflight import describe_preflight
 from .slurm import run_slurm, slurm_parameters
 
@@ -40,8 +41,13 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
     for job in jobs:
         if launcher == "slurm":
             p = slurm_parameters(cfg, job.task)
-            shape = (f"{p['nodes']} x {p['tasks_per_node']}", str(p["cpus_per_task"]), str(p["gpus_per_node"]),
-                     f"{p['mem_gb']:g}", str(p["timeout_min"]))
+            shape = (
+                f"{p['nodes']} x {p['tasks_per_node']}",
+                str(p["cpus_per_task"]),
+                str(p["gpus_per_node"]),
+                f"{p['mem_gb']:g}",
+                str(p["timeout_min"]),
+            )
         else:
             shape = ("this machine", "-", "-", "-", "-")
         array = f"shards {ranges(job.shards)} of {job.task.num_shards}" if job.is_array else "-"
@@ -65,8 +71,9 @@ def check_before_running(cfg: RunConfig) -> None:
     writable_folder(cfg.results_dir, "results_dir")
 
 
-def launch(config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False,
-           wait: bool = True) -> None:
+def launch(
+    config_path: str, overrides: list[str], launcher: str, force: bool = False, dry_run: bool = False, wait: bool = True
+) -> None:
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
     cfg = load_config(config_path, overrides)
     if dry_run:

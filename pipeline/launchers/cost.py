@@ -10,13 +10,15 @@ so instead of guessing. Estimates cover the images each stage pushes through its
 array task of a job runs at once (up to `launch.slurm.array_parallelism`) and training scales
 linearly over its GPUs.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ..config import RunConfig
 from ..store import StageError, read_json
@@ -53,8 +55,15 @@ class PublishedRun:
 # 512 per GPU, fp16 autocast, channels_last. Crops are 160 px until the ramp (epochs 65-76, rounded
 # to 32 px), 192 px after: 71 epochs at 160 px and 17 at 192 px. That is 3,042 img/s per A100 over
 # the run and 3,301 img/s at 160 px.
-FFCV_RN50 = PublishedRun(arch="resnet50", images_per_epoch=1_281_167, epochs_at={160: 71, 192: 17}, minutes=77.2,
-                         gpus=8, gpu="A100", where="github.com/libffcv/ffcv-imagenet")
+FFCV_RN50 = PublishedRun(
+    arch="resnet50",
+    images_per_epoch=1_281_167,
+    epochs_at={160: 71, 192: 17},
+    minutes=77.2,
+    gpus=8,
+    gpu="A100",
+    where="github.com/libffcv/ffcv-imagenet",
+)
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,13 @@ class Rates:
 
 def _published_train() -> Rate:
     run = FFCV_RN50
-    return Rate({160: run.images_per_s(160)}, "GPU",
-                f"published: FFCV ResNet-50, {sum(run.epochs_at.values())} epochs in {run.minutes} min on "
-                f"{run.gpus} x {run.gpu} ({run.where}); other sizes scaled by pixel count", run.arch)
+    return Rate(
+        {160: run.images_per_s(160)},
+        "GPU",
+        f"published: FFCV ResNet-50, {sum(run.epochs_at.values())} epochs in {run.minutes} min on "
+        f"{run.gpus} x {run.gpu} ({run.where}); other sizes scaled by pixel count",
+        run.arch,
+    )
 
 
 def _gpu_rates(path: Path) -> dict[str, Rate]:
@@ -102,15 +115,24 @@ def _gpu_rates(path: Path) -> dict[str, Rate]:
     if report.get("device") != "cuda":
         return {}
     where = f"measured: {path.name} on {report.get('gpu', {}).get('name') or 'a GPU'}"
-    return {key: Rate({int(size): float(v) for size, v in entry["images_per_s"].items()}, entry["per"],
-                      f"{where} ({entry['what']})", entry.get("arch"))
-            for key, entry in report.get("throughput", {}).items()}
+    return {
+        key: Rate(
+            {int(size): float(v) for size, v in entry["images_per_s"].items()},
+            entry["per"],
+            f"{where} ({entry['what']})",
+            entry.get("arch"),
+        )
+        for key, entry in report.get("throughput", {}).items()
+    }
 
 
 def _cpu_marking(path: Path) -> Rate | None:
     report = read_json(path)
-    rates = {int(m[1]): float(row["ours"]) for row in report["rows"]
-             if (m := re.fullmatch(r"mark (\d+)x\1 perlin, 1 core", row["case"]))}
+    rates = {
+        int(m[1]): float(row["ours"])
+        for row in report["rows"]
+        if (m := re.fullmatch(r"mark (\d+)x\1 perlin, 1 core", row["case"]))
+    }
     return Rate(rates, "core", f"measured: {path.name} on {report['machine'].split(',')[0]}") if rates else None
 
 
@@ -120,10 +142,17 @@ def _scale_rates(path: Path) -> dict[str, Rate]:
     report = read_json(path)
     largest = max(s["n_images"] for s in report["stages"])
     side = max(size["config"]["max_resolution"] or 0 for size in report["sizes"].values()) or 256
-    where = f"measured: {path.name}, the rehearsal on {largest:,} ImageNet-shaped images on {report['machine'].split(',')[0]}"
-    return {stage["stage"]: Rate({side: float(stage["images_per_s_per_core"])}, "core",
-                                 f"{where} (whole stage: decode, mark or encode, write)")
-            for stage in report["stages"] if stage["n_images"] == largest and stage["images_per_s_per_core"]}
+    machine = report["machine"].split(",")[0]
+    where = f"measured: {path.name}, the rehearsal on {largest:,} ImageNet-shaped images on {machine}"
+    return {
+        stage["stage"]: Rate(
+            {side: float(stage["images_per_s_per_core"])},
+            "core",
+            f"{where} (whole stage: decode, mark or encode, write)",
+        )
+        for stage in report["stages"]
+        if stage["n_images"] == largest and stage["images_per_s_per_core"]
+    }
 
 
 def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
@@ -133,8 +162,9 @@ def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
     try:
         return parse(path)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise StageError(f"{path}: not a benchmark result the cost estimate can read "
-                         f"({type(exc).__name__}: {exc})") from None
+        raise StageError(
+            f"{path}: not a benchmark result the cost estimate can read ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def load_rates(bench_dir: Path = BENCH_DIR) -> Rates:
@@ -142,8 +172,14 @@ def load_rates(bench_dir: Path = BENCH_DIR) -> Rates:
     gpu: dict[str, Rate] = _read(bench_dir / "gpu.json", _gpu_rates, {})
     scale: dict[str, Rate] = _read(bench_dir / "scale.json", _scale_rates, {})
     mark_cpu = scale.get("mark") or _read(bench_dir / "marking.json", _cpu_marking, None)
-    return Rates(train=gpu.get("train"), published_train=_published_train(), audit=gpu.get("audit"),
-                 mark_gpu=gpu.get("mark"), mark_cpu=mark_cpu, write=gpu.get("write") or scale.get("write"))
+    return Rates(
+        train=gpu.get("train"),
+        published_train=_published_train(),
+        audit=gpu.get("audit"),
+        mark_gpu=gpu.get("mark"),
+        mark_cpu=mark_cpu,
+        write=gpu.get("write") or scale.get("write"),
+    )
 
 
 @dataclass(frozen=True)
@@ -169,20 +205,34 @@ def _users_images(cfg: RunConfig) -> int:
     return (cfg.plan.n_member_users + cfg.plan.n_nonmember_users) * cfg.plan.samples_per_user
 
 
-def _per_task(cfg: RunConfig, job: Job, images: int, rate: Rate | None, size: int, units: int,
-              gpus_per_task: int, missing: str, scope: str = "") -> Estimate:
+def _per_task(
+    cfg: RunConfig,
+    job: Job,
+    images: int,
+    rate: Rate | None,
+    size: int,
+    units: int,
+    gpus_per_task: int,
+    missing: str,
+    scope: str = "",
+) -> Estimate:
     """A job whose `images` are split evenly over its shards, each task running `units` units of `rate`."""
     p = slurm_parameters(cfg, job.task)
     tasks = len(job.shards) if job.task.num_shards > 1 else 1  # no shards left: the job only merges
     images = images * tasks // job.task.num_shards
     if rate is None or images == 0:
-        return Estimate(job.task.name, images, gpus_per_task * tasks, None if images else 0.0,
-                        missing if images else "-", limit_min=p["timeout_min"])
+        return Estimate(
+            job.task.name,
+            images,
+            gpus_per_task * tasks,
+            None if images else 0.0,
+            missing if images else "-",
+            limit_min=p["timeout_min"],
+        )
     per_task = images / tasks / (rate.at(size) * units)
     waves = math.ceil(tasks / cfg.launch.slurm.array_parallelism)
     used = f"{rate.at(size):,.0f} img/s per {rate.unit} at {size} px" + (f" x {units}" if units > 1 else "") + scope
-    return Estimate(job.task.name, images, gpus_per_task * tasks, per_task * waves, used, rate.source,
-                    p["timeout_min"])
+    return Estimate(job.task.name, images, gpus_per_task * tasks, per_task * waves, used, rate.source, p["timeout_min"])
 
 
 def estimate_job(cfg: RunConfig, job: Job, rates: Rates) -> Estimate:
@@ -193,9 +243,20 @@ def estimate_job(cfg: RunConfig, job: Job, rates: Rates) -> Estimate:
     if stage == "mark":
         on_gpu = p["gpus_per_node"] > 0 and cfg.mark.device in ("auto", "cuda")
         rate = rates.mark_gpu if on_gpu else rates.mark_cpu
-        scope = "" if rate is not None and "whole stage" in rate.source else " (mark_batch only: not decoding, PSNR/SSIM)"
-        return _per_task(cfg, job, _users_images(cfg), rate, stored, 1, p["gpus_per_node"],
-                         "not measured: run make gpu-check" if on_gpu else "not measured: run make scale", scope)
+        scope = (
+            "" if rate is not None and "whole stage" in rate.source else " (mark_batch only: not decoding, PSNR/SSIM)"
+        )
+        return _per_task(
+            cfg,
+            job,
+            _users_images(cfg),
+            rate,
+            stored,
+            1,
+            p["gpus_per_node"],
+            "not measured: run make gpu-check" if on_gpu else "not measured: run make scale",
+            scope,
+        )
     if stage == "write":  # the training set once, the members' marked records, the test split, the audit set
         members = cfg.plan.n_member_users * cfg.plan.samples_per_user
         images = cfg.data.n_train + members + _users_images(cfg) + (cfg.data.n_test or TEST_IMAGES_UNKNOWN)
@@ -204,10 +265,19 @@ def estimate_job(cfg: RunConfig, job: Job, rates: Rates) -> Estimate:
     arch = cfg.train.arch
     if stage == "audit":
         if p["gpus_per_node"] == 0:
-            return Estimate(job.task.name, _users_images(cfg), 0, None, "not measured on CPU",
-                            limit_min=p["timeout_min"])
-        return _per_task(cfg, job, _users_images(cfg), rates.for_arch(arch, rates.audit), size, p["gpus_per_node"],
-                         p["gpus_per_node"], f"not measured for {arch}: run make gpu-check")
+            return Estimate(
+                job.task.name, _users_images(cfg), 0, None, "not measured on CPU", limit_min=p["timeout_min"]
+            )
+        return _per_task(
+            cfg,
+            job,
+            _users_images(cfg),
+            rates.for_arch(arch, rates.audit),
+            size,
+            p["gpus_per_node"],
+            p["gpus_per_node"],
+            f"not measured for {arch}: run make gpu-check",
+        )
     if stage == "train":
         return _train(cfg, job, rates.for_arch(arch, rates.train, rates.published_train), gpus, p["timeout_min"])
     return Estimate(job.task.name, 0, gpus, None, "not estimated (no image loop)", limit_min=p["timeout_min"])
@@ -227,13 +297,21 @@ def _train(cfg: RunConfig, job: Job, rate: Rate | None, gpus: int, limit_min: in
     if gpus == 0:
         return Estimate(job.task.name, images, gpus, None, "no GPUs requested: not estimated", limit_min=limit_min)
     if rate is None:
-        return Estimate(job.task.name, images, gpus, None, f"no throughput for {cfg.train.arch}: measured (make "
-                        "gpu-check) for the recipe's model, published for resnet50", limit_min=limit_min)
+        return Estimate(
+            job.task.name,
+            images,
+            gpus,
+            None,
+            f"no throughput for {cfg.train.arch}: measured (make "
+            "gpu-check) for the recipe's model, published for resnet50",
+            limit_min=limit_min,
+        )
     sizes = train_sizes(cfg)
     wall = sum(cfg.data.n_train / (rate.at(size) * gpus) for size in sizes)
     used = ", ".join(f"{rate.at(s):,.0f} at {s} px" for s in sorted(set(sizes)))
-    return Estimate(job.task.name, images, gpus, wall, f"img/s per {rate.unit}: {used}; x {gpus} GPUs", rate.source,
-                    limit_min)
+    return Estimate(
+        job.task.name, images, gpus, wall, f"img/s per {rate.unit}: {used}; x {gpus} GPUs", rate.source, limit_min
+    )
 
 
 def _duration(seconds: float | None) -> str:
@@ -253,8 +331,9 @@ def cost_table(cfg: RunConfig, jobs: list[Job], bench_dir: Path = BENCH_DIR) -> 
     sources = list(dict.fromkeys(e.source for e in estimates if e.source))
     rows = [("job", "images", "wall time", "GPUs", "GPU-hours", "throughput used")]
     for e in estimates:
-        wall = _duration(e.wall_s) + (f" (over the {e.limit_min} min limit)"
-                                      if e.wall_s and e.limit_min and e.wall_s > 60 * e.limit_min else "")
+        wall = _duration(e.wall_s) + (
+            f" (over the {e.limit_min} min limit)" if e.wall_s and e.limit_min and e.wall_s > 60 * e.limit_min else ""
+        )
         hours = "?" if e.gpu_hours is None else f"{e.gpu_hours:.1f}" if e.gpu_hours else "0"
         mark = f"[{sources.index(e.source) + 1}] " if e.source else ""
         rows.append((e.job, f"{e.images:,}" if e.images else "-", wall, str(e.gpus), hours, mark + e.used))

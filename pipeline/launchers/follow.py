@@ -7,6 +7,7 @@ they happened, training's per-epoch progress from its Lightning CSV log, and a o
 while nothing changes. A failed job, or one SLURM keeps pending for a reason that cannot resolve by
 itself, ends the run: the rest is cancelled and the error names the job.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,21 +15,44 @@ import io
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..store import StageError, read_json, write_json
 from .jobs import ranges
 
 # States a job can still leave on its own (squeue's long names).
-LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-               "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+LIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 # Ended without success. A preempted job or one whose node failed may be requeued by SLURM: it
 # counts as failed only if it is still in that state at the next poll.
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-                 "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+FAILED_STATES = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 MAY_BE_REQUEUED = {"PREEMPTED", "NODE_FAIL"}
 PASSING_STATES = {"COMPLETING", "CONFIGURING"}  # not reported: the state the job settles in is
 # Pending reasons that do not resolve by themselves (SLURM's job reason codes).
@@ -61,8 +85,11 @@ class RecordedJob:
 
     @property
     def label(self) -> str:
-        return f"{self.task} shard {self.shard} (job {self.job_id})" if self.shard is not None else \
-            f"{self.task} (job {self.job_id})"
+        return (
+            f"{self.task} shard {self.shard} (job {self.job_id})"
+            if self.shard is not None
+            else f"{self.task} (job {self.job_id})"
+        )
 
 
 @dataclass
@@ -81,23 +108,41 @@ class JobRecord:
         return Path(run_dir) / "launch" / "slurm-jobs.json"
 
     @classmethod
-    def load(cls, path: Path) -> "JobRecord":
+    def load(cls, path: Path) -> JobRecord:
         data = read_json(path)
         try:
-            jobs = [RecordedJob(e["task"], e["shard"], job_id, e["stage_dir"], e["epochs"])
-                    for e in data["jobs"] for job_id in e["job_ids"]]
+            jobs = [
+                RecordedJob(e["task"], e["shard"], job_id, e["stage_dir"], e["epochs"])
+                for e in data["jobs"]
+                for job_id in e["job_ids"]
+            ]
             return cls(path, data["folder"], data["poll_s"], data["summary_every_s"], data["submitted_at"], jobs)
         except (KeyError, TypeError) as exc:
-            raise StageError(f"{path}: not a job record of this version (no {exc}); check its jobs with squeue, "
-                             "then delete it") from None
+            raise StageError(
+                f"{path}: not a job record of this version (no {exc}); check its jobs with squeue, then delete it"
+            ) from None
 
     def add(self, jobs: list[RecordedJob]) -> None:
         self.jobs += jobs
-        write_json(self.path, {
-            "folder": self.folder, "poll_s": self.poll_s, "summary_every_s": self.summary_every_s,
-            "submitted_at": self.submitted_at,
-            "jobs": [{"task": j.task, "shard": j.shard, "job_ids": [j.job_id], "stage_dir": j.stage_dir,
-                      "epochs": j.epochs} for j in self.jobs]})
+        write_json(
+            self.path,
+            {
+                "folder": self.folder,
+                "poll_s": self.poll_s,
+                "summary_every_s": self.summary_every_s,
+                "submitted_at": self.submitted_at,
+                "jobs": [
+                    {
+                        "task": j.task,
+                        "shard": j.shard,
+                        "job_ids": [j.job_id],
+                        "stage_dir": j.stage_dir,
+                        "epochs": j.epochs,
+                    }
+                    for j in self.jobs
+                ],
+            },
+        )
 
     def stderr(self, job: RecordedJob) -> Path:
         from submitit.core.utils import JobPaths
@@ -139,13 +184,13 @@ class JobState:
 
     @property
     def brief(self) -> str:
-        """"pending (Priority)", "running", "completed": how the summary groups jobs."""
+        """ "pending (Priority)", "running", "completed": how the summary groups jobs."""
         if self.state == "PENDING":
             return f"pending ({self.reason})" if self.reason and self.reason != "None" else "pending"
         return self.state.lower().replace("_", " ")
 
     def describe(self) -> str:
-        """"pending (Priority)", "running on node1", "completed after 1m02s", "failed after 3s"."""
+        """ "pending (Priority)", "running on node1", "completed after 1m02s", "failed after 3s"."""
         if self.state == "RUNNING":
             return f"running on {self.node}"
         try:
@@ -176,8 +221,11 @@ def query_states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids:
         return {}
     bases = ",".join(sorted({j.split("_")[0] for j in job_ids}, key=int))
-    states = {row[0]: JobState(*row[1:6]) for row in _slurm_rows(
-        ["squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r|%N|%S|%e", "-j", bases]) if len(row) == 6}
+    states = {
+        row[0]: JobState(*row[1:6])
+        for row in _slurm_rows(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r|%N|%S|%e", "-j", bases])
+        if len(row) == 6
+    }
     if missing := [j for j in job_ids if j not in states]:
         ids = ",".join(sorted({j.split("_")[0] for j in missing}, key=int))
         for row in _slurm_rows(["sacct", "-X", "-P", "-n", "-j", ids, "-o", "JobID,State,Reason,NodeList,Start,End"]):
@@ -223,10 +271,12 @@ def epoch_metrics(stage_dir: Path) -> tuple[float, dict[int, dict[str, float]]]:
             text, written = path.read_text(), max(written, path.stat().st_mtime)
         except OSError:
             continue
-        text = text[:text.rfind("\n") + 1]
+        text = text[: text.rfind("\n") + 1]
         for row in csv.DictReader(io.StringIO(text)):
             if row.get("epoch"):
-                epochs.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v and k != "epoch"})
+                epochs.setdefault(int(row["epoch"]), {}).update(
+                    {k: float(v) for k, v in row.items() if v and k != "epoch"}
+                )
     return written, epochs
 
 
@@ -249,12 +299,18 @@ class Follower:
         """Take in the jobs' states as SLURM reports them now; lines for what changed, in the order it
         happened (within one second: epochs, then jobs ending, then jobs starting, then pending ones)."""
         now = {j: s for j, s in now.items() if s.state not in PASSING_STATES}
-        changed = [(job, now[job.job_id]) for job in self.record.jobs
-                   if job.job_id in now and (job.job_id not in self.states
-                                             or now[job.job_id].change != self.states[job.job_id].change)]
+        changed = [
+            (job, now[job.job_id])
+            for job in self.record.jobs
+            if job.job_id in now
+            and (job.job_id not in self.states or now[job.job_id].change != self.states[job.job_id].change)
+        ]
         # A job known waiting that started and ended between two polls still gets its "running on" line
-        unseen_runs = [(job, JobState("RUNNING", node=state.node, start=state.start)) for job, state in changed
-                       if not state.live and state.node and state.start and self._was_waiting(job.job_id)]
+        unseen_runs = [
+            (job, JobState("RUNNING", node=state.node, start=state.start))
+            for job, state in changed
+            if not state.live and state.node and state.start and self._was_waiting(job.job_id)
+        ]
         self.suspect = {j for j, s in self.states.items() if s.state in MAY_BE_REQUEUED and now.get(j) == s}
         self.states.update(now)
         started = [((second, 0), line) for (second, _), line in self._state_events(unseen_runs)]  # before its end
@@ -274,8 +330,11 @@ class Follower:
         events = []
         for members in groups.values():
             job, state = members[0]
-            label = job.label if len(members) == 1 else \
-                f"{job.task} shards {ranges(tuple(sorted(j.shard for j, _ in members)))} (job {job.base_id})"
+            label = (
+                job.label
+                if len(members) == 1
+                else f"{job.task} shards {ranges(tuple(sorted(j.shard for j, _ in members)))} (job {job.base_id})"
+            )
             first = min(int(s.event_time().timestamp()) for _, s in members)
             events.append(((first, state.order), f"{label}: {state.describe()}"))
         return events
@@ -291,8 +350,9 @@ class Follower:
             for epoch, values in sorted(epochs.items()):
                 if epoch < self.epochs_shown.get(job.task, 0) or "train_loss" not in values:
                     continue
-                shown = " ".join(f"{k} {values[k]:.4g}" for k in ("train_loss", "train_acc", "val_loss", "val_acc")
-                                 if k in values)
+                shown = " ".join(
+                    f"{k} {values[k]:.4g}" for k in ("train_loss", "train_acc", "val_loss", "val_acc") if k in values
+                )
                 events.append(((int(written), 0), f"{job.task}: epoch {epoch + 1}/{job.epochs} {shown}"))
                 self.epochs_shown[job.task] = epoch + 1
         return events
@@ -309,23 +369,34 @@ class Follower:
             shards = tuple(sorted(j.shard for j in jobs if j.shard is not None))
             return f"{task} shards {ranges(shards)}" if shards else task
 
-        parts = [f"{text}: {', '.join(name(task, jobs) for task, jobs in tasks.items())}" for text, tasks in by_state.items()]
+        parts = [
+            f"{text}: {', '.join(name(task, jobs) for task, jobs in tasks.items())}" for text, tasks in by_state.items()
+        ]
         return f"{duration(time.time() - self.record.submitted_at)} since submission: " + "; ".join(parts)
 
     def problem(self) -> str | None:
         """Why the run cannot finish (the first failed job, or one stuck pending), or None."""
-        failed = [(j, s) for j in self.record.jobs if (s := self.states.get(j.job_id))
-                  and s.state in FAILED_STATES and (s.state not in MAY_BE_REQUEUED or j.job_id in self.suspect)]
+        failed = [
+            (j, s)
+            for j in self.record.jobs
+            if (s := self.states.get(j.job_id))
+            and s.state in FAILED_STATES
+            and (s.state not in MAY_BE_REQUEUED or j.job_id in self.suspect)
+        ]
         if failed:
             job, state = min(failed, key=lambda c: c[1].event_time())
-            return (f"{job.task}{'' if job.shard is None else f' shard {job.shard}'} failed in SLURM job {job.job_id} "
-                    f"({state.state.lower()}): {self._failure_message(job)}; log: {self.record.stderr(job)}; "
-                    "fix the cause and re-run: only unfinished work is submitted")
+            return (
+                f"{job.task}{'' if job.shard is None else f' shard {job.shard}'} failed in SLURM job {job.job_id} "
+                f"({state.state.lower()}): {self._failure_message(job)}; log: {self.record.stderr(job)}; "
+                "fix the cause and re-run: only unfinished work is submitted"
+            )
         for job in self.record.jobs:
             state = self.states.get(job.job_id)
             if state and state.state == "PENDING" and (why := stuck_reason(state.reason)):
-                return (f"{job.label} can never start: SLURM keeps it pending with reason {state.reason} ({why}); "
-                        "fix the request and re-run")
+                return (
+                    f"{job.label} can never start: SLURM keeps it pending with reason {state.reason} ({why}); "
+                    "fix the request and re-run"
+                )
         return None
 
     def _failure_message(self, job: RecordedJob) -> str:
@@ -367,7 +438,10 @@ def follow(record: JobRecord, emit: Callable[[str], None], follower: Follower | 
                 cancelled = follower.cancel_rest()
                 raise StageError(f"{problem} (cancelled the run's {cancelled} queued job(s))" if cancelled else problem)
             if follower.finished:
-                emit(f"all {len(record.jobs)} job(s) completed, {duration(time.time() - record.submitted_at)} after submission")
+                emit(
+                    f"all {len(record.jobs)} job(s) completed, "
+                    f"{duration(time.time() - record.submitted_at)} after submission"
+                )
                 return
             now = time.monotonic()
             if lines:

@@ -1,9 +1,10 @@
 """The job plan shared by every launcher: which tasks of the DAG are left, how they are split into
 (array) jobs and what they wait for."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from ..config import RunConfig
 from ..registry import Registry

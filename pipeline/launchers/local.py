@@ -1,4 +1,5 @@
 """The local launcher: every task of the DAG in its own Python process on this machine, in order."""
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
             log.info("%s: stopped; finished stages are kept and skipped when the command is run again", task.name)
             raise AlreadyReported(2)
         if result.returncode != 0:
-            raise StageError(f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
-                             "finished stages are skipped")
+            raise StageError(
+                f"stage {task.name} failed (exit {result.returncode}); fix the cause and re-run: "
+                "finished stages are skipped"
+            )
         log.info("%s: %.1f s", task.name, time.perf_counter() - started)
 
 

@@ -5,12 +5,14 @@ Read from the cluster itself (`scontrol show partition` and `scontrol show node`
 node size would otherwise be refused by sbatch halfway through the DAG, or worse, accepted and left
 pending for ever (reasons `PartitionConfig`, `PartitionNodeLimit`, `PartitionTimeLimit`).
 """
+
 from __future__ import annotations
 
 import re
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
+
 from ..config import RunConfig
 from ..store import StageError
 from .jobs import Job
@@ -36,8 +38,10 @@ def scontrol(*args: str) -> str:
 def parse_record(line: str) -> dict[str, str]:
     """One `scontrol -o` record ("Key=value Key=value ..."; values may hold spaces) as a dict."""
     keys = list(re.finditer(r"(?:^|\s)([A-Za-z][\w/:]*)=", line))
-    return {m.group(1): line[m.end():keys[i + 1].start() if i + 1 < len(keys) else len(line)].strip()
-            for i, m in enumerate(keys)}
+    return {
+        m.group(1): line[m.end() : keys[i + 1].start() if i + 1 < len(keys) else len(line)].strip()
+        for i, m in enumerate(keys)
+    }
 
 
 def minutes(value: str) -> float | None:
@@ -101,8 +105,10 @@ class Partition:
 
         n = self.nodes
         limit = "unlimited" if self.max_time_min is None else f"{self.max_time_min:g} min"
-        return (f"partition {self.name} ({len(n)} node{'s' * (len(n) != 1)}: {span([x.cpus for x in n], ' CPUs')}, "
-                f"{span([x.mem_mb for x in n], ' MB')}, {span([x.gpus for x in n], ' GPUs')}; time limit {limit})")
+        return (
+            f"partition {self.name} ({len(n)} node{'s' * (len(n) != 1)}: {span([x.cpus for x in n], ' CPUs')}, "
+            f"{span([x.mem_mb for x in n], ' MB')}, {span([x.gpus for x in n], ' GPUs')}; time limit {limit})"
+        )
 
 
 def _limit(value: str | None) -> int | None:
@@ -116,13 +122,17 @@ def read_partition(name: str | None) -> Partition:
     if name is None:
         chosen = next((r for r in records if r.get("Default") == "YES"), None)
         if chosen is None:
-            raise StageError(f"launch.slurm.partition: not set, and the cluster has no default partition "
-                             f"(partitions: {', '.join(known)})")
+            raise StageError(
+                f"launch.slurm.partition: not set, and the cluster has no default partition "
+                f"(partitions: {', '.join(known)})"
+            )
     else:
         chosen = next((r for r in records if r["PartitionName"] == name), None)
         if chosen is None:
-            raise StageError(f"launch.slurm.partition: partition '{name}' does not exist on this cluster "
-                             f"(partitions: {', '.join(known) or 'none'})")
+            raise StageError(
+                f"launch.slurm.partition: partition '{name}' does not exist on this cluster "
+                f"(partitions: {', '.join(known) or 'none'})"
+            )
     nodes = []
     if chosen.get("Nodes", "(null)") != "(null)":
         for line in scontrol("node", chosen["Nodes"]).splitlines():
@@ -130,15 +140,28 @@ def read_partition(name: str | None) -> Partition:
                 continue
             node = parse_record(line)
             features = node.get("AvailableFeatures", "(null)")
-            nodes.append(Node(node["NodeName"], int(node.get("CPUEfctv") or node["CPUTot"]), int(node["RealMemory"]),
-                              gres_gpus(node.get("Gres", "(null)")),
-                              frozenset() if features == "(null)" else frozenset(features.split(","))))
+            nodes.append(
+                Node(
+                    node["NodeName"],
+                    int(node.get("CPUEfctv") or node["CPUTot"]),
+                    int(node["RealMemory"]),
+                    gres_gpus(node.get("Gres", "(null)")),
+                    frozenset() if features == "(null)" else frozenset(features.split(",")),
+                )
+            )
     return Partition(
-        name=chosen["PartitionName"], state=chosen.get("State", "UP"),
-        max_time_min=minutes(chosen.get("MaxTime", "UNLIMITED")), max_nodes=_limit(chosen.get("MaxNodes")),
-        max_cpus_per_node=_limit(chosen.get("MaxCPUsPerNode")), max_mem_per_node_mb=_limit(chosen.get("MaxMemPerNode")),
-        allow_accounts=_names(chosen.get("AllowAccounts")), deny_accounts=_names(chosen.get("DenyAccounts")),
-        allow_qos=_names(chosen.get("AllowQos")), deny_qos=_names(chosen.get("DenyQos")), nodes=tuple(nodes))
+        name=chosen["PartitionName"],
+        state=chosen.get("State", "UP"),
+        max_time_min=minutes(chosen.get("MaxTime", "UNLIMITED")),
+        max_nodes=_limit(chosen.get("MaxNodes")),
+        max_cpus_per_node=_limit(chosen.get("MaxCPUsPerNode")),
+        max_mem_per_node_mb=_limit(chosen.get("MaxMemPerNode")),
+        allow_accounts=_names(chosen.get("AllowAccounts")),
+        deny_accounts=_names(chosen.get("DenyAccounts")),
+        allow_qos=_names(chosen.get("AllowQos")),
+        deny_qos=_names(chosen.get("DenyQos")),
+        nodes=tuple(nodes),
+    )
 
 
 @dataclass(frozen=True)
@@ -176,8 +199,10 @@ def check_partition(cfg: RunConfig, part: Partition) -> list[Problem]:
     problems = []
     if part.state.upper() in ("DRAIN", "INACTIVE"):
         problems.append(Problem("launch.slurm.partition", "", where, f"it is {part.state} and takes no new jobs"))
-    for what, value, allow, deny in (("account", slurm.account, part.allow_accounts, part.deny_accounts),
-                                     ("qos", slurm.qos, part.allow_qos, part.deny_qos)):
+    for what, value, allow, deny in (
+        ("account", slurm.account, part.allow_accounts, part.deny_accounts),
+        ("qos", slurm.qos, part.allow_qos, part.deny_qos),
+    ):
         if value is not None and ((allow is not None and value not in allow) or (deny is not None and value in deny)):
             allowed = ", ".join(sorted(allow)) if allow is not None else f"all but {', '.join(sorted(deny or ()))}"
             problems.append(Problem(f"launch.slurm.{what}", "", f"{what} '{value}'", f"{where} allows {allowed}"))
@@ -194,7 +219,9 @@ def check_job(cfg: RunConfig, job: Job, p: dict[str, Any], part: Partition) -> l
     section = f"launch.slurm.{'stages.' + stage if stage in cfg.launch.slurm.stages else 'default'}"
     tasks = p["tasks_per_node"]
     cpus, mem_mb, gpus, nodes = p["cpus_per_task"] * tasks, p["mem_gb"] * 1024, p["gpus_per_node"], p["nodes"]
-    cpus_asked = f"{_plural(cpus, 'CPU')} per node" + (f" ({p['cpus_per_task']} per task x {tasks} tasks)" if tasks > 1 else "")
+    cpus_asked = f"{_plural(cpus, 'CPU')} per node" + (
+        f" ({p['cpus_per_task']} per task x {tasks} tasks)" if tasks > 1 else ""
+    )
     mem_asked = f"{p['mem_gb']:g} GB per node ({mem_mb:g} MB)"
     problems = []
 
@@ -202,29 +229,56 @@ def check_job(cfg: RunConfig, job: Job, p: dict[str, Any], part: Partition) -> l
         return f"{where}'s largest node has {max(values, default=0)}{unit}"
 
     if gpus > max((n.gpus for n in part.nodes), default=0):
-        has = largest([n.gpus for n in part.nodes], " GPUs") if any(n.gpus for n in part.nodes) else f"no node of {where} has a GPU"
+        has = (
+            largest([n.gpus for n in part.nodes], " GPUs")
+            if any(n.gpus for n in part.nodes)
+            else f"no node of {where} has a GPU"
+        )
         problems.append(Problem(f"{section}.gpus_per_node", name, f"{_plural(gpus, 'GPU')} per node", has))
     if cpus > max((n.cpus for n in part.nodes), default=0):
-        problems.append(Problem(f"{section}.cpus_per_task", name, cpus_asked, largest([n.cpus for n in part.nodes], " CPUs")))
+        problems.append(
+            Problem(f"{section}.cpus_per_task", name, cpus_asked, largest([n.cpus for n in part.nodes], " CPUs"))
+        )
     if part.max_cpus_per_node is not None and cpus > part.max_cpus_per_node:
-        problems.append(Problem(f"{section}.cpus_per_task", name, cpus_asked,
-                                f"{where} allows {part.max_cpus_per_node} (MaxCPUsPerNode)"))
+        problems.append(
+            Problem(
+                f"{section}.cpus_per_task",
+                name,
+                cpus_asked,
+                f"{where} allows {part.max_cpus_per_node} (MaxCPUsPerNode)",
+            )
+        )
     if mem_mb > max((n.mem_mb for n in part.nodes), default=0):
         problems.append(Problem(f"{section}.mem_gb", name, mem_asked, largest([n.mem_mb for n in part.nodes], " MB")))
     if part.max_mem_per_node_mb is not None and mem_mb > part.max_mem_per_node_mb:
-        problems.append(Problem(f"{section}.mem_gb", name, mem_asked,
-                                f"{where} allows {part.max_mem_per_node_mb} MB (MaxMemPerNode)"))
+        problems.append(
+            Problem(
+                f"{section}.mem_gb", name, mem_asked, f"{where} allows {part.max_mem_per_node_mb} MB (MaxMemPerNode)"
+            )
+        )
     if part.max_time_min is not None and p["timeout_min"] > part.max_time_min:
-        problems.append(Problem(f"{section}.time_min", name, f"{p['timeout_min']} min",
-                                f"{where} allows {part.max_time_min:g} min (MaxTime)"))
+        problems.append(
+            Problem(
+                f"{section}.time_min",
+                name,
+                f"{p['timeout_min']} min",
+                f"{where} allows {part.max_time_min:g} min (MaxTime)",
+            )
+        )
     nodes_key = "train.num_nodes" if stage == "train" else section
     if part.max_nodes is not None and nodes > part.max_nodes:
         problems.append(Problem(nodes_key, name, _plural(nodes, "node"), f"{where} allows {part.max_nodes} (MaxNodes)"))
     constraint = p.get("slurm_constraint")
     if constraint and not any(constraint_matches(constraint, n.features) is not False for n in part.nodes):
         features = ", ".join(sorted(set().union(*(n.features for n in part.nodes)))) or "none"
-        problems.append(Problem("launch.slurm.constraint", name, f"nodes with '{constraint}'",
-                                f"no node of {where} has it (features: {features})"))
+        problems.append(
+            Problem(
+                "launch.slurm.constraint",
+                name,
+                f"nodes with '{constraint}'",
+                f"no node of {where} has it (features: {features})",
+            )
+        )
 
     def node_fits(n: Node) -> bool:
         wanted = constraint is None or constraint_matches(constraint, n.features) is not False
@@ -233,8 +287,11 @@ def check_job(cfg: RunConfig, job: Job, p: dict[str, Any], part: Partition) -> l
     fits = sum(node_fits(n) for n in part.nodes)
     if not problems and fits < nodes:  # each resource exists, but not on enough nodes together
         asked = f"{_plural(cpus, 'CPU')}, {mem_mb:g} MB" + (f", {_plural(gpus, 'GPU')}" if gpus else "")
-        problems.append(Problem(nodes_key, name, f"{_plural(nodes, 'node')} with {asked}",
-                                f"{where} has {_plural(fits, 'such node')}"))
+        problems.append(
+            Problem(
+                nodes_key, name, f"{_plural(nodes, 'node')} with {asked}", f"{where} has {_plural(fits, 'such node')}"
+            )
+        )
     return problems
 
 
@@ -263,8 +320,9 @@ def preflight(cfg: RunConfig, requests: list[tuple[Job, dict[str, Any]]]) -> Pre
 
 
 def preflight_against(cfg: RunConfig, requests: list[tuple[Job, dict[str, Any]]], part: Partition) -> Preflight:
-    return Preflight(part, check_partition(cfg, part),
-                     {job.task.name: check_job(cfg, job, params, part) for job, params in requests})
+    return Preflight(
+        part, check_partition(cfg, part), {job.task.name: check_job(cfg, job, params, part) for job, params in requests}
+    )
 
 
 def describe_preflight(cfg: RunConfig, requests: list[tuple[Job, dict[str, Any]]]) -> str:
@@ -281,4 +339,3 @@ def describe_preflight(cfg: RunConfig, requests: list[tuple[Job, dict[str, Any]]
         verdicts = [p.short() for p in problems] or ["fits"]
         lines += [f"  {(name if i == 0 else '').ljust(width)}  {v}" for i, v in enumerate(verdicts)]
     return "\n".join(lines)
-

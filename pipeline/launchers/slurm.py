@@ -8,6 +8,7 @@ A run is checked against its partition before anything is submitted (`preflight`
 or nothing (a refused sbatch cancels the jobs already queued), and followed state by state
 (`follow`) until it completes, fails or is stuck.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,9 +36,15 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
     slurm = cfg.launch.slurm
     res = slurm.resources(task.stage)
     params: dict[str, Any] = {
-        "name": f"mtrack-{task.name}", "timeout_min": res.time_min, "cpus_per_task": res.cpus_per_task,
-        "mem_gb": res.mem_gb, "gpus_per_node": res.gpus_per_node, "nodes": 1, "tasks_per_node": 1,
-        "slurm_array_parallelism": slurm.array_parallelism, "slurm_signal_delay_s": slurm.signal_delay_s,
+        "name": f"mtrack-{task.name}",
+        "timeout_min": res.time_min,
+        "cpus_per_task": res.cpus_per_task,
+        "mem_gb": res.mem_gb,
+        "gpus_per_node": res.gpus_per_node,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "slurm_array_parallelism": slurm.array_parallelism,
+        "slurm_signal_delay_s": slurm.signal_delay_s,
         "slurm_setup": list(slurm.setup),
         # a job whose dependency failed is cancelled instead of pending forever
         "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
@@ -47,8 +54,10 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
     if task.stage == "train":
         devices = cfg.train.devices if isinstance(cfg.train.devices, int) else 1
         if res.gpus_per_node and res.gpus_per_node != devices:
-            raise StageError(f"launch.slurm.stages.train.gpus_per_node ({res.gpus_per_node}) must equal "
-                             f"train.devices ({devices}): Lightning runs one task per device")
+            raise StageError(
+                f"launch.slurm.stages.train.gpus_per_node ({res.gpus_per_node}) must equal "
+                f"train.devices ({devices}): Lightning runs one task per device"
+            )
         params.update(nodes=cfg.train.num_nodes, tasks_per_node=devices)
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(slurm, key) is not None:
@@ -104,8 +113,10 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
     if path.exists():
         earlier = [j.job_id for j in JobRecord.load(path).jobs]
         if queued := sorted({job_id.split("_")[0] for job_id, state in query_states(earlier).items() if state.live}):
-            raise StageError(f"{path}: jobs {', '.join(queued)} of an earlier submission are still queued; follow "
-                             f"them with `mtrack status {cfg.run_dir} --follow`, or scancel them, before submitting again")
+            raise StageError(
+                f"{path}: jobs {', '.join(queued)} of an earlier submission are still queued; follow "
+                f"them with `mtrack status {cfg.run_dir} --follow`, or scancel them, before submitting again"
+            )
     slurm = cfg.launch.slurm
     folder = Path(slurm.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
     record = JobRecord(path, str(folder), slurm.poll_s, slurm.summary_every_s)
@@ -114,26 +125,35 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
         for job in jobs:
             upstream = {dep.name for dep in job.after}
             waits = sorted({j.base_id for j in record.jobs if j.task in upstream}, key=int)
-            executor.update_parameters(**slurm_parameters(cfg, job.task),
-                                       slurm_dependency=f"afterok:{':'.join(waits)}" if waits else None)
+            executor.update_parameters(
+                **slurm_parameters(cfg, job.task), slurm_dependency=f"afterok:{':'.join(waits)}" if waits else None
+            )
             stage_job = StageJob(cfg, job.task)
             try:
-                handles = executor.map_array(stage_job, list(job.shards)) if job.is_array \
-                    else [executor.submit(stage_job)]
+                handles = (
+                    executor.map_array(stage_job, list(job.shards)) if job.is_array else [executor.submit(stage_job)]
+                )
             except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
                 message = [line.removeprefix("sbatch: error: ") for line in str(exc).splitlines() if line.strip()]
-                raise StageError(f"{job.task.name}: sbatch refused the job: {message[-1] if message else exc}") from None
+                raise StageError(
+                    f"{job.task.name}: sbatch refused the job: {message[-1] if message else exc}"
+                ) from None
             stage_dir = str(stage_for(cfg, job.task).dir)
             epochs = cfg.train.epochs if job.task.stage == "train" else None
-            record.add([RecordedJob(job.task.name, shard, h.job_id, stage_dir, epochs)
-                        for shard, h in zip(job.shards or (None,), handles)])
+            record.add(
+                [
+                    RecordedJob(job.task.name, shard, h.job_id, stage_dir, epochs)
+                    for shard, h in zip(job.shards or (None,), handles)
+                ]
+            )
             log.info("%s: submitted job %s", job.task.name, record.jobs[-1].base_id)
     except BaseException as exc:
         cancel([j.job_id for j in record.jobs])
         if record.jobs and isinstance(exc, StageError):
             ids = sorted({j.base_id for j in record.jobs}, key=int)
-            raise StageError(f"{exc}; cancelled the {len(ids)} job(s) already submitted for this run "
-                             f"({', '.join(ids)})") from None
+            raise StageError(
+                f"{exc}; cancelled the {len(ids)} job(s) already submitted for this run ({', '.join(ids)})"
+            ) from None
         raise
     return record
 
@@ -142,8 +162,9 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
 def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
     if force:
         raise StageError("--force is not supported with --launcher slurm; use a new run_dir")
-    cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve()),
-                                 "results_dir": str(Path(cfg.results_dir).resolve())})
+    cfg = cfg.model_copy(
+        update={"run_dir": str(Path(cfg.run_dir).resolve()), "results_dir": str(Path(cfg.results_dir).resolve())}
+    )
     jobs = plan_jobs(cfg)
     if not jobs:
         log.info("nothing to submit: every stage is done")
@@ -153,5 +174,9 @@ def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
     if wait:
         follow(record, log.info)
     else:
-        log.info("submitted %d job(s); follow them with `mtrack status %s --follow`; re-running this command "
-                 "submits what is left once they have ended", len(record.jobs), cfg.run_dir)
+        log.info(
+            "submitted %d job(s); follow them with `mtrack status %s --follow`; re-running this command "
+            "submits what is left once they have ended",
+            len(record.jobs),
+            cfg.run_dir,
+        )

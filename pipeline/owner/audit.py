@@ -1,12 +1,14 @@
 """Auditing a model for the owner's own images (`mtrack audit --model M --user FOLDER`)."""
+
 from __future__ import annotations
 
 import importlib
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -25,7 +27,6 @@ from .designs import Candidate, null_candidates, published_pattern_seed
 from .key import ClassCount, ClassLabel, Seed, validate_key
 from .marking import mark_images
 
-
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -42,24 +43,33 @@ class Predictor:
         try:
             out = self.fn(batch)
         except Exception as exc:  # the callable is the user's code: report it, whatever it raised
-            raise StageError(f"{self.name}: failed on {n} images of {h}x{w} pixels "
-                             f"({type(exc).__name__}: {first_line(exc)})") from None
+            raise StageError(
+                f"{self.name}: failed on {n} images of {h}x{w} pixels ({type(exc).__name__}: {first_line(exc)})"
+            ) from None
         try:
             logits = torch.as_tensor(out).detach().float().cpu()
         except Exception:
             raise StageError(f"{self.name}: returned a {type(out).__name__}, not logits") from None
         if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
-            raise StageError(f"{self.name}: returned shape {tuple(logits.shape)} for {n} images; expected logits "
-                             f"of shape ({n}, classes) with at least 2 classes")
+            raise StageError(
+                f"{self.name}: returned shape {tuple(logits.shape)} for {n} images; expected logits "
+                f"of shape ({n}, classes) with at least 2 classes"
+            )
         if not torch.isfinite(logits).all():
             raise StageError(f"{self.name}: returned NaN or infinite logits")
         return logits
 
 
 @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
-def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | None = None,
-                label: ClassLabel | None = None, draws_seed: Seed | None = None,
-                batch_size: Annotated[int, Field(ge=1)] = 256, key_source: str = "the key") -> dict[str, Any]:
+def audit_owner(
+    key: dict[str, Any],
+    predict: Predict,
+    originals: str | Path | None = None,
+    label: ClassLabel | None = None,
+    draws_seed: Seed | None = None,
+    batch_size: Annotated[int, Field(ge=1)] = 256,
+    key_source: str = "the key",
+) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
     logits: a loaded model or any black-box callable). `draws_seed` (subset design) defaults to
@@ -75,8 +85,10 @@ def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | N
         raise StageError(f"{key_source}: holds no class label; pass --label (the class of your images)")
     if not folder.is_dir():
         where = f"--originals {folder}" if originals else f"{key_source}: source_folder {folder}"
-        raise StageError(f"{where}: {'not a folder' if folder.exists() else 'folder not found'}; pass --originals "
-                         "FOLDER (your original images)")
+        raise StageError(
+            f"{where}: {'not a folder' if folder.exists() else 'folder not found'}; pass --originals "
+            "FOLDER (your original images)"
+        )
     images, hashes = [], []
     for entry in key["files"]:
         path = folder / entry["original"]
@@ -84,27 +96,55 @@ def audit_owner(key: dict[str, Any], predict: Predict, originals: str | Path | N
             raise StageError(f"{path}: missing or not the original the key was made from (pass --originals)")
         image = fit_to_grid(read_rgb(path), key["max_resolution"])
         if image.shape[:2] != (entry["height"], entry["width"]):
-            raise StageError(f"{path}: {image.shape[0]}x{image.shape[1]} pixels on the grid, but the key says "
-                             f"{entry['height']}x{entry['width']} (its max_resolution was changed?)")
+            raise StageError(
+                f"{path}: {image.shape[0]}x{image.shape[1]} pixels on the grid, but the key says "
+                f"{entry['height']}x{entry['width']} (its max_resolution was changed?)"
+            )
         images.append(image)
         hashes.append(entry["original_sha256"])
     cfg = MarkConfig.model_validate(key["mark"])
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
-    losses = candidate_mean_losses([published, *null_candidates(key, draws_seed)], images, hashes, cfg, pool,
-                                   device, predict, label, batch_size, label_name)
+    losses = candidate_mean_losses(
+        [published, *null_candidates(key, draws_seed)],
+        images,
+        hashes,
+        cfg,
+        pool,
+        device,
+        predict,
+        label,
+        batch_size,
+        label_name,
+    )
     observed, null = losses[0], losses[1:]
     p_value = float(rank_p_values(np.array([-observed]), -null)[0])  # higher score = more member-like
-    return {"design": key["design"], "p_value": p_value, "smallest_possible_p_value": 1 / (len(null) + 1),
-            "n_images": len(published.files), "n_originals": len(images), "n_candidates": len(null),
-            "draws_seed": draws_seed if key["design"] == "subset" else None, "published_loss": float(observed),
-            "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))}}
+    return {
+        "design": key["design"],
+        "p_value": p_value,
+        "smallest_possible_p_value": 1 / (len(null) + 1),
+        "n_images": len(published.files),
+        "n_originals": len(images),
+        "n_candidates": len(null),
+        "draws_seed": draws_seed if key["design"] == "subset" else None,
+        "published_loss": float(observed),
+        "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))},
+    }
 
 
-def candidate_mean_losses(candidates: list[Candidate], images: list[np.ndarray], hashes: list[str], cfg: MarkConfig,
-                          pool: Any, device: str | None, predict: Predict, label: int, batch_size: int,
-                          label_name: str = "label") -> np.ndarray:
+def candidate_mean_losses(
+    candidates: list[Candidate],
+    images: list[np.ndarray],
+    hashes: list[str],
+    cfg: MarkConfig,
+    pool: Any,
+    device: str | None,
+    predict: Predict,
+    label: int,
+    batch_size: int,
+    label_name: str = "label",
+) -> np.ndarray:
     """Each candidate's mean loss over its images marked with its pattern. Images of several
     candidates share a forward pass (full batches matter on a busy CPU), and only about a batch per
     image size is held at a time, whatever the number of candidates."""
@@ -117,8 +157,14 @@ def candidate_mean_losses(candidates: list[Candidate], images: list[np.ndarray],
         np.add.at(counts, list(owners), 1)
 
     for index, candidate in enumerate(candidates):
-        marked = mark_images([images[i] for i in candidate.files], [hashes[i] for i in candidate.files],
-                             candidate.pattern_seed, cfg, pool, device)
+        marked = mark_images(
+            [images[i] for i in candidate.files],
+            [hashes[i] for i in candidate.files],
+            candidate.pattern_seed,
+            cfg,
+            pool,
+            device,
+        )
         for image in marked:
             pending.setdefault(image.shape, []).append((index, image))
             if len(pending[image.shape]) >= batch_size:
@@ -129,16 +175,18 @@ def candidate_mean_losses(candidates: list[Candidate], images: list[np.ndarray],
 
 
 @torch.no_grad()
-def per_image_losses(predict: Predict, images: np.ndarray, label: int, batch_size: int,
-                     label_name: str = "label") -> np.ndarray:
+def per_image_losses(
+    predict: Predict, images: np.ndarray, label: int, batch_size: int, label_name: str = "label"
+) -> np.ndarray:
     """fp32 cross-entropy of each (H, W, 3) uint8 image for `label`, computed from the logit margin."""
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
+        batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).contiguous()
         logits = predict(batch).float().cpu()
         if not 0 <= label < logits.shape[1]:
-            raise StageError(f"{label_name} {label}: outside the model's {logits.shape[1]} classes "
-                             f"(0 to {logits.shape[1] - 1})")
+            raise StageError(
+                f"{label_name} {label}: outside the model's {logits.shape[1]} classes (0 to {logits.shape[1] - 1})"
+            )
         out.append(F.softplus(-logit_margin(logits, torch.full((len(batch),), label))).numpy())
     return np.concatenate(out)
 
@@ -184,7 +232,9 @@ def _import_callable(spec: str) -> Predict:
     try:
         fn = getattr(importlib.import_module(module), name)
     except Exception as exc:  # importing runs the user's module: whatever fails there is reported
-        raise StageError(f"--model {spec}: cannot import the callable ({type(exc).__name__}: {first_line(exc)})") from None
+        raise StageError(
+            f"--model {spec}: cannot import the callable ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
     finally:
         if added:
             sys.path.remove(here)

@@ -18,6 +18,7 @@ candidate from the others, so the rank is uniform: an exact p-value.
   images with the other N - 1. Smallest p-value 1/N; weak on trained networks, which memorise the
   base images as much as the pattern.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,8 +105,10 @@ def published_candidate(params: DesignParams, seed: int, n_files: int) -> tuple[
         g = int(choice.integers(len(groups)))
         return Candidate(tuple(int(i) for i in groups[g]), candidate_pattern_seed(seed, g)), {"group": g}
     j = int(choice.integers(params.n_patterns))
-    return Candidate(tuple(range(n_files)), candidate_pattern_seed(seed, j)), {"n_patterns": params.n_patterns,
-                                                                              "pattern_index": j}
+    return Candidate(tuple(range(n_files)), candidate_pattern_seed(seed, j)), {
+        "n_patterns": params.n_patterns,
+        "pattern_index": j,
+    }
 
 
 def published_pattern_seed(key: dict[str, Any]) -> int:
@@ -124,7 +127,13 @@ def null_candidates(key: dict[str, Any], draws_seed: int) -> list[Candidate]:
         draws = [tuple(sorted(int(i) for i in rng.choice(n_files, k, replace=False))) for _ in range(key["draws"])]
         return [Candidate(files, subset_pattern_seed(seed, files)) for files in draws]
     if key["design"] == "groups":
-        return [Candidate(tuple(int(i) for i in group), candidate_pattern_seed(seed, g))
-                for g, group in enumerate(groups_of(seed, n_files, k)) if g != key["group"]]
-    return [Candidate(tuple(range(n_files)), candidate_pattern_seed(seed, j))
-            for j in range(key["n_patterns"]) if j != key["pattern_index"]]
+        return [
+            Candidate(tuple(int(i) for i in group), candidate_pattern_seed(seed, g))
+            for g, group in enumerate(groups_of(seed, n_files, k))
+            if g != key["group"]
+        ]
+    return [
+        Candidate(tuple(range(n_files)), candidate_pattern_seed(seed, j))
+        for j in range(key["n_patterns"])
+        if j != key["pattern_index"]
+    ]

@@ -9,6 +9,7 @@ is read as format 2's `pattern` design).
 The bounds of the owner's options live here too, so `mtrack mark`, `mtrack audit` and the key
 schema accept exactly the same values.
 """
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
@@ -75,8 +76,9 @@ def _within(files: list[Any], max_resolution: int | None) -> None:
     if max_resolution is not None:
         for i, entry in enumerate(files):
             if max(entry.height, entry.width) > max_resolution:
-                raise ValueError(f"max_resolution: {max_resolution} is smaller than files.{i} "
-                                 f"({entry.height}x{entry.width})")
+                raise ValueError(
+                    f"max_resolution: {max_resolution} is smaller than files.{i} ({entry.height}x{entry.width})"
+                )
 
 
 class _Key(_Strict):
@@ -103,19 +105,25 @@ class KeyV1(_Key):
     files: Annotated[list[FileEntry], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "KeyV1":
+    def _consistent(self) -> KeyV1:
         _, chosen = published_candidate(DesignParams("pattern", n_patterns=self.n_patterns), self.seed, len(self.files))
         if self.pattern_index != chosen["pattern_index"]:
-            raise ValueError(f"pattern_index: {self.pattern_index} is not the pattern_index this seed published "
-                             f"among n_patterns {self.n_patterns}")
+            raise ValueError(
+                f"pattern_index: {self.pattern_index} is not the pattern_index this seed published "
+                f"among n_patterns {self.n_patterns}"
+            )
         _unique(self.files, ("original", "marked", "original_sha256"))
         _within(self.files, self.max_resolution)
         return self
 
     def upgraded(self) -> dict[str, Any]:
         """The same key in format 2: the `pattern` design, every image published."""
-        return {**self.model_dump(mode="json"), "format": KEY_FORMAT, "design": "pattern",
-                "published": list(range(len(self.files)))}
+        return {
+            **self.model_dump(mode="json"),
+            "format": KEY_FORMAT,
+            "design": "pattern",
+            "published": list(range(len(self.files))),
+        }
 
 
 class OriginalEntry(_Strict):
@@ -130,8 +138,11 @@ class OriginalEntry(_Strict):
 
 
 # Fields each design needs; the others' must be null.
-DESIGN_FIELDS: dict[str, tuple[str, ...]] = {"subset": ("draws",), "groups": ("group",),
-                                             "pattern": ("n_patterns", "pattern_index")}
+DESIGN_FIELDS: dict[str, tuple[str, ...]] = {
+    "subset": ("draws",),
+    "groups": ("group",),
+    "pattern": ("n_patterns", "pattern_index"),
+}
 
 
 class KeyV2(_Key):
@@ -149,11 +160,13 @@ class KeyV2(_Key):
     files: Annotated[list[OriginalEntry], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "KeyV2":
+    def _consistent(self) -> KeyV2:
         for design, fields in DESIGN_FIELDS.items():
             for field in fields:
                 if (getattr(self, field) is None) == (design == self.design):
-                    raise ValueError(f"{field}: {'missing' if design == self.design else 'set'} for design {self.design}")
+                    raise ValueError(
+                        f"{field}: {'missing' if design == self.design else 'set'} for design {self.design}"
+                    )
         _unique(self.files, ("original", "marked", "original_sha256"))
         _within(self.files, self.max_resolution)
         n, k = len(self.files), len(self.published)
@@ -161,7 +174,10 @@ class KeyV2(_Key):
             raise ValueError(f"published: not distinct sorted indices of the {n} files")
         for i, entry in enumerate(self.files):
             if (entry.marked is None or entry.marked_sha256 is None) == (i in self.published):
-                raise ValueError(f"files.{i}: {'no marked copy, yet published' if i in self.published else 'a marked copy, yet not published'}")
+                raise ValueError(
+                    f"files.{i}: "
+                    + ("no marked copy, yet published" if i in self.published else "a marked copy, yet not published")
+                )
         if self.design != "pattern" and not (k < n and (self.design != "groups" or n // k >= 2)):
             raise ValueError(f"published: {k} of {n} files is not a {self.design} design")
         params = DesignParams(self.design, k, self.draws or 1, self.n_patterns or 2)
@@ -178,7 +194,6 @@ class KeyV2(_Key):
 KEY_FORMATS: dict[str, type[_Key]] = {"mtrack-key/1": KeyV1, KEY_FORMAT: KeyV2}
 
 
-
 def validate_key(data: Any, where: str | Path) -> dict[str, Any]:
     """`data` checked against the schema of its format (strict types: "4" is not 4), as a plain
     dict; anything else is refused naming `where` and the first offending field."""
@@ -186,8 +201,9 @@ def validate_key(data: Any, where: str | Path) -> dict[str, Any]:
         raise StageError(f"{where}: format: missing, so not a key file (a JSON object with a format field)")
     version = data["format"]
     if not isinstance(version, str) or version not in KEY_FORMATS:
-        raise StageError(f"{where}: format: {version!r} is not a key format this version reads "
-                         f"(known: {', '.join(KEY_FORMATS)})")
+        raise StageError(
+            f"{where}: format: {version!r} is not a key format this version reads (known: {', '.join(KEY_FORMATS)})"
+        )
     try:
         key = KEY_FORMATS[version].model_validate(data, strict=True)
     except ValidationError as exc:

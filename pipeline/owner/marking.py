@@ -10,15 +10,17 @@ duplicate would count twice in the audit's mean loss), and every marked copy and
 written: they are written into a hidden folder next to (or inside) the output folder and moved
 into place at the end, so a failure midway leaves no marked file and no key behind.
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from pydantic import ConfigDict, validate_call
@@ -39,27 +41,32 @@ def _check_folders(src: Path, out: Path, force: bool) -> None:
         raise StageError(f"{src}: input folder {'is a file' if src.exists() else 'not found'}")
     blocked = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if blocked is not None:
-        raise StageError(f"{out}: cannot be the output folder: {'it is' if blocked == out else 'it lies under'} "
-                         f"the file {blocked}")
+        raise StageError(
+            f"{out}: cannot be the output folder: {'it is' if blocked == out else 'it lies under'} the file {blocked}"
+        )
     if out == src or src in out.parents or out in src.parents:
-        raise StageError(f"{out}: the output folder must be separate from the input folder {src} "
-                         "(marking never overwrites originals)")
+        raise StageError(
+            f"{out}: the output folder must be separate from the input folder {src} "
+            "(marking never overwrites originals)"
+        )
     if (src / KEY_NAME).exists():
         raise StageError(f"{src}: holds a {KEY_NAME}, so it is already marked; mark your originals instead")
     if (out / KEY_NAME).exists() and not force:
         raise StageError(f"{out / KEY_NAME}: a key already exists here; choose another --out or pass --force")
 
 
-def mark_images(images: list[np.ndarray], shas: list[str], pattern_seed: int, cfg: MarkConfig, pool: Any,
-                device: str | None) -> list[np.ndarray]:
+def mark_images(
+    images: list[np.ndarray], shas: list[str], pattern_seed: int, cfg: MarkConfig, pool: Any, device: str | None
+) -> list[np.ndarray]:
     """The images marked with one pattern, batched by size; each image's noise is seeded by the
     pattern and its original file's hash, so re-marking at audit time reproduces it exactly."""
     out = list(images)
     for group in shape_groups(images):
         h, w = images[group[0]].shape[:2]
         noise = np.array([child_seed(pattern_seed, 2, int(shas[i][:15], 16)) for i in group], np.uint64)
-        marked = mark_batch(np.stack([images[i] for i in group]), make_pattern(cfg, pattern_seed, h, w, pool), noise,
-                            cfg, device)
+        marked = mark_batch(
+            np.stack([images[i] for i in group]), make_pattern(cfg, pattern_seed, h, w, pool), noise, cfg, device
+        )
         for i, image in zip(group, marked):
             out[i] = image
     return out
@@ -81,8 +88,9 @@ def _check_images(src: Path, max_resolution: int | None) -> dict[Path, tuple[Pat
         size = grid_size(h, w, max_resolution)
         if min(size) < MIN_SIDE:
             shrunk = f" ({size[0]}x{size[1]} after --max-resolution {max_resolution})" if size != (h, w) else ""
-            raise StageError(f"{src / rel}: {h}x{w} pixels{shrunk} is too small to mark: every side needs at "
-                             f"least {MIN_SIDE} pixels")
+            raise StageError(
+                f"{src / rel}: {h}x{w} pixels{shrunk} is too small to mark: every side needs at least {MIN_SIDE} pixels"
+            )
         digest = file_sha256(src / rel)
         if digest in first_with_hash:  # it would count twice in the audit's mean loss
             raise StageError(f"{src / rel}: the same file as {src / first_with_hash[digest]}; keep one")
@@ -117,8 +125,9 @@ def _publishing(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging)
     except OSError as exc:
         _remove(staging, created)
-        raise StageError(f"{out}: writing the marked copies failed ({exc.strerror or first_line(exc)}); "
-                         "nothing was published") from None
+        raise StageError(
+            f"{out}: writing the marked copies failed ({exc.strerror or first_line(exc)}); nothing was published"
+        ) from None
     except BaseException:
         _remove(staging, created)
         raise
@@ -134,9 +143,16 @@ def _remove(staging: Path, created: list[Path]) -> None:
 
 
 @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
-def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: Seed | None = None,
-                max_resolution: Resolution | None = None, force: bool = False, label: ClassLabel | None = None,
-                params: DesignParams = DesignParams()) -> dict[str, Any]:
+def mark_folder(
+    src: str | Path,
+    out: str | Path,
+    cfg: MarkConfig,
+    seed: Seed | None = None,
+    max_resolution: Resolution | None = None,
+    force: bool = False,
+    label: ClassLabel | None = None,
+    params: DesignParams = DesignParams(),
+) -> dict[str, Any]:
     """Mark the published images of `src` into `out`; returns the key (also written to `out`).
 
     The design (`owner.designs`) decides from the seed which images are published and with which
@@ -151,27 +167,33 @@ def mark_folder(src: str | Path, out: str | Path, cfg: MarkConfig, seed: Seed | 
         targets = list(_check_images(src, max_resolution).items())
         params.check(len(targets))
         published, design_fields = published_candidate(params, seed, len(targets))
-        entries = [{"original": rel.as_posix(), "original_sha256": sha, "height": size[0], "width": size[1]}
-                   for _, (rel, sha, size) in targets]
+        entries = [
+            {"original": rel.as_posix(), "original_sha256": sha, "height": size[0], "width": size[1]}
+            for _, (rel, sha, size) in targets
+        ]
         images = [fit_to_grid(read_rgb(src / targets[i][1][0]), max_resolution) for i in published.files]
-        marked = mark_images(images, [entries[i]["original_sha256"] for i in published.files], published.pattern_seed,
-                             cfg, pool, device)
+        marked = mark_images(
+            images, [entries[i]["original_sha256"] for i in published.files], published.pattern_seed, cfg, pool, device
+        )
         for i, image in zip(published.files, marked):
             target = targets[i][0]
             write_png(staging / target, image)
             entries[i].update(marked=target.as_posix(), marked_sha256=file_sha256(staging / target))
-        key = validate_key({
-            "format": KEY_FORMAT,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_folder": str(src.resolve()),
-            "design": params.design,
-            "seed": seed,
-            "published": list(published.files),
-            **design_fields,
-            "label": label,
-            "max_resolution": max_resolution,
-            "mark": cfg.model_dump(mode="json"),
-            "files": entries,
-        }, KEY_NAME)
+        key = validate_key(
+            {
+                "format": KEY_FORMAT,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "source_folder": str(src.resolve()),
+                "design": params.design,
+                "seed": seed,
+                "published": list(published.files),
+                **design_fields,
+                "label": label,
+                "max_resolution": max_resolution,
+                "mark": cfg.model_dump(mode="json"),
+                "files": entries,
+            },
+            KEY_NAME,
+        )
         write_json(staging / KEY_NAME, key, mode=0o600)  # the seed is the owner's secret
     return key

@@ -8,6 +8,7 @@ Losses are computed in fp32 from the logit margin m = z_y - logsumexp_{j != y} z
 CE = softplus(-m): the same number as cross-entropy, but it does not round to zero for confident
 predictions, so memorised members stay distinguishable from merely easy non-members.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,32 +18,48 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.betons import make_loader
 from ..config import AuditConfig
 from ..console import track
 from ..core.metrics import class_breakdown, roc_metrics, user_scores
 from ..core.models import load_weights
 from ..core.scoring import logit_margin
-from ..core.stats import (benjamini_hochberg, bh_smallest_null_size, class_leave_one_out_p_values, class_rank_p_values,
-                          clopper_pearson, leave_one_out_p_values, null_calibration, rank_p_values)
+from ..core.stats import (
+    benjamini_hochberg,
+    bh_smallest_null_size,
+    class_leave_one_out_p_values,
+    class_rank_p_values,
+    clopper_pearson,
+    leave_one_out_p_values,
+    null_calibration,
+    rank_p_values,
+)
+from ..data.betons import make_loader
 from ..store import Stage, StageError, load_npz, read_json, run_shards, save_npz, write_json
 from .contract import Context
-
 
 SCORE_ARRAYS = ("loss", "margin", "user", "sample", "label")
 
 
 @torch.no_grad()
-def score_samples(model: torch.nn.Module, beton: Path, cfg: AuditConfig, device: torch.device,
-                  indices: np.ndarray | None = None, resolution: int | None = None,
-                  label: str = "scoring") -> dict[str, np.ndarray]:
+def score_samples(
+    model: torch.nn.Module,
+    beton: Path,
+    cfg: AuditConfig,
+    device: torch.device,
+    indices: np.ndarray | None = None,
+    resolution: int | None = None,
+    label: str = "scoring",
+) -> dict[str, np.ndarray]:
     """Loss and margin of every record in `beton` (or of the records at `indices`), in file order,
     into preallocated arrays; images as stored, or centre-cropped to `resolution` (`image_decoder`)."""
     loader = make_loader(beton, cfg.batch_size, cfg.num_workers, train=False, indices=indices, resolution=resolution)
     n = loader.num_samples
     out = {
-        "loss": np.empty(n, np.float32), "margin": np.empty(n, np.float32),
-        "user": np.empty(n, np.int64), "sample": np.empty(n, np.int64), "label": np.empty(n, np.int64),
+        "loss": np.empty(n, np.float32),
+        "margin": np.empty(n, np.float32),
+        "user": np.empty(n, np.int64),
+        "sample": np.empty(n, np.int64),
+        "label": np.empty(n, np.int64),
     }
     model.eval().to(device)
     pos = 0
@@ -63,15 +80,24 @@ def _bh_decisions(p_members: np.ndarray, p_audited: np.ndarray, fdr_levels: tupl
     out = {}
     for q in fdr_levels:
         reject = benjamini_hochberg(np.concatenate([p_members, p_audited]), q)
-        flagged_members, flagged_null = int(reject[: len(p_members)].sum()), int(reject[len(p_members):].sum())
-        out[str(q)] = {"members_flagged": flagged_members, "nonmembers_flagged": flagged_null,
-                       "false_discovery_proportion": flagged_null / max(flagged_members + flagged_null, 1),
-                       "smallest_null_size": bh_smallest_null_size(len(p_members), len(p_members) + len(p_audited), q)}
+        flagged_members, flagged_null = int(reject[: len(p_members)].sum()), int(reject[len(p_members) :].sum())
+        out[str(q)] = {
+            "members_flagged": flagged_members,
+            "nonmembers_flagged": flagged_null,
+            "false_discovery_proportion": flagged_null / max(flagged_members + flagged_null, 1),
+            "smallest_null_size": bh_smallest_null_size(len(p_members), len(p_members) + len(p_audited), q),
+        }
     return out
 
 
-def user_statistics(is_member: np.ndarray, score: np.ndarray, classes: np.ndarray, fdr_nonmembers: int = 100,
-                    fdr_levels: tuple[float, ...] = (0.05, 0.1), confidence: float = 0.95) -> dict[str, Any]:
+def user_statistics(
+    is_member: np.ndarray,
+    score: np.ndarray,
+    classes: np.ndarray,
+    fdr_nonmembers: int = 100,
+    fdr_levels: tuple[float, ...] = (0.05, 0.1),
+    confidence: float = 0.95,
+) -> dict[str, Any]:
     """Per member user the exact rank p-value among the non-member users (pooled) and among those of
     its class only (`class_conditional`); Clopper-Pearson intervals on TPR at FPR = 0 and on FPR at
     TPR = 1; Benjamini-Hochberg decisions over the member users and the first `fdr_nonmembers`
@@ -90,10 +116,14 @@ def user_statistics(is_member: np.ndarray, score: np.ndarray, classes: np.ndarra
     return {
         "member_p_values": p_members.tolist(),
         "smallest_possible_p_value": 1.0 / (len(null) + 1),
-        "tpr_at_fpr_0": {"value": detected / len(member_scores),
-                         "interval": clopper_pearson(detected, len(member_scores), confidence)},
-        "fpr_at_tpr_1": {"value": above_worst_member / len(null),
-                         "interval": clopper_pearson(above_worst_member, len(null), confidence)},
+        "tpr_at_fpr_0": {
+            "value": detected / len(member_scores),
+            "interval": clopper_pearson(detected, len(member_scores), confidence),
+        },
+        "fpr_at_tpr_1": {
+            "value": above_worst_member / len(null),
+            "interval": clopper_pearson(above_worst_member, len(null), confidence),
+        },
         "confidence": confidence,
         "fdr_hypotheses": {"members": len(p_members), "nonmembers": audited},
         "benjamini_hochberg": _bh_decisions(p_members, p_null[:audited], fdr_levels),
@@ -107,7 +137,9 @@ def user_statistics(is_member: np.ndarray, score: np.ndarray, classes: np.ndarra
     }
 
 
-def audit_metrics(scores: dict[str, np.ndarray], users: list[dict[str, Any]], fdr_nonmembers: int = 100) -> dict[str, Any]:
+def audit_metrics(
+    scores: dict[str, np.ndarray], users: list[dict[str, Any]], fdr_nonmembers: int = 100
+) -> dict[str, Any]:
     per_user = user_scores(scores, users)
     members = {u["user_id"] for u in users if u["role"] == "member"}
     sample_is_member = np.isin(scores["user"], list(members))
@@ -142,8 +174,9 @@ def shard_records(users: list[dict[str, Any]], shard: int, num_shards: int) -> n
     user's samples contiguously, in manifest order (see the write stage)."""
     ends = np.cumsum([len(u["sample_ids"]) for u in users])
     starts = ends - np.array([len(u["sample_ids"]) for u in users])
-    return np.concatenate([np.arange(starts[i], ends[i]) for i in range(shard, len(users), num_shards)]
-                          or [np.zeros(0, np.int64)])
+    return np.concatenate(
+        [np.arange(starts[i], ends[i]) for i in range(shard, len(users), num_shards)] or [np.zeros(0, np.int64)]
+    )
 
 
 def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -154,8 +187,10 @@ def merge_scores(stage: Stage, names: list[str], users: list[dict[str, Any]]) ->
     expected = sorted((u["user_id"], sid) for u in users for sid in u["sample_ids"])
     if scored != expected:
         missing, extra = set(expected) - set(scored), len(scored) - len(set(scored))
-        raise StageError(f"{stage.dir}: shards do not cover the plan exactly once "
-                         f"({len(missing)} (user, sample) pairs missing, {extra} scored twice)")
+        raise StageError(
+            f"{stage.dir}: shards do not cover the plan exactly once "
+            f"({len(missing)} (user, sample) pairs missing, {extra} scored twice)"
+        )
     return scores
 
 
@@ -171,18 +206,24 @@ def run_audit(ctx: Context) -> None:
     users, audit_beton, weights = read_json(ctx.input("users"))["users"], ctx.input("audit_set"), ctx.input("model")
     rank, world, local_rank = process_group()
     device, loaded = pick_device(local_rank), None
-    parts, mine = num_shards * world, [s * world + rank for s in (range(num_shards) if only_shard is None else [only_shard])]
+    parts, mine = (
+        num_shards * world,
+        [s * world + rank for s in (range(num_shards) if only_shard is None else [only_shard])],
+    )
 
     def score_shard(shard: int, path: Path) -> None:
         nonlocal loaded
         records = shard_records(users, shard, parts)
         if len(records) == 0:  # more shards than users
-            save_npz(path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS})
+            save_npz(
+                path, **{k: np.zeros(0, np.float32 if k in ("loss", "margin") else np.int64) for k in SCORE_ARRAYS}
+            )
             return
         loaded = loaded or load_weights(weights)
         model, meta = loaded
-        save_npz(path, **score_samples(model, audit_beton, cfg, device, records, meta.get("eval_resolution"),
-                                       stage.name))
+        save_npz(
+            path, **score_samples(model, audit_beton, cfg, device, records, meta.get("eval_resolution"), stage.name)
+        )
 
     names = run_shards(stage, parts, mine, score_shard)
     if names is None:

@@ -6,15 +6,17 @@ reads, so a changed upstream setting reaches every stage downstream and nothing 
 path into the run directory, and the typed `Context` a stage runs with: its config sections and
 nothing else, its input paths and its output folder.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, cast
+from typing import Any, Literal, cast
 
 from ..config import RunConfig, WandbConfig
 from ..store import Stage, StageError, read_json
@@ -60,47 +62,112 @@ class StageSpec:
     sharded: bool = False
     unhashed: tuple[str, ...] = ()
 
-    def runner(self) -> Callable[["Context"], None]:
+    def runner(self) -> Callable[[Context], None]:
         module, function = self.run.split(":")
-        return cast(Callable[["Context"], None], getattr(importlib.import_module(f"pipeline.stages.{module}"), function))
+        return cast(
+            Callable[["Context"], None], getattr(importlib.import_module(f"pipeline.stages.{module}"), function)
+        )
 
     def declares(self, file: str) -> bool:
         return file == MANIFEST or any(fnmatch.fnmatch(file, pattern) for pattern in self.writes)
 
 
 SHARD_FILES = ("shard-*-of-*.npz", "shard-*-of-*.json")
-REPORT_FILES = ("metrics.json", "report.md", "roc.png", "loss_hist.png", "p_values.png", "classes.png",
-                "marked_examples.png")  # classes.png: with a marked arm
+REPORT_FILES = (
+    "metrics.json",
+    "report.md",
+    "roc.png",
+    "loss_hist.png",
+    "p_values.png",
+    "classes.png",
+    "marked_examples.png",
+)  # classes.png: with a marked arm
 
-STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
-    StageSpec("plan", config=("seed", "data", "plan"), reads={}, writes=("users.json", "train_ids.npz"),
-              run="plan:run_plan"),
-    StageSpec("mark", config=("data", "mark"), reads={"users": Read("plan", "users.json")},
-              writes=(*SHARD_FILES, "shard-*-of-*.pixels", "quality.json", "survival.json", "marked_examples.png", "owners/*"), run="mark:run_mark",
-              sharded=True),
-    StageSpec("write", config=("seed", "data", "mark", "write"),
-              reads={"users": Read("plan", "users.json"), "train_ids": Read("plan", "train_ids.npz"),
-                     "marks": Read("mark", MANIFEST)},
-              writes=("train.beton", "arms.npz", "test.beton", "audit.beton", "survival.json"),
-              run="write:run_write"),
-    StageSpec("train", config=("seed", "train"),
-              reads={"train_set": Read("write", "train.beton"), "arms": Read("write", "arms.npz"),
-                     "test_set": Read("write", "test.beton"), "written": Read("write", MANIFEST)},
-              writes=("model.pt", "metrics.json", "outliers.json", "checkpoints/*", "logs/*", "seen/*", "wandb/*"),
-              run="train:run_train", arms=True, unhashed=("train.arms",)),
-    StageSpec("audit", config=("audit",),
-              reads={"users": Read("plan", "users.json"), "audit_set": Read("write", "audit.beton"),
-                     "model": Read("train", "model.pt", arm="same")},
-              writes=(*SHARD_FILES, "losses.npz", "metrics.json"), run="audit:run_audit", arms=True, sharded=True),
-    StageSpec("report", config=("name", "results_dir"),
-              reads={"users": Read("plan", "users.json"), "planned": Read("plan", MANIFEST),
-                     "marks": Read("mark", MANIFEST), "survival": Read("mark", "survival.json"), "examples": Read("mark", "marked_examples.png"),
-                     "written": Read("write", MANIFEST), "stored_survival": Read("write", "survival.json"),
-                     "training": Read("train", "metrics.json", arm="all"), "trained": Read("train", MANIFEST, arm="all"),
-                     "audit": Read("audit", "metrics.json", arm="all"), "losses": Read("audit", "losses.npz", arm="all"),
-                     "audited": Read("audit", MANIFEST, arm="all")},
-              writes=REPORT_FILES, run="report:run_report"),
-)}
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            "plan",
+            config=("seed", "data", "plan"),
+            reads={},
+            writes=("users.json", "train_ids.npz"),
+            run="plan:run_plan",
+        ),
+        StageSpec(
+            "mark",
+            config=("data", "mark"),
+            reads={"users": Read("plan", "users.json")},
+            writes=(
+                *SHARD_FILES,
+                "shard-*-of-*.pixels",
+                "quality.json",
+                "survival.json",
+                "marked_examples.png",
+                "owners/*",
+            ),
+            run="mark:run_mark",
+            sharded=True,
+        ),
+        StageSpec(
+            "write",
+            config=("seed", "data", "mark", "write"),
+            reads={
+                "users": Read("plan", "users.json"),
+                "train_ids": Read("plan", "train_ids.npz"),
+                "marks": Read("mark", MANIFEST),
+            },
+            writes=("train.beton", "arms.npz", "test.beton", "audit.beton", "survival.json"),
+            run="write:run_write",
+        ),
+        StageSpec(
+            "train",
+            config=("seed", "train"),
+            reads={
+                "train_set": Read("write", "train.beton"),
+                "arms": Read("write", "arms.npz"),
+                "test_set": Read("write", "test.beton"),
+                "written": Read("write", MANIFEST),
+            },
+            writes=("model.pt", "metrics.json", "outliers.json", "checkpoints/*", "logs/*", "seen/*", "wandb/*"),
+            run="train:run_train",
+            arms=True,
+            unhashed=("train.arms",),
+        ),
+        StageSpec(
+            "audit",
+            config=("audit",),
+            reads={
+                "users": Read("plan", "users.json"),
+                "audit_set": Read("write", "audit.beton"),
+                "model": Read("train", "model.pt", arm="same"),
+            },
+            writes=(*SHARD_FILES, "losses.npz", "metrics.json"),
+            run="audit:run_audit",
+            arms=True,
+            sharded=True,
+        ),
+        StageSpec(
+            "report",
+            config=("name", "results_dir"),
+            reads={
+                "users": Read("plan", "users.json"),
+                "planned": Read("plan", MANIFEST),
+                "marks": Read("mark", MANIFEST),
+                "survival": Read("mark", "survival.json"),
+                "examples": Read("mark", "marked_examples.png"),
+                "written": Read("write", MANIFEST),
+                "stored_survival": Read("write", "survival.json"),
+                "training": Read("train", "metrics.json", arm="all"),
+                "trained": Read("train", MANIFEST, arm="all"),
+                "audit": Read("audit", "metrics.json", arm="all"),
+                "losses": Read("audit", "losses.npz", arm="all"),
+                "audited": Read("audit", MANIFEST, arm="all"),
+            },
+            writes=REPORT_FILES,
+            run="report:run_report",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -168,8 +235,12 @@ def _declared_values(cfg: RunConfig, spec: StageSpec) -> dict[str, Any]:
 def config_hash(cfg: RunConfig, task: Task) -> str:
     """What a task's outputs depend on: its declared config, its arm, and the hashes of the tasks
     it reads (Merkle-style, so an upstream change reaches it and an unrelated one does not)."""
-    payload = {"stage": task.stage, "arm": task.arm, "config": _declared_values(cfg, task.spec),
-               "inputs": {dep.name: config_hash(cfg, dep) for dep in dependencies(cfg, task)}}
+    payload = {
+        "stage": task.stage,
+        "arm": task.arm,
+        "config": _declared_values(cfg, task.spec),
+        "inputs": {dep.name: config_hash(cfg, dep) for dep in dependencies(cfg, task)},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -193,8 +264,10 @@ class ConfigView:
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_") or key not in self._spec.config:
-            raise StageError(f"stage '{self._spec.name}' reads config '{key}' without declaring it in its contract "
-                             f"(it declares {', '.join(self._spec.config)})")
+            raise StageError(
+                f"stage '{self._spec.name}' reads config '{key}' without declaring it in its contract "
+                f"(it declares {', '.join(self._spec.config)})"
+            )
         return getattr(self._cfg, key)
 
 

@@ -3,6 +3,7 @@
 What the tasks are, what each reads and how its config hash is formed all come from the stage
 contracts (`contract.py`). Launchers only decide where `run_task` runs.
 """
+
 from __future__ import annotations
 
 import logging

@@ -11,16 +11,18 @@ own size shrunk to that longer side), so a marked image has the size of the clea
 images of one user may then differ in size, and each size is marked as one batch. Shard i of n marks
 users i, i+n, ... and writes only its own shard: the marked pixels streamed user by user into a raw
 `.pixels` file, and an `.npz` with each image's ids, place and size in it, PSNR and SSIM. So no
-process ever holds more than one user's images, and readers (`MarkedImages`) memory-map the pixels
-instead of loading them; an array job can split the users; a finished shard is skipped. Finishing the stage checks that every
-shard is there, then writes per-user quality, a grid of originals next to marked versions, and the
-mark's survival under JPEG re-encoding.
+process ever holds more than one user's images, and readers (`MarkedImages`) read each image when
+asked for it; an array job can split the users; a finished shard is skipped. Finishing the stage
+checks that every shard is there, then writes per-user quality, a grid of originals next to marked
+versions, and the mark's survival under JPEG re-encoding (user by user).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -66,9 +68,13 @@ class ShardWriter:
             self.parts["widths"].append(np.array([image.shape[1]]))
             self.file.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
             self.position += image.size
-        for key, value in (("user_ids", np.full(k, user["user_id"])), ("sample_ids", np.array(user["sample_ids"])),
-                           ("labels", np.full(k, user["class"])), ("psnr", per_image(psnr, originals, marked)),
-                           ("ssim", per_image(ssim, originals, marked))):
+        for key, value in (
+            ("user_ids", np.full(k, user["user_id"])),
+            ("sample_ids", np.array(user["sample_ids"])),
+            ("labels", np.full(k, user["class"])),
+            ("psnr", per_image(psnr, originals, marked)),
+            ("ssim", per_image(ssim, originals, marked)),
+        ):
             self.parts[key].append(value)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -80,8 +86,15 @@ class MarkedImages:
     file when asked for, so a reader holds only the images it is using (the page cache does the
     rest). Pickles without its open files (FFCV's writer processes reopen them)."""
 
-    def __init__(self, mark_dir: Path, names: list[str], shard: np.ndarray, offsets: np.ndarray, heights: np.ndarray,
-                 widths: np.ndarray) -> None:
+    def __init__(
+        self,
+        mark_dir: Path,
+        names: list[str],
+        shard: np.ndarray,
+        offsets: np.ndarray,
+        heights: np.ndarray,
+        widths: np.ndarray,
+    ) -> None:
         self.files = [mark_dir / Path(name).with_suffix(PIXELS).name for name in names]
         self.shard, self.offsets, self.heights, self.widths = shard, offsets, heights, widths
         self._open: dict[int, int] = {}  # shard -> file descriptor
@@ -95,7 +108,9 @@ class MarkedImages:
             self._open[shard] = os.open(self.files[shard], os.O_RDONLY)
         data = os.pread(self._open[shard], h * w * 3, int(self.offsets[i]))
         if len(data) != h * w * 3:
-            raise StageError(f"{self.files[shard]}: ends inside image {i} (truncated?); re-run the mark stage with --force")
+            raise StageError(
+                f"{self.files[shard]}: ends inside image {i} (truncated?); re-run the mark stage with --force"
+            )
         return np.frombuffer(data, np.uint8).reshape(h, w, 3).copy()
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -113,21 +128,35 @@ def noise_seeds(user: dict[str, Any]) -> np.ndarray:
     return np.array([child_seed(user["pattern_seed"], 2, sid) for sid in user["sample_ids"]], dtype=np.uint64)
 
 
-def mark_user(user: dict[str, Any], images: Sequence[np.ndarray], cfg: MarkConfig, pool: OODPool | None = None,
-              device: str | None = None) -> list[np.ndarray]:
+def mark_user(
+    user: dict[str, Any],
+    images: Sequence[np.ndarray],
+    cfg: MarkConfig,
+    pool: OODPool | None = None,
+    device: str | None = None,
+) -> list[np.ndarray]:
     """Marked copies of one user's images, given in the order of `user['sample_ids']`; each size is
     one batch, with the user's pattern drawn at that size."""
     seeds, marked = noise_seeds(user), list(images)
     for group in shape_groups(images):
         h, w = images[group[0]].shape[:2]
-        batch = mark_batch(np.stack([images[i] for i in group]), make_pattern(cfg, user["pattern_seed"], h, w, pool),
-                           seeds[group], cfg, device)
+        batch = mark_batch(
+            np.stack([images[i] for i in group]),
+            make_pattern(cfg, user["pattern_seed"], h, w, pool),
+            seeds[group],
+            cfg,
+            device,
+        )
         for i, image in zip(group, batch):
             marked[i] = image
     return marked
 
 
-def per_image(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], originals: Sequence[np.ndarray], marked: Sequence[np.ndarray]) -> np.ndarray:
+def per_image(
+    metric: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    originals: Sequence[np.ndarray],
+    marked: Sequence[np.ndarray],
+) -> np.ndarray:
     """A batch metric (`psnr`, `ssim`) image by image, for images of varying size."""
     return np.array([metric(o[None], m[None])[0] for o, m in zip(originals, marked)])
 
@@ -136,8 +165,9 @@ def owner_folder(stage_dir: Path, owner_id: int) -> Path:
     return stage_dir / "owners" / f"{owner_id:05d}"
 
 
-def run_owner_tool(cfg: RunConfig, stored: StoredImages, owner: dict[str, Any], design: DesignParams,
-                   folder: Path) -> list[np.ndarray]:
+def run_owner_tool(
+    cfg: RunConfig, stored: StoredImages, owner: dict[str, Any], design: DesignParams, folder: Path
+) -> list[np.ndarray]:
     """The folder a real owner would have: their originals as PNG files (`originals/`, on the grid the
     write stage stores them on, as `mtrack mark --max-resolution` would mark them), marked by the
     owner's own tool (the code `mtrack mark` runs, with the owner's seed) into `published/`. Returns
@@ -146,16 +176,25 @@ def run_owner_tool(cfg: RunConfig, stored: StoredImages, owner: dict[str, Any], 
     originals.mkdir(parents=True, exist_ok=True)
     for sid, image in zip(owner["pool"], stored.take(owner["pool"])):
         write_png(originals / f"{sid:08d}.png", image)
-    key = mark_folder(originals, folder / "published", cfg.mark, seed=owner["seed"], force=True, label=owner["class"],
-                      params=design)
+    key = mark_folder(
+        originals, folder / "published", cfg.mark, seed=owner["seed"], force=True, label=owner["class"], params=design
+    )
     entries = [key["files"][i] for i in key["published"]]
     if [int(Path(e["original"]).stem) for e in entries] != owner["published"]:
         raise StageError(f"{folder}: the owner's tool published other images than the plan has in training")
     return [read_rgb(folder / "published" / e["marked"]) for e in entries]
 
 
-def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], owners: list[dict[str, Any]],
-               design: DesignParams | None, stage_dir: Path, path: Path, label: str = "mark") -> None:
+def mark_shard(
+    cfg: RunConfig,
+    data: ImageSplits,
+    users: list[dict[str, Any]],
+    owners: list[dict[str, Any]],
+    design: DesignParams | None,
+    stage_dir: Path,
+    path: Path,
+    label: str = "mark",
+) -> None:
     """Mark the given users' images (owners' through their own tool, with `design`) and save them with
     their ids, PSNR and SSIM; mark the folders of the given never-trained-on owners."""
     pool, device = ood_pool(cfg.mark, cfg.data.image_size), resolve_device(cfg.mark.device)
@@ -171,8 +210,9 @@ def mark_shard(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], o
             originals = stored.take(user["sample_ids"])
             if "owner" in user:
                 assert design is not None
-                marked = run_owner_tool(cfg, stored, by_owner[user["owner"]], design,
-                                        owner_folder(stage_dir, user["owner"]))
+                marked = run_owner_tool(
+                    cfg, stored, by_owner[user["owner"]], design, owner_folder(stage_dir, user["owner"])
+                )
             else:
                 marked = mark_user(user, originals, cfg.mark, pool, device)
             shard.add(user, originals, marked)
@@ -234,14 +274,22 @@ def quality_by_user(marked: dict[str, np.ndarray], users: list[dict[str, Any]]) 
     rows = []
     for user in users:
         sel = marked["user_ids"] == user["user_id"]
-        rows.append({"user_id": user["user_id"], "role": user["role"],
-                     "psnr_mean": float(marked["psnr"][sel].mean()), "psnr_min": float(marked["psnr"][sel].min()),
-                     "ssim_mean": float(marked["ssim"][sel].mean()), "ssim_min": float(marked["ssim"][sel].min())})
+        rows.append(
+            {
+                "user_id": user["user_id"],
+                "role": user["role"],
+                "psnr_mean": float(marked["psnr"][sel].mean()),
+                "psnr_min": float(marked["psnr"][sel].min()),
+                "ssim_mean": float(marked["ssim"][sel].mean()),
+                "ssim_min": float(marked["ssim"][sel].min()),
+            }
+        )
     return rows
 
 
-def intended_marks(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]],
-                   pool: OODPool | None) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def intended_marks(
+    cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], pool: OODPool | None
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """What `mark_survival` recomputes the intended marks of these users' images from, user by user
     in the order of their sample ids: the originals as stored, each image's pattern at its size,
     the noise seeds."""
@@ -249,22 +297,26 @@ def intended_marks(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]
     originals, patterns = [], []
     for user in users:
         images = stored.take(user["sample_ids"])
-        by_size = {shape: make_pattern(cfg.mark, user["pattern_seed"], shape[0], shape[1], pool)
-                   for shape in {image.shape for image in images}}
+        by_size = {
+            shape: make_pattern(cfg.mark, user["pattern_seed"], shape[0], shape[1], pool)
+            for shape in {image.shape for image in images}
+        }
         originals += images
         patterns += [by_size[image.shape] for image in images]
     return originals, patterns, np.concatenate([noise_seeds(u) for u in users] or [np.zeros(0, np.uint64)])
 
 
-def survival_of(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, Any],
-                pool: OODPool | None) -> dict[str, Any]:
+def survival_of(
+    cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, Any], pool: OODPool | None
+) -> dict[str, Any]:
     """How much of the mark survives JPEG re-encoding, on the given users' marked images (one user
     at a time, so memory does not grow with their number)."""
     parts = []
     for user in users:
         originals, patterns, seeds = intended_marks(cfg, data, [user], pool)
-        parts.append(survival_correlations(originals, user_images(marked, [user])[user["user_id"]], cfg.mark,
-                                           patterns, seeds))
+        parts.append(
+            survival_correlations(originals, user_images(marked, [user])[user["user_id"]], cfg.mark, patterns, seeds)
+        )
     storage = summarise_survival(parts)
     n_images = storage.pop("n_images")
     return {"n_images": n_images, "storage": storage}
@@ -278,10 +330,21 @@ def run_mark(ctx: Context) -> None:
     design = DesignParams(**plan["owner_design"]) if owners else None
     shard_owners = [o for o in owners if not o["trained"]]  # trained owners are marked with their member user
     trained_owners = [o for o in owners if o["trained"]]
-    names = run_shards(stage, num_shards, None if only_shard is None else [only_shard],
-                       lambda shard, path: mark_shard(cfg, data, users[shard::num_shards],
-                                                      trained_owners + shard_owners[shard::num_shards], design,
-                                                      stage.dir, path, f"mark shard {shard}" if num_shards > 1 else "mark"))
+    names = run_shards(
+        stage,
+        num_shards,
+        None if only_shard is None else [only_shard],
+        lambda shard, path: mark_shard(
+            cfg,
+            data,
+            users[shard::num_shards],
+            trained_owners + shard_owners[shard::num_shards],
+            design,
+            stage.dir,
+            path,
+            f"mark shard {shard}" if num_shards > 1 else "mark",
+        ),
+    )
     if names is None:
         return  # other array tasks still own the rest; the stage finishes when all are there
     records = merge_shards(stage.dir, names, users)
@@ -291,18 +354,29 @@ def run_mark(ctx: Context) -> None:
     shown, measured = members + others, [u for u in users if "owner" not in u][:SURVIVAL_USERS]  # owners: their keys
     marked = user_images(records, shown)
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
-    save_examples(stage.path("marked_examples.png"), [stored.take(u["sample_ids"]) for u in shown],
-                  [marked[u["user_id"]] for u in shown],
-                  [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown])
+    save_examples(
+        stage.path("marked_examples.png"),
+        [stored.take(u["sample_ids"]) for u in shown],
+        [marked[u["user_id"]] for u in shown],
+        [f"user {u['user_id']} ({u['role']}, {data.classes[u['class']]})" for u in shown],
+    )
     survival = survival_of(cfg, data, measured, records, pool=ood_pool(cfg.mark, cfg.data.image_size))
     write_json(stage.path("quality.json"), {"per_user": quality})
     write_json(stage.path("survival.json"), survival)
-    summary = {role: {"psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
-                      "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role]))}
-               for role in ("member", "nonmember")}
+    summary = {
+        role: {
+            "psnr_mean": float(np.mean([q["psnr_mean"] for q in quality if q["role"] == role])),
+            "ssim_mean": float(np.mean([q["ssim_mean"] for q in quality if q["role"] == role])),
+        }
+        for role in ("member", "nonmember")
+    }
     pixels = [str(Path(name).with_suffix(PIXELS)) for name in names]
-    stage.finish(names + pixels + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
-                 shards=names, quality=summary, per_user_quality=quality)
+    stage.finish(
+        names + pixels + ["quality.json", "survival.json", "marked_examples.png", *owner_outputs(stage.dir, owners)],
+        shards=names,
+        quality=summary,
+        per_user_quality=quality,
+    )
 
 
 def owner_outputs(stage_dir: Path, owners: Sequence[dict[str, Any]]) -> list[str]:
@@ -311,6 +385,8 @@ def owner_outputs(stage_dir: Path, owners: Sequence[dict[str, Any]]) -> list[str
     for owner in owners:
         published = owner_folder(stage_dir, owner["owner_id"]) / "published"
         key = read_json(published / KEY_NAME)
-        out += [(published / name).relative_to(stage_dir).as_posix()
-                for name in [KEY_NAME, *(key["files"][i]["marked"] for i in key["published"])]]
+        out += [
+            (published / name).relative_to(stage_dir).as_posix()
+            for name in [KEY_NAME, *(key["files"][i]["marked"] for i in key["published"])]
+        ]
     return out

@@ -8,6 +8,7 @@ With `plan.owners`, member users are data owners instead: each holds P held-out 
 and the K their own tool publishes replace K training images of that class (`owners` in the
 manifest; more owners are never trained on).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -35,8 +36,16 @@ def _assign_classes(n_users: int, n_classes: int, rng: np.random.Generator, only
 
 
 def _draw_users(
-    role: str, first_id: int, n_users: int, pool: np.ndarray, labels: np.ndarray, k: int,
-    n_classes: int, rng: np.random.Generator, seed: int, only: tuple[int, ...] = (),
+    role: str,
+    first_id: int,
+    n_users: int,
+    pool: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    n_classes: int,
+    rng: np.random.Generator,
+    seed: int,
+    only: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     users = []
     available = {c: list(rng.permutation(pool[labels[pool] == c])) for c in range(n_classes)}
@@ -51,8 +60,14 @@ def _draw_users(
         del available[cls][:k]
         uid = first_id + offset
         users.append(
-            {"user_id": uid, "role": role, "class": cls, "split": "train", "sample_ids": ids,
-             "pattern_seed": child_seed(seed, 1, uid)}
+            {
+                "user_id": uid,
+                "role": role,
+                "class": cls,
+                "split": "train",
+                "sample_ids": ids,
+                "pattern_seed": child_seed(seed, 1, uid),
+            }
         )
     return users
 
@@ -72,11 +87,14 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
     train_ids, heldout_ids = np.sort(order[: cfg.data.n_train]), np.sort(order[cfg.data.n_train :])
     k, labels, n_classes = cfg.plan.samples_per_user, data.train_labels, data.num_classes
     if any(not 0 <= c < n_classes for c in cfg.plan.member_classes):
-        raise StageError(f"plan.member_classes {list(cfg.plan.member_classes)}: {data.name} has classes 0..{n_classes - 1}")
+        raise StageError(
+            f"plan.member_classes {list(cfg.plan.member_classes)}: {data.name} has classes 0..{n_classes - 1}"
+        )
     owners: list[dict[str, Any]] = []
     if cfg.plan.owners is None:
-        members = _draw_users(MEMBER, 0, cfg.plan.n_member_users, train_ids, labels, k, n_classes, rng, cfg.seed,
-                              cfg.plan.member_classes)
+        members = _draw_users(
+            MEMBER, 0, cfg.plan.n_member_users, train_ids, labels, k, n_classes, rng, cfg.seed, cfg.plan.member_classes
+        )
     else:
         owners = _draw_owners(cfg, 0, cfg.plan.n_member_users, heldout_ids, labels, n_classes, rng, trained=True)
         members, train_ids = _owners_as_members(owners, train_ids, labels, rng)
@@ -86,8 +104,9 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
     )
     if cfg.plan.owners is not None:
         unused = np.setdiff1d(heldout_ids, [i for u in nonmembers for i in u["sample_ids"]])
-        owners += _draw_owners(cfg, len(owners), cfg.plan.owners.never_trained, unused, labels, n_classes, rng,
-                               trained=False)
+        owners += _draw_owners(
+            cfg, len(owners), cfg.plan.owners.never_trained, unused, labels, n_classes, rng, trained=False
+        )
     body = {
         "dataset": data.name,
         "classes": list(data.classes),
@@ -109,34 +128,68 @@ def owner_params(cfg: RunConfig) -> DesignParams:
     return DesignParams(o.design, None if o.design == "pattern" else cfg.plan.samples_per_user, o.draws, o.n_patterns)
 
 
-def _draw_owners(cfg: RunConfig, first_id: int, n_owners: int, pool: np.ndarray, labels: np.ndarray,
-                 n_classes: int, rng: np.random.Generator, trained: bool) -> list[dict[str, Any]]:
+def _draw_owners(
+    cfg: RunConfig,
+    first_id: int,
+    n_owners: int,
+    pool: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    rng: np.random.Generator,
+    trained: bool,
+) -> list[dict[str, Any]]:
     """Owners holding `plan.owners.images` held-out images of one class each (trained ones: of the
     member classes). Which images an owner publishes is their tool's choice from their seed, made
     here by the same function `mtrack mark` calls; the mark stage checks that the tool agrees."""
     assert cfg.plan.owners is not None
-    drawn = _draw_users("owner", first_id, n_owners, pool, labels, cfg.plan.owners.images, n_classes, rng, cfg.seed,
-                        cfg.plan.member_classes if trained else ())
+    drawn = _draw_users(
+        "owner",
+        first_id,
+        n_owners,
+        pool,
+        labels,
+        cfg.plan.owners.images,
+        n_classes,
+        rng,
+        cfg.seed,
+        cfg.plan.member_classes if trained else (),
+    )
     owners = []
     for user in drawn:
         seed = child_seed(cfg.seed, 5, user["user_id"])
         published, _ = published_candidate(owner_params(cfg), seed, len(user["sample_ids"]))
-        owners.append({"owner_id": user["user_id"], "trained": trained, "class": user["class"],
-                       "seed": seed, "pool": user["sample_ids"],
-                       "published": [user["sample_ids"][i] for i in published.files]})
+        owners.append(
+            {
+                "owner_id": user["user_id"],
+                "trained": trained,
+                "class": user["class"],
+                "seed": seed,
+                "pool": user["sample_ids"],
+                "published": [user["sample_ids"][i] for i in published.files],
+            }
+        )
     return owners
 
 
-def _owners_as_members(owners: list[dict[str, Any]], train_ids: np.ndarray, labels: np.ndarray,
-                       rng: np.random.Generator) -> tuple[list[dict[str, Any]], np.ndarray]:
+def _owners_as_members(
+    owners: list[dict[str, Any]], train_ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Member users made of the owners' published images, which replace as many random training
     images of the same class (the training set keeps its size and class balance)."""
     members, dropped = [], []
     for owner in owners:
         same_class = np.setdiff1d(train_ids[labels[train_ids] == owner["class"]], dropped)
         dropped += rng.choice(same_class, len(owner["published"]), replace=False).tolist()
-        members.append({"user_id": owner["owner_id"], "role": MEMBER, "class": owner["class"], "split": "train",
-                        "sample_ids": owner["published"], "owner": owner["owner_id"]})
+        members.append(
+            {
+                "user_id": owner["owner_id"],
+                "role": MEMBER,
+                "class": owner["class"],
+                "split": "train",
+                "sample_ids": owner["published"],
+                "owner": owner["owner_id"],
+            }
+        )
     published = [i for o in owners for i in o["published"]]
     return members, np.sort(np.concatenate([np.setdiff1d(train_ids, dropped), published])).astype(train_ids.dtype)
 

@@ -6,6 +6,7 @@ it wrote, once it has finished, so stage code knows nothing of W&B and the numbe
 are exactly those on disk. Run ids are fixed by the stage folder and config hash: a re-run or a
 requeued job continues the same run instead of starting a second one.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,14 +40,20 @@ def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict
     p_values = np.empty(len(score))
     p_values[member] = rank_p_values(score[member], score[~member])
     p_values[~member] = leave_one_out_p_values(score[~member])
-    table = wandb.Table(columns=["user_id", "role", "class", "mean_loss", "p_value"], data=[
-        [u["user_id"], u["role"], u["class"], float(loss), float(p)]
-        for u, loss, p in zip(users, per_user["mean_loss"], p_values)])
+    table = wandb.Table(
+        columns=["user_id", "role", "class", "mean_loss", "p_value"],
+        data=[
+            [u["user_id"], u["role"], u["class"], float(loss), float(p)]
+            for u, loss, p in zip(users, per_user["mean_loss"], p_values)
+        ],
+    )
     fpr, tpr = roc_points(member, score)
     roc = wandb.Table(columns=["fpr", "tpr"], data=[[float(f), float(t)] for f, t in zip(fpr, tpr)])
-    return {"users": table,
-            "roc": wandb.plot.line(roc, "fpr", "tpr", title=f"{stage.name}: ROC over users (set-based)"),
-            "member_p_values": wandb.Histogram(p_values[member].tolist())}
+    return {
+        "users": table,
+        "roc": wandb.plot.line(roc, "fpr", "tpr", title=f"{stage.name}: ROC over users (set-based)"),
+        "member_p_values": wandb.Histogram(p_values[member].tolist()),
+    }
 
 
 def publish(ctx: Context) -> None:
@@ -65,9 +72,17 @@ def publish(ctx: Context) -> None:
     logged.update({Path(name).stem: wandb.Image(str(stage.path(name))) for name in outputs if name.endswith(".png")})
     if spec.name == "audit":
         logged.update(_audit_tables(wandb, stage, read_json(ctx.input("users"))["users"]))
-    run = wandb.init(project=ctx.tracking.project, group=ctx.experiment, job_type=spec.name,
-                     name=f"{ctx.experiment}/{stage.name}", id=stage.tracking_id, resume="allow", dir=str(stage.dir),
-                     mode=ctx.tracking.mode, config={"stage": stage.name, "config_hash": stage.config_hash})
+    run = wandb.init(
+        project=ctx.tracking.project,
+        group=ctx.experiment,
+        job_type=spec.name,
+        name=f"{ctx.experiment}/{stage.name}",
+        id=stage.tracking_id,
+        resume="allow",
+        dir=str(stage.dir),
+        mode=ctx.tracking.mode,
+        config={"stage": stage.name, "config_hash": stage.config_hash},
+    )
     try:
         if logged:
             run.log(logged)

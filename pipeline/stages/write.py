@@ -20,6 +20,7 @@ members apart. `survival.json` says how much of the mark the members' training r
 this storage. Images are read one at a time as FFCV's writer workers ask for them (source files
 decoded, marked images memory-mapped from the mark stage's shards); no split is held in memory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,9 +49,15 @@ class TrainingRecords:
     `train_ids[i]`, record N + j the marked image at row `marked_rows[j]` of the mark stage.
     Nothing is decoded before the writer asks for it."""
 
-    def __init__(self, source: ImageArray | StoredImages, train_ids: np.ndarray, marked_images: Any,
-                 marked_rows: np.ndarray) -> None:
-        self.source, self.train_ids, self.marked_images, self.marked_rows = source, train_ids, marked_images, marked_rows
+    def __init__(
+        self, source: ImageArray | StoredImages, train_ids: np.ndarray, marked_images: Any, marked_rows: np.ndarray
+    ) -> None:
+        self.source, self.train_ids, self.marked_images, self.marked_rows = (
+            source,
+            train_ids,
+            marked_images,
+            marked_rows,
+        )
 
     def __len__(self) -> int:
         return len(self.train_ids) + len(self.marked_rows)
@@ -60,15 +67,19 @@ class TrainingRecords:
         return self.source[int(self.train_ids[i])] if i < n else self.marked_images[int(self.marked_rows[i - n])]
 
 
-def member_records(train_ids: np.ndarray, marked: dict[str, Any], member_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+def member_records(
+    train_ids: np.ndarray, marked: dict[str, Any], member_ids: set[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the marked images that belong to member users (manifest order) and the training
     positions of their samples."""
     position = {int(sid): i for i, sid in enumerate(train_ids)}
     rows = np.array([row for row, uid in enumerate(marked["user_ids"]) if int(uid) in member_ids], dtype=np.int64)
     for row in rows:
         if int(marked["sample_ids"][row]) not in position:
-            raise StageError(f"write: member sample {int(marked['sample_ids'][row])} of user "
-                             f"{int(marked['user_ids'][row])} is not in the training subset")
+            raise StageError(
+                f"write: member sample {int(marked['sample_ids'][row])} of user "
+                f"{int(marked['user_ids'][row])} is not in the training subset"
+            )
     return rows, np.array([position[int(marked["sample_ids"][row])] for row in rows], dtype=np.int64)
 
 
@@ -92,8 +103,14 @@ def pixel_stats(images: ImageArray, ids: np.ndarray) -> tuple[list[float], list[
     return mean.round(6).tolist(), np.sqrt(np.maximum(squares / count - mean**2, 0)).round(6).tolist()
 
 
-def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], marked: dict[str, Any],
-                    beton: Path, records_by_sample: dict[int, int]) -> dict[str, Any]:
+def stored_survival(
+    cfg: RunConfig,
+    data: ImageSplits,
+    users: list[dict[str, Any]],
+    marked: dict[str, Any],
+    beton: Path,
+    records_by_sample: dict[int, int],
+) -> dict[str, Any]:
     """How much of the mark the member users' training records keep as this run stored them (read
     back from `beton`, JPEG decoded with OpenCV; `records_by_sample` gives each member sample's
     marked record), measured on the first SURVIVAL_USERS member users, next to the marked pixels
@@ -104,18 +121,27 @@ def stored_survival(cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any
     measured = [u for u in members if "owner" not in u][:SURVIVAL_USERS]  # owners' marks are known to their keys
     share = float(np.mean(records.image_meta["mode"][member_records] == IMAGE_MODES["jpg"]))
     if not measured:
-        return {"n_images": 0, "jpeg_quality": cfg.data.jpeg_quality, "member_jpeg_share": share,
-                "storage": {"stored": {"full": None, "noise": None, "pattern": None}}}
+        return {
+            "n_images": 0,
+            "jpeg_quality": cfg.data.jpeg_quality,
+            "member_jpeg_share": share,
+            "storage": {"stored": {"full": None, "noise": None, "pattern": None}},
+        }
     pool, parts = ood_pool(cfg.mark, cfg.data.image_size), []
     for user in measured:  # one user at a time: memory does not grow with their number
         originals, patterns, seeds = intended_marks(cfg, data, [user], pool)
         stored = [records.decoded(records_by_sample[sid]) for sid in user["sample_ids"]]
         raw = user_images(marked, [user])[user["user_id"]]  # in the order of its sample ids, as `intended_marks`
-        parts.append(survival_correlations(originals, raw, cfg.mark, patterns, seeds, qualities=(),
-                                           stored={"stored": stored}))
+        parts.append(
+            survival_correlations(originals, raw, cfg.mark, patterns, seeds, qualities=(), stored={"stored": stored})
+        )
     correlations = summarise_survival(parts)
-    return {"n_images": correlations.pop("n_images"), "jpeg_quality": cfg.data.jpeg_quality,
-            "member_jpeg_share": share, "storage": correlations}
+    return {
+        "n_images": correlations.pop("n_images"),
+        "jpeg_quality": cfg.data.jpeg_quality,
+        "member_jpeg_share": share,
+        "storage": correlations,
+    }
 
 
 def image_storage(cfg: RunConfig) -> ImageStorage:
@@ -136,21 +162,46 @@ def run_write(ctx: Context) -> None:
     n = len(train_ids)
     storage = image_storage(cfg)
     options = {"num_workers": cfg.write.num_workers, "storage": storage}
-    write_beton(stage.path("train.beton"), TrainingRecords(StoredImages(data.train_images, d.max_resolution), train_ids,
-                                                           marked["images"], rows),
-                np.concatenate([data.train_labels[train_ids], marked["labels"][rows]]),
-                np.concatenate([train_ids, marked["sample_ids"][rows]]),
-                np.concatenate([np.full(n, -1, np.int64), marked["user_ids"][rows]]), **options)
+    write_beton(
+        stage.path("train.beton"),
+        TrainingRecords(StoredImages(data.train_images, d.max_resolution), train_ids, marked["images"], rows),
+        np.concatenate([data.train_labels[train_ids], marked["labels"][rows]]),
+        np.concatenate([train_ids, marked["sample_ids"][rows]]),
+        np.concatenate([np.full(n, -1, np.int64), marked["user_ids"][rows]]),
+        **options,
+    )
     save_npz(stage.path("arms.npz"), **arm_records(n, positions))
     n_test = len(data.test_labels)
-    write_beton(stage.path("test.beton"), StoredImages(data.test_images, d.max_resolution), data.test_labels,
-                np.arange(n_test), **options)
-    write_beton(stage.path("audit.beton"), marked["images"], marked["labels"], marked["sample_ids"],
-                marked["user_ids"], **options)
+    write_beton(
+        stage.path("test.beton"),
+        StoredImages(data.test_images, d.max_resolution),
+        data.test_labels,
+        np.arange(n_test),
+        **options,
+    )
+    write_beton(
+        stage.path("audit.beton"),
+        marked["images"],
+        marked["labels"],
+        marked["sample_ids"],
+        marked["user_ids"],
+        **options,
+    )
     records_by_sample = {int(marked["sample_ids"][row]): n + j for j, row in enumerate(rows)}
-    write_json(stage.path("survival.json"),
-               stored_survival(cfg, data, users, marked, stage.path("train.beton"), records_by_sample))
+    write_json(
+        stage.path("survival.json"),
+        stored_survival(cfg, data, users, marked, stage.path("train.beton"), records_by_sample),
+    )
     mean, std = pixel_stats(data.train_images, train_ids)
-    stage.finish([*BETONS, "arms.npz", "survival.json"], n_train=n, n_marked_records=int(len(rows)), n_test=n_test,
-                 n_audit=int(len(marked["images"])), num_classes=data.num_classes, mean=mean, std=std,
-                 storage=storage.mode, jpeg_train_records=int(storage.as_jpeg(train_ids).sum()))
+    stage.finish(
+        [*BETONS, "arms.npz", "survival.json"],
+        n_train=n,
+        n_marked_records=int(len(rows)),
+        n_test=n_test,
+        n_audit=int(len(marked["images"])),
+        num_classes=data.num_classes,
+        mean=mean,
+        std=std,
+        storage=storage.mode,
+        jpeg_train_records=int(storage.as_jpeg(train_ids).sum()),
+    )

@@ -1,5 +1,6 @@
 """Lightning callbacks and plugins the train stage needs: resumable checkpoints, a record of the
 samples trained on, loggers, and the signal handling that lets a cluster launcher requeue a job."""
+
 from __future__ import annotations
 
 import signal
@@ -29,13 +30,15 @@ class SampleRecorder(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.seen = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.seen.append((batch[2].cpu(), batch[3].cpu()))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        samples, users = (torch.cat([batch[k] for batch in self.seen]).numpy() if self.seen else np.zeros(0, np.int64)
-                          for k in (0, 1))
+        samples, users = (
+            torch.cat([batch[k] for batch in self.seen]).numpy() if self.seen else np.zeros(0, np.int64) for k in (0, 1)
+        )
         with atomic_path(self.folder / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, sample=samples, user=users)
@@ -56,8 +59,12 @@ class EpochProgress(Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.is_global_zero:  # said when Lightning has restored it, not when we merely found the file
-            log.info("%s: resumed from its last checkpoint at step %d, epoch %d", self.label, checkpoint["global_step"],
-                     checkpoint["epoch"])
+            log.info(
+                "%s: resumed from its last checkpoint at step %d, epoch %d",
+                self.label,
+                checkpoint["global_step"],
+                checkpoint["epoch"],
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.progress is not None and self.progress.live and trainer.num_training_batches:
@@ -66,8 +73,11 @@ class EpochProgress(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics  # on every rank: under DDP, computing them syncs the ranks
         if self.progress is not None:
-            detail = ", ".join(f"{name} {float(metrics[key]):.4g}" for name, key in (("loss", "train_loss"), ("acc", "train_acc"))
-                               if key in metrics)
+            detail = ", ".join(
+                f"{name} {float(metrics[key]):.4g}"
+                for name, key in (("loss", "train_loss"), ("acc", "train_acc"))
+                if key in metrics
+            )
             self.progress.update(trainer.current_epoch + 1, detail)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -88,8 +98,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After validation (the best checkpoint is taken when it ends) and after the other callbacks'
         # epoch-end hooks (Lightning runs checkpoint callbacks last); the write is atomic.
-        trainer.save_checkpoint(Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}",
-                                weights_only=False)
+        trainer.save_checkpoint(
+            Path(cast(str, self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", weights_only=False
+        )
+
 
 class KeepLauncherSigterm(Callback):
     """Put back a SIGTERM handler that the process's launcher installed before training.
@@ -106,10 +118,12 @@ class KeepLauncherSigterm(Callback):
         if callable(self.handler):  # Lightning registers its own handlers just before this hook
             signal.signal(signal.SIGTERM, self.handler)
 
+
 def cluster_plugins() -> list[Any]:
     """Inside a SLURM job, Lightning reads ranks and addresses from SLURM but must not requeue on
     its own: requeueing belongs to the launcher (submitit), which also owns the signal."""
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
 
 def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) -> list[Any]:
     """CSV always; W&B when enabled, one run per (experiment, stage) with a fixed id so a resumed or
@@ -118,7 +132,16 @@ def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) ->
     if wandb.enabled:
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(WandbLogger(project=wandb.project, name=f"{experiment}/train-{arm}", group=experiment,
-                                   job_type="train", id=stage.tracking_id, resume="allow", save_dir=str(stage.dir),
-                                   offline=wandb.mode == "offline"))
+        loggers.append(
+            WandbLogger(
+                project=wandb.project,
+                name=f"{experiment}/train-{arm}",
+                group=experiment,
+                job_type="train",
+                id=stage.tracking_id,
+                resume="allow",
+                save_dir=str(stage.dir),
+                offline=wandb.mode == "offline",
+            )
+        )
     return loggers

@@ -1,8 +1,10 @@
 """The Lightning pieces of training: the classifier module and the data module over FFCV files."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,16 +20,17 @@ from ..store import StageError
 from .countermeasures import Countermeasure, active
 from .schedules import eval_resolution, lr_factor
 
-
 LOADERS: Registry[Callable[..., BetonLoader | TorchBetonLoader]] = Registry("train.loader")
 LOADERS.register("ffcv")(make_loader)
 LOADERS.register("torch")(make_torch_loader)
 
+
 class BetonData(L.LightningDataModule):
     """Train/validation loaders built inside the hooks, so each DDP rank gets its own shard."""
 
-    def __init__(self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int,
-                 indices: np.ndarray | None = None) -> None:
+    def __init__(
+        self, train_path: Path, val_path: Path, cfg: TrainConfig, seed: int, indices: np.ndarray | None = None
+    ) -> None:
         super().__init__()
         self.train_path, self.val_path, self.cfg, self.seed, self.indices = train_path, val_path, cfg, seed, indices
         self.train_loader: BetonLoader | TorchBetonLoader | None = None
@@ -39,9 +42,17 @@ class BetonData(L.LightningDataModule):
     def train_dataloader(self) -> BetonLoader | TorchBetonLoader:
         c = self.cfg
         self.train_loader = LOADERS.lookup(c.loader)(
-            self.train_path, c.batch_size, c.num_workers, train=True, augment=c.augment,
-            translate_pixels=c.translate_pixels, seed=self.seed, distributed=self._distributed(), torch_threads=c.threads,
-            resolution=c.resolution, indices=self.indices,
+            self.train_path,
+            c.batch_size,
+            c.num_workers,
+            train=True,
+            augment=c.augment,
+            translate_pixels=c.translate_pixels,
+            seed=self.seed,
+            distributed=self._distributed(),
+            torch_threads=c.threads,
+            resolution=c.resolution,
+            indices=self.indices,
         )
         if self.resume_position is not None:
             self.train_loader.load_state_dict(self.resume_position)
@@ -57,20 +68,38 @@ class BetonData(L.LightningDataModule):
         self.resume_position = state or None
 
     def val_dataloader(self) -> BetonLoader | TorchBetonLoader:
-        return LOADERS.lookup(self.cfg.loader)(self.val_path, self.cfg.eval_batch_size, self.cfg.num_workers, train=False,
-                                        distributed=self._distributed(), torch_threads=self.cfg.threads,
-                                        resolution=eval_resolution(self.cfg))
+        return LOADERS.lookup(self.cfg.loader)(
+            self.val_path,
+            self.cfg.eval_batch_size,
+            self.cfg.num_workers,
+            train=False,
+            distributed=self._distributed(),
+            torch_threads=self.cfg.threads,
+            resolution=eval_resolution(self.cfg),
+        )
+
 
 # Optimizers by `train.optimizer`, given parameter groups (weight decay off norms and biases).
 OPTIMIZERS: Registry[Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]] = Registry("train.optimizer")
-OPTIMIZERS.register("sgd")(lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0))
+OPTIMIZERS.register("sgd")(
+    lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0)
+)
 OPTIMIZERS.register("adamw")(lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999)))
+
 
 class Classifier(L.LightningModule):
     """Image classifier taking uint8 NCHW batches; normalisation lives inside the model."""
 
-    def __init__(self, arch: str, num_classes: int, width: int, mean: list[float], std: list[float],
-                 cfg: dict[str, Any], countermeasures: list[Countermeasure] | None = None) -> None:
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        width: int,
+        mean: list[float],
+        std: list[float],
+        cfg: dict[str, Any],
+        countermeasures: list[Countermeasure] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["countermeasures"])
         self.cfg = TrainConfig.model_validate(cfg)
@@ -113,27 +142,33 @@ class Classifier(L.LightningModule):
         logits = predict(self.model, images, self.cfg.test_time_flip)
         self.log_dict(
             {"val_loss": F.cross_entropy(logits, labels), "val_acc": (logits.argmax(1) == labels).float().mean()},
-            on_epoch=True, sync_dist=True, batch_size=len(labels),
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(labels),
         )
 
     def configure_optimizers(self) -> Any:
         c = self.cfg
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = OPTIMIZERS.lookup(c.optimizer)(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c)
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c
+        )
         for countermeasure in self.countermeasures:
             opt = countermeasure.wrap_optimizer(self.model, opt)
         total = self.trainer.estimated_stepping_batches
         if total < 1:  # every rank drops its last, partial batch: fewer images than one batch per rank
-            raise StageError(f"train.batch_size: {c.batch_size} images per device on {self.trainer.world_size} "
-                             "device(s) is more than the training set gives each; lower it or train.devices")
+            raise StageError(
+                f"train.batch_size: {c.batch_size} images per device on {self.trainer.world_size} "
+                "device(s) is more than the training set gives each; lower it or train.devices"
+            )
         if c.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=0.25)
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, total / c.epochs, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
 
 def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """fp32 logits; with `flip`, the mean of the logits of the images and their mirror images
@@ -141,9 +176,11 @@ def predict(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) ->
     logits = model(images).float()
     return (logits + model(images.flip(3)).float()) / 2 if flip else logits
 
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, num_classes: int,
-             flip: bool = False) -> tuple[float, float, list[float | None]]:
+def evaluate(
+    model: torch.nn.Module, loader: Any, device: torch.device, num_classes: int, flip: bool = False
+) -> tuple[float, float, list[float | None]]:
     """Mean cross-entropy, accuracy and per-class accuracy (None for a class without samples) of
     `model` in eval mode over every sample of `loader`: the audit's easy classes are the accurate ones."""
     model.eval().to(device)

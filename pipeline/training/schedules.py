@@ -1,8 +1,9 @@
 """The training recipe's schedules: learning rate per step, crop size per epoch, numeric precision."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -13,12 +14,14 @@ from ..registry import Registry
 def eval_resolution(cfg: TrainConfig) -> int | None:
     return cfg.eval_resolution or cfg.resolution
 
+
 # Learning-rate decay after warm-up: (config, progress through the decay in [0, 1], epoch) -> factor.
 DECAYS: Registry[Callable[[TrainConfig, float, float], float]] = Registry("train.schedule")
 DECAYS.register("constant")(lambda c, progress, epoch: 1.0)
 DECAYS.register("cosine")(lambda c, progress, epoch: 0.5 * (1.0 + math.cos(math.pi * progress)))
 DECAYS.register("linear")(lambda c, progress, epoch: 1.0 - progress)
 DECAYS.register("multistep")(lambda c, progress, epoch: c.gamma ** sum(epoch >= m for m in c.milestones))
+
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> Callable[[int], float]:
     """Multiplier of train.lr at each optimizer step: a linear ramp over warmup_epochs, then the
@@ -32,6 +35,7 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> Cal
         return decay(cfg, (step - warmup) / max(1, total_steps - warmup), step / steps_per_epoch)
 
     return factor
+
 
 def resolve_precision(cfg: TrainConfig, required: str | None = None) -> str:
     """Mixed precision where the hardware has it: bf16 on recent GPUs and on CPUs with native bf16

@@ -2,10 +2,12 @@
 the train stage. Each countermeasure is one class in its own module of this package, registered
 under its switch in `train.defense`; every hook defaults to doing nothing, so a plug-in overrides
 only the ones it acts through."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np

@@ -1,5 +1,6 @@
 """DP-SGD through Opacus (`train.defense.dp`): per-sample gradients clipped and noised, the network
 made per-sample-gradient compatible (BatchNorm -> GroupNorm), fp32, and the epsilon spent reported."""
+
 from __future__ import annotations
 
 import math
@@ -14,16 +15,21 @@ from ...core.models import dp_compatible
 from .base import Countermeasure, register
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DPConfig,
-                 batch_size: int) -> tuple[Any, torch.optim.Optimizer]:
+def make_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DPConfig, batch_size: int
+) -> tuple[Any, torch.optim.Optimizer]:
     """Per-sample gradients for `model` (hooks; the returned wrapper must stay referenced) and an
     optimizer that clips them and adds Gaussian noise before each step."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     wrapped = GradSampleModule(model)
-    return wrapped, DPOptimizer(optimizer, noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                                expected_batch_size=batch_size)
+    return wrapped, DPOptimizer(
+        optimizer,
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=batch_size,
+    )
 
 
 def dp_epsilon(cfg: DPConfig, sample_rate: float, steps: int) -> float:

@@ -1,5 +1,6 @@
 """JPEG re-encoding of every training image (`train.defense.jpeg_quality`): what a data pipeline
 that stores or ships images as JPEG does to a mark's fine noise."""
+
 from __future__ import annotations
 
 import io

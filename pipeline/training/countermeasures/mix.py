@@ -1,5 +1,6 @@
 """MixUp or CutMix on every training batch (`train.defense.mix`, `mix_alpha`): the model trains
 against mixed class probabilities, never on one image alone."""
+
 from __future__ import annotations
 
 from typing import Any

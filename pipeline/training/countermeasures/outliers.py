@@ -1,10 +1,12 @@
 """Outlier filtering before training (`train.defense.outlier_fraction`): a trainer drops the share
 of each class that looks most unusual, hoping to drop marked images with it."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch.nn.functional as F
@@ -40,8 +42,14 @@ def select_inliers(loader: Iterable[Batch], fraction: float, record: Path) -> tu
         rows = np.flatnonzero(label_arr == cls)
         dropped[rows[np.argsort(-scores[rows], kind="stable")[: math.ceil(fraction * len(rows))]]] = True
     marked = user_arr >= 0
-    counts = {"dropped": int(dropped.sum()), "marked": int(marked.sum()), "marked_dropped": int((dropped & marked).sum())}
-    write_json(record, {"fraction": fraction, **counts, "dropped_sample_ids": sorted(int(i) for i in sample_arr[dropped])})
+    counts = {
+        "dropped": int(dropped.sum()),
+        "marked": int(marked.sum()),
+        "marked_dropped": int((dropped & marked).sum()),
+    }
+    write_json(
+        record, {"fraction": fraction, **counts, "dropped_sample_ids": sorted(int(i) for i in sample_arr[dropped])}
+    )
     return np.flatnonzero(~dropped), counts
 
 

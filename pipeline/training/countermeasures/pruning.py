@@ -1,5 +1,6 @@
 """Global magnitude pruning (`train.defense.prune_fraction`), optionally followed by fine-tuning
 for the last `finetune_epochs`: the released model has the smallest weights zeroed."""
+
 from __future__ import annotations
 
 from typing import Any

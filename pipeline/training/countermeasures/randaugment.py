@@ -1,5 +1,6 @@
 """RandAugment on the training batches (`train.defense.randaugment`), drawn per image or, as the
 official MembershipTracker code augments, once per batch."""
+
 from __future__ import annotations
 
 import torch
