@@ -17,7 +17,7 @@ import numpy as np
 from bench.common import RESULTS, machine, write_text
 from pipeline.config import MarkConfig
 from pipeline.core.marking import make_pattern, mark_batch
-from pipeline.core.survival import mark_survival
+from pipeline.core.survival import summarise_survival, survival_correlations
 from pipeline.store import write_json
 
 SIZES = {224: 32, 64: 128, 32: 256}  # image side -> images measured
@@ -63,7 +63,7 @@ def run(cfg: MarkConfig) -> list[dict[str, Any]]:
             user = slice(start, start + IMAGES_PER_USER)
             patterns[user] = make_pattern(cfg, start // IMAGES_PER_USER, size, size)
             marked[user] = mark_batch(originals[user], patterns[start], seeds[user], cfg)
-        survival = mark_survival(originals, marked, cfg, patterns, seeds, QUALITIES)
+        survival = summarise_survival([survival_correlations(originals, marked, cfg, patterns, seeds, QUALITIES)])
         rows += [
             {"size": size, "storage": storage, **survival[storage], "n_images": n}
             for storage in ("raw", *(f"jpeg{q}" for q in QUALITIES))

@@ -35,6 +35,12 @@ def _gpu_json(bench: Path, device: str = "cuda", **throughput: dict) -> None:
     )
 
 
+def _marking_json(bench: Path) -> None:
+    """A marking benchmark that measured the kernel at 224 px: 500 images per second on one core."""
+    row = {"case": "mark 224x224 perlin, 1 core", "ours": 500.0, "baseline": 9.0, "unit": "img/s", "ratio": 55.6}
+    (bench / "marking.json").write_text(json.dumps({"machine": "Test CPU, 2 cores", "rows": [row]}))
+
+
 def test_published_ffcv_rate_reproduces_its_table() -> None:
     # 88 epochs of 1,281,167 images in 77.2 min on 8 A100s: 3,042 img/s per GPU over the run
     assert 88 * 1_281_167 / (77.2 * 60 * 8) == pytest.approx(3042, abs=1)
@@ -94,22 +100,7 @@ def test_a_cpu_run_of_the_check_or_another_model_is_not_used(tmp_path: Path) -> 
 def test_marking_rate_per_core_scales_to_the_grid_and_splits_over_shards(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "marking.json").write_text(
-        json.dumps(
-            {
-                "machine": "Test CPU, 2 cores",
-                "rows": [
-                    {
-                        "case": "mark 224x224 perlin, 1 core",
-                        "ours": 500.0,
-                        "baseline": 9.0,
-                        "unit": "img/s",
-                        "ratio": 55.6,
-                    }
-                ],
-            }
-        )
-    )
+    _marking_json(bench)
     mark = _estimates(tmp_path, bench)["mark"]  # 30 array tasks, one process each, images stored at up to 500 px
     assert mark.wall_s == pytest.approx(96_000 / 30 / (500 * (224 / 500) ** 2))
     assert mark.gpu_hours == 0.0 and mark.source == "measured: marking.json on Test CPU"
@@ -121,22 +112,7 @@ def test_whole_stage_rates_of_the_scale_benchmark_come_first(tmp_path: Path) -> 
     core on ImageNet-shaped images; the estimate prefers them to the marking kernel alone."""
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "marking.json").write_text(
-        json.dumps(
-            {
-                "machine": "Test CPU, 2 cores",
-                "rows": [
-                    {
-                        "case": "mark 224x224 perlin, 1 core",
-                        "ours": 500.0,
-                        "baseline": 9.0,
-                        "unit": "img/s",
-                        "ratio": 55.6,
-                    }
-                ],
-            }
-        )
-    )
+    _marking_json(bench)
     stages = [
         {"stage": stage, "n_images": n, "images_per_s_per_core": rate and rate * n / 52_000}
         for n in (5_200, 52_000)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import MarkConfig
 from pipeline.core.marking import mark_batch, stripe_pattern
-from pipeline.core.survival import jpeg_roundtrip, mark_survival
+from pipeline.core.survival import jpeg_roundtrip, summarise_survival, survival_correlations
 
 SIZE = 32
 SEEDS = np.arange(4, dtype=np.uint64)
@@ -25,7 +25,13 @@ def originals() -> np.ndarray:
 def _survival(originals: np.ndarray, cfg: MarkConfig) -> dict:
     pattern = stripe_pattern(3, SIZE, SIZE)
     marked = mark_batch(originals, pattern, SEEDS, cfg)
-    return mark_survival(originals, marked, cfg, np.broadcast_to(pattern, originals.shape), SEEDS, qualities=(75,))
+    return summarise_survival(
+        [
+            survival_correlations(
+                originals, marked, cfg, np.broadcast_to(pattern, originals.shape), SEEDS, qualities=(75,)
+            )
+        ]
+    )
 
 
 def test_raw_storage_keeps_the_mark(originals: np.ndarray) -> None:

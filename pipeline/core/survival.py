@@ -57,7 +57,7 @@ def _correlations(
     noise_seeds: np.ndarray,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per image of one size and per stored version: the correlation of each part of the mark
-    (see `mark_survival`)."""
+    (see `survival_correlations`)."""
     _, h, w, _ = originals.shape
     x = originals.astype(np.float64) / 255.0
     p = np.asarray(patterns, dtype=np.float64)
@@ -83,9 +83,22 @@ def survival_correlations(
     qualities: Sequence[int] = (75, 90, 95, 100),
     stored: dict[str, Sequence[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per image, per stored version and per part of the mark: the correlation `mark_survival`
-    averages (see there). Callers with many images call this on a part of them at a time and
-    average with `summarise_survival`, so memory does not grow with the number of images."""
+    """Per-image correlation between what storage keeps of the mark and the mark intended;
+    `summarise_survival` averages them.
+
+    `originals` and `marked` are (H, W, 3) uint8 images (a (B, H, W, 3) array, or a sequence of
+    images of varying size), `marked` as `mark_batch` made it; `patterns` holds each image's
+    pattern p, (H, W, 3) float32 in [0, 1], and `noise_seeds` the seeds the noise delta was drawn
+    from. The intended mark is recomputed in float, before rounding to uint8:
+    x' - x = alpha * (clip(x + delta) - x) + (1 - alpha) * (p - x), the noise
+    part plus the pattern part. Stored versions: "raw" (the marked uint8 as is), "jpeg<q>" per
+    quality (re-encoded with OpenCV), and any given in `stored` (name -> images, e.g. the records a
+    run wrote). Per version: "full" correlates stored - x with the whole intended mark; "noise"
+    correlates stored - x - pattern part with the noise part; "pattern" correlates stored - x -
+    noise part with the pattern part. Images on which a target is constant (no noise, all of it
+    clipped away, alpha = 1) are left out of that mean; a mean over no image, as for noise "none",
+    is None (in `summarise_survival`). Computed in chunks of one size; callers with many images call
+    this on a part of them at a time (a user's), so memory does not grow with the number of images."""
     n = len(originals)
     if len(marked) != n or len(noise_seeds) != n:
         raise ValueError(f"{n} originals, {len(marked)} marked images and {len(noise_seeds)} noise seeds")
@@ -118,29 +131,3 @@ def summarise_survival(correlations: Sequence[dict[str, dict[str, np.ndarray]]])
     }
     result["n_images"] = sum(len(c["raw"]["full"]) for c in correlations)
     return result
-
-
-def mark_survival(
-    originals: Sequence[np.ndarray],
-    marked: Sequence[np.ndarray],
-    cfg: MarkConfig,
-    patterns: Sequence[np.ndarray],
-    noise_seeds: np.ndarray,
-    qualities: Sequence[int] = (75, 90, 95, 100),
-    stored: dict[str, Sequence[np.ndarray]] | None = None,
-) -> dict[str, Any]:
-    """Mean per-image correlation between what storage keeps of the mark and the mark intended.
-
-    `originals` and `marked` are (H, W, 3) uint8 images (a (B, H, W, 3) array, or a sequence of
-    images of varying size), `marked` as `mark_batch` made it; `patterns` holds each image's
-    pattern p, (H, W, 3) float32 in [0, 1], and `noise_seeds` the seeds the noise delta was drawn
-    from. The intended mark is recomputed in float, before rounding to uint8:
-    x' - x = alpha * (clip(x + delta) - x) + (1 - alpha) * (p - x), the noise
-    part plus the pattern part. Stored versions: "raw" (the marked uint8 as is), "jpeg<q>" per
-    quality (re-encoded with OpenCV), and any given in `stored` (name -> images, e.g. the records a
-    run wrote). Per version: "full" correlates stored - x with the whole intended mark; "noise"
-    correlates stored - x - pattern part with the noise part; "pattern" correlates stored - x -
-    noise part with the pattern part. Images on which a target is constant (no noise, all of it
-    clipped away, alpha = 1) are left out of that mean; a mean over no image, as for noise "none",
-    is None. Also returns "n_images". Computed in chunks of one size."""
-    return summarise_survival([survival_correlations(originals, marked, cfg, patterns, noise_seeds, qualities, stored)])

@@ -290,7 +290,7 @@ def quality_by_user(marked: dict[str, np.ndarray], users: list[dict[str, Any]]) 
 def intended_marks(
     cfg: RunConfig, data: ImageSplits, users: list[dict[str, Any]], pool: OODPool | None
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """What `mark_survival` recomputes the intended marks of these users' images from, user by user
+    """What `survival_correlations` recomputes the intended marks of these users' images from, user by user
     in the order of their sample ids: the originals as stored, each image's pattern at its size,
     the noise seeds."""
     stored = StoredImages(data.train_images, cfg.data.max_resolution)
