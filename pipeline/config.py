@@ -243,6 +243,9 @@ class WandbConfig(_Strict):
     enabled: bool = False
     project: str = "membership-audit"
     mode: Literal["offline", "online"] = "offline"
+    group: str | None = None  # the runs' W&B group (None: the run's name); experiment tables: the table
+    # Recorded in every run's config and name, to filter and group by (experiment tables: table, row, seed)
+    labels: dict[str, str | int] = {}
 
 
 class Resources(_Strict):

@@ -109,12 +109,21 @@ def test_audit_bh_tests_members_and_a_hundred_never_trained_on_users() -> None:
     """Perfectly separated members are all flagged once M reaches the smallest null size, by both
     nulls when every class has that many; with every non-member user among the hypotheses (as
     before) none could be."""
-    from pipeline.stages.audit import user_statistics
+    from pipeline.stages.audit import user_p_values, user_statistics
 
     for m, flagged in ((219, 10), (218, 0)):
         score = np.concatenate([np.full(10, 5.0), np.linspace(0, 1, m)])
         is_member = np.arange(10 + m) < 10
-        stats = user_statistics(is_member, score, np.zeros(10 + m, np.int64))  # one class: both nulls alike
+        classes = np.zeros(10 + m, np.int64)  # one class: both nulls alike
+        pooled, by_class = user_p_values(is_member, score, classes)
+        table = {
+            "is_member": is_member,
+            "mean_loss": -score,
+            "class": classes,
+            "p_value": pooled,
+            "class_p_value": by_class,
+        }
+        stats = user_statistics(table, fdr_nonmembers=100)
         assert stats["fdr_hypotheses"] == {"members": 10, "nonmembers": 100}
         for null in (stats, stats["class_conditional"]):
             assert null["benjamini_hochberg"]["0.05"]["members_flagged"] == flagged

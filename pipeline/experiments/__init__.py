@@ -96,10 +96,12 @@ def storage_note(metrics: dict[str, Any]) -> str:
 
 
 def planned_rows(
-    path: str | Path, base: str | None = None, seeds: int | None = None
+    path: str | Path, base: str | None = None, seeds: int | None = None, wandb: str | None = None
 ) -> tuple[Table, str, list[PlannedRun]]:
     """A table (on `base` when given, over seeds 0..seeds-1 when given), the base config file its
-    rows start from and every row × seed to run. Every run's config is validated, so a bad row stops
+    rows start from and every row × seed to run; with `wandb` ("offline" or "online"), logged to W&B
+    in a group per table, each run labelled with its table, row and seed (logging only: the run
+    folders and stage hashes stay the same). Every run's config is validated, so a bad row stops
     the table before any row runs."""
     path = Path(path)
     table = load_table(path)
@@ -114,9 +116,13 @@ def planned_rows(
         for seed in table.seeds_of(row):
             settings = {**table.set, **row.set, **({} if seed is None else {"seed": seed})}
             folder = run_folder(base, settings)
+            labels = {"table": table.table, "row": row.name, "seed": seed if seed is not None else "base"}
+            logging = {"wandb.group": table.table, "wandb.labels": labels}
+            if wandb is not None:
+                logging.update({"wandb.enabled": True, "wandb.mode": wandb})
             overrides = [
                 f"{key}={json.dumps(value)}"
-                for key, value in {**settings, "run_dir": folder, "results_dir": f"{folder}/results"}.items()
+                for key, value in {**settings, "run_dir": folder, "results_dir": f"{folder}/results", **logging}.items()
             ]
             try:
                 cfg = load_config(base, overrides)
@@ -132,11 +138,13 @@ def run_table(
     results: Path = Path("results"),
     base: str | None = None,
     seeds: int | None = None,
+    wandb: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every row of a table at each of its seeds (finished stages, also other rows' and other
     tables', are skipped by the stages themselves) and write the table; with `base`, on that run
-    config instead of the table's; with `seeds`, over seeds 0..seeds-1."""
-    table, base_file, runs = planned_rows(path, base, seeds)
+    config instead of the table's; with `seeds`, over seeds 0..seeds-1; with `wandb`, logged there
+    (see `planned_rows`)."""
+    table, base_file, runs = planned_rows(path, base, seeds, wandb)
     by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in table.rows}
     for run in runs:
         share_stages(run.config)

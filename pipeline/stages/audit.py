@@ -90,11 +90,30 @@ def _bh_decisions(p_members: np.ndarray, p_audited: np.ndarray, fdr_levels: tupl
     return out
 
 
+def user_p_values(is_member: np.ndarray, score: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's exact rank p-value, among all non-member users (pooled) and among those of its
+    class: a member's against them, a non-member's leave-one-out against the others (what a
+    never-trained-on user would get)."""
+    null, null_classes = score[~is_member], classes[~is_member]
+    pooled, by_class = np.empty(len(score)), np.empty(len(score))
+    pooled[is_member], pooled[~is_member] = rank_p_values(score[is_member], null), leave_one_out_p_values(null)
+    by_class[is_member] = class_rank_p_values(score[is_member], classes[is_member], null, null_classes)
+    by_class[~is_member] = class_leave_one_out_p_values(null, null_classes)
+    return pooled, by_class
+
+
+def user_table(scores: dict[str, np.ndarray], users: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """`users.npz`: per user in manifest order, the set score (mean loss, and the logit margin beside
+    it), the class and both p-values; what the report and W&B show, computed here once."""
+    per_user = user_scores(scores, users)
+    classes = np.array([u["class"] for u in users], dtype=np.int64)
+    pooled, by_class = user_p_values(per_user["is_member"], -per_user["mean_loss"], classes)
+    return {**per_user, "class": classes, "p_value": pooled, "class_p_value": by_class}
+
+
 def user_statistics(
-    is_member: np.ndarray,
-    score: np.ndarray,
-    classes: np.ndarray,
-    fdr_nonmembers: int = 100,
+    table: dict[str, np.ndarray],
+    fdr_nonmembers: int,
     fdr_levels: tuple[float, ...] = (0.05, 0.1),
     confidence: float = 0.95,
 ) -> dict[str, Any]:
@@ -104,11 +123,11 @@ def user_statistics(
     non-member users (each with its leave-one-out p-value, as a never-trained-on user would get), with
     the smallest M at which BH could flag every member; and per class, the share of non-member users
     with leave-one-out p <= 0.05, which a calibrated null keeps inside its binomial limits."""
+    is_member, score, classes = table["is_member"], -table["mean_loss"], table["class"]
     member_scores, null = score[is_member], score[~is_member]
     member_classes, null_classes = classes[is_member], classes[~is_member]
-    p_members, p_null = rank_p_values(member_scores, null), leave_one_out_p_values(null)
-    c_members = class_rank_p_values(member_scores, member_classes, null, null_classes)
-    c_null = class_leave_one_out_p_values(null, null_classes)
+    p_members, p_null = table["p_value"][is_member], table["p_value"][~is_member]
+    c_members, c_null = table["class_p_value"][is_member], table["class_p_value"][~is_member]
     audited = min(fdr_nonmembers, len(null))
     detected = int((member_scores > null.max()).sum())
     above_worst_member = int((null >= member_scores.min()).sum())
@@ -137,22 +156,20 @@ def user_statistics(
     }
 
 
-def audit_metrics(
-    scores: dict[str, np.ndarray], users: list[dict[str, Any]], fdr_nonmembers: int = 100
-) -> dict[str, Any]:
-    per_user = user_scores(scores, users)
-    members = {u["user_id"] for u in users if u["role"] == "member"}
-    sample_is_member = np.isin(scores["user"], list(members))
-    classes = np.array([u["class"] for u in users])
-    statistics = user_statistics(per_user["is_member"], -per_user["mean_loss"], classes, fdr_nonmembers)
+def audit_metrics(scores: dict[str, np.ndarray], table: dict[str, np.ndarray], fdr_nonmembers: int) -> dict[str, Any]:
+    """The audit's numbers: ROC metrics set-based (also on the logit margin) and instance-based, the
+    statistics of `user_statistics`, the mean losses, and where false positives come from by class."""
+    is_member, loss = table["is_member"], table["mean_loss"]
+    sample_is_member = np.isin(scores["user"], table["user_id"][is_member])
+    statistics = user_statistics(table, fdr_nonmembers)
     return {
-        "set_based": roc_metrics(per_user["is_member"], -per_user["mean_loss"]),
+        "set_based": roc_metrics(is_member, -loss),
         "instance_based": roc_metrics(sample_is_member, -scores["loss"].astype(np.float64)),
-        "set_based_logit": roc_metrics(per_user["is_member"], per_user["mean_margin"]),
+        "set_based_logit": roc_metrics(is_member, table["mean_margin"]),
         "statistics": statistics,
-        "member_mean_loss": float(per_user["mean_loss"][per_user["is_member"]].mean()),
-        "nonmember_mean_loss": float(per_user["mean_loss"][~per_user["is_member"]].mean()),
-        **class_breakdown(per_user, classes, statistics),
+        "member_mean_loss": float(loss[is_member].mean()),
+        "nonmember_mean_loss": float(loss[~is_member].mean()),
+        **class_breakdown(table, table["class"], statistics),
     }
 
 
@@ -229,6 +246,8 @@ def run_audit(ctx: Context) -> None:
     if names is None:
         return
     scores = merge_scores(stage, names, users)
+    table = user_table(scores, users)
     save_npz(stage.path("losses.npz"), **scores)
-    write_json(stage.path("metrics.json"), audit_metrics(scores, users, cfg.fdr_nonmembers))
-    stage.finish(["losses.npz", "metrics.json", *names])
+    save_npz(stage.path("users.npz"), **table)
+    write_json(stage.path("metrics.json"), audit_metrics(scores, table, cfg.fdr_nonmembers))
+    stage.finish(["losses.npz", "users.npz", "metrics.json", *names])

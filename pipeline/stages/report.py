@@ -17,8 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..core.metrics import STRICT_FPR_TARGETS, roc_points, user_scores  # noqa: E402
-from ..core.stats import rank_p_values  # noqa: E402
+from ..core.metrics import STRICT_FPR_TARGETS, roc_points  # noqa: E402
 from ..store import atomic_path, copy_file, load_npz, read_json, write_json  # noqa: E402
 from .contract import REPORT_FILES, Context  # noqa: E402
 
@@ -320,8 +319,8 @@ def plot_p_values(per_arm: dict[str, dict[str, np.ndarray]], path: Path) -> None
     """Member users' rank p-values, sorted, per model, against the smallest possible value 1/(M+1)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for arm, s in per_arm.items():
-        score, member = -s["mean_loss"], s["is_member"]
-        p = np.sort(rank_p_values(score[member], score[~member]))
+        member = s["is_member"]
+        p = np.sort(s["p_value"][member])
         ax.plot(np.arange(1, len(p) + 1), p, "o-", label=f"{arm} model")
     floor = 1.0 / ((~member).sum() + 1)
     ax.axhline(floor, color="grey", linestyle=":", label=f"smallest possible, 1/(M+1) = {floor:.4f}")
@@ -334,10 +333,10 @@ def plot_p_values(per_arm: dict[str, dict[str, np.ndarray]], path: Path) -> None
     _save(fig, path)
 
 
-def plot_classes(s: dict[str, np.ndarray], classes: np.ndarray, m: dict[str, Any], path: Path) -> None:
+def plot_classes(s: dict[str, np.ndarray], m: dict[str, Any], path: Path) -> None:
     """The easy-class effect: per class, every non-member user's mean loss against the members' and
     the worst member's, and how many non-member users score below that worst member."""
-    names, member = list(m["per_class"]), s["is_member"]
+    names, member, classes = list(m["per_class"]), s["is_member"], s["class"]
     loss = np.maximum(s["mean_loss"], 1e-12)
     worst = loss[member].max()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
@@ -390,7 +389,7 @@ def run_report(ctx: Context) -> None:
     plan = read_json(ctx.input("users"))
     metrics = build_metrics(ctx, plan)
     losses_by_arm = {arm: load_npz(path) for arm, path in ctx.inputs_by_arm("losses").items()}
-    per_arm = {arm: user_scores(losses, plan["users"]) for arm, losses in losses_by_arm.items()}
+    per_arm = {arm: load_npz(path) for arm, path in ctx.inputs_by_arm("per_user").items()}  # scores, p-values
     curves = {}
     for arm, s in per_arm.items():
         curves[f"set-based, {arm} model"] = roc_points(s["is_member"], -s["mean_loss"])
@@ -404,9 +403,7 @@ def run_report(ctx: Context) -> None:
     plot_p_values(per_arm, stage.path("p_values.png"))
     outputs = [name for name in REPORT_FILES if name != "classes.png" or "per_class" in metrics]
     if "per_class" in metrics:
-        plot_classes(
-            per_arm["marked"], np.array([u["class"] for u in plan["users"]]), metrics, stage.path("classes.png")
-        )
+        plot_classes(per_arm["marked"], metrics, stage.path("classes.png"))
     copy_file(ctx.input("examples"), stage.path("marked_examples.png"))
     write_json(stage.path("metrics.json"), metrics)
     with atomic_path(stage.path("report.md")) as tmp:

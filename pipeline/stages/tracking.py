@@ -1,10 +1,13 @@
-"""Weights & Biases: one run per stage (`job_type` = the stage), grouped by experiment, offline unless
-the config says otherwise.
+"""Weights & Biases: one run per stage (`job_type` = the stage), grouped by experiment (or by the
+`wandb.group` an experiment table sets), offline unless the config says otherwise.
 
 Training logs through Lightning's `WandbLogger`; every other stage is published here from the files
 it wrote, once it has finished, so stage code knows nothing of W&B and the numbers on the dashboard
-are exactly those on disk. Run ids are fixed by the stage folder and config hash: a re-run or a
-requeued job continues the same run instead of starting a second one.
+are exactly those on disk. Every run carries its stage's declared config as dotted keys and the
+run's labels (an experiment table's table, row and seed), so a dashboard can group and filter runs
+by any setting. Run ids are fixed by the stage folder and config hash: a re-run or a requeued job
+continues the same run instead of starting a second one; `publish_run` (`mtrack publish`) publishes
+a run that finished while W&B was off.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..config import RunConfig
 from ..store import Stage, load_npz, read_json
-from .contract import Context
+from .contract import Context, context, stage_for, tasks
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -30,29 +32,61 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-user verdicts as a table, the ROC over users, and the member users' p-values."""
-    from ..core.metrics import roc_points, user_scores
-    from ..core.stats import leave_one_out_p_values, rank_p_values
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every leaf of nested dicts as `a.b.c` keys, as the config is written (`train.defense.mix`)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
-    per_user = user_scores(load_npz(stage.path("losses.npz")), users)
-    member, score = per_user["is_member"], -per_user["mean_loss"]
-    p_values = np.empty(len(score))
-    p_values[member] = rank_p_values(score[member], score[~member])
-    p_values[~member] = leave_one_out_p_values(score[~member])
-    table = wandb.Table(
-        columns=["user_id", "role", "class", "mean_loss", "p_value"],
+
+def run_config(ctx: Context) -> dict[str, Any]:
+    """What a stage's W&B run records as its config, for a dashboard to group, filter and compare
+    runs by: the stage's declared config as dotted keys (all of it, defaults included), the stage,
+    its config hash, the run's name and its labels (an experiment table's table, row and seed)."""
+    sections = {}
+    for key in ctx.task.spec.config:
+        value = getattr(ctx.config, key)
+        sections[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return {
+        **dotted(sections),
+        "stage": ctx.stage.name,
+        "config_hash": ctx.stage.config_hash,
+        "run": ctx.experiment,
+        **ctx.tracking.labels,
+    }
+
+
+def run_name(ctx: Context) -> str:
+    """`<group>/<labels...>/<stage>`, e.g. `countermeasures/MixUp (alpha 1)/1/train-marked`."""
+    return "/".join(
+        [ctx.tracking.group or ctx.experiment, *(str(v) for v in ctx.tracking.labels.values()), ctx.stage.name]
+    )
+
+
+def _audit_tables(wandb: Any, stage: Stage, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-user verdicts as a table, the ROC over users, and the member users' p-values, as the
+    audit stage computed them (`users.npz`)."""
+    from ..core.metrics import roc_points
+
+    table = load_npz(stage.path("users.npz"))
+    member = table["is_member"]
+    rows = wandb.Table(
+        columns=["user_id", "role", "class", "mean_loss", "p_value", "class_p_value"],
         data=[
-            [u["user_id"], u["role"], u["class"], float(loss), float(p)]
-            for u, loss, p in zip(users, per_user["mean_loss"], p_values)
+            [u["user_id"], u["role"], u["class"], float(loss), float(p), float(cp)]
+            for u, loss, p, cp in zip(users, table["mean_loss"], table["p_value"], table["class_p_value"])
         ],
     )
-    fpr, tpr = roc_points(member, score)
+    fpr, tpr = roc_points(member, -table["mean_loss"])
     roc = wandb.Table(columns=["fpr", "tpr"], data=[[float(f), float(t)] for f, t in zip(fpr, tpr)])
     return {
-        "users": table,
+        "users": rows,
         "roc": wandb.plot.line(roc, "fpr", "tpr", title=f"{stage.name}: ROC over users (set-based)"),
-        "member_p_values": wandb.Histogram(p_values[member].tolist()),
+        "member_p_values": wandb.Histogram(table["p_value"][member].tolist()),
     }
 
 
@@ -74,14 +108,14 @@ def publish(ctx: Context) -> None:
         logged.update(_audit_tables(wandb, stage, read_json(ctx.input("users"))["users"]))
     run = wandb.init(
         project=ctx.tracking.project,
-        group=ctx.experiment,
+        group=ctx.tracking.group or ctx.experiment,
         job_type=spec.name,
-        name=f"{ctx.experiment}/{stage.name}",
+        name=run_name(ctx),
         id=stage.tracking_id,
         resume="allow",
         dir=str(stage.dir),
         mode=ctx.tracking.mode,
-        config={"stage": stage.name, "config_hash": stage.config_hash},
+        config=run_config(ctx),
     )
     try:
         if logged:
@@ -89,3 +123,15 @@ def publish(ctx: Context) -> None:
         run.summary.update(summary)
     finally:
         run.finish()
+
+
+def publish_run(cfg: RunConfig) -> list[str]:
+    """Publish every finished stage of a run to W&B after the fact (W&B switched on once the run was
+    done: its stages are skipped, so nothing else publishes them); returns the stages published.
+    Training's per-step curves are only logged live; published later it shows its final metrics."""
+    published = []
+    for task in tasks(cfg):
+        if stage_for(cfg, task).done():
+            publish(context(cfg, task))
+            published.append(task.name)
+    return published

@@ -31,6 +31,7 @@ from ..training.countermeasures import active
 from ..training.module import LOADERS, BetonData, Classifier, evaluate
 from ..training.schedules import eval_resolution, resolve_precision
 from .contract import Context
+from .tracking import run_config, run_name
 
 
 def arm_indices(arms_file: Path, arm: str) -> np.ndarray:
@@ -105,7 +106,7 @@ def run_train(ctx: Context) -> None:
         strategy=cfg.strategy,
         precision=precision,
         max_epochs=cfg.epochs,
-        logger=make_loggers(stage, arm, wandb, ctx.experiment),
+        logger=make_loggers(stage, wandb, run_name(ctx), wandb.group or ctx.experiment, run_config(ctx)),
         callbacks=callbacks,
         plugins=cluster_plugins(),
         num_sanity_val_steps=0,

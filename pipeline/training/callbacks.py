@@ -125,9 +125,10 @@ def cluster_plugins() -> list[Any]:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) -> list[Any]:
-    """CSV always; W&B when enabled, one run per (experiment, stage) with a fixed id so a resumed or
-    requeued job continues the same run. Lightning's loggers write from rank zero only."""
+def make_loggers(stage: Stage, wandb: WandbConfig, name: str, group: str, config: dict[str, Any]) -> list[Any]:
+    """CSV always; W&B when enabled, one run per stage folder with a fixed id so a resumed or
+    requeued job continues the same run, carrying `config` (the stage's, see `stages.tracking`).
+    Lightning's loggers write from rank zero only."""
     loggers: list[Any] = [CSVLogger(stage.dir, name="logs")]
     if wandb.enabled:
         from lightning.pytorch.loggers import WandbLogger
@@ -135,8 +136,9 @@ def make_loggers(stage: Stage, arm: str, wandb: WandbConfig, experiment: str) ->
         loggers.append(
             WandbLogger(
                 project=wandb.project,
-                name=f"{experiment}/train-{arm}",
-                group=experiment,
+                name=name,
+                group=group,
+                config=config,
                 job_type="train",
                 id=stage.tracking_id,
                 resume="allow",
