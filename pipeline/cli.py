@@ -32,8 +32,8 @@ from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch, status
 from .owner.designs import DESIGN_OPTIONS, DESIGNS, DesignParams, DrawCount, PatternCount, PublishCount
 from .owner.key import KEY_NAME, ClassCount, ClassLabel, Resolution, Seed
-from .stages.contract import STAGES, Task
-from .stages.dag import ARM_STAGES, SHARDED_STAGES, run_task
+from .stages.contract import ARMS, STAGES, Task
+from .stages.dag import run_task
 from .store import AlreadyReported, StageError, writable_folder, write_json
 
 log = logging.getLogger("pipeline")
@@ -193,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "mark": "run the mark stage, or mark a folder of your own images (with --out)",
     }
     owner_only = argparse.SUPPRESS  # absent unless given: see OWNER_MARK_FLAGS
-    for stage in STAGES:
+    for stage, spec in STAGES.items():
         p = sub.add_parser(stage, help=special.get(stage, f"run the {stage} stage"))
         _common(p, optional_config=stage == "audit")
-        if stage in ARM_STAGES:
-            p.add_argument("--arm", choices=["marked", "control"], required=stage != "audit")
-        if stage in SHARDED_STAGES:
+        if spec.arms:
+            p.add_argument("--arm", choices=ARMS, required=stage != "audit")
+        if spec.sharded:
             p.add_argument(
                 "--shard",
                 type=checked(ShardIndex, "I"),
@@ -510,16 +510,15 @@ def _dispatch(argv: list[str] | None) -> int:
         elif args.command == "audit" and _given(args, OWNER_AUDIT_FLAGS):
             audit_own_model(args)
         else:
-            if args.config is None or (args.command in ARM_STAGES and not args.arm):
-                raise ConfigError(
-                    f"{args.command}: needs a CONFIG" + (" and --arm" if args.command in ARM_STAGES else "")
-                )
+            spec = STAGES[args.command]
+            if args.config is None or (spec.arms and not args.arm):
+                raise ConfigError(f"{args.command}: needs a CONFIG" + (" and --arm" if spec.arms else ""))
             num_shards = getattr(args, "num_shards", None) or 1
             shard = getattr(args, "shard", None)
             if shard is not None and shard >= num_shards:
                 raise ConfigError(f"--shard {shard}: outside 0..{num_shards - 1} (--num-shards {num_shards})")
             cfg = load_config(args.config, args.overrides)
-            if args.command == "report":
+            if "results_dir" in spec.config:  # a stage that publishes there: refused before it runs
                 writable_folder(cfg.results_dir, "results_dir")
             run_task(cfg, Task(args.command, getattr(args, "arm", None), shard, num_shards), force=args.force)
     except USER_ERRORS as exc:

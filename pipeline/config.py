@@ -249,16 +249,13 @@ class WandbConfig(_Strict):
 
 
 class Resources(_Strict):
-    """What one SLURM job of a stage asks for (per task; train's tasks, GPUs and nodes follow
-    train.devices, train.accelerator and train.num_nodes)."""
+    """What one SLURM job of a stage asks for (per task; train's tasks and nodes follow train.devices
+    and train.num_nodes, its GPUs per node must equal its devices)."""
 
     cpus_per_task: int = Field(2, ge=1)
     mem_gb: float = Field(8, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     time_min: int = Field(60, ge=1)
-
-
-StageName = Literal["plan", "mark", "write", "train", "audit", "report"]
 
 
 class SlurmConfig(_Strict):
@@ -276,10 +273,12 @@ class SlurmConfig(_Strict):
     poll_s: float = Field(10, gt=0)  # how often a followed run asks squeue/sacct for its jobs' states
     summary_every_s: float = Field(300, gt=0)  # a one-line summary when nothing changed for this long
     default: Resources = Resources()
-    stages: dict[StageName, Resources] = {}  # per-stage overrides of `default`
+    # Per-stage overrides of `default`, by the stage names of pipeline.stages.contract.STAGES (checked
+    # by `mtrack run`: this module sits below the stages and cannot import them).
+    stages: dict[str, Resources] = {}
 
     def resources(self, stage: str) -> Resources:
-        return self.stages.get(stage, self.default)  # type: ignore[call-overload]
+        return self.stages.get(stage, self.default)
 
 
 class LaunchConfig(_Strict):

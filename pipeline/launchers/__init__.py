@@ -1,11 +1,14 @@
 """Launchers: where the stage DAG runs. The DAG, the task code and the outputs are the same for all.
 
 - `local` runs each task in its own Python process on this machine, in order.
-- `slurm` submits every unfinished task through submitit: mark and audit as job arrays (one array
-  task per missing shard; the last shard to finish merges), write and report as single jobs, train
-  as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok` dependencies;
-  after a pre-flight check of every request against the partition, all or nothing, then followed
-  state by state (`status` shows the same for a run submitted without waiting).
+- `slurm` submits every unfinished task through submitit: sharded stages (mark, audit) as job arrays
+  (one array task per missing shard; the last shard to finish merges), the others as single jobs,
+  a Lightning stage (train) as one multi-task job (Lightning reads ranks from SLURM), chained with
+  `afterok` dependencies; after a pre-flight check of every request against the partition, all or
+  nothing, then followed state by state (`status` shows the same for a run submitted without waiting).
+
+No launcher knows a stage by name: shard counts, task layouts and main loops come from each stage's
+entry in `STAGES` (pipeline/stages/contract.py).
 
 A re-run plans only what is not done: finished stages are skipped and a sharded stage resubmits
 only its missing shards, so a failed array task is re-run alone. Every job is checkpointable:
@@ -26,7 +29,7 @@ from .follow import Follower, JobRecord, follow
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
 from .local import run_local
 from .preflight import describe_preflight
-from .slurm import run_slurm, slurm_parameters
+from .slurm import check_stage_names, run_slurm, slurm_parameters
 
 __all__ = ["LAUNCHERS", "describe", "launch", "run_local", "run_slurm", "status"]  # both register in LAUNCHERS
 
@@ -76,6 +79,7 @@ def launch(
 ) -> None:
     """`mtrack run`: print the job plan, then (unless a dry run) run it with the chosen launcher."""
     cfg = load_config(config_path, overrides)
+    check_stage_names(cfg, config_path)
     if dry_run:
         jobs = plan_jobs(cfg)
         print(describe(cfg, jobs, launcher))

@@ -5,10 +5,10 @@ Estimates come from throughputs, each named with its source: measured ones in `r
 (`gpu.json` from `make gpu-check` on a CUDA machine; `scale.json` from `make scale`, the whole mark
 and write stages per CPU core on ImageNet-shaped images; `marking.json` from `make bench`) and, for
 ResNet-50 training without a GPU measurement, FFCV's published figure. A job with no source says
-so instead of guessing. Estimates cover the images each stage pushes through its main loop
-(marking, writing, training steps, scoring), not start-up, validation or reports, and assume every
-array task of a job runs at once (up to `launch.slurm.array_parallelism`) and training scales
-linearly over its GPUs.
+so instead of guessing. Estimates cover the images each stage pushes through its main loop, as its
+entry in `STAGES` declares it (`Loop`: marking, writing, training steps, scoring), not start-up,
+validation or reports, and assume every array task of a job runs at once (up to
+`launch.slurm.array_parallelism`) and training scales linearly over its GPUs.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import RunConfig
+from ..stages.contract import setting
 from ..store import StageError, read_json
 from .jobs import Job
 from .slurm import slurm_parameters
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "results" / "bench"
-TEST_IMAGES_UNKNOWN = 50_000  # a test split of unset size (data.n_test: all) counted as ImageNet's validation set
+CPU_UNITS = ("core", "worker")  # rates of CPU processes; any other unit drives a device (a GPU)
+CPU_DEVICES = ("cpu", "numpy")  # values of a stage's device key that keep it off its job's GPUs
+KERNEL_ONLY = " (mark_batch only: not decoding, PSNR/SSIM)"  # what a marking-kernel rate leaves out
 T = TypeVar("T")
 
 
@@ -68,13 +71,18 @@ FFCV_RN50 = PublishedRun(
 
 @dataclass(frozen=True)
 class Rate:
-    """Images per second of one unit (a GPU, a CPU core, a writer worker) by image side, and for
-    training and scoring the model they were measured with."""
+    """Images per second of one unit (a GPU, a CPU core, a writer worker) by image side, for
+    training and scoring the model they were measured with, and what of the loop they leave out."""
 
     images_per_s: dict[int, float]
     unit: str
     source: str
     arch: str | None = None
+    scope: str = ""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.unit not in CPU_UNITS
 
     def at(self, size: int) -> float:
         """At `size` px: the nearest measured size, scaled by pixel count."""
@@ -84,18 +92,14 @@ class Rate:
 
 @dataclass(frozen=True)
 class Rates:
-    """Every throughput the estimates can use; None where nothing is known."""
+    """Every throughput the estimates can use, by its name (a stage's `Loop.throughput`), best first."""
 
-    train: Rate | None = None  # training steps, per GPU, measured
-    published_train: Rate | None = None  # FFCV's ResNet-50 figure
-    audit: Rate | None = None  # scoring, per GPU
-    mark_gpu: Rate | None = None  # mark_batch on CUDA, per GPU
-    mark_cpu: Rate | None = None  # mark_batch with numpy, per core (the mark stage is one process)
-    write: Rate | None = None  # FFCV writer, per worker
+    by_name: dict[str, tuple[Rate, ...]]
 
-    def for_arch(self, arch: str, *candidates: Rate | None) -> Rate | None:
-        """The first of `candidates` measured or published for `arch`."""
-        return next((rate for rate in candidates if rate is not None and rate.arch == arch), None)
+    def find(self, name: str, on_gpu: bool, model: str | None) -> Rate | None:
+        """The best rate of `name` on GPUs or on CPUs; for `model` when one is named."""
+        candidates = self.by_name.get(name, ())
+        return next((r for r in candidates if r.on_gpu == on_gpu and model in (None, r.arch)), None)
 
 
 def _published_train() -> Rate:
@@ -121,19 +125,21 @@ def _gpu_rates(path: Path) -> dict[str, Rate]:
             entry["per"],
             f"{where} ({entry['what']})",
             entry.get("arch"),
+            KERNEL_ONLY if key == "mark" else "",  # the check times mark_batch alone
         )
         for key, entry in report.get("throughput", {}).items()
     }
 
 
-def _cpu_marking(path: Path) -> Rate | None:
+def _cpu_marking(path: Path) -> dict[str, Rate]:
     report = read_json(path)
     rates = {
         int(m[1]): float(row["ours"])
         for row in report["rows"]
         if (m := re.fullmatch(r"mark (\d+)x\1 perlin, 1 core", row["case"]))
     }
-    return Rate(rates, "core", f"measured: {path.name} on {report['machine'].split(',')[0]}") if rates else None
+    where = f"measured: {path.name} on {report['machine'].split(',')[0]}"
+    return {"mark": Rate(rates, "core", where, scope=KERNEL_ONLY)} if rates else {}
 
 
 def _scale_rates(path: Path) -> dict[str, Rate]:
@@ -168,18 +174,18 @@ def _read(path: Path, parse: Callable[[Path], T], empty: T) -> T:
 
 
 def load_rates(bench_dir: Path = BENCH_DIR) -> Rates:
-    """The best source for each throughput: a GPU measurement, else the CPU benchmark or FFCV's figure."""
-    gpu: dict[str, Rate] = _read(bench_dir / "gpu.json", _gpu_rates, {})
-    scale: dict[str, Rate] = _read(bench_dir / "scale.json", _scale_rates, {})
-    mark_cpu = scale.get("mark") or _read(bench_dir / "marking.json", _cpu_marking, None)
-    return Rates(
-        train=gpu.get("train"),
-        published_train=_published_train(),
-        audit=gpu.get("audit"),
-        mark_gpu=gpu.get("mark"),
-        mark_cpu=mark_cpu,
-        write=gpu.get("write") or scale.get("write"),
-    )
+    """Every source of each throughput, best first: a GPU measurement (its writer workers too), the
+    whole-stage CPU rates of `make scale`, the marking kernel on one core, FFCV's published figure."""
+    found: dict[str, list[Rate]] = {}
+    for rates in (
+        _read(bench_dir / "gpu.json", _gpu_rates, {}),
+        _read(bench_dir / "scale.json", _scale_rates, {}),
+        _read(bench_dir / "marking.json", _cpu_marking, {}),
+        {"train": _published_train()},
+    ):
+        for name, rate in rates.items():
+            found.setdefault(name, []).append(rate)
+    return Rates({name: tuple(rates) for name, rates in found.items()})
 
 
 @dataclass(frozen=True)
@@ -201,117 +207,42 @@ class Estimate:
         return None if self.wall_s is None else self.wall_s * self.gpus / 3600
 
 
-def _users_images(cfg: RunConfig) -> int:
-    return (cfg.plan.n_member_users + cfg.plan.n_nonmember_users) * cfg.plan.samples_per_user
-
-
-def _per_task(
-    cfg: RunConfig,
-    job: Job,
-    images: int,
-    rate: Rate | None,
-    size: int,
-    units: int,
-    gpus_per_task: int,
-    missing: str,
-    scope: str = "",
-) -> Estimate:
-    """A job whose `images` are split evenly over its shards, each task running `units` units of `rate`."""
-    p = slurm_parameters(cfg, job.task)
-    tasks = len(job.shards) if job.task.num_shards > 1 else 1  # no shards left: the job only merges
-    images = images * tasks // job.task.num_shards
-    if rate is None or images == 0:
-        return Estimate(
-            job.task.name,
-            images,
-            gpus_per_task * tasks,
-            None if images else 0.0,
-            missing if images else "-",
-            limit_min=p["timeout_min"],
-        )
-    per_task = images / tasks / (rate.at(size) * units)
-    waves = math.ceil(tasks / cfg.launch.slurm.array_parallelism)
-    used = f"{rate.at(size):,.0f} img/s per {rate.unit} at {size} px" + (f" x {units}" if units > 1 else "") + scope
-    return Estimate(job.task.name, images, gpus_per_task * tasks, per_task * waves, used, rate.source, p["timeout_min"])
-
-
 def estimate_job(cfg: RunConfig, job: Job, rates: Rates) -> Estimate:
-    """Expected wall time and GPUs of one job of the plan."""
-    p, stage, size = slurm_parameters(cfg, job.task), job.task.stage, cfg.data.image_size
-    stored = cfg.data.max_resolution or size  # images are marked and written at their stored size
-    gpus = p["gpus_per_node"] * p["nodes"]
-    if stage == "mark":
-        on_gpu = p["gpus_per_node"] > 0 and cfg.mark.device in ("auto", "cuda")
-        rate = rates.mark_gpu if on_gpu else rates.mark_cpu
-        scope = (
-            "" if rate is not None and "whole stage" in rate.source else " (mark_batch only: not decoding, PSNR/SSIM)"
-        )
-        return _per_task(
-            cfg,
-            job,
-            _users_images(cfg),
-            rate,
-            stored,
-            1,
-            p["gpus_per_node"],
-            "not measured: run make gpu-check" if on_gpu else "not measured: run make scale",
-            scope,
-        )
-    if stage == "write":  # the training set once, the members' marked records, the test split, the audit set
-        members = cfg.plan.n_member_users * cfg.plan.samples_per_user
-        images = cfg.data.n_train + members + _users_images(cfg) + (cfg.data.n_test or TEST_IMAGES_UNKNOWN)
-        workers = min(cfg.write.num_workers, p["cpus_per_task"])
-        return _per_task(cfg, job, images, rates.write, stored, workers, gpus, "not measured: run make scale")
-    arch = cfg.train.arch
-    if stage == "audit":
-        if p["gpus_per_node"] == 0:
-            return Estimate(
-                job.task.name, _users_images(cfg), 0, None, "not measured on CPU", limit_min=p["timeout_min"]
-            )
-        return _per_task(
-            cfg,
-            job,
-            _users_images(cfg),
-            rates.for_arch(arch, rates.audit),
-            size,
-            p["gpus_per_node"],
-            p["gpus_per_node"],
-            f"not measured for {arch}: run make gpu-check",
-        )
-    if stage == "train":
-        return _train(cfg, job, rates.for_arch(arch, rates.train, rates.published_train), gpus, p["timeout_min"])
-    return Estimate(job.task.name, 0, gpus, None, "not estimated (no image loop)", limit_min=p["timeout_min"])
-
-
-def train_sizes(cfg: RunConfig) -> list[int]:
-    """The crop size of every epoch: progressive resizing, a fixed crop, or the stored grid."""
-    t = cfg.train
-    if t.min_resolution is not None:
-        return [t.resolution_at(epoch) for epoch in range(t.epochs)]
-    return [t.resolution or cfg.data.image_size] * t.epochs
-
-
-def _train(cfg: RunConfig, job: Job, rate: Rate | None, gpus: int, limit_min: int) -> Estimate:
-    """Training steps over every epoch: n_train images per epoch at that epoch's crop size."""
-    images = cfg.train.epochs * cfg.data.n_train
-    if gpus == 0:
-        return Estimate(job.task.name, images, gpus, None, "no GPUs requested: not estimated", limit_min=limit_min)
-    if rate is None:
-        return Estimate(
-            job.task.name,
-            images,
-            gpus,
-            None,
-            f"no throughput for {cfg.train.arch}: measured (make "
-            "gpu-check) for the recipe's model, published for resnet50",
-            limit_min=limit_min,
-        )
-    sizes = train_sizes(cfg)
-    wall = sum(cfg.data.n_train / (rate.at(size) * gpus) for size in sizes)
-    used = ", ".join(f"{rate.at(s):,.0f} at {s} px" for s in sorted(set(sizes)))
-    return Estimate(
-        job.task.name, images, gpus, wall, f"img/s per {rate.unit}: {used}; x {gpus} GPUs", rate.source, limit_min
+    """Expected wall time and GPUs of one job of the plan: the images its stage's loop pushes
+    through, split over the job's array tasks, at the throughput of the units each task runs."""
+    p, loop, name = slurm_parameters(cfg, job.task), job.task.spec.loop, job.task.name
+    limit = p["timeout_min"]
+    array_tasks = len(job.shards) if job.task.num_shards > 1 else 1  # no shards left: the job only merges
+    gpus = p["gpus_per_node"] * p["nodes"] * array_tasks
+    if loop is None:
+        return Estimate(name, 0, gpus, None, "not estimated (no image loop)", limit_min=limit)
+    passes = [(n * array_tasks // job.task.num_shards, side) for n, side in loop.passes(cfg)]
+    images = sum(n for n, _ in passes)
+    if images == 0:
+        return Estimate(name, 0, gpus, 0.0, "-", limit_min=limit)
+    on_gpu = (
+        loop.runs_on != "cpu"
+        and p["gpus_per_node"] > 0
+        and (loop.device is None or setting(cfg, loop.device) not in CPU_DEVICES)
     )
+    if not on_gpu and loop.runs_on == "gpu":
+        return Estimate(name, images, gpus, None, "not estimated on CPU", limit_min=limit)
+    model = setting(cfg, loop.model) if loop.model is not None else None
+    rate = rates.find(loop.throughput, on_gpu, model)
+    if rate is None:
+        where = "GPUs: run make gpu-check" if on_gpu else "CPUs: run make scale"
+        return Estimate(
+            name, images, gpus, None, f"no throughput{f' for {model}' if model else ''} on {where}", limit_min=limit
+        )
+    if on_gpu:  # each task drives one GPU
+        units = p["tasks_per_node"] * p["nodes"]
+    else:
+        units = min(setting(cfg, loop.workers), p["cpus_per_task"]) if loop.workers is not None else 1
+    waves = math.ceil(array_tasks / cfg.launch.slurm.array_parallelism)
+    wall = waves * sum(n / array_tasks / (rate.at(side) * units) for n, side in passes)
+    speeds = ", ".join(f"{rate.at(side):,.0f} at {side} px" for side in sorted({side for _, side in passes}))
+    used = f"img/s per {rate.unit}: {speeds}" + (f"; x {units} {rate.unit}s" if units > 1 else "") + rate.scope
+    return Estimate(name, images, gpus, wall, used, rate.source, limit)
 
 
 def _duration(seconds: float | None) -> str:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from ..config import RunConfig
 from ..registry import Registry
 from ..stages.contract import Task, dependencies, stage_for, tasks
-from ..stages.dag import SHARDED_STAGES
 from ..store import missing_shards
 
 LAUNCHERS: Registry[Callable[..., None]] = Registry("--launcher")
@@ -29,20 +28,16 @@ class Job:
         return bool(self.shards)
 
 
-def num_shards(cfg: RunConfig, stage: str) -> int:
-    return {"mark": cfg.launch.mark_shards, "audit": cfg.launch.audit_shards}.get(stage, 1)
-
-
 def plan_jobs(cfg: RunConfig) -> list[Job]:
     """The jobs a run still needs, in DAG order: one per unfinished task."""
     jobs = []
     for task in tasks(cfg):
-        task = replace(task, num_shards=num_shards(cfg, task.stage))
+        task = replace(task, num_shards=task.spec.num_shards(cfg))
         stage = stage_for(cfg, task)
         if stage.done():
             continue
         shards = ()
-        if task.stage in SHARDED_STAGES and task.num_shards > 1:
+        if task.num_shards > 1:
             shards = tuple(missing_shards(stage, task.num_shards))
         jobs.append(Job(task, shards, tuple(dependencies(cfg, task))))
     return jobs

@@ -10,9 +10,8 @@ import time
 
 from ..config import RunConfig
 from ..stages.contract import stage_for, tasks
-from ..stages.dag import SHARDED_STAGES
 from ..store import AlreadyReported, StageError
-from .jobs import LAUNCHERS, num_shards
+from .jobs import LAUNCHERS
 
 log = logging.getLogger("pipeline")
 
@@ -28,7 +27,7 @@ def run_local(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
             continue
         cmd = [sys.executable, "-m", "pipeline.cli", task.stage, config_path, *(f"--set={o}" for o in overrides)]
         cmd += ["--arm", task.arm] if task.arm else []
-        cmd += ["--num-shards", str(num_shards(cfg, task.stage))] if task.stage in SHARDED_STAGES else []
+        cmd += ["--num-shards", str(task.spec.num_shards(cfg))] if task.spec.sharded else []
         cmd += ["--force"] if force else []
         started = time.perf_counter()
         result = subprocess.run(cmd, env=os.environ.copy())

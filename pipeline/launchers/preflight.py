@@ -265,7 +265,8 @@ def check_job(cfg: RunConfig, job: Job, p: dict[str, Any], part: Partition) -> l
                 f"{where} allows {part.max_time_min:g} min (MaxTime)",
             )
         )
-    nodes_key = "train.num_nodes" if stage == "train" else section
+    lightning = job.task.spec.lightning  # its nodes are set by its own config key
+    nodes_key = lightning.nodes if lightning is not None else section
     if part.max_nodes is not None and nodes > part.max_nodes:
         problems.append(Problem(nodes_key, name, _plural(nodes, "node"), f"{where} allows {part.max_nodes} (MaxNodes)"))
     constraint = p.get("slurm_constraint")

@@ -1,8 +1,9 @@
-"""The SLURM launcher: every unfinished task submitted through submitit, mark and audit as job
-arrays (one array task per missing shard; the last shard to finish merges), write and report as
-single jobs, train as one multi-task job (Lightning reads ranks from SLURM), chained with `afterok`
-dependencies. Every job is checkpointable: after a preemption or time-out submitit requeues it and
-the task resumes from its own state (training from Lightning's last checkpoint).
+"""The SLURM launcher: every unfinished task submitted through submitit, sharded stages (mark,
+audit) as job arrays (one array task per missing shard; the last shard to finish merges), the others
+as single jobs, a Lightning stage (train) as one multi-task job (Lightning reads ranks from SLURM),
+chained with `afterok` dependencies; what each stage needs comes from its entry in `STAGES`. Every
+job is checkpointable: after a preemption or time-out submitit requeues it and the task resumes from
+its own state (training from Lightning's last checkpoint).
 
 A run is checked against its partition before anything is submitted (`preflight`), submitted all
 or nothing (a refused sbatch cancels the jobs already queued), and followed state by state
@@ -18,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..console import attach_console
-from ..stages.contract import Task, stage_for
+from ..stages.contract import STAGES, Task, setting, stage_for
 from ..stages.dag import run_task
 from ..store import StageError
 from .follow import JobRecord, RecordedJob, cancel, follow, query_states
@@ -30,10 +31,19 @@ from .preflight import preflight
 log = logging.getLogger("pipeline")
 
 
+def check_stage_names(cfg: RunConfig, config_path: str) -> None:
+    """That `launch.slurm.stages` names stages of `STAGES`, which the config, a layer below the
+    stages, cannot check itself; refused as its schema refuses a key."""
+    if unknown := [name for name in cfg.launch.slurm.stages if name not in STAGES]:
+        raise ConfigError(
+            f"{config_path}: launch.slurm.stages.{unknown[0]}: no such stage (stages: {', '.join(STAGES)})"
+        )
+
+
 def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
-    """submitit parameters of a task's job: resources from `launch.slurm`, and for training the
-    tasks and nodes Lightning expects (one task per device)."""
-    slurm = cfg.launch.slurm
+    """submitit parameters of a task's job: resources from `launch.slurm`, and the tasks and nodes
+    its stage runs (one per GPU, or Lightning's one per device)."""
+    slurm, spec = cfg.launch.slurm, task.spec
     res = slurm.resources(task.stage)
     params: dict[str, Any] = {
         "name": f"mtrack-{task.name}",
@@ -49,16 +59,17 @@ def slurm_parameters(cfg: RunConfig, task: Task) -> dict[str, Any]:
         # a job whose dependency failed is cancelled instead of pending forever
         "slurm_additional_parameters": {"kill-on-invalid-dep": "yes"},
     }
-    if task.stage == "audit":  # one process per GPU, each scoring its own users of the shard
+    if spec.task_per_gpu:
         params["tasks_per_node"] = max(1, res.gpus_per_node)
-    if task.stage == "train":
-        devices = cfg.train.devices if isinstance(cfg.train.devices, int) else 1
+    if spec.lightning is not None:
+        devices = setting(cfg, spec.lightning.devices)
+        devices = devices if isinstance(devices, int) else 1
         if res.gpus_per_node and res.gpus_per_node != devices:
             raise StageError(
-                f"launch.slurm.stages.train.gpus_per_node ({res.gpus_per_node}) must equal "
-                f"train.devices ({devices}): Lightning runs one task per device"
+                f"launch.slurm.stages.{task.stage}.gpus_per_node ({res.gpus_per_node}) must equal "
+                f"{spec.lightning.devices} ({devices}): Lightning runs one task per device"
             )
-        params.update(nodes=cfg.train.num_nodes, tasks_per_node=devices)
+        params.update(nodes=setting(cfg, spec.lightning.nodes), tasks_per_node=devices)
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(slurm, key) is not None:
             params[f"slurm_{key}"] = getattr(slurm, key)
@@ -139,7 +150,8 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
                     f"{job.task.name}: sbatch refused the job: {message[-1] if message else exc}"
                 ) from None
             stage_dir = str(stage_for(cfg, job.task).dir)
-            epochs = cfg.train.epochs if job.task.stage == "train" else None
+            lightning = job.task.spec.lightning
+            epochs = setting(cfg, lightning.epochs) if lightning is not None else None
             record.add(
                 [
                     RecordedJob(job.task.name, shard, h.job_id, stage_dir, epochs)

@@ -4,12 +4,16 @@ Every stage is declared once, in `STAGES`. From those declarations come the DAG 
 dependencies), each task's config hash (the config it declares plus the hashes of the stages it
 reads, so a changed upstream setting reaches every stage downstream and nothing else does), every
 path into the run directory, and the typed `Context` a stage runs with: its config sections and
-nothing else, its input paths and its output folder.
+nothing else, its input paths and its output folder. The launchers, the cost estimate, the
+pre-flight check and the command line read what they need to know of a stage (its shard count, how
+its SLURM job maps tasks to devices, its main loop) from the same entry: adding a stage is its
+module, its entry here and its config section.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import importlib
 import json
@@ -43,6 +47,40 @@ class Read:
         return self.file[arm]
 
 
+def setting(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted config key ("launch.mark_shards")."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+@dataclass(frozen=True)
+class Lightning:
+    """A stage Lightning runs, as its SLURM job must be laid out: one task per device, `devices`
+    tasks per node on `nodes` nodes, its GPUs per node equal to its devices (Lightning reads ranks
+    from SLURM); followed epoch by epoch (`epochs` of them) in Lightning's CSV log. Dotted config keys."""
+
+    devices: str
+    nodes: str
+    epochs: str
+
+
+@dataclass(frozen=True)
+class Loop:
+    """What a stage pushes through its main loop, for the cost estimate of a SLURM run. `passes`:
+    (images, side in px) of each pass, all split over its shards (training: one per epoch, at that
+    epoch's crop size); `throughput`: the benchmark rate that sets its pace, by its name in
+    results/bench/ ("mark", "write", "train", "audit"); `runs_on`: "cpu", "gpu" (not estimated on
+    CPU) or "either": on its job's GPUs when it has some, unless its `device` key says "cpu" or
+    "numpy". On GPUs each of its tasks drives one; on CPU each task is one core, or `workers`
+    processes. `model`: the key of the model a rate must have been measured with. Keys are dotted."""
+
+    passes: Callable[[RunConfig], list[tuple[int, int]]]
+    throughput: str
+    runs_on: Literal["cpu", "gpu", "either"] = "either"
+    device: str | None = None
+    workers: str | None = None
+    model: str | None = None
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage's contract. `config`: the top-level config keys (sections or scalars) its outputs
@@ -51,7 +89,12 @@ class StageSpec:
     pipeline.stages, imported only when the stage runs (plan and mark never load torch or FFCV).
     `unhashed`: dotted keys of its declared config that it reads but that change none of its outputs
     (which arms a run trains does not change any one arm's model), so runs differing only there
-    share the stage."""
+    share the stage.
+
+    How it is launched: `shards`, the dotted config key of the number of array tasks its users are
+    split over (None: not sharded); `task_per_gpu`: its SLURM job runs one task per GPU of its node
+    (each scoring its own users) instead of one; `lightning`: Lightning's layout instead; `loop`: its
+    main loop, for the cost estimate (None: not estimated)."""
 
     name: str
     config: tuple[str, ...]
@@ -59,8 +102,18 @@ class StageSpec:
     writes: tuple[str, ...]
     run: str
     arms: bool = False
-    sharded: bool = False
     unhashed: tuple[str, ...] = ()
+    shards: str | None = None
+    task_per_gpu: bool = False
+    lightning: Lightning | None = None
+    loop: Loop | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
+
+    def num_shards(self, cfg: RunConfig) -> int:
+        return int(setting(cfg, self.shards)) if self.shards is not None else 1
 
     def runner(self) -> Callable[[Context], None]:
         module, function = self.run.split(":")
@@ -82,6 +135,33 @@ REPORT_FILES = (
     "classes.png",
     "marked_examples.png",
 )  # classes.png: with a marked arm
+TEST_IMAGES_UNKNOWN = 50_000  # a test split of unset size (data.n_test: all) counted as ImageNet's validation set
+
+
+def users_images(cfg: RunConfig) -> int:
+    """Every user's images: each is marked, and scored by the audit."""
+    return (cfg.plan.n_member_users + cfg.plan.n_nonmember_users) * cfg.plan.samples_per_user
+
+
+def stored_side(cfg: RunConfig) -> int:
+    """The side images are stored at, and so marked and written at."""
+    return cfg.data.max_resolution or cfg.data.image_size
+
+
+def written_images(cfg: RunConfig) -> int:
+    """The write stage's images: the training set once, the members' marked records, the audit set
+    and the test split."""
+    members = cfg.plan.n_member_users * cfg.plan.samples_per_user
+    return cfg.data.n_train + members + users_images(cfg) + (cfg.data.n_test or TEST_IMAGES_UNKNOWN)
+
+
+def train_sizes(cfg: RunConfig) -> list[int]:
+    """The crop size of every epoch: progressive resizing, a fixed crop, or the stored grid."""
+    t = cfg.train
+    if t.min_resolution is not None:
+        return [t.resolution_at(epoch) for epoch in range(t.epochs)]
+    return [t.resolution or cfg.data.image_size] * t.epochs
+
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -106,7 +186,8 @@ STAGES: dict[str, StageSpec] = {
                 "owners/*",
             ),
             run="mark:run_mark",
-            sharded=True,
+            shards="launch.mark_shards",
+            loop=Loop(lambda cfg: [(users_images(cfg), stored_side(cfg))], "mark", device="mark.device"),
         ),
         StageSpec(
             "write",
@@ -118,6 +199,12 @@ STAGES: dict[str, StageSpec] = {
             },
             writes=("train.beton", "arms.npz", "test.beton", "audit.beton", "survival.json"),
             run="write:run_write",
+            loop=Loop(
+                lambda cfg: [(written_images(cfg), stored_side(cfg))],
+                "write",
+                runs_on="cpu",
+                workers="write.num_workers",
+            ),
         ),
         StageSpec(
             "train",
@@ -132,6 +219,14 @@ STAGES: dict[str, StageSpec] = {
             run="train:run_train",
             arms=True,
             unhashed=("train.arms",),
+            lightning=Lightning(devices="train.devices", nodes="train.num_nodes", epochs="train.epochs"),
+            loop=Loop(
+                lambda cfg: [(cfg.data.n_train, size) for size in train_sizes(cfg)],
+                "train",
+                runs_on="gpu",
+                device="train.accelerator",
+                model="train.arch",
+            ),
         ),
         StageSpec(
             "audit",
@@ -144,7 +239,11 @@ STAGES: dict[str, StageSpec] = {
             writes=(*SHARD_FILES, "losses.npz", "users.npz", "metrics.json"),
             run="audit:run_audit",
             arms=True,
-            sharded=True,
+            shards="launch.audit_shards",
+            task_per_gpu=True,
+            loop=Loop(
+                lambda cfg: [(users_images(cfg), cfg.data.image_size)], "audit", runs_on="gpu", model="train.arch"
+            ),
         ),
         StageSpec(
             "report",

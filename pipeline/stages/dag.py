@@ -14,15 +14,13 @@ from .contract import STAGES, Task, context, dependencies, stage_for
 
 log = logging.getLogger("pipeline")
 
-ARM_STAGES = tuple(name for name, spec in STAGES.items() if spec.arms)
-SHARDED_STAGES = tuple(name for name, spec in STAGES.items() if spec.sharded)  # users split over array tasks
-
 
 def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     """Run one task unless it is already done; returns True when it ran."""
     stage = stage_for(cfg, task)
-    if task.shard is not None and task.stage not in SHARDED_STAGES:
-        raise StageError(f"{task.stage}: --shard is only supported by the {' and '.join(SHARDED_STAGES)} stages")
+    if task.shard is not None and not task.spec.sharded:
+        sharded = [name for name, spec in STAGES.items() if spec.sharded]
+        raise StageError(f"{task.stage}: --shard is only supported by the {' and '.join(sharded)} stages")
     if force and task.shard is not None:
         raise StageError(f"{task.name}: --force deletes the whole stage; use it without --shard")
     if not force and stage.done():
