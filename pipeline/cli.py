@@ -500,8 +500,8 @@ def _dispatch(argv: list[str] | None) -> int:
                 from .rehearsal import plan_rehearsal
 
                 rehearsal = plan_rehearsal(args.config, overrides, args.launcher)
-                log.info("%s", rehearsal.summary())
                 overrides = [*rehearsal.overrides(), *overrides]
+                log.info("%s", rehearsal.summary(load_config(args.config, overrides)))
             launch(args.config, overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "status":
             status(args.run_dir, args.follow)

@@ -76,12 +76,13 @@ class Rehearsal:
     def overrides(self) -> list[str]:
         return [f"{key}={json.dumps(value)}" for key, value in self.settings.items()]
 
-    def summary(self) -> str:
-        s = self.settings
+    def summary(self, cfg: RunConfig) -> str:
+        """What the rehearsal runs, from its final config (the user's overrides applied)."""
+        p, t = cfg.plan, cfg.train
         return (
-            f"rehearsal on {self.n_images:,} images: {s['data.n_train']:,} trained on, {s['plan.n_member_users']} "
-            f"member and {s['plan.n_nonmember_users']} non-member users of K = {s['plan.samples_per_user']}, "
-            f"{ARCH} for {EPOCHS} epochs on the CPU, in {s['run_dir']}"
+            f"rehearsal on {self.n_images:,} images: {cfg.data.n_train:,} trained on, {p.n_member_users} member "
+            f"and {p.n_nonmember_users} non-member users of K = {p.samples_per_user}, {t.arch} for {t.epochs} "
+            f"epochs on the CPU, in {cfg.run_dir}"
         )
 
 

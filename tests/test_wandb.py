@@ -4,6 +4,7 @@ the API key never written anywhere in the run directory or the results."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,19 @@ import yaml
 from pipeline.config import load_config
 from pipeline.stages.contract import stage_for, tasks
 from pipeline.stages.dag import run_task
+from pipeline.stages.tracking import publish_run
 
 pytestmark = pytest.mark.slow
 
+# a setting of each stage's declared config, as its W&B run records it
+DECLARED = {
+    "plan": b"plan.samples_per_user",
+    "mark": b"mark.alpha",
+    "write": b"write.num_workers",
+    "train": b"train.label_smoothing",
+    "audit": b"audit.batch_size",
+    "report": b"results_dir",
+}
 SENTINEL = "mtrack-test-key-0123456789abcdef0123456789abcdef01234567"  # shaped like a 40-character key
 
 
@@ -49,3 +60,28 @@ def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, rep
     tree["wandb"] = {"enabled": False}
     path.write_text(yaml.safe_dump(tree))
     assert stage_for(load_config(path), train).done()
+
+
+def test_every_run_carries_its_config_and_a_finished_run_can_be_published(tmp_path: Path, tiny_run: Path) -> None:
+    """A run that finished with W&B off is published afterwards (`publish_run`, `mtrack publish`): one
+    offline run per stage, each carrying its stage's declared config as dotted keys (a dashboard
+    groups and filters by them) and the run's labels; the report's run has the audit's numbers."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(load_config(tiny_run).run_dir, run_dir)
+    labels = {"table": "tiny-table", "row": "smoothed", "seed": 3}
+    cfg = load_config(
+        tiny_run,
+        [f"run_dir={run_dir}", "wandb.enabled=true", "wandb.group=tiny-table", f"wandb.labels={json.dumps(labels)}"],
+    )
+    published = publish_run(cfg)
+    assert published == [task.name for task in tasks(cfg)]
+    for task in tasks(cfg):
+        (log,) = (stage_for(cfg, task).dir / "wandb").glob("offline-run-*/*.wandb")
+        data = log.read_bytes()
+        assert b"tiny-table/smoothed/3/" + task.name.encode() in data, task.name  # the run's name
+        assert b"config_hash" in data and b"smoothed" in data
+        assert DECLARED[task.stage] in data, task.name  # a key of the stage's own config, dotted
+    train = next(stage_for(cfg, t).dir for t in tasks(cfg) if t.stage == "train")
+    assert b"train.defense.mix" in next((train / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    report = stage_for(cfg, tasks(cfg)[-1]).dir
+    assert b"set_based/auc" in next((report / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
