@@ -64,8 +64,9 @@ def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, rep
 
 def test_every_run_carries_its_config_and_a_finished_run_can_be_published(tmp_path: Path, tiny_run: Path) -> None:
     """A run that finished with W&B off is published afterwards (`publish_run`, `mtrack publish`): one
-    offline run per stage, each carrying its stage's declared config as dotted keys (a dashboard
-    groups and filters by them) and the run's labels; the report's run has the audit's numbers."""
+    offline run per stage, each carrying the config its outputs depend on as dotted keys (a dashboard
+    groups and filters by them) and the run's labels; the report's run has the audit's numbers and
+    the training settings upstream of it."""
     run_dir = tmp_path / "run"
     shutil.copytree(load_config(tiny_run).run_dir, run_dir)
     labels = {"table": "tiny-table", "row": "smoothed", "seed": 3}
@@ -84,4 +85,5 @@ def test_every_run_carries_its_config_and_a_finished_run_can_be_published(tmp_pa
     train = next(stage_for(cfg, t).dir for t in tasks(cfg) if t.stage == "train")
     assert b"train.defense.mix" in next((train / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     report = stage_for(cfg, tasks(cfg)[-1]).dir
-    assert b"set_based/auc" in next((report / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    report_log = next((report / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert b"set_based/auc" in report_log and b"train.label_smoothing" in report_log  # upstream settings too

@@ -375,7 +375,8 @@ class ConfigView:
 class Context:
     """Everything a stage runs with: its declared config (typed as the run config, but only the
     declared keys can be read), its inputs' paths, its output folder, and its arm and shard.
-    `tracking` and `experiment` name the W&B run: logging only, in no hash."""
+    `tracking` and `experiment` name the W&B run: logging only, in no hash; `settings` is what the
+    outputs depend on (`depends_on`), which the W&B run records."""
 
     config: RunConfig
     stage: Stage
@@ -383,6 +384,7 @@ class Context:
     inputs: dict[str, Path | dict[str, Path]] = field(default_factory=dict)
     tracking: WandbConfig = WandbConfig()
     experiment: str = "run"
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arm(self) -> str:
@@ -407,6 +409,16 @@ class Context:
         return read_json(self.input(name))
 
 
+def depends_on(cfg: RunConfig, task: Task) -> dict[str, Any]:
+    """The config a task's outputs depend on, as plain values: the sections it declares and those of
+    every stage it reads, recursively (what its hash covers, defaults included)."""
+    keys = set(task.spec.config)
+    for dep in dependencies(cfg, task):
+        keys |= set(depends_on(cfg, dep))
+    values = {key: getattr(cfg, key) for key in sorted(keys)}
+    return {key: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for key, v in values.items()}
+
+
 def context(cfg: RunConfig, task: Task) -> Context:
     """The context `task` runs with, its inputs resolved to paths in this run."""
     inputs: dict[str, Path | dict[str, Path]] = {}
@@ -414,4 +426,5 @@ def context(cfg: RunConfig, task: Task) -> Context:
         arms = _read_arms(read, task, cfg)
         paths = {arm: output_path(cfg, read.stage, read.file_for(task.arm), arm) for arm in arms}
         inputs[name] = cast(dict[str, Path], paths) if read.arm == "all" else paths[arms[0]]
-    return Context(cast(RunConfig, ConfigView(cfg, task.spec)), stage_for(cfg, task), task, inputs, cfg.wandb, cfg.name)
+    view = cast(RunConfig, ConfigView(cfg, task.spec))
+    return Context(view, stage_for(cfg, task), task, inputs, cfg.wandb, cfg.name, depends_on(cfg, task))

@@ -45,14 +45,11 @@ def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_config(ctx: Context) -> dict[str, Any]:
     """What a stage's W&B run records as its config, for a dashboard to group, filter and compare
-    runs by: the stage's declared config as dotted keys (all of it, defaults included), the stage,
-    its config hash, the run's name and its labels (an experiment table's table, row and seed)."""
-    sections = {}
-    for key in ctx.task.spec.config:
-        value = getattr(ctx.config, key)
-        sections[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    runs by: the config its outputs depend on (its own and every upstream stage's; a report's run thus
+    has the training and marking settings) as dotted keys, defaults included, the stage, its config
+    hash, the run's name and its labels (an experiment table's table, row and seed)."""
     return {
-        **dotted(sections),
+        **dotted(ctx.settings),
         "stage": ctx.stage.name,
         "config_hash": ctx.stage.config_hash,
         "run": ctx.experiment,
