@@ -66,6 +66,7 @@ def test_owner_commands_load_no_stage_training_or_plotting_code(tmp_path) -> Non
             sys.executable,
             "-c",
             probe,
+            "owner",
             "mark",
             str(tmp_path / "photos"),
             "--out",

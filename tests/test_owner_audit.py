@@ -191,6 +191,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pipeline.cli",
+            "owner",
             "audit",
             "--model",
             str(weights),
@@ -218,7 +219,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
 
 def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> None:
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
-    training images through plan/mark/write/train, `mtrack audit` runs for every owner, and the
+    training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and the
     results file has the promised fields (power is the trained-CNN test's and the benchmark's job)."""
     from bench.owner_audit import main as owner_benchmark
 
