@@ -1,10 +1,10 @@
 """The owner's audit end to end on trained networks, one run per design.
 
 Each data owner holds a folder of images of one class and marks it with their own tool (the code
-`mtrack mark` runs, with their seed and key); the trained-on owners' published images replace
+`mtrack owner mark` runs, with their seed and key); the trained-on owners' published images replace
 training images through the normal plan / mark / write / train stages (`plan.owners`), other owners'
-are never trained on. Then `mtrack audit --model <model.pt> --user <published folder>` is run, as
-the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
+are never trained on. Then `mtrack owner audit --model <model.pt> --user <published folder>` is run,
+as the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
 at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
 
     python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
@@ -49,7 +49,7 @@ def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[
 
 
 def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
-    """`mtrack audit` for each owner of a finished run, with draws independent of the owners' seeds."""
+    """`mtrack owner audit` for each owner of a finished run, with draws independent of the owners' seeds."""
     run = Path(cfg.run_dir)
     model = run / "train-marked" / "model.pt"
     results = []
@@ -64,6 +64,7 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
         with contextlib.redirect_stdout(io.StringIO()):
             status = mtrack(
                 [
+                    "owner",
                     "audit",
                     "--model",
                     str(model),
@@ -76,7 +77,7 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
                 ]
             )
         if status != 0:
-            raise SystemExit(f"mtrack audit failed for owner {owner['owner_id']} (exit {status})")
+            raise SystemExit(f"mtrack owner audit failed for owner {owner['owner_id']} (exit {status})")
         write_json(out, {**read_json(out), "seconds": time.perf_counter() - started})
         results.append(
             {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
@@ -127,7 +128,7 @@ def _seconds(value: float | None) -> str:
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
-        "# Owner audit: `mtrack mark` / `mtrack audit` on trained networks",
+        "# Owner audit: `mtrack owner mark` / `mtrack owner audit` on trained networks",
         "",
         f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).",
         "",

@@ -1,16 +1,19 @@
-"""Command line: one subcommand per stage, plus `run` for the whole DAG.
+"""Command line: the data owner's tool as `mtrack owner`, and for benchmarks one subcommand per
+stage plus `run` for the whole DAG.
 
+    mtrack owner mark FOLDER --out FOLDER [--publish K] [--design D]  (a data owner marking their own images)
+    mtrack owner audit --model M --user FOLDER               (... and later testing a model for them)
     mtrack run CONFIG [--set section.key=value ...] [--force]
     mtrack run CONFIG --launcher slurm [--dry-run] [--no-wait]   (every stage as SLURM jobs)
     mtrack status RUN_DIR [--follow]                        (the SLURM jobs of a run, as they stand)
     mtrack experiments TABLE.yaml ... [--launcher slurm]           (experiment tables, results/<table>/)
     mtrack plan|write|report CONFIG [--set ...] [--force]
     mtrack mark CONFIG [--shard I] [--num-shards N]         (stage; one shard of an array job)
-    mtrack mark FOLDER --out FOLDER [--publish K] [--design D]  (a data owner marking their own images)
-    mtrack audit --model M --user FOLDER                     (... and later testing a model for them)
     mtrack train|audit CONFIG --arm marked|control [--set ...] [--force]
     mtrack audit CONFIG --arm marked --shard I --num-shards N  (one array task of the audit)
 
+The owner's spellings before `mtrack owner` (`mtrack mark FOLDER --out ...`, `mtrack audit --model
+...`) still run the owner's tool until the next release, after a one-line notice.
 Errors in configs, data or the run directory end in one line on stderr and exit status 2.
 """
 
@@ -47,35 +50,22 @@ DEFAULT_LEVEL = 0.05  # the owner's audit: significance level of the verdict
 MarkAlpha = Annotated[float, MarkConfig.model_fields["alpha"]]
 MarkEpsilon = Annotated[float, MarkConfig.model_fields["epsilon"]]
 
-# The owner's flags of `mark` and `audit`, by attribute; their defaults are applied only in the
-# owner's mode, so a flag given to the wrong mode is refused by name instead of silently ignored.
-OWNER_MARK_FLAGS = (
-    "out",
-    "seed",
-    "noise",
-    "epsilon",
-    "alpha",
-    "pattern",
-    "ood_folder",
-    "max_resolution",
-    "design",
-    "publish",
-    "draws",
-    "n_patterns",
-    "label",
-)
-OWNER_AUDIT_FLAGS = (
-    "model",
-    "arch",
-    "num_classes",
-    "user",
-    "key",
-    "originals",
-    "label",
-    "alpha",
-    "draws_seed",
-    "json_out",
-)
+# The owner's spellings before `mtrack owner`, recognised by the flag each needed (and what the
+# notice shows after the command): they run the owner's tool, with a notice, until the next release.
+OLD_OWNER_SPELLINGS = {"mark": ("--out", "FOLDER ..."), "audit": ("--model", "--model ...")}
+# Where an option refused by a command belongs when it is the other audience's command of that name.
+ELSEWHERE = {
+    "mark": "marking your own folder is mtrack owner mark FOLDER --out FOLDER",
+    "audit": "auditing a model for your own images is mtrack owner audit --model M --user FOLDER",
+    "owner mark": "the mark stage of a run config is mtrack mark CONFIG",
+    "owner audit": "the audit stage of a run config is mtrack audit CONFIG --arm marked|control",
+}
+DESCRIPTION = f"""Data-use auditing: a data owner's tool, and the benchmark pipeline that measures it.
+
+  for data owners:             mtrack owner mark FOLDER --out FOLDER, later
+                               mtrack owner audit --model M --user FOLDER  (mtrack owner --help)
+  for benchmarks and clusters: run, status, experiments, and one command per stage
+                               ({", ".join(STAGES)}), each on a run config"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,8 +122,8 @@ def checked(kind: Any, name: str) -> Callable[[str], Any]:
     return parse
 
 
-def _common(parser: argparse.ArgumentParser, optional_config: bool = False) -> None:
-    parser.add_argument("config", nargs="?" if optional_config else None, help="run config (YAML)")
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -146,8 +136,151 @@ def _common(parser: argparse.ArgumentParser, optional_config: bool = False) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mtrack", description="Data-use auditing benchmark pipeline")
+    parser = _Parser(prog="mtrack", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _owner_commands(sub)
+    _run_command(sub)
+    _status_command(sub)
+    _experiments_command(sub)
+    _stage_commands(sub)
+    return parser
+
+
+def _owner_commands(sub: Any) -> None:
+    owner = sub.add_parser(
+        "owner",
+        help="for data owners: mark your own images, later audit a model for them",
+        description="A data owner's tool: mark a folder of your own images before publishing them, and keep "
+        "the key it writes; later, audit a model for them (docs/owner.md).",
+    )
+    tools = owner.add_subparsers(dest="owner_command", metavar="{mark,audit}", required=True)
+    _owner_mark_command(tools)
+    _owner_audit_command(tools)
+
+
+def _owner_mark_command(tools: Any) -> None:
+    # Options stay absent from the namespace unless given, so MarkConfig's and DesignParams'
+    # defaults apply and an option of another design is told apart from a default.
+    p = tools.add_parser(
+        "mark", help="mark a folder of your own images and write the secret key", argument_default=argparse.SUPPRESS
+    )
+    mark = MarkConfig()
+    p.add_argument("folder", metavar="FOLDER", help="the folder of your original images (read, never changed)")
+    p.add_argument(
+        "--out", required=True, metavar="FOLDER", help="output folder for the marked copies and the key file"
+    )
+    p.add_argument("--force", action="store_true", default=False, help="overwrite an earlier marking in --out")
+    p.add_argument(
+        "--seed",
+        type=checked(Seed, "S"),
+        metavar="S",
+        help=f"secret seed ({bounds(Seed, 'S')}; default: random, saved in the key)",
+    )
+    p.add_argument("--noise", choices=["perlin", "uniform", "none"], help=f"default {mark.noise}")
+    p.add_argument(
+        "--epsilon",
+        type=checked(MarkEpsilon, "E"),
+        metavar="E",
+        help=f"noise amplitude ({bounds(MarkEpsilon, 'E')}; default {mark.epsilon:.4g})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=checked(MarkAlpha, "A"),
+        metavar="A",
+        help=f"weight of the image in the blend with the pattern ({bounds(MarkAlpha, 'A')}; default {mark.alpha})",
+    )
+    p.add_argument("--pattern", choices=["stripes", "ood_image"], help=f"default {mark.pattern}")
+    p.add_argument(
+        "--ood-folder", metavar="FOLDER", help="with --pattern ood_image: folder the pattern image is drawn from"
+    )
+    p.add_argument(
+        "--max-resolution",
+        type=checked(Resolution, "R"),
+        metavar="R",
+        help=f"shrink so the longer side is at most R ({bounds(Resolution, 'R')}), to mark on the grid a model "
+        "will store; every side must keep at least 8 pixels",
+    )
+    p.add_argument(
+        "--design",
+        choices=list(DESIGNS),
+        help="subset (default): publish a random K of your images; groups: publish one of P/K disjoint groups; "
+        "pattern: publish all with one of N secret patterns",
+    )
+    p.add_argument(
+        "--publish",
+        type=checked(PublishCount, "K"),
+        metavar="K",
+        help="subset, groups: how many images to publish (fewer than the folder holds; default: a tenth of the folder)",
+    )
+    p.add_argument(
+        "--draws",
+        type=checked(DrawCount, "B"),
+        metavar="B",
+        help=f"subset: random subsets the audit compares with ({bounds(DrawCount, 'B')}; default 999): the "
+        "smallest p-value is 1/(B+1), and the audit marks and scores K(B+1) images",
+    )
+    p.add_argument(
+        "--n-patterns",
+        type=checked(PatternCount, "N"),
+        metavar="N",
+        help=f"pattern: secret candidate patterns ({bounds(PatternCount, 'N')}; default 100): the audit's "
+        "smallest p-value is 1/N, and it marks and scores every image N times",
+    )
+    p.add_argument(
+        "--label",
+        type=checked(ClassLabel, "L"),
+        metavar="L",
+        help=f"class index of these images ({bounds(ClassLabel, 'L')}), saved in the key",
+    )
+
+
+def _owner_audit_command(tools: Any) -> None:
+    p = tools.add_parser("audit", help="audit a model for your own marked images: a verdict and its p-value")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="checkpoint file (loaded as weights only), or module:function returning logits for uint8 NCHW "
+        "images; the module is imported as `python -m` would, from the current directory first, then "
+        "PYTHONPATH and installed packages",
+    )
+    p.add_argument(
+        "--user", required=True, metavar="FOLDER", help="your folder of marked images (the --out of mtrack owner mark)"
+    )
+    p.add_argument("--arch", help="architecture of a plain state_dict checkpoint")
+    p.add_argument(
+        "--num-classes",
+        type=checked(ClassCount, "C"),
+        metavar="C",
+        help=f"classes of a plain state_dict checkpoint ({bounds(ClassCount, 'C')})",
+    )
+    p.add_argument("--key", metavar="FILE", help=f"the key file written when marking (default: {KEY_NAME} in --user)")
+    p.add_argument("--originals", metavar="FOLDER", help="the folder of your original images (default: from the key)")
+    p.add_argument(
+        "--label",
+        type=checked(ClassLabel, "L"),
+        metavar="L",
+        help=f"class index of your images ({bounds(ClassLabel, 'L')}, and below the model's classes; "
+        "default: from the key)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=checked(Level, "A"),
+        metavar="A",
+        default=DEFAULT_LEVEL,
+        help=f"significance level of the verdict ({bounds(Level, 'A')}; default {DEFAULT_LEVEL})",
+    )
+    p.add_argument(
+        "--draws-seed",
+        type=checked(Seed, "S"),
+        metavar="S",
+        help="subset design: seed of the audit's random subsets (default: fresh, printed, so the audit can be "
+        "repeated exactly)",
+    )
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result to this JSON file")
+
+
+def _run_command(sub: Any) -> None:
     run = sub.add_parser("run", help="run every stage of the DAG, skipping finished ones")
     _common(run)
     run.add_argument(
@@ -171,9 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="slurm: return once submitted instead of following the jobs to the end",
     )
+
+
+def _status_command(sub: Any) -> None:
     status = sub.add_parser("status", help="the SLURM jobs of a run: state, reason, node, training progress")
     status.add_argument("run_dir", help="the run_dir of a run submitted with --launcher slurm")
     status.add_argument("--follow", action="store_true", help="keep following until the jobs end, as `run` does")
+
+
+def _experiments_command(sub: Any) -> None:
     experiments = sub.add_parser("experiments", help="run experiment tables (configs/experiments/*.yaml)")
     experiments.add_argument("tables", nargs="+", help="experiment table YAML files")
     experiments.add_argument("--launcher", choices=LAUNCHERS.names(), default="local")
@@ -188,16 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="repeat every row (the baseline too) over seeds 0..N-1 instead of the table's seeds",
     )
-    special = {
-        "audit": "run the audit stage, or audit a model for your own marked images (with --model)",
-        "mark": "run the mark stage, or mark a folder of your own images (with --out)",
-    }
-    owner_only = argparse.SUPPRESS  # absent unless given: see OWNER_MARK_FLAGS
+
+
+def _stage_commands(sub: Any) -> None:
     for stage, spec in STAGES.items():
-        p = sub.add_parser(stage, help=special.get(stage, f"run the {stage} stage"))
-        _common(p, optional_config=stage == "audit")
+        p = sub.add_parser(stage, help=f"run the {stage} stage of a run config")
+        _common(p)
         if spec.arms:
-            p.add_argument("--arm", choices=ARMS, required=stage != "audit")
+            p.add_argument("--arm", choices=ARMS, required=True)
         if spec.sharded:
             p.add_argument(
                 "--shard",
@@ -211,197 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help=f"number of shards the users are split into ({bounds(ShardCount, 'N')}; default 1)",
             )
-        if stage == "audit":
-            owner = p.add_argument_group("auditing a model for your own images (CONFIG is then omitted)")
-            owner.add_argument(
-                "--model",
-                default=owner_only,
-                help="checkpoint file (loaded as weights only), or module:function returning logits "
-                "for uint8 NCHW images; the module is imported as `python -m` would, from the "
-                "current directory first, then PYTHONPATH and installed packages",
-            )
-            owner.add_argument("--arch", default=owner_only, help="architecture of a plain state_dict checkpoint")
-            owner.add_argument(
-                "--num-classes",
-                type=checked(ClassCount, "C"),
-                metavar="C",
-                default=owner_only,
-                help=f"classes of a plain state_dict checkpoint ({bounds(ClassCount, 'C')})",
-            )
-            owner.add_argument(
-                "--user", default=owner_only, help="your folder of marked images (the --out of mtrack mark)"
-            )
-            owner.add_argument(
-                "--key", default=owner_only, help=f"the key file written when marking (default: {KEY_NAME} in --user)"
-            )
-            owner.add_argument(
-                "--originals", default=owner_only, help="the folder of your original images (default: from the key)"
-            )
-            owner.add_argument(
-                "--label",
-                type=checked(ClassLabel, "L"),
-                metavar="L",
-                default=owner_only,
-                help=f"class index of your images ({bounds(ClassLabel, 'L')}, and below the model's "
-                "classes; default: from the key)",
-            )
-            owner.add_argument(
-                "--alpha",
-                type=checked(Level, "A"),
-                metavar="A",
-                default=owner_only,
-                help=f"significance level of the verdict ({bounds(Level, 'A')}; default {DEFAULT_LEVEL})",
-            )
-            owner.add_argument(
-                "--draws-seed",
-                type=checked(Seed, "S"),
-                metavar="S",
-                default=owner_only,
-                help="subset design: seed of the audit's random subsets (default: fresh, printed, "
-                "so the audit can be repeated exactly)",
-            )
-            owner.add_argument(
-                "--json", dest="json_out", default=owner_only, help="also write the result to this JSON file"
-            )
-        if stage == "mark":
-            mark = MarkConfig()
-            owner = p.add_argument_group("marking your own folder (CONFIG is then the input folder)")
-            owner.add_argument("--out", default=owner_only, help="output folder for the marked copies and the key file")
-            owner.add_argument(
-                "--seed",
-                type=checked(Seed, "S"),
-                metavar="S",
-                default=owner_only,
-                help=f"secret seed ({bounds(Seed, 'S')}; default: random, saved in the key)",
-            )
-            owner.add_argument(
-                "--noise", choices=["perlin", "uniform", "none"], default=owner_only, help=f"default {mark.noise}"
-            )
-            owner.add_argument(
-                "--epsilon",
-                type=checked(MarkEpsilon, "E"),
-                metavar="E",
-                default=owner_only,
-                help=f"noise amplitude ({bounds(MarkEpsilon, 'E')}; default {mark.epsilon:.4g})",
-            )
-            owner.add_argument(
-                "--alpha",
-                type=checked(MarkAlpha, "A"),
-                metavar="A",
-                default=owner_only,
-                help=f"weight of the image in the blend with the pattern ({bounds(MarkAlpha, 'A')}; "
-                f"default {mark.alpha})",
-            )
-            owner.add_argument(
-                "--pattern", choices=["stripes", "ood_image"], default=owner_only, help=f"default {mark.pattern}"
-            )
-            owner.add_argument(
-                "--ood-folder",
-                default=owner_only,
-                help="with --pattern ood_image: folder the pattern image is drawn from",
-            )
-            owner.add_argument(
-                "--max-resolution",
-                type=checked(Resolution, "R"),
-                metavar="R",
-                default=owner_only,
-                help=f"shrink so the longer side is at most R ({bounds(Resolution, 'R')}), to mark "
-                "on the grid a model will store; every side must keep at least 8 pixels",
-            )
-            owner.add_argument(
-                "--design",
-                choices=list(DESIGNS),
-                default=owner_only,
-                help="subset (default): publish a random K of your images; groups: publish one of "
-                "P/K disjoint groups; pattern: publish all with one of N secret patterns",
-            )
-            owner.add_argument(
-                "--publish",
-                type=checked(PublishCount, "K"),
-                metavar="K",
-                default=owner_only,
-                help="subset, groups: how many images to publish (fewer than the folder holds; "
-                "default: a tenth of the folder)",
-            )
-            owner.add_argument(
-                "--draws",
-                type=checked(DrawCount, "B"),
-                metavar="B",
-                default=owner_only,
-                help=f"subset: random subsets the audit compares with ({bounds(DrawCount, 'B')}; default "
-                "999): the smallest p-value is 1/(B+1), and the audit marks and scores K(B+1) images",
-            )
-            owner.add_argument(
-                "--n-patterns",
-                type=checked(PatternCount, "N"),
-                metavar="N",
-                default=owner_only,
-                help=f"pattern: secret candidate patterns ({bounds(PatternCount, 'N')}; default 100): the "
-                f"audit's smallest p-value is 1/N, and it marks and scores every image N times",
-            )
-            owner.add_argument(
-                "--label",
-                type=checked(ClassLabel, "L"),
-                metavar="L",
-                default=owner_only,
-                help=f"class index of these images ({bounds(ClassLabel, 'L')}), saved in the key",
-            )
-    return parser
 
 
 def _flag(attr: str) -> str:
     return "--" + attr.replace("_", "-")
 
 
-def _given(args: argparse.Namespace, attrs: tuple[str, ...]) -> list[str]:
-    return [a for a in attrs if hasattr(args, a)]
-
-
-def _refuse_stage_flags(args: argparse.Namespace, mode: str) -> None:
-    """A stage's flags given to the owner's command are refused by name, not silently ignored."""
-    stray = [
-        flag
-        for flag, used in (
-            ("--set", args.overrides),
-            ("--shard", args.shard is not None),
-            ("--num-shards", args.num_shards is not None),
-            ("--arm", getattr(args, "arm", None) is not None),
-        )
-        if used
-    ]
-    if stray:
-        raise ConfigError(f"{stray[0]}: belongs to the stage of a run config, not to {mode}")
-
-
-def _is_owner_mark(args: argparse.Namespace) -> bool:
-    """`mtrack mark FOLDER --out ...` (the owner) rather than `mtrack mark CONFIG` (the stage)."""
-    path = Path(args.config)
-    given = _given(args, OWNER_MARK_FLAGS)
-    if path.is_dir():
-        return True
-    if path.exists():
-        if given and "out" not in given:
-            raise ConfigError(
-                f"{_flag(given[0])}: only for marking your own folder (mtrack mark FOLDER --out "
-                f"FOLDER); {path} is a file, so it is read as a run config"
-            )
-        return "out" in given
-    if not given:
-        raise ConfigError(f"{path}: not found (neither a run config nor a folder of images)")
-    return True
-
-
 def mark_own_folder(args: argparse.Namespace) -> None:
     from .owner.marking import mark_folder
 
-    _refuse_stage_flags(args, "marking your own folder")
-    if not hasattr(args, "out"):
-        raise ConfigError(f"{args.config}: is a folder; pass --out FOLDER to mark your own images")
-    chosen = {
-        name: getattr(args, name)
-        for name in ("noise", "epsilon", "alpha", "pattern", "ood_folder")
-        if hasattr(args, name)
-    }
+    given = vars(args)
+    chosen = {name: given[name] for name in ("noise", "epsilon", "alpha", "pattern", "ood_folder") if name in given}
     if chosen.get("pattern") == "ood_image" and "ood_folder" not in chosen:
         raise ConfigError("--pattern ood_image: needs --ood-folder FOLDER (the images patterns are drawn from)")
     if "ood_folder" in chosen and chosen.get("pattern") != "ood_image":
@@ -412,12 +369,12 @@ def mark_own_folder(args: argparse.Namespace) -> None:
         err = exc.errors()[0]
         where = ", ".join(_flag(str(p)) for p in err["loc"]) or ", ".join(_flag(name) for name in chosen)
         raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
-    given = {name: getattr(args, name) for name in ("seed", "max_resolution", "label") if hasattr(args, name)}
-    design = {name: getattr(args, name) for name in ("design", "publish", "draws", "n_patterns") if hasattr(args, name)}
+    options = {name: given[name] for name in ("seed", "max_resolution", "label") if name in given}
+    design = {name: given[name] for name in ("design", "publish", "draws", "n_patterns") if name in given}
     chosen_design = design.get("design", "subset")
     for name in sorted(design.keys() - {"design"} - set(DESIGN_OPTIONS[chosen_design])):
         raise ConfigError(f"{_flag(name)}: not an option of --design {chosen_design}")
-    key = mark_folder(args.config, args.out, cfg, force=args.force, params=DesignParams(**design), **given)
+    key = mark_folder(args.folder, args.out, cfg, force=args.force, params=DesignParams(**design), **options)
     print(
         f"marked {len(key['published'])} of {len(key['files'])} images into {args.out} (design {key['design']}): "
         f"publish those; keep {Path(args.out) / KEY_NAME} and the originals private: the audit needs them"
@@ -428,45 +385,27 @@ def audit_own_model(args: argparse.Namespace) -> None:
     from .owner.audit import audit_owner, load_predictor
     from .owner.key import load_key
 
-    _refuse_stage_flags(args, "auditing a model with --model")
-    if args.config is not None:
-        raise ConfigError(f"{args.config}: audit --model takes no CONFIG (it audits your own images)")
-    if not hasattr(args, "model"):
-        raise ConfigError(
-            f"{_flag(_given(args, OWNER_AUDIT_FLAGS)[0])}: auditing your own images needs "
-            "--model MODEL (a checkpoint or module:function)"
-        )
-    if not hasattr(args, "user"):
-        raise ConfigError("audit --model: pass --user FOLDER (your marked images)")
     user = Path(args.user)
     if not user.is_dir():
         raise StageError(f"--user {user}: {'not a folder' if user.exists() else 'folder not found'}")
-    key_path = Path(args.key) if hasattr(args, "key") else user / KEY_NAME
+    key_path = user / KEY_NAME if args.key is None else Path(args.key)
     if not key_path.exists():
         raise StageError(
             f"{key_path}: no key file here"
-            + ("" if hasattr(args, "key") else f"; is {user} the --out folder of mtrack mark? Otherwise pass --key")
+            + (f"; is {user} the --out folder of mtrack owner mark? Otherwise pass --key" if args.key is None else "")
         )
     key = load_key(key_path, user)
-    predict = load_predictor(args.model, getattr(args, "arch", None), getattr(args, "num_classes", None))
-    json_out = getattr(args, "json_out", None)
-    if json_out is not None:
-        if Path(json_out).is_dir():
-            raise StageError(f"--json {json_out}: is a folder; name a file")
-        writable_folder(Path(json_out).absolute().parent, "--json")
-    result = audit_owner(
-        key,
-        predict,
-        getattr(args, "originals", None),
-        getattr(args, "label", None),
-        getattr(args, "draws_seed", None),
-        key_source=str(key_path),
-    )
-    alpha = getattr(args, "alpha", DEFAULT_LEVEL)
-    used = result["p_value"] <= alpha
+    predict = load_predictor(args.model, args.arch, args.num_classes)
+    if args.json_out is not None:
+        if Path(args.json_out).is_dir():
+            raise StageError(f"--json {args.json_out}: is a folder; name a file")
+        writable_folder(Path(args.json_out).absolute().parent, "--json")
+    result = audit_owner(key, predict, args.originals, args.label, args.draws_seed, key_source=str(key_path))
+    used = result["p_value"] <= args.alpha
     print(
         f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"
-        f" (p = {result['p_value']:.4g}, level {alpha}; smallest possible p {result['smallest_possible_p_value']:.4g})"
+        f" (p = {result['p_value']:.4g}, level {args.alpha}; smallest possible p "
+        f"{result['smallest_possible_p_value']:.4g})"
     )
     redo = f"; repeat with --draws-seed {result['draws_seed']}" if result["draws_seed"] is not None else ""
     print(
@@ -474,8 +413,8 @@ def audit_own_model(args: argparse.Namespace) -> None:
         f"{result['n_candidates']} other candidates of design {result['design']}: min "
         f"{result['candidates_loss']['min']:.4g}, median {result['candidates_loss']['median']:.4g}{redo}"
     )
-    if json_out is not None:
-        write_json(json_out, result)
+    if args.json_out is not None:
+        write_json(args.json_out, result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,10 +425,38 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().removeHandler(handler)  # called again in one process (tests, scripts): log each line once
 
 
+def _old_owner_spelling(argv: list[str]) -> list[str]:
+    """`mtrack mark FOLDER --out ...` and `mtrack audit --model ...`, the owner's spellings before
+    `mtrack owner`, told by the flag each needed: run as `mtrack owner ...` after a one-line notice."""
+    if argv and argv[0] in OLD_OWNER_SPELLINGS:
+        flag, rest = OLD_OWNER_SPELLINGS[argv[0]]
+        if any(arg.split("=", 1)[0] == flag for arg in argv[1:]):
+            print(
+                f"notice: 'mtrack {argv[0]} {rest}' is now 'mtrack owner {argv[0]} {rest}'; the old spelling goes "
+                "in the next release",
+                file=sys.stderr,
+            )
+            return ["owner", *argv]
+    return argv
+
+
+def _not_taken(args: argparse.Namespace, stray: str) -> str:
+    """The error for an argument the command does not take, saying where it belongs when the other
+    audience has a command of that name (`--seed` on `mtrack mark CONFIG`, `--shard` on `mtrack owner mark`)."""
+    command = " ".join(filter(None, (args.command, getattr(args, "owner_command", None))))
+    elsewhere = f"; {ELSEWHERE[command]}" if command in ELSEWHERE else ""
+    name, what = (stray.split("=", 1)[0], "an option") if stray.startswith("-") else (stray, "an argument")
+    return f"{name}: not {what} of mtrack {command}{elsewhere}"
+
+
 def _dispatch(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "experiments":
+        args, stray = build_parser().parse_known_args(_old_owner_spelling(sys.argv[1:] if argv is None else argv))
+        if stray:
+            raise ConfigError(_not_taken(args, stray[0]))
+        if args.command == "owner":
+            (mark_own_folder if args.owner_command == "mark" else audit_own_model)(args)
+        elif args.command == "experiments":
             from .experiments import run_table
 
             for table in args.tables:
@@ -505,18 +472,14 @@ def _dispatch(argv: list[str] | None) -> int:
             launch(args.config, overrides, args.launcher, args.force, args.dry_run, args.wait)
         elif args.command == "status":
             status(args.run_dir, args.follow)
-        elif args.command == "mark" and _is_owner_mark(args):
-            mark_own_folder(args)
-        elif args.command == "audit" and _given(args, OWNER_AUDIT_FLAGS):
-            audit_own_model(args)
         else:
             spec = STAGES[args.command]
-            if args.config is None or (spec.arms and not args.arm):
-                raise ConfigError(f"{args.command}: needs a CONFIG" + (" and --arm" if spec.arms else ""))
             num_shards = getattr(args, "num_shards", None) or 1
             shard = getattr(args, "shard", None)
             if shard is not None and shard >= num_shards:
                 raise ConfigError(f"--shard {shard}: outside 0..{num_shards - 1} (--num-shards {num_shards})")
+            if args.command in ELSEWHERE and Path(args.config).is_dir():
+                raise ConfigError(f"{args.config}: is a folder, not a run config; {ELSEWHERE[args.command]}")
             cfg = load_config(args.config, args.overrides)
             if "results_dir" in spec.config:  # a stage that publishes there: refused before it runs
                 writable_folder(cfg.results_dir, "results_dir")

@@ -50,11 +50,11 @@ class DataConfig(_Strict):
 
 
 class OwnersConfig(_Strict):
-    """Data owners who mark a folder with their own tool (`mtrack mark`, its key) instead of being
-    marked by the mark stage: each member user becomes an owner holding `images` images of their
-    class, whose published ones (samples_per_user of them) are in the training set; `never_trained`
-    more owners publish images no model trains on. `bench/owner_audit.py` then runs
-    `mtrack audit` for every owner."""
+    """Data owners who mark a folder with their own tool (`mtrack owner mark`, its key) instead of
+    being marked by the mark stage: each member user becomes an owner holding `images` images of
+    their class, whose published ones (samples_per_user of them) are in the training set;
+    `never_trained` more owners publish images no model trains on. `bench/owner_audit.py` then runs
+    `mtrack owner audit` for every owner."""
 
     images: int = Field(100, ge=2)  # P: the owner's folder of originals
     never_trained: int = Field(100, ge=0)

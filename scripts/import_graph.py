@@ -37,7 +37,7 @@ WHAT = {
     "training": "Lightning module, schedules, callbacks, countermeasures",
     "stages": "stage contracts, the DAG, plan · mark · write · train · audit · report, W&B",
     "launchers": "local processes, SLURM through submitit",
-    "owner": "the data owner's mtrack mark / mtrack audit",
+    "owner": "the data owner's mtrack owner mark / audit",
     "app": "the mtrack command, experiment tables, rehearsals",
 }
 

@@ -265,7 +265,7 @@ def test_owner_mark_refuses(make, args: list[str], names: str, owner: Path, tmp_
     make(src)
     before = snapshot(tmp_path)
     args = [a.format(tmp=tmp_path) for a in args]
-    assert_refused(capsys, ["mark", src, "--out", out, *args], names, before)
+    assert_refused(capsys, ["owner", "mark", src, "--out", out, *args], names, before)
     assert snapshot(tmp_path) == before, "a refused marking left something behind"
 
 
@@ -299,26 +299,67 @@ def test_owner_mark_refuses_an_output_it_cannot_write(
     shutil.copytree(owner / "originals", src)
     out = make_out(tmp_path)
     before = snapshot(tmp_path)
-    assert_refused(capsys, ["mark", src, "--out", out], names, before)
+    assert_refused(capsys, ["owner", "mark", src, "--out", out], names, before)
     assert snapshot(tmp_path) == before and not out.is_dir()
 
 
 def test_owner_mark_names_a_missing_input_folder(tmp_path: Path, capsys) -> None:
     assert_refused(
-        capsys, ["mark", tmp_path / "my-photos", "--out", tmp_path / "out"], "my-photos: input folder not found", {}
+        capsys,
+        ["owner", "mark", tmp_path / "my-photos", "--out", tmp_path / "out"],
+        "my-photos: input folder not found",
+        {},
     )
-    assert_refused(capsys, ["mark", tmp_path / "my-photos"], "not found (neither a run config nor a folder", {})
+    assert_refused(capsys, ["owner", "mark", tmp_path / "my-photos"], "required: --out", {})
     assert not (tmp_path / "out").exists()
 
 
 def test_stage_refuses_the_owners_flags(tmp_path: Path, capsys) -> None:
-    """`mtrack mark CONFIG --seed 3` would otherwise run the stage and silently ignore --seed."""
+    """`mtrack mark CONFIG --seed 3` would otherwise run the stage and silently ignore --seed: the
+    stage refuses an owner's flag, or a folder, in one line naming the owner's command (no notice:
+    without --out or --model it is not the owner's old spelling)."""
     run_dir = tmp_path / "run"
-    assert_refused(capsys, ["mark", TINY, "--set", f"run_dir={run_dir}", "--seed", "3"], "--seed: only for marking", {})
-    assert_refused(
-        capsys, ["audit", TINY, "--arm", "marked", "--set", f"run_dir={run_dir}", "--label", "1"], "--model", {}
-    )
+    for argv, line in (
+        (
+            ["mark", TINY, "--set", f"run_dir={run_dir}", "--seed", "3"],
+            "--seed: not an option of mtrack mark; marking your own folder is mtrack owner mark FOLDER --out FOLDER",
+        ),
+        (
+            ["audit", TINY, "--arm", "marked", "--set", f"run_dir={run_dir}", "--label=1"],
+            "--label: not an option of mtrack audit; auditing a model for your own images is mtrack owner audit "
+            "--model M --user FOLDER",
+        ),
+        (
+            ["mark", tmp_path, "--set", f"run_dir={run_dir}"],
+            f"{tmp_path}: is a folder, not a run config; marking your own folder is mtrack owner mark FOLDER --out "
+            "FOLDER",
+        ),
+    ):
+        assert main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
     assert not run_dir.exists()
+
+
+OLD_SPELLING = "notice: 'mtrack {0}' is now 'mtrack owner {0}'; the old spelling goes in the next release"
+
+
+def test_old_owner_spellings_run_the_owners_tool_after_one_notice(owner: Path, tmp_path: Path, capsys) -> None:
+    """`mtrack mark FOLDER --out ...` and `mtrack audit --model ...`, the spellings before `mtrack
+    owner`, still do what `mtrack owner mark|audit` does, after exactly one notice line on stderr."""
+    marked = {}
+    for spelling, notice in ((["mark"], [OLD_SPELLING.format("mark FOLDER ...")]), (["owner", "mark"], [])):
+        out = tmp_path / "-".join(spelling)
+        assert main([*spelling, str(owner / "originals"), "--out", str(out), "--seed", "4"]) == 0
+        assert capsys.readouterr().err.splitlines() == notice
+        marked[spelling[0]] = [e.get("marked_sha256") for e in json.loads((out / KEY_NAME).read_text())["files"]]
+    assert marked["mark"] == marked["owner"]
+    verdicts = {}
+    for spelling, notice in ((["audit"], [OLD_SPELLING.format("audit --model ...")]), (["owner", "audit"], [])):
+        assert main([*spelling, "--model", str(owner / "model.pt"), "--user", str(owner / "marked")]) == 0
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == notice
+        verdicts[spelling[0]] = captured.out
+    assert verdicts["audit"] == verdicts["owner"] and "verdict:" in verdicts["owner"]
 
 
 def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -345,7 +386,7 @@ def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path
         before = snapshot(tmp_path)
         assert_refused(
             capsys,
-            ["mark", src, "--out", out, "--seed", "5", "--design", "pattern", *extra],
+            ["owner", "mark", src, "--out", out, "--seed", "5", "--design", "pattern", *extra],
             "No space left on device",
             before,
         )
@@ -357,7 +398,7 @@ def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) ->
     """The marked copies and their folder get the usual permissions; only the key is 0600."""
     old = os.umask(0o022)
     try:
-        assert main(["mark", str(owner / "originals"), "--out", str(tmp_path / "pub"), "--seed", "1"]) == 0
+        assert main(["owner", "mark", str(owner / "originals"), "--out", str(tmp_path / "pub"), "--seed", "1"]) == 0
     finally:
         os.umask(old)
     out = tmp_path / "pub"
@@ -370,6 +411,7 @@ def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) ->
 def test_owner_mark_accepts_the_bounds(owner: Path, tmp_path: Path, capsys) -> None:
     """The largest values --help allows are accepted, not refused (the refusals above start one past them)."""
     argv = [
+        "owner",
         "mark",
         str(owner / "originals"),
         "--out",
@@ -409,9 +451,8 @@ def test_owner_mark_accepts_unusual_images(mode: str, tmp_path: Path, capsys) ->
         )
     else:
         _image(src / ("a.jpg" if mode == "CMYK" else "a.png"), mode)
-    assert main(["mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]) == 0, (
-        capsys.readouterr().err
-    )
+    argv = ["owner", "mark", str(src), "--out", str(tmp_path / "out"), "--seed", "3", "--design", "pattern"]
+    assert main(argv) == 0, capsys.readouterr().err
     key = json.loads((tmp_path / "out" / KEY_NAME).read_text())
     assert len(key["files"]) == 1
     assert read_rgb(tmp_path / "out" / key["files"][0]["marked"]).shape == (12, 16, 3)
@@ -597,7 +638,7 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         ["--originals", "{root}/model.pt"],
         "--originals {root}/model.pt: not a",
     ),
-    ("a config next to --model", lambda r: r / "model.pt", [str(TINY)], "takes no CONFIG"),
+    ("a config next to --model", lambda r: r / "model.pt", [str(TINY)], "tiny.yaml: not an argument of mtrack owner"),
     ("a stage flag next to --model", lambda r: r / "model.pt", ["--arm", "marked"], "--arm"),
 ]
 
@@ -612,7 +653,7 @@ def test_owner_audit_refuses(
     args = [a.format(root=root) for a in args]
     user = [] if "--user" in args else ["--user", root / "marked"]
     before = snapshot(root)
-    assert_refused(capsys, ["audit", "--model", model, *user, *args], names.format(root=root), before)
+    assert_refused(capsys, ["owner", "audit", "--model", model, *user, *args], names.format(root=root), before)
     assert not (root / "executed").exists(), "loading the checkpoint ran code"
     assert snapshot(root) == before
 
@@ -700,7 +741,8 @@ def test_key_file_refused_by_field(edit, names: str, owner: Path, tmp_path: Path
     monkeypatch.chdir(root)
     model = _key_edit(edit)(root)
     before = snapshot(root)
-    assert_refused(capsys, ["audit", "--model", model, "--user", root / "marked"], f"{KEY_NAME}: {names}", before)
+    argv = ["owner", "audit", "--model", model, "--user", root / "marked"]
+    assert_refused(capsys, argv, f"{KEY_NAME}: {names}", before)
     assert not (root / "model-was-called").exists(), "the model was run on an invalid key"
     assert snapshot(root) == before
 
@@ -709,12 +751,12 @@ def test_valid_key_runs_the_model(owner: Path, tmp_path: Path, capsys, monkeypat
     """The control for the cases above: the same callable on the unedited key is called, and passes."""
     root = _owner_copy(owner, tmp_path)
     monkeypatch.chdir(root)
-    assert main(["audit", "--model", _key_edit(lambda k: None)(root), "--user", str(root / "marked")]) == 0
+    assert main(["owner", "audit", "--model", _key_edit(lambda k: None)(root), "--user", str(root / "marked")]) == 0
     assert (root / "model-was-called").exists() and "verdict:" in capsys.readouterr().out
 
 
 def test_audit_without_user_folder(owner: Path, capsys) -> None:
-    assert_refused(capsys, ["audit", "--model", owner / "model.pt"], "--user", snapshot(owner))
+    assert_refused(capsys, ["owner", "audit", "--model", owner / "model.pt"], "required: --user", snapshot(owner))
 
 
 # --- configs, data and the run directory ----------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Random bad input thrown at the three commands a person types by hand: the owner's `mtrack mark`
-and `mtrack audit` (options and every field of the key file) and `mtrack run` (`--set` values and
+"""Random bad input thrown at the three commands a person types by hand: the owner's `mtrack owner
+mark` and `mtrack owner audit` (options and every field of the key file) and `mtrack run` (`--set` values and
 whole config files). Every case must end in exit status 2 and exactly one line on stderr, the
 `error:` line, naming what is wrong; no traceback; and the file tree exactly as it was.
 
@@ -354,7 +354,8 @@ def test_mark_refuses_random_bad_options(owner: Path, tmp_path: Path) -> None:
     def check(case: tuple[tuple[str, str], list[str], int]) -> None:
         (flag, value), others, at = case
         others.insert(min(at, len(others)), f"{flag}={value}")
-        refused(["mark", str(root / "originals"), "--out", str(root / "published"), "--force", *others], root, flag)
+        argv = ["owner", "mark", str(root / "originals"), "--out", str(root / "published"), "--force", *others]
+        refused(argv, root, flag)
 
     assert _run(check, st.tuples(bad_option("mark"), good_options("mark"), st.integers(0, 4)), N_MARK) >= N_MARK
 
@@ -366,7 +367,8 @@ def test_audit_refuses_random_bad_options(owner: Path, tmp_path: Path) -> None:
     def check(case: tuple[tuple[str, str], list[str], int]) -> None:
         (flag, value), others, at = case
         others.insert(min(at, len(others)), f"{flag}={value}")
-        refused(["audit", "--model", str(root / "model.pt"), "--user", str(root / "published"), *others], root, flag)
+        argv = ["owner", "audit", "--model", str(root / "model.pt"), "--user", str(root / "published"), *others]
+        refused(argv, root, flag)
 
     assert _run(check, st.tuples(bad_option("audit"), good_options("audit"), st.integers(0, 2)), N_AUDIT) >= N_AUDIT
 
@@ -401,7 +403,16 @@ def test_audit_refuses_random_bad_key_fields(owner: Path, tmp_path: Path) -> Non
             edited.write_text(json.dumps(_mutate(key, kind, value)))
             names = f"{edited.name}: {kind.split('.')[0]}"
         refused(
-            ["audit", "--model", str(root / "model.pt"), "--user", str(root / "published"), "--key", str(edited)],
+            [
+                "owner",
+                "audit",
+                "--model",
+                str(root / "model.pt"),
+                "--user",
+                str(root / "published"),
+                "--key",
+                str(edited),
+            ],
             root,
             names,
         )
@@ -468,8 +479,8 @@ def test_installed_entry_point(command: str, extra: list[str], names: str, owner
     root = tmp_path / "owner"
     shutil.copytree(owner, root)
     argv = {
-        "mark": ["mark", str(root / "originals"), "--out", str(root / "new")],
-        "audit": ["audit", "--model", str(root / "model.pt"), "--user", str(root / "published")],
+        "mark": ["owner", "mark", str(root / "originals"), "--out", str(root / "new")],
+        "audit": ["owner", "audit", "--model", str(root / "model.pt"), "--user", str(root / "published")],
         "run": ["run", str(TINY), "--set", f"run_dir={root / 'run'}"],
     }[command] + extra
     before = snapshot(root)

@@ -50,7 +50,7 @@ def test_the_committed_drawing_is_current() -> None:
 
 def test_owner_commands_load_no_stage_training_or_plotting_code(tmp_path) -> None:
     probe = (
-        "import sys; from pipeline.cli import main; main(sys.argv[1:]); "
+        "import sys; from pipeline.cli import main; assert main(sys.argv[1:]) == 0; "
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'ffcv', 'matplotlib', 'skimage', 'lightning'}); "
         "stages = sorted(m for m in sys.modules if m.startswith(('pipeline.stages.', 'pipeline.training'))); "
         "print(heavy, [m for m in stages if m not in ('pipeline.stages.contract', 'pipeline.stages.dag')])"
@@ -66,10 +66,13 @@ def test_owner_commands_load_no_stage_training_or_plotting_code(tmp_path) -> Non
             sys.executable,
             "-c",
             probe,
+            "owner",
             "mark",
             str(tmp_path / "photos"),
             "--out",
             str(tmp_path / "out"),
+            "--design",
+            "pattern",
             "--n-patterns",
             "4",
         ],

@@ -1,17 +1,20 @@
-"""The mark stage: sharded marking gives the same marks as one process (bit-identical for a seed),
-shards are idempotent."""
+"""The mark stage: sharded marking gives the same marks as one process (bit-identical for a seed)
+and reports their quality against the originals; shards are idempotent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
+from skimage.metrics import structural_similarity
 
 from pipeline.config import load_config
+from pipeline.data.sources import StoredImages, load_source
 from pipeline.stages.contract import Task, stage_for
 from pipeline.stages.dag import run_task
-from pipeline.stages.mark import load_marked
+from pipeline.stages.mark import load_marked, user_images
 from pipeline.store import file_sha256, read_json
 
 
@@ -49,8 +52,19 @@ def test_shards_match_a_single_process(tmp_path: Path, repo: Path) -> None:
         "mark/marked_examples.png",
     ):
         assert file_sha256(Path(whole.run_dir) / rel) == file_sha256(Path(split.run_dir) / rel), rel
-    quality = read_json(Path(split.run_dir) / "mark" / "quality.json")["per_user"]
-    assert all(q["psnr_mean"] > 10 and 0 < q["ssim_mean"] <= 1 for q in quality)
+    # each user's quality is that of its marked images against the stored originals, recomputed here
+    stored = StoredImages(load_source(split.data).train_images, split.data.max_resolution)
+    marked = user_images(b, users)
+    quality = {q["user_id"]: q for q in read_json(Path(split.run_dir) / "mark" / "quality.json")["per_user"]}
+    assert quality.keys() == {u["user_id"] for u in users}
+    for user in users:
+        pairs = list(zip(stored.take(user["sample_ids"]), marked[user["user_id"]]))
+        mse = np.array([np.mean((o.astype(float) - m.astype(float)) ** 2) for o, m in pairs])
+        psnr = 10 * np.log10(255**2 / mse)
+        ssim = np.array([structural_similarity(o, m, channel_axis=-1, data_range=255) for o, m in pairs])
+        q = quality[user["user_id"]]
+        assert (q["psnr_mean"], q["psnr_min"]) == pytest.approx((psnr.mean(), psnr.min())), user["user_id"]
+        assert (q["ssim_mean"], q["ssim_min"]) == pytest.approx((ssim.mean(), ssim.min())), user["user_id"]
 
 
 def test_finished_shard_is_a_no_op(tmp_path: Path, repo: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.config import MarkConfig
 from pipeline.data.images import ImageError, read_rgb
 from pipeline.owner.designs import DesignParams
@@ -89,6 +91,7 @@ def test_command_line(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pipeline.cli",
+            "owner",
             "mark",
             str(src),
             "--out",
@@ -104,11 +107,67 @@ def test_command_line(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o" / KEY_NAME).read_text())["mark"]["alpha"] == 0.8
     bad = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "mark", str(src), "--out", str(tmp_path / "p"), "--alpha", "1.5"],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "owner",
+            "mark",
+            str(src),
+            "--out",
+            str(tmp_path / "p"),
+            "--alpha",
+            "1.5",
+        ],
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 2 and "alpha" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# Every option of the owner's commands, with the bounds docs/owner.md gives for the numbers.
+OWNER_HELP = {
+    "mark": {
+        "--out": "",
+        "--force": "",
+        "--seed": "(0 <= S <= 2**63 - 1;",
+        "--noise": "",
+        "--epsilon": "(0.0 <= E <= 1.0;",
+        "--alpha": "(0.0 < A <= 1.0;",
+        "--pattern": "",
+        "--ood-folder": "",
+        "--max-resolution": "(8 <= R)",
+        "--design": "",
+        "--publish": "",
+        "--draws": "(1 <= B <= 9999;",
+        "--n-patterns": "(2 <= N <= 1000;",
+        "--label": "(0 <= L < 100000)",
+    },
+    "audit": {
+        "--model": "",
+        "--user": "",
+        "--arch": "",
+        "--num-classes": "(2 <= C <= 100000)",
+        "--key": "",
+        "--originals": "",
+        "--label": "(0 <= L < 100000,",
+        "--alpha": "(0.0 < A < 1.0;",
+        "--draws-seed": "",
+        "--json": "",
+    },
+}
+
+
+@pytest.mark.parametrize("command", OWNER_HELP)
+def test_help_lists_every_option_with_its_bounds(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["owner", command, "--help"])
+    assert done.value.code == 0
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:")[1])[1:]  # one per option
+    described = {entry.split()[0]: " ".join(entry.split()) for entry in entries if not entry.startswith("-h")}
+    assert described.keys() == OWNER_HELP[command].keys()
+    for flag, bounds in OWNER_HELP[command].items():
+        assert bounds in described[flag], described[flag]
 
 
 def test_publishes_a_secret_subset_and_lists_every_original(tmp_path: Path) -> None:

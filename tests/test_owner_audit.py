@@ -22,7 +22,8 @@ from pipeline.core.models import Normalized, build_model, save_weights
 from pipeline.core.stats import binomial_limits
 from pipeline.data.images import read_rgb
 from pipeline.data.sources import load_source
-from pipeline.owner.audit import audit_owner
+from pipeline.owner import audit as owner_audit
+from pipeline.owner.audit import audit_owner, candidate_mean_losses
 from pipeline.owner.designs import DESIGNS, DesignParams, published_candidate
 from pipeline.owner.key import KEY_NAME, load_key, validate_key
 from pipeline.owner.marking import mark_folder
@@ -191,6 +192,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pipeline.cli",
+            "owner",
             "audit",
             "--model",
             str(weights),
@@ -216,12 +218,20 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
         load_key(tmp / "subset" / KEY_NAME, other)
 
 
-def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> None:
+def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch) -> None:
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
-    training images through plan/mark/write/train, `mtrack audit` runs for every owner, and the
-    results file has the promised fields (power is the trained-CNN test's and the benchmark's job)."""
+    training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and each
+    reported p-value is (1 + #{draws with mean loss <= the published one's}) / (draws + 1), counted
+    here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job)."""
     from bench.owner_audit import main as owner_benchmark
 
+    scored = []
+
+    def recording(*args: Any, **kwargs: Any) -> np.ndarray:
+        scored.append(candidate_mean_losses(*args, **kwargs))
+        return scored[-1]
+
+    monkeypatch.setattr(owner_audit, "candidate_mean_losses", recording)
     run = tmp_path / "run"
     owner_benchmark(
         [
@@ -245,10 +255,18 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path) -> Non
     )
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
-    assert len(result["trained_on_p"]) == 3 and len(result["never_trained_on_p"]) == 2
-    assert all(0.05 <= p <= 1 for p in result["trained_on_p"] + result["never_trained_on_p"])  # 1/(19 + 1) at best
     folder = Path(f"{run}-subset")
     plan = json.loads((folder / "plan" / "users.json").read_text())
+    assert len(scored) == len(plan["owners"]) == 5  # one audit per owner, in the plan's order
+    p = {}
+    for owner, losses in zip(plan["owners"], scored):
+        audit = json.loads((folder / "owner-audit" / f"{owner['owner_id']:05d}.json").read_text())
+        published, draws = losses[0], losses[1:]
+        assert len(draws) == 19 and audit["published_loss"] == pytest.approx(published)
+        assert audit["p_value"] == pytest.approx((1 + np.sum(draws <= published)) / 20), owner
+        p.setdefault(owner["trained"], []).append(audit["p_value"])
+    assert (result["trained_on_p"], result["never_trained_on_p"]) == (p[True], p[False])
+    assert len(p[True]) == 3 and len(p[False]) == 2
     owner = plan["owners"][0]
     published = folder / "mark" / "owners" / f"{owner['owner_id']:05d}" / "published"
     key = load_key(published / KEY_NAME, published)

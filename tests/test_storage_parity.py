@@ -12,11 +12,14 @@ from ffcv.fields.rgb_image import IMAGE_MODES, resizer
 
 from bench.common import write_jpeg_folder
 from pipeline.config import RunConfig
+from pipeline.core.survival import jpeg_roundtrip, mark_survival
 from pipeline.data.images import fit_to_grid
+from pipeline.data.ood import ood_pool
 from pipeline.data.sources import StoredImages, load_source
 from pipeline.data.torchdata import BetonRecords
 from pipeline.stages.contract import Task
 from pipeline.stages.dag import run_task
+from pipeline.stages.mark import intended_marks, load_marked, user_images
 from pipeline.stages.write import image_storage
 
 SIZES = ((40, 30), (24, 36), (30, 30), (18, 22))  # (width, height): some beyond max_resolution 24, some within
@@ -120,7 +123,7 @@ def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(
     folder: Path, tmp_path: Path, mode: str, max_resolution: int | None
 ) -> None:
     cfg = _write(folder, tmp_path / "run", mode, max_resolution, {})
-    members, _, position = _members(cfg)
+    members, users, position = _members(cfg)
     train, arms = _records(cfg, "train.beton"), _arms(cfg)
     member_positions = [position[sid] for user in members for sid in user["sample_ids"]]
     for i in member_positions:
@@ -128,16 +131,21 @@ def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(
             _stored(train, arms[arm][i]) for arm in ("marked", "control")
         )
         assert (mode_m, h_m, w_m) == (mode_c, h_c, w_c) and data_m != data_c
-    # the report's stored-survival numbers describe this storage
+    # the report's stored-survival numbers describe this storage: each member's marked image as it
+    # is kept, a JPEG round trip at data.jpeg_quality where its record is JPEG
     survival = json.loads((Path(cfg.run_dir) / "write" / "survival.json").read_text())
     jpeg = train.image_meta["mode"][arms["control"][member_positions]] == IMAGE_MODES["jpg"]
     assert survival["member_jpeg_share"] == pytest.approx(jpeg.mean())
     assert survival["n_images"] == len(member_positions)
-    raw, stored = survival["storage"]["raw"], survival["storage"]["stored"]
-    if not jpeg.any():
-        assert stored == raw
-    else:
-        assert stored["noise"] < raw["noise"] - 0.05 and stored["pattern"] > 0.5
+    originals, patterns, seeds = intended_marks(
+        cfg, load_source(cfg.data), members, ood_pool(cfg.mark, cfg.data.image_size)
+    )
+    marked = user_images(load_marked(Path(cfg.run_dir) / "mark", users), members)
+    raw = [image for user in members for image in marked[user["user_id"]]]
+    kept = [jpeg_roundtrip(image[None], 75)[0] if is_jpeg else image for image, is_jpeg in zip(raw, jpeg)]
+    expected = mark_survival(originals, raw, cfg.mark, patterns, seeds, qualities=(), stored={"stored": kept})
+    for version in ("raw", "stored"):
+        assert survival["storage"][version] == pytest.approx(expected[version]), version
 
 
 def test_fit_to_grid_shrinks_as_ffcv_writer_does() -> None:

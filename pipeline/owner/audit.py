@@ -1,4 +1,4 @@
-"""Auditing a model for the owner's own images (`mtrack audit --model M --user FOLDER`)."""
+"""Auditing a model for the owner's own images (`mtrack owner audit --model M --user FOLDER`)."""
 
 from __future__ import annotations
 

@@ -52,9 +52,9 @@ class Candidate:
 
 @checked_dataclass(frozen=True)
 class DesignParams:
-    """What `mtrack mark` is told: the design, how many images it publishes (subset, groups), how
-    many subsets the audit draws (subset) and how many secret patterns there are (pattern). Bounds
-    are checked when it is made; `check` adds what depends on the folder."""
+    """What `mtrack owner mark` is told: the design, how many images it publishes (subset, groups),
+    how many subsets the audit draws (subset) and how many secret patterns there are (pattern).
+    Bounds are checked when it is made; `check` adds what depends on the folder."""
 
     design: Design = "subset"
     publish: PublishCount | None = None  # None: a tenth of the folder

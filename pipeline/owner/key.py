@@ -6,8 +6,8 @@ the audit runs years after marking. It is validated against the schema of its `f
 before anything is computed from it, and refused by file and field otherwise. Each format version
 is one model in `KEY_FORMATS`; a new version adds a model and keeps reading the old ones (format 1
 is read as format 2's `pattern` design).
-The bounds of the owner's options live here too, so `mtrack mark`, `mtrack audit` and the key
-schema accept exactly the same values.
+The bounds of the owner's options live here too, so `mtrack owner mark`, `mtrack owner audit` and
+the key schema accept exactly the same values.
 """
 
 from __future__ import annotations

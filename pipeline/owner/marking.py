@@ -1,4 +1,4 @@
-"""A data owner's own marking: `mtrack mark <folder> --out <folder>`.
+"""A data owner's own marking: `mtrack owner mark <folder> --out <folder>`.
 
 Reads every image in a folder (any size or format; grey, RGBA, 16-bit, palette and EXIF-rotated
 images become upright RGB), marks the ones its design publishes (by default a random tenth, see

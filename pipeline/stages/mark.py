@@ -1,8 +1,8 @@
 """Stage `mark`: apply every user's mark to their images, optionally in shards.
 
 Owners (`plan.owners`) are not marked here but by their own tool: their originals are written as a
-folder under `owners/<id>/` and marked by the code `mtrack mark` runs, with the owner's seed; the
-published images of trained-on owners become their member users' marked images.
+folder under `owners/<id>/` and marked by the code `mtrack owner mark` runs, with the owner's seed;
+the published images of trained-on owners become their member users' marked images.
 
 Members and non-members are marked the same way, each with their own pattern; noise is seeded per
 (user, sample), so marks are bit-identical for a seed whatever the sharding. Each image is marked
@@ -168,10 +168,11 @@ def owner_folder(stage_dir: Path, owner_id: int) -> Path:
 def run_owner_tool(
     cfg: RunConfig, stored: StoredImages, owner: dict[str, Any], design: DesignParams, folder: Path
 ) -> list[np.ndarray]:
-    """The folder a real owner would have: their originals as PNG files (`originals/`, on the grid the
-    write stage stores them on, as `mtrack mark --max-resolution` would mark them), marked by the
-    owner's own tool (the code `mtrack mark` runs, with the owner's seed) into `published/`. Returns
-    the published images in sample order, after checking they are the ones the plan put in training."""
+    """The folder a real owner would have: their originals as PNG files (`originals/`, on the grid
+    the write stage stores them on, as `mtrack owner mark --max-resolution` would mark them), marked
+    by the owner's own tool (the code `mtrack owner mark` runs, with the owner's seed) into
+    `published/`. Returns the published images in sample order, after checking they are the ones the
+    plan put in training."""
     originals = folder / "originals"
     originals.mkdir(parents=True, exist_ok=True)
     for sid, image in zip(owner["pool"], stored.take(owner["pool"])):

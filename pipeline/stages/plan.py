@@ -122,7 +122,7 @@ def make_plan(cfg: RunConfig, data: ImageSplits) -> tuple[dict[str, Any], np.nda
 
 
 def owner_params(cfg: RunConfig) -> DesignParams:
-    """The `mtrack mark` options every owner of the run uses."""
+    """The `mtrack owner mark` options every owner of the run uses."""
     o = cfg.plan.owners
     assert o is not None
     return DesignParams(o.design, None if o.design == "pattern" else cfg.plan.samples_per_user, o.draws, o.n_patterns)
@@ -140,7 +140,8 @@ def _draw_owners(
 ) -> list[dict[str, Any]]:
     """Owners holding `plan.owners.images` held-out images of one class each (trained ones: of the
     member classes). Which images an owner publishes is their tool's choice from their seed, made
-    here by the same function `mtrack mark` calls; the mark stage checks that the tool agrees."""
+    here by the same function `mtrack owner mark` calls; the mark stage checks that the tool
+    agrees."""
     assert cfg.plan.owners is not None
     drawn = _draw_users(
         "owner",
