@@ -64,7 +64,7 @@ DESCRIPTION = f"""Data-use auditing: a data owner's tool, and the benchmark pipe
 
   for data owners:             mtrack owner mark FOLDER --out FOLDER, later
                                mtrack owner audit --model M --user FOLDER  (mtrack owner --help)
-  for benchmarks and clusters: run, status, experiments, and one command per stage
+  for benchmarks and clusters: run, status, experiments, publish, and one command per stage
                                ({", ".join(STAGES)}), each on a run config"""
 
 
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_command(sub)
     _status_command(sub)
     _experiments_command(sub)
+    _publish_command(sub)
     _stage_commands(sub)
     return parser
 
@@ -327,6 +328,26 @@ def _experiments_command(sub: Any) -> None:
         metavar="N",
         help="repeat every row (the baseline too) over seeds 0..N-1 instead of the table's seeds",
     )
+    experiments.add_argument(
+        "--wandb",
+        choices=("offline", "online"),
+        help="log every row x seed to W&B, in a group per table, labelled with table, row and seed",
+    )
+
+
+def _publish_command(sub: Any) -> None:
+    publish = sub.add_parser(
+        "publish", help="publish the finished stages of a run to W&B (a run that finished with W&B off)"
+    )
+    publish.add_argument("config", help="the run's config (YAML)")
+    publish.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the run's overrides, as given to `mtrack run` (and wandb.* settings, e.g. wandb.mode=online)",
+    )
 
 
 def _stage_commands(sub: Any) -> None:
@@ -460,7 +481,18 @@ def _dispatch(argv: list[str] | None) -> int:
             from .experiments import run_table
 
             for table in args.tables:
-                run_table(table, args.launcher, base=args.base, seeds=args.seeds)
+                run_table(table, args.launcher, base=args.base, seeds=args.seeds, wandb=args.wandb)
+        elif args.command == "publish":
+            from .stages.tracking import publish_run
+
+            cfg = load_config(args.config, [*args.overrides, "wandb.enabled=true"])
+            published = publish_run(cfg)
+            if not published:
+                raise StageError(f"{cfg.run_dir}: no finished stage to publish (run it first: mtrack run CONFIG)")
+            print(
+                f"published {len(published)} finished stage(s) of {cfg.run_dir} to W&B ({cfg.wandb.mode})"
+                + (f": {', '.join(published)}" if published else "")
+            )
         elif args.command == "run":
             overrides = args.overrides
             if args.rehearse:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mtrack
 
 from pipeline.config import load_config
 from pipeline.stages.contract import stage_for, tasks
 from pipeline.stages.dag import run_task
 from pipeline.stages.tracking import publish_run
-
-pytestmark = pytest.mark.slow
 
 # a setting of each stage's declared config, as its W&B run records it
 DECLARED = {
@@ -29,6 +28,7 @@ DECLARED = {
 SENTINEL = "mtrack-test-key-0123456789abcdef0123456789abcdef01234567"  # shaped like a 40-character key
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, repo: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
     tree = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
@@ -62,6 +62,7 @@ def test_offline_wandb_run_with_stable_id_and_no_key_on_disk(tmp_path: Path, rep
     assert stage_for(load_config(path), train).done()
 
 
+@pytest.mark.slow
 def test_every_run_carries_its_config_and_a_finished_run_can_be_published(tmp_path: Path, tiny_run: Path) -> None:
     """A run that finished with W&B off is published afterwards (`publish_run`, `mtrack publish`): one
     offline run per stage, each carrying the config its outputs depend on as dotted keys (a dashboard
@@ -87,3 +88,12 @@ def test_every_run_carries_its_config_and_a_finished_run_can_be_published(tmp_pa
     report = stage_for(cfg, tasks(cfg)[-1]).dir
     report_log = next((report / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert b"set_based/auc" in report_log and b"train.label_smoothing" in report_log  # upstream settings too
+
+
+def test_publishing_a_run_without_finished_stages_is_one_line(tmp_path: Path, repo: Path) -> None:
+    result = mtrack("publish", str(repo / "configs" / "tiny.yaml"), "--set", f"run_dir={tmp_path / 'none'}")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'none'}: no finished stage to publish (run it first: mtrack run CONFIG)"
+    )
