@@ -43,7 +43,7 @@ def test_every_stage_finished_with_its_outputs(tiny_run: Path) -> None:
             assert stage.path(rel).stat().st_size > 0
     run = Path(cfg.run_dir)
     users = json.loads((run / "plan" / "users.json").read_text())["users"]
-    marked = load_marked(run / "mark", users)
+    marked = load_marked(run / "mark" / "manifest.json", users)
     assert len(marked["images"]) == 24 * 8 and {image.shape for image in marked["images"]} == {(16, 16, 3)}
     losses = np.load(run / "audit-marked" / "losses.npz")
     assert sorted(losses["sample"].tolist()) == sorted(marked["sample_ids"].tolist())

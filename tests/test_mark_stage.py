@@ -38,8 +38,8 @@ def test_shards_match_a_single_process(tmp_path: Path, repo: Path) -> None:
     run_task(split, Task("mark", shard=1, num_shards=3))  # the last shard finishes the stage
     assert stage_for(split, Task("mark")).done()
     users = read_json(Path(whole.run_dir) / "plan" / "users.json")["users"]
-    a = load_marked(Path(whole.run_dir) / "mark", users)
-    b = load_marked(Path(split.run_dir) / "mark", users)
+    a = load_marked(Path(whole.run_dir) / "mark" / "manifest.json", users)
+    b = load_marked(Path(split.run_dir) / "mark" / "manifest.json", users)
     for key in ("user_ids", "sample_ids", "labels"):
         assert np.array_equal(a[key], b[key]), key
     assert np.array_equal(np.stack(list(a["images"])), np.stack(list(b["images"])))

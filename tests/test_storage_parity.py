@@ -12,7 +12,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, resizer
 
 from bench.common import write_jpeg_folder
 from pipeline.config import RunConfig
-from pipeline.core.survival import jpeg_roundtrip, mark_survival
+from pipeline.core.survival import jpeg_roundtrip, summarise_survival, survival_correlations
 from pipeline.data.images import fit_to_grid
 from pipeline.data.ood import ood_pool
 from pipeline.data.sources import StoredImages, load_source
@@ -140,10 +140,13 @@ def test_marked_members_keep_the_size_and_encoding_of_their_clean_images(
     originals, patterns, seeds = intended_marks(
         cfg, load_source(cfg.data), members, ood_pool(cfg.mark, cfg.data.image_size)
     )
-    marked = user_images(load_marked(Path(cfg.run_dir) / "mark", users), members)
+    marked = user_images(load_marked(Path(cfg.run_dir) / "mark" / "manifest.json", users), members)
     raw = [image for user in members for image in marked[user["user_id"]]]
     kept = [jpeg_roundtrip(image[None], 75)[0] if is_jpeg else image for image, is_jpeg in zip(raw, jpeg)]
-    expected = mark_survival(originals, raw, cfg.mark, patterns, seeds, qualities=(), stored={"stored": kept})
+    kept_by = {"stored": kept}
+    expected = summarise_survival(
+        [survival_correlations(originals, raw, cfg.mark, patterns, seeds, qualities=(), stored=kept_by)]
+    )
     for version in ("raw", "stored"):
         assert survival["storage"][version] == pytest.approx(expected[version]), version
 

@@ -220,10 +220,11 @@ def mark_shard(
     save_npz(path, **shard.arrays())
 
 
-def load_marked(mark_dir: Path, users: list[dict[str, Any]]) -> dict[str, Any]:
-    """All shards of a finished mark stage, rows in manifest order (user, then sample); "images" is
-    a `MarkedImages` view (nothing is read before it is asked for)."""
-    return merge_shards(mark_dir, read_json(mark_dir / "manifest.json")["shards"], users)
+def load_marked(manifest: Path, users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The marked images of a finished mark stage, read through its manifest (the stage's declared
+    output: the shards it lists, beside it), rows in manifest order (user, then sample); "images"
+    is a `MarkedImages` view (nothing is read before it is asked for)."""
+    return merge_shards(manifest.parent, read_json(manifest)["shards"], users)
 
 
 def merge_shards(mark_dir: Path, names: list[str], users: list[dict[str, Any]]) -> dict[str, Any]:

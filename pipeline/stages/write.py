@@ -154,7 +154,7 @@ def run_write(ctx: Context) -> None:
     cfg, stage = ctx.config, ctx.stage
     users = read_json(ctx.input("users"))["users"]
     train_ids = load_npz(ctx.input("train_ids"))["train_ids"]
-    marked = load_marked(ctx.input("marks").parent, users)
+    marked = load_marked(ctx.input("marks"), users)
     data = load_source(cfg.data)
     d = cfg.data
     member_ids = {u["user_id"] for u in users if u["role"] == "member"}
