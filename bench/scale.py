@@ -333,8 +333,9 @@ def imagenet_estimates(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for stage, n in images.items():
         s = at[stage]
-        per_image = s["cpu_seconds"] / s["images"]
-        cpu_hours = per_image * n / 3600
+        per_image = 1 / s["images_per_s_per_core"]  # shards only for a sharded stage; its merge is fixed
+        merge = s.get("merge_cpu_seconds", 0.0)
+        cpu_hours = (per_image * n + merge) / 3600
         estimate = dry.get(stage)
         rows.append(
             {
@@ -342,7 +343,7 @@ def imagenet_estimates(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "images": n,
                 "cpu_seconds_per_image": per_image,
                 "cpu_hours": cpu_hours,
-                "wall_hours": cpu_hours / parallel[stage],
+                "wall_hours": (per_image * n / parallel[stage] + merge) / 3600,
                 "parallel": parallel[stage],
                 "dry_run_wall_hours": None if estimate is None or estimate.wall_s is None else estimate.wall_s / 3600,
                 "dry_run_used": None if estimate is None else estimate.used,
@@ -446,9 +447,24 @@ def markdown(result: dict[str, Any]) -> str:
     return text
 
 
+def split_merges(result: dict[str, Any]) -> None:
+    """For a sharded stage, its rate per core from its shards alone (the work that grows with the
+    images) and the CPU seconds of its merge apart (a fixed cost: the mark stage's survival check on
+    at most 50 users, the examples grid; the audit's statistics)."""
+    for stage in result["stages"]:
+        jobs = [j for j in result["jobs"] if j["stage"] == stage["stage"] and j["n_images"] == stage["n_images"]]
+        shards = [j for j in jobs if "[" in j["job"]]
+        if not shards:
+            continue
+        shard_cpu = sum(j["cpu_seconds"] for j in shards)
+        stage["merge_cpu_seconds"] = round(stage["cpu_seconds"] - shard_cpu, 2)
+        stage["images_per_s_per_core"] = round(stage["images"] / shard_cpu, 2) if shard_cpu else None
+
+
 def report(result: dict[str, Any]) -> None:
     from pipeline.store import write_text
 
+    split_merges(result)
     result["fits"] = fits(result["stages"])
     result["imagenet"] = imagenet_estimates(result)
     write_json(OUT, result)
