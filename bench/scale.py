@@ -479,8 +479,8 @@ def report(result: dict[str, Any]) -> None:
             f"- `scale.json` — the ImageNet recipe rehearsed on {', '.join(f'{n:,}' for n in sizes)} "
             "ImageNet-shaped images "
             f"on the SLURM cluster ([scale.md](scale.md), [scale.png](scale.png)): steepest CPU-time slope {worst:.2f} "
-            f"(log-log), largest growth of a job's peak anonymous memory between the two largest sizes ×{growth:.2f}; "
-            + "; ".join(f"{r['case'].split(':')[0]} ×{r['ratio']:.2f}" for r in result["rows"])
+            f"(log-log), largest growth of a job's peak anonymous memory between the two largest sizes ×{growth:.2f}"
+            + "".join(f"; {r['case'].split(':')[0]} ×{r['ratio']:.2f}" for r in result["rows"])
         ),
     )
 
