@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .store import parse_yaml, yaml_problem
+
 MAX_SEED = 2**63 - 1  # seeds are 63-bit throughout (numpy's SeedSequence refuses negative ones)
 MAX_PATTERNS, MAX_DRAWS = 1000, 9999  # an owner's audit marks and scores K images per candidate
 MAX_SHARDS = 10_000  # array tasks a sharded stage may be split into
@@ -337,17 +339,18 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
-    so a recipe states only where it differs from the one it builds on."""
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file (`what`: "config file", "experiment table") as Python values: every way a file can
+    fail to be sane YAML (a folder, a device, not UTF-8, unreadable, broken, nested or numbered
+    beyond the parser's bounds) is refused in one line naming the file."""
     if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a config file")
+        raise ConfigError(f"{path}: is a folder, not {_a(what)}")
     if path.exists() and not path.is_file():
-        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket), not a config file")
+        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket), not {_a(what)}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{exc.object[exc.start]:02x}"
@@ -356,6 +359,16 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
+    so a recipe states only where it differs from the one it builds on."""
+    tree = read_yaml(path, "config file")
     if tree is None:  # an empty file: every setting at its default
         tree = {}
     if not isinstance(tree, dict):  # "0" or "[]" is not an empty config
@@ -369,14 +382,6 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merged(read_tree(base_path, (*seen, path.resolve())), tree)
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong in YAML text and where (1-based line and column), in one line."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"not valid YAML: {problem}{where}"
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """`section.key=value` as (dotted key, YAML value); a malformed one is refused naming it."""
     key, sep, raw = item.partition("=")
@@ -384,7 +389,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {item}: expected section.key=value")
     try:
-        return key, yaml.safe_load(raw)
+        return key, parse_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: {yaml_problem(exc).replace(' at line 1,', ' at')}") from None
 

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ..registry import Registry
-from ..store import StageError, atomic_path, first_line
+from ..store import StageError, atomic_path, first_line, parse_json
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("train.arch")
 
@@ -243,7 +243,7 @@ def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a classifier saved by `save_weights`, without executing any code from the file."""
     blob = read_checkpoint(path)
     try:
-        meta = json.loads(blob["meta"])
+        meta = parse_json(blob["meta"])
         net = build_model(meta["arch"], meta["num_classes"], meta["width"])
         model = Normalized(dp_compatible(net) if meta.get("group_norm") else net, meta["mean"], meta["std"])
         model.load_state_dict(blob["state_dict"])

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import MAX_SEED, ConfigError, load_config
+from ..config import MAX_SEED, ConfigError, load_config, read_yaml
 
 Seeds = tuple[int, ...]
 
@@ -76,9 +75,7 @@ class Table(_Strict):
 
 def load_table(path: Path) -> Table:
     try:
-        return Table.model_validate(yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment table not found") from None
+        return Table.model_validate(read_yaml(path, "experiment table"))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
