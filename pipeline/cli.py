@@ -28,7 +28,7 @@ from typing import Annotated, Any, get_args
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from .config import MAX_SHARDS, ConfigError, MarkConfig, load_config
+from .config import MAX_SHARDS, ConfigError, MarkConfig, load_config, problem_text
 from .console import attach_console
 from .data.images import ImageError
 from .data.sources import DataSourceError
@@ -389,7 +389,7 @@ def mark_own_folder(args: argparse.Namespace) -> None:
     except ValidationError as exc:  # the flags were range-checked already; this names any other rule
         err = exc.errors()[0]
         where = ", ".join(_flag(str(p)) for p in err["loc"]) or ", ".join(_flag(name) for name in chosen)
-        raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"{where}: {problem_text(err)}") from None
     options = {name: given[name] for name in ("seed", "max_resolution", "label") if name in given}
     design = {name: given[name] for name in ("design", "publish", "draws", "n_patterns") if name in given}
     chosen_design = design.get("design", "subset")

@@ -526,11 +526,22 @@ HOSTILE_FILES = [
     ("key", "key.json", "{" * 50_000 + "}" * 50_000, "key.json: not valid JSON"),
     ("status", "slurm-jobs.json", DEEP_JSON, "nested deeper than 64"),
     ("status", "slurm-jobs.json", '{"poll_s": -' + HUGE + "}", "an integer of 5000 digits"),
+    ("status", "slurm-jobs.json", _record(submitted_at="yesterday"), "submitted_at: Input should be a valid number"),
+    ("status", "slurm-jobs.json", _job(job_ids=["1;touch x"]), "'1;touch x' is not a SLURM job id"),
+    ("status", "slurm-jobs.json", _job(job_ids=["12", "-1"]), "jobs.0.job_ids.1"),
+    ("status", "slurm-jobs.json", _record(poll_s=True), "poll_s: should be a number, found true"),
+    ("status", "slurm-jobs.json", _job(shard="0"), "jobs.0.shard"),
+    ("status", "slurm-jobs.json", _record(jobs={}), "jobs: "),
+    ("status", "slurm-jobs.json", "[]", "should be a section"),
     *[("experiments", "t.yaml", f"{TABLE}set: {text}\n", "nested deeper than 64") for text in DEEP_YAML.values()],
     ("experiments", "t.yaml", TABLE.replace("[0]", f"[{HUGE}]"), "an integer of 5000 digits"),
+    ("experiments", "t.yaml", TABLE.replace("[0]", "[true]"), "seeds: should be a number, found true"),
     ("experiments", "t.yaml", "import os\nrows = {1: [\n", "t.yaml: not valid YAML"),
     ("experiments", "t.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff", "t.yaml: not a text (UTF-8) file"),
     ("experiments", "t.yaml", None, "t.yaml: is a folder, not an experiment table"),
+    ("experiments", "t.yaml", "- a\n- b\n", "t.yaml: should be a section of key: value settings, found a list"),
+    ("experiments", "t.yaml", TABLE.replace("table: t", "table: ../../escape"), "table: '../../escape' is not"),
+    ("experiments", "t.yaml", TABLE.replace("table: t", "table: /tmp/x"), "table: '/tmp/x' is not"),
 ]
 
 
@@ -570,5 +581,6 @@ def test_set_values_built_to_hurt_a_parser_are_refused(tmp_path: Path, monkeypat
         (DEEP_YAML["a list"], "--set train.milestones: nested deeper than 64"),
         (DEEP_YAML["a mapping"], "--set train.milestones: nested deeper than 64"),
         (HUGE, "--set train.milestones: an integer of 5000 digits"),
+        ("[1, true]", "train.milestones: should be a number, found true"),
     ]:
         refused(["run", str(TINY), "--dry-run", "--set", f"train.milestones={value}"], tmp_path, names)

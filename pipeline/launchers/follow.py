@@ -19,8 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, Field, ValidationError
+
+from ..config import StrictModel, validation_problem
 from ..store import StageError, read_json, write_json
 from .jobs import ranges
 
@@ -92,6 +95,32 @@ class RecordedJob:
         )
 
 
+def _job_id(text: str) -> str:
+    """squeue's ids: a job, or an array task `<job>_<task>` (they go on squeue/sacct/scancel command lines)."""
+    if not re.fullmatch(r"[0-9]{1,18}(_[0-9]{1,9})?", text):
+        raise ValueError(f"{text!r:.40} is not a SLURM job id (digits, or <job>_<task> for an array task)")
+    return text
+
+
+class _RecordedEntry(StrictModel):
+    task: str
+    shard: Annotated[int, Field(ge=0)] | None
+    job_ids: list[Annotated[str, AfterValidator(_job_id)]]
+    stage_dir: str
+    epochs: Annotated[int, Field(ge=1)] | None
+
+
+class _RecordFile(StrictModel):
+    """The job record's schema: checked whole when read, so an edited or foreign record is refused
+    naming the field instead of failing later in a sum, a sort or an squeue call."""
+
+    folder: str
+    poll_s: Annotated[float, Field(gt=0)]
+    summary_every_s: Annotated[float, Field(gt=0)]
+    submitted_at: Annotated[float, Field(ge=0)]  # epoch seconds
+    jobs: list[_RecordedEntry]
+
+
 @dataclass
 class JobRecord:
     """`<run_dir>/launch/slurm-jobs.json`: every job of the latest submission, saved after each sbatch."""
@@ -109,18 +138,15 @@ class JobRecord:
 
     @classmethod
     def load(cls, path: Path) -> JobRecord:
-        data = read_json(path)
         try:
-            jobs = [
-                RecordedJob(e["task"], e["shard"], job_id, e["stage_dir"], e["epochs"])
-                for e in data["jobs"]
-                for job_id in e["job_ids"]
-            ]
-            return cls(path, data["folder"], data["poll_s"], data["summary_every_s"], data["submitted_at"], jobs)
-        except (KeyError, TypeError) as exc:
+            data = _RecordFile.model_validate(read_json(path), strict=True)
+        except ValidationError as exc:
             raise StageError(
-                f"{path}: not a job record of this version (no {exc}); check its jobs with squeue, then delete it"
+                f"{path}: {validation_problem(exc)}; not a job record of this version; check its jobs with squeue, "
+                "then delete it"
             ) from None
+        jobs = [RecordedJob(e.task, e.shard, job_id, e.stage_dir, e.epochs) for e in data.jobs for job_id in e.job_ids]
+        return cls(path, data.folder, data.poll_s, data.summary_every_s, data.submitted_at, jobs)
 
     def add(self, jobs: list[RecordedJob]) -> None:
         self.jobs += jobs
