@@ -48,7 +48,7 @@ def snapshot(*folders: Path) -> dict[Path, str]:
     return {p: _digest(p) for folder in folders for p in sorted(folder.rglob("*"))}
 
 
-def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -> None:
+def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -> str:
     """The command exits 2 with one error line containing `names`, and changes none of `untouched`.
     With `capsys` None it runs in its own process (Lightning's log handlers outlive one test's capture)."""
     if capsys is None:
@@ -62,6 +62,7 @@ def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert names in errors[0], errors[0]
     assert {p: _digest(p) for p in untouched if p.exists()} == untouched, "an earlier output changed"
+    return err
 
 
 # --- a data owner marking a folder ----------------------------------------------------------------
@@ -860,16 +861,32 @@ RUN_CASES = [
         lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
         "mark.ood_folder: {tmp}/ood is not a folder",
     ),
+    # what only the plan stage used to see, after "plan: running" and its started.json
+    (
+        "unknown class name",
+        lambda t: ["--set", "data.classes=[nope, class-1]"],
+        "data.classes: 'nope' is not a class of synthetic",
+    ),
+    ("class named twice", lambda t: ["--set", "data.classes=[class-1, 1]"], "data.classes: 1 names class 1 (class-1)"),
+    ("negative class index", lambda t: ["--set", "data.classes=[-1, 2]"], "data.classes: -1 is not a class"),
+    ("class index out of range", lambda t: ["--set", "data.classes=[0, 99]"], "data.classes: 99 is not a class"),
+    (
+        "owners' folders larger than a class",
+        lambda t: ["--set", "plan.owners={images: 5000}"],
+        "need plan.owners.images=5000",
+    ),
 ]
 
 
 @pytest.mark.parametrize("extra, names", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
 def test_run_refuses_before_any_stage(extra, names: str, tmp_path: Path, capsys) -> None:
-    """`mtrack run` checks what the config names before the first stage: nothing is created."""
+    """`mtrack run` checks what the config names before the first stage: nothing is created, and
+    nothing but the error is printed."""
     config = _config(tmp_path)
     args = extra(tmp_path)
     before = snapshot(tmp_path)
-    assert_refused(capsys, ["run", config, *args], names.format(tmp=tmp_path), before)
+    err = assert_refused(capsys, ["run", config, *args], names.format(tmp=tmp_path), before)
+    assert len(err.splitlines()) == 1, err
     assert snapshot(tmp_path) == before
 
 
@@ -908,6 +925,8 @@ PLAN_CASES = [
         lambda tmp: ["data.source=fashion_mnist", f"data.root={_idx_folder(tmp / 'fm')}"],
         "train-images-idx3-ubyte",
     ),
+    ("class named twice", lambda tmp: ["data.classes=[3, class-3]"], "data.classes: 'class-3' names class 3"),
+    ("owners' folders larger than a class", lambda tmp: ["plan.owners={images: 500}"], "plan.owners.images=500"),
 ]
 
 
@@ -917,7 +936,7 @@ def test_plan_refuses_data_it_cannot_use(overrides, names: str, base_run: Path, 
     shutil.copytree(base_run, run_dir, ignore=lambda d, names: ["plan"] if Path(d) == base_run else [])
     sets = [a for o in [f"run_dir={run_dir}", *overrides(tmp_path)] for a in ("--set", o)]
     assert_refused(capsys, ["plan", TINY, *sets], names, snapshot(run_dir))
-    assert not (run_dir / "plan" / "manifest.json").exists()
+    assert not (run_dir / "plan").exists()  # refused before the stage claimed its folder (started.json)
 
 
 def _edit_manifest(stage: str, outputs: dict[str, str]) -> Callable[[Path], None]:
