@@ -478,10 +478,9 @@ def _dispatch(argv: list[str] | None) -> int:
         if args.command == "owner":
             (mark_own_folder if args.owner_command == "mark" else audit_own_model)(args)
         elif args.command == "experiments":
-            from .experiments import run_table
+            from .experiments import run_tables
 
-            for table in args.tables:
-                run_table(table, args.launcher, base=args.base, seeds=args.seeds, wandb=args.wandb)
+            run_tables(args.tables, args.launcher, base=args.base, seeds=args.seeds, wandb=args.wandb)
         elif args.command == "publish":
             from .stages.tracking import publish_run
 
