@@ -106,6 +106,8 @@ def owner(tmp_path_factory) -> Path:
     (root / "owner_models.py").write_text(OWNER_MODELS)
     (root / "owner_broken.py").write_text("raise RuntimeError('cannot start: no licence server')\n")
     (root / "owner_typo.py").write_text("def predict(images:\n")
+    (root / "owner_exits.py").write_text("import sys\n\nsys.exit(3)\n")
+    torch.save(build_model("small_cnn", 5).state_dict(), root / "plain_5_classes.pt")
     return root
 
 
@@ -142,6 +144,12 @@ def one_class(images):
 
 def nan_logits(images):
     return torch.full((len(images), 4), float("nan"))
+
+
+def exits(images):  # a script's habit: ends the process instead of raising
+    import sys
+
+    sys.exit(3)
 
 
 def needs_32_pixels(images):  # a network whose first layer is larger than the owner's 12x16 images
@@ -529,7 +537,19 @@ def _key_edit(edit: Callable[[dict], object]) -> Callable[[Path], str]:
 AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("truncated checkpoint", _truncated_model, [], "cut.pt"),
     ("malicious pickle", _malicious, [], "evil.pt: refused"),
-    ("weights of another width", _inconsistent, [], "wrong-width.pt"),
+    (
+        "weights of another width",
+        _inconsistent,
+        [],
+        "wrong-width.pt: not a usable checkpoint (tensor net.0.0.weight has shape (8, 3, 3, 3) in the file, "
+        "(16, 3, 3, 3) in the model)",
+    ),
+    (
+        "state_dict of another class count",
+        lambda r: r / "plain_5_classes.pt",
+        ["--arch", "small_cnn", "--num-classes", "10"],
+        "does not fit --arch small_cnn --num-classes 10: tensor 10.weight has shape (5, 128) in the file, (10, 128)",
+    ),
     (
         "state_dict of another arch",
         lambda r: r / "plain_small_cnn.pt",
@@ -591,6 +611,13 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         "needs_32_pixels: failed on 12 images of 12x16 pixels (RuntimeError",
     ),
     ("module failing on import", lambda r: "owner_broken:predict", [], "cannot import the callable (RuntimeError"),
+    ("callable calling sys.exit", lambda r: "owner_models:exits", [], "pixels (it called sys.exit(3))"),
+    (
+        "module calling sys.exit",
+        lambda r: "owner_exits:predict",
+        [],
+        "cannot import the callable (it called sys.exit(3))",
+    ),
     ("module with a syntax error", lambda r: "owner_typo:predict", [], "cannot import the callable (SyntaxError"),
     ("callable without a module", lambda r: ":predict", [], "expected a checkpoint file or module:function"),
     ("label outside the model", lambda r: r / "model.pt", ["--label", "4"], "--label 4: outside the model's 4 classes"),

@@ -124,6 +124,24 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     net.load_state_dict(matching, strict=False)
 
 
+def load_fitting(module: nn.Module, state: dict[str, Any]) -> None:
+    """Load a whole state_dict, or raise StageError naming the first tensor that does not fit and both
+    shapes: torch's own message begins with a line that names neither (and is cut to its first line)."""
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and isinstance(tensor, torch.Tensor) and tensor.shape != own[name].shape:
+            raise StageError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in the file, {tuple(own[name].shape)} in the model"
+            )
+    missing, unexpected = [n for n in own if n not in state], [n for n in state if n not in own]
+    if missing or unexpected:
+        first = f"tensor {missing[0]} is missing from the file" if missing else f"the file's tensor {unexpected[0]}"
+        raise StageError(
+            f"{first}{'' if missing else ' is not in the model'} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    module.load_state_dict(state)
+
+
 class Normalized(nn.Module):
     """Wraps a classifier so it takes uint8-range images: normalisation is part of the model, hence
     identical in training, audit and any black-box use of the checkpoint."""
@@ -246,7 +264,7 @@ def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         meta = parse_json(blob["meta"])
         net = build_model(meta["arch"], meta["num_classes"], meta["width"])
         model = Normalized(dp_compatible(net) if meta.get("group_norm") else net, meta["mean"], meta["std"])
-        model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ValueError, StageError) as exc:
+        load_fitting(model, blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, StageError) as exc:
         raise StageError(f"{path}: not a usable checkpoint ({first_line(exc)})") from None
     return model.eval(), meta

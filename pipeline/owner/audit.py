@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, validate_call
 
 from ..config import MarkConfig
 from ..core.marking import resolve_device
-from ..core.models import MODELS, Normalized, build_model, load_weights, read_checkpoint
+from ..core.models import MODELS, Normalized, build_model, load_fitting, load_weights, read_checkpoint
 from ..core.scoring import logit_margin
 from ..core.stats import rank_p_values
 from ..data.images import fit_to_grid, read_rgb
@@ -42,10 +42,8 @@ class Predictor:
         n, _, h, w = batch.shape
         try:
             out = self.fn(batch)
-        except Exception as exc:  # the callable is the user's code: report it, whatever it raised
-            raise StageError(
-                f"{self.name}: failed on {n} images of {h}x{w} pixels ({type(exc).__name__}: {first_line(exc)})"
-            ) from None
+        except (Exception, SystemExit) as exc:  # the callable is the user's code: report whatever it raised
+            raise StageError(f"{self.name}: failed on {n} images of {h}x{w} pixels ({_raised(exc)})") from None
         try:
             logits = torch.as_tensor(out).detach().float().cpu()
         except Exception:
@@ -215,10 +213,18 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         raise StageError(f"{path}: a plain state_dict; pass --arch and --num-classes")
     model = Normalized(build_model(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD)
     try:
-        model.net.load_state_dict(state)
-    except (RuntimeError, AttributeError, TypeError) as exc:
-        raise StageError(f"{path}: does not fit --arch {arch} ({first_line(exc)})") from None
+        load_fitting(model.net, state)
+    except (RuntimeError, AttributeError, TypeError, StageError) as exc:
+        raise StageError(f"{path}: does not fit --arch {arch} --num-classes {num_classes}: {first_line(exc)}") from None
     return Predictor(model.eval(), f"--model {path}")
+
+
+def _raised(exc: BaseException) -> str:
+    """What the user's code raised, in a few words; sys.exit(3) is named as such, since the tool,
+    not the callable, decides how the command ends (one error line, exit status 2)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _import_callable(spec: str) -> Predict:
@@ -231,10 +237,8 @@ def _import_callable(spec: str) -> Predict:
         sys.path.insert(0, here)
     try:
         fn = getattr(importlib.import_module(module), name)
-    except Exception as exc:  # importing runs the user's module: whatever fails there is reported
-        raise StageError(
-            f"--model {spec}: cannot import the callable ({type(exc).__name__}: {first_line(exc)})"
-        ) from None
+    except (Exception, SystemExit) as exc:  # importing runs the user's module: whatever fails there is reported
+        raise StageError(f"--model {spec}: cannot import the callable ({_raised(exc)})") from None
     finally:
         if added:
             sys.path.remove(here)
