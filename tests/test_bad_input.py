@@ -403,6 +403,51 @@ def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path
         assert snapshot(tmp_path) == before, "a failed marking left files behind"
 
 
+KILLED_AFTER_FIRST_IMAGE = """
+import os, signal, sys
+from pipeline.owner import marking
+from pipeline.cli import main
+real = marking.write_png
+def killed(path, rgb):
+    real(path, rgb)
+    os.kill(os.getpid(), signal.SIGKILL)
+marking.write_png = killed
+main(sys.argv[1:])
+"""
+
+
+def test_owner_mark_removes_what_a_killed_run_left(owner: Path, tmp_path: Path, capsys) -> None:
+    """SIGKILL leaves the hidden staging folder (no cleanup runs); the next run into the same
+    output folder removes it, but not the staging folder of a run still marking there."""
+    import fcntl
+
+    src, new, earlier = tmp_path / "photos", tmp_path / "new", tmp_path / "earlier"
+    shutil.copytree(owner / "originals", src)
+    shutil.copytree(owner / "marked", earlier)  # an existing output folder: staging is made inside it
+    argv = ["owner", "mark", str(src), "--seed", "5", "--design", "pattern", "--force", "--out"]
+    for out in (new, earlier):
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_FIRST_IMAGE, *argv, str(out)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+        )
+        assert killed.returncode == -9, killed.stderr
+    left = sorted(tmp_path.rglob(".*.marking-*"))
+    assert {p.parent for p in left} == {earlier, tmp_path} and all(any(p.iterdir()) for p in left), left
+    live = tmp_path / ".new.marking-0123abcd"
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a run still marking into the same folder holds its own
+    try:
+        for out in (new, earlier):
+            assert main([*argv, str(out)]) == 0, capsys.readouterr().err
+        assert sorted(tmp_path.rglob(".*.marking-*")) == [live]
+    finally:
+        os.close(held)
+    assert (new / KEY_NAME).is_file() and (earlier / KEY_NAME).is_file()
+
+
 def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) -> None:
     """The marked copies and their folder get the usual permissions; only the key is 0600."""
     old = os.umask(0o022)
