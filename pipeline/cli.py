@@ -421,7 +421,9 @@ def audit_own_model(args: argparse.Namespace) -> None:
         if Path(args.json_out).is_dir():
             raise StageError(f"--json {args.json_out}: is a folder; name a file")
         writable_folder(Path(args.json_out).absolute().parent, "--json")
-    result = audit_owner(key, predict, args.originals, args.label, args.draws_seed, key_source=str(key_path))
+    result = audit_owner(
+        key, predict, args.originals, args.label, args.draws_seed, key_source=str(key_path), alpha=args.alpha
+    )
     used = result["p_value"] <= args.alpha
     print(
         f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"

@@ -289,3 +289,24 @@ def test_a_key_naming_other_published_images_is_refused(world, design: str) -> N
     key["published"] = moved
     with pytest.raises(StageError, match=f"published: not the {design} this seed published"):
         validate_key(key, "edited key")
+
+
+def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_refused(world, tmp_path: Path) -> None:
+    """Three images, one published: only 3 distinct subsets exist, so 19 draws repeat the published
+    one about 6 times and the smallest p-value is far above 1/20; at a level below it nothing is scored."""
+    tmp, data, _, _ = world
+    folder = _write_folder(tmp_path / "three", data.train_images[np.flatnonzero(data.train_labels == 1)[:3]])
+    key = mark_folder(folder, tmp_path / "out", MarkConfig(), seed=2, label=1, params=DesignParams(publish=1, draws=19))
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    result = audit_owner(key, model, draws_seed=0)
+    repeats = sum(c.files == tuple(key["published"]) for c in owner_audit.null_candidates(key, 0))
+    assert repeats >= 2 and result["smallest_possible_p_value"] == pytest.approx((1 + repeats) / 20)
+    scored.clear()
+    with pytest.raises(StageError, match=r"smallest p-value this audit can reach is 0\.\d+, above the level 0\.05"):
+        audit_owner(key, model, draws_seed=0, alpha=0.05)
+    assert scored == []

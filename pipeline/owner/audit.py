@@ -23,7 +23,7 @@ from ..core.stats import rank_p_values
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
-from .designs import Candidate, null_candidates, published_pattern_seed
+from .designs import Candidate, null_candidates, published_pattern_seed, smallest_p_value
 from .key import ClassCount, ClassLabel, Seed, validate_key
 from .marking import mark_images
 
@@ -67,13 +67,15 @@ def audit_owner(
     draws_seed: Seed | None = None,
     batch_size: Annotated[int, Field(ge=1)] = 256,
     key_source: str = "the key",
+    alpha: Annotated[float, Field(gt=0, le=1)] | None = None,
 ) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
     logits: a loaded model or any black-box callable). `draws_seed` (subset design) defaults to
     fresh randomness, reported with the result so the audit can be repeated exactly. The key is
     validated first (`load_key` has done so for a key file): nothing is computed from an invalid
-    one. `key_source` names the key in messages about its fields."""
+    one. `key_source` names the key in messages about its fields. With `alpha`, an audit whose smallest
+    possible p-value lies above it is refused before anything is scored: no verdict could follow."""
     key = validate_key(key, key_source)
     predict = predict if isinstance(predict, Predictor) else Predictor(predict, "the model")
     folder = Path(originals or key["source_folder"])
@@ -104,8 +106,16 @@ def audit_owner(
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
+    candidates = null_candidates(key, draws_seed)
+    floor = smallest_p_value(published, candidates)
+    if alpha is not None and floor > alpha:
+        raise StageError(
+            f"{key_source}: the smallest p-value this audit can reach is {floor:.4g}, above the level {alpha}: "
+            f"{len(key['files'])} images, {len(published.files)} published, leave too few distinct candidates "
+            "to ever find the model trained on them (mark a larger folder, or audit at a higher level)"
+        )
     losses = candidate_mean_losses(
-        [published, *null_candidates(key, draws_seed)],
+        [published, *candidates],
         images,
         hashes,
         cfg,
@@ -121,7 +131,7 @@ def audit_owner(
     return {
         "design": key["design"],
         "p_value": p_value,
-        "smallest_possible_p_value": 1 / (len(null) + 1),
+        "smallest_possible_p_value": floor,
         "n_images": len(published.files),
         "n_originals": len(images),
         "n_candidates": len(null),
