@@ -218,6 +218,12 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
         ["--force", "--design", "groups", "--draws", "5"],
         "--draws: not an option of --design groups",
     ),
+    (
+        "one image, no --publish given",
+        lambda s: [(s / f"img{i}.png").unlink() for i in (1, 2)],
+        ["--force"],
+        "the folder has 1 image(s): too few",
+    ),
     ("publish nothing", lambda s: None, ["--force", "--publish", "0"], "--publish"),
     ("publish everything", lambda s: None, ["--force", "--publish", "3"], "--publish 3"),
     ("groups of more than half", lambda s: None, ["--force", "--design", "groups", "--publish", "2"], "--publish 2"),
@@ -543,6 +549,11 @@ def _drop_marked(root: Path) -> Path:
     return root / "model.pt"
 
 
+def _edit_marked(root: Path) -> Path:
+    _image(root / "marked" / "img1.png", seed=99)
+    return root / "model.pt"
+
+
 def _drop_original(root: Path) -> Path:
     (root / "originals" / "img2.png").unlink()
     return root / "model.pt"
@@ -614,7 +625,8 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("key a JSON list", _key_file("[1, 2]"), [], f"{KEY_NAME}: format: missing"),
     ("key of another format", _key_file('{"format": "something/2"}'), [], "format: 'something/2' is not a key format"),
     ("missing key", lambda r: r / "model.pt", ["--key", "{root}/absent.json"], "absent.json"),
-    ("fewer marked images than the key", _drop_marked, [], "img1.png"),
+    ("fewer marked images than the key", _drop_marked, [], "img1.png: a published image"),
+    ("an edited marked image", _edit_marked, [], "img1.png: not the image"),
     ("fewer originals than the key", _drop_original, [], "img2.png"),
     ("no label", lambda r: r / "model.pt", ["--user", "{root}/other-marked"], "--label"),
     (

@@ -73,6 +73,10 @@ class DesignParams:
         if self.design == "pattern":
             return
         if not k < n_files:
+            if self.publish is None:  # the default share, not a number the owner gave
+                raise StageError(
+                    f"the folder has {n_files} image(s): too few to publish some and keep others to compare"
+                )
             raise StageError(f"--publish {k}: publish fewer than the folder's {n_files} images")
         if self.design == "groups" and n_files // k < 2:
             raise StageError(f"--publish {k}: the {n_files} images make fewer than 2 groups of {k}")

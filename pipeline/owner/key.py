@@ -218,6 +218,10 @@ def load_key(key_path: str | Path, marked_folder: str | Path) -> dict[str, Any]:
     key = validate_key(read_json(key_path), key_path)
     for entry in (key["files"][i] for i in key["published"]):
         path = Path(marked_folder) / entry["marked"]
-        if not path.is_file() or file_sha256(path) != entry["marked_sha256"]:
-            raise StageError(f"{key_path}: made for another folder ({path} is missing or differs)")
+        if not path.is_file():
+            raise StageError(
+                f"{path}: a published image {key_path} lists is missing (moved, renamed, or another folder?)"
+            )
+        if file_sha256(path) != entry["marked_sha256"]:
+            raise StageError(f"{path}: not the image {key_path} recorded (edited or re-saved since it was marked?)")
     return key
