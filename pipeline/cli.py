@@ -422,7 +422,14 @@ def audit_own_model(args: argparse.Namespace) -> None:
             raise StageError(f"--json {args.json_out}: is a folder; name a file")
         writable_folder(Path(args.json_out).absolute().parent, "--json")
     result = audit_owner(
-        key, predict, args.originals, args.label, args.draws_seed, key_source=str(key_path), alpha=args.alpha
+        key,
+        predict,
+        args.originals,
+        args.label,
+        args.draws_seed,
+        key_source=str(key_path),
+        alpha=args.alpha,
+        marked_folder=user,
     )
     used = result["p_value"] <= args.alpha
     print(

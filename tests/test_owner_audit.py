@@ -214,7 +214,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
     other.mkdir()
     first = keys["subset"]["files"][keys["subset"]["published"][0]]["marked"]
     (other / first).write_bytes((tmp / "subset" / first).read_bytes()[:-10])
-    with pytest.raises(StageError, match="another folder"):
+    with pytest.raises(StageError, match=f"{first}: not the image .* recorded"):
         load_key(tmp / "subset" / KEY_NAME, other)
 
 
@@ -310,3 +310,23 @@ def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_refus
     with pytest.raises(StageError, match=r"smallest p-value this audit can reach is 0\.\d+, above the level 0\.05"):
         audit_owner(key, model, draws_seed=0, alpha=0.05)
     assert scored == []
+
+
+@pytest.mark.parametrize("field, value", [("mark.alpha", 0.5), ("mark.noise", "uniform"), ("mark.epsilon", 0.0)])
+def test_a_key_whose_marks_were_edited_is_refused_before_scoring(world, field: str, value: Any) -> None:
+    """A key edited after marking (here `field`) would score marks that were never published: the
+    audit re-marks the published originals under the key and compares them with the published copies."""
+    tmp, _, keys, _ = world
+    key = json.loads(json.dumps(keys["groups"]))
+    section, _, name = field.rpartition(".")
+    (key[section] if section else key)[name] = value
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    with pytest.raises(StageError, match="its settings do not make .* was edited"):
+        audit_owner(key, model, draws_seed=0, marked_folder=tmp / "groups")
+    assert scored == []
+    assert audit_owner(keys["groups"], model, draws_seed=0, marked_folder=tmp / "groups")["p_value"] > 0

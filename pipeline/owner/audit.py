@@ -68,6 +68,7 @@ def audit_owner(
     batch_size: Annotated[int, Field(ge=1)] = 256,
     key_source: str = "the key",
     alpha: Annotated[float, Field(gt=0, le=1)] | None = None,
+    marked_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
@@ -75,7 +76,9 @@ def audit_owner(
     fresh randomness, reported with the result so the audit can be repeated exactly. The key is
     validated first (`load_key` has done so for a key file): nothing is computed from an invalid
     one. `key_source` names the key in messages about its fields. With `alpha`, an audit whose smallest
-    possible p-value lies above it is refused before anything is scored: no verdict could follow."""
+    possible p-value lies above it is refused before anything is scored: no verdict could follow.
+    With `marked_folder` (the published copies), the key proves what it claims first: its published
+    originals, re-marked under its settings, must be those copies pixel for pixel."""
     key = validate_key(key, key_source)
     predict = predict if isinstance(predict, Predictor) else Predictor(predict, "the model")
     folder = Path(originals or key["source_folder"])
@@ -107,6 +110,8 @@ def audit_owner(
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
     candidates = null_candidates(key, draws_seed)
+    if marked_folder is not None:
+        check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     floor = smallest_p_value(published, candidates)
     if alpha is not None and floor > alpha:
         raise StageError(
@@ -139,6 +144,39 @@ def audit_owner(
         "published_loss": float(observed),
         "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))},
     }
+
+
+MARK_FIELDS = "seed, design fields, mark.*, max_resolution"  # what decides the published pixels
+
+
+def check_key_makes_published(
+    key: dict[str, Any],
+    published: Candidate,
+    images: list[np.ndarray],
+    hashes: list[str],
+    cfg: MarkConfig,
+    pool: Any,
+    device: str | None,
+    marked_folder: Path,
+    key_source: str,
+) -> None:
+    """Refuse a key whose settings do not make the published copies from the originals: an edited
+    field (mark.alpha 0.7 -> 0.5, say) would otherwise score marks that were never published."""
+    remarked = mark_images(
+        [images[i] for i in published.files],
+        [hashes[i] for i in published.files],
+        published.pattern_seed,
+        cfg,
+        pool,
+        device,
+    )
+    for i, image in zip(published.files, remarked):
+        copy = marked_folder / key["files"][i]["marked"]
+        if not np.array_equal(read_rgb(copy), image):
+            raise StageError(
+                f"{key_source}: its settings do not make {copy} from {key['files'][i]['original']}: a field "
+                f"that decides the marks ({MARK_FIELDS}) was edited; audit with the key mtrack owner mark wrote"
+            )
 
 
 def candidate_mean_losses(
