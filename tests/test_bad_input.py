@@ -613,6 +613,18 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         "does not fit --arch resnet18_cifar",
     ),
     ("plain state_dict without --arch", lambda r: r / "plain_small_cnn.pt", [], "--arch"),
+    (
+        "--arch beside this pipeline's model",
+        lambda r: r / "model.pt",
+        ["--arch", "resnet50", "--num-classes", "1000"],
+        "--arch resnet50: ",
+    ),
+    (
+        "--num-classes beside this pipeline's model",
+        lambda r: r / "model.pt",
+        ["--num-classes", "10"],
+        "of --num-classes 4",
+    ),
     ("missing checkpoint", lambda r: r / "nope.pt", [], "nope.pt"),
     ("unimportable callable", lambda r: Path("no_such_module:predict"), [], "no_such_module"),
     (

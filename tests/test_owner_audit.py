@@ -330,3 +330,16 @@ def test_a_key_whose_marks_were_edited_is_refused_before_scoring(world, field: s
         audit_owner(key, model, draws_seed=0, marked_folder=tmp / "groups")
     assert scored == []
     assert audit_owner(keys["groups"], model, draws_seed=0, marked_folder=tmp / "groups")["p_value"] > 0
+
+
+def test_a_label_outside_the_model_is_refused_after_one_image(world) -> None:
+    tmp, _, keys, _ = world
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    with pytest.raises(StageError, match="label 9: outside the model's 4 classes"):
+        audit_owner(keys["subset"], model, label=9, draws_seed=0)
+    assert scored == [1]

@@ -110,6 +110,7 @@ def audit_owner(
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
     candidates = null_candidates(key, draws_seed)
+    per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
     if marked_folder is not None:
         check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     floor = smallest_p_value(published, candidates)
@@ -253,7 +254,12 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         raise StageError(f"--arch {arch}: unknown architecture (known: {', '.join(MODELS.names())})")
     blob = read_checkpoint(path)
     if isinstance(blob, dict) and "meta" in blob:
-        return Predictor(load_weights(path)[0], f"--model {path}")
+        model, meta = load_weights(path)
+        given = {"--arch": (arch, meta["arch"]), "--num-classes": (num_classes, meta["num_classes"])}
+        for flag, (value, saved) in given.items():
+            if value is not None and value != saved:  # the file says what it is: a different wish is a mistake
+                raise StageError(f"{flag} {value}: {path} is this pipeline's model of {flag} {saved}; leave {flag} out")
+        return Predictor(model, f"--model {path}")
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StageError(f"{path}: holds a {type(state).__name__} that is not a state_dict (names to tensors)")
