@@ -26,7 +26,7 @@ from ..config import RunConfig, load_config
 from ..stages.contract import config_hash, stage_for, tasks
 from ..store import StageError, writable_folder
 from .cost import cost_table
-from .follow import Follower, JobRecord, follow
+from .follow import Follower, JobRecord, earlier_jobs, follow
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
 from .local import run_local
 from .preflight import describe_preflight
@@ -111,9 +111,13 @@ def status(run_dir: str, keep_following: bool = False) -> None:
         raise StageError(f"{path}: not found; {run_dir} has no SLURM submission (mtrack run CONFIG --launcher slurm)")
     record = JobRecord.load(path)
     follower = Follower(record)
+    if record.earlier:
+        print(earlier_jobs(record))
     for line in follower.poll():
         print(line)
     print(follower.summary())
+    if partial := record.unsubmitted_line():
+        print(partial)
     if keep_following:
         follow(record, lambda line: print(f"{datetime.now():%H:%M:%S} {line}", flush=True), follower)
     elif problem := follower.problem():
