@@ -110,9 +110,6 @@ def audit_owner(
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
     candidates = null_candidates(key, draws_seed)
-    per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
-    if marked_folder is not None:
-        check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     floor = smallest_p_value(published, candidates)
     if alpha is not None and floor > alpha:
         raise StageError(
@@ -120,6 +117,9 @@ def audit_owner(
             f"{len(key['files'])} images, {len(published.files)} published, leave too few distinct candidates "
             "to ever find the model trained on them (mark a larger folder, or audit at a higher level)"
         )
+    per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
+    if marked_folder is not None:
+        check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     losses = candidate_mean_losses(
         [published, *candidates],
         images,
@@ -147,6 +147,14 @@ def audit_owner(
     }
 
 
+def marked_candidate(
+    candidate: Candidate, images: list[np.ndarray], hashes: list[str], cfg: MarkConfig, pool: Any, device: str | None
+) -> list[np.ndarray]:
+    """A candidate's images (of the owner's originals) marked with its pattern."""
+    own = candidate.files
+    return mark_images([images[i] for i in own], [hashes[i] for i in own], candidate.pattern_seed, cfg, pool, device)
+
+
 MARK_FIELDS = "seed, design fields, mark.*, max_resolution"  # what decides the published pixels
 
 
@@ -163,15 +171,7 @@ def check_key_makes_published(
 ) -> None:
     """Refuse a key whose settings do not make the published copies from the originals: an edited
     field (mark.alpha 0.7 -> 0.5, say) would otherwise score marks that were never published."""
-    remarked = mark_images(
-        [images[i] for i in published.files],
-        [hashes[i] for i in published.files],
-        published.pattern_seed,
-        cfg,
-        pool,
-        device,
-    )
-    for i, image in zip(published.files, remarked):
+    for i, image in zip(published.files, marked_candidate(published, images, hashes, cfg, pool, device)):
         copy = marked_folder / key["files"][i]["marked"]
         if not np.array_equal(read_rgb(copy), image):
             raise StageError(
@@ -204,15 +204,7 @@ def candidate_mean_losses(
         np.add.at(counts, list(owners), 1)
 
     for index, candidate in enumerate(candidates):
-        marked = mark_images(
-            [images[i] for i in candidate.files],
-            [hashes[i] for i in candidate.files],
-            candidate.pattern_seed,
-            cfg,
-            pool,
-            device,
-        )
-        for image in marked:
+        for image in marked_candidate(candidate, images, hashes, cfg, pool, device):
             pending.setdefault(image.shape, []).append((index, image))
             if len(pending[image.shape]) >= batch_size:
                 score(image.shape)
