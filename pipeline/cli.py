@@ -28,7 +28,7 @@ from typing import Annotated, Any, get_args
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from .config import MAX_SHARDS, ConfigError, MarkConfig, load_config
+from .config import MAX_SHARDS, ConfigError, MarkConfig, load_config, problem_text
 from .console import attach_console
 from .data.images import ImageError
 from .data.sources import DataSourceError
@@ -389,7 +389,7 @@ def mark_own_folder(args: argparse.Namespace) -> None:
     except ValidationError as exc:  # the flags were range-checked already; this names any other rule
         err = exc.errors()[0]
         where = ", ".join(_flag(str(p)) for p in err["loc"]) or ", ".join(_flag(name) for name in chosen)
-        raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"{where}: {problem_text(err)}") from None
     options = {name: given[name] for name in ("seed", "max_resolution", "label") if name in given}
     design = {name: given[name] for name in ("design", "publish", "draws", "n_patterns") if name in given}
     chosen_design = design.get("design", "subset")
@@ -421,7 +421,16 @@ def audit_own_model(args: argparse.Namespace) -> None:
         if Path(args.json_out).is_dir():
             raise StageError(f"--json {args.json_out}: is a folder; name a file")
         writable_folder(Path(args.json_out).absolute().parent, "--json")
-    result = audit_owner(key, predict, args.originals, args.label, args.draws_seed, key_source=str(key_path))
+    result = audit_owner(
+        key,
+        predict,
+        args.originals,
+        args.label,
+        args.draws_seed,
+        key_source=str(key_path),
+        alpha=args.alpha,
+        marked_folder=user,
+    )
     used = result["p_value"] <= args.alpha
     print(
         f"verdict: {'the model was trained on your images' if used else 'no evidence the model used your images'}"
@@ -478,10 +487,9 @@ def _dispatch(argv: list[str] | None) -> int:
         if args.command == "owner":
             (mark_own_folder if args.owner_command == "mark" else audit_own_model)(args)
         elif args.command == "experiments":
-            from .experiments import run_table
+            from .experiments import run_tables
 
-            for table in args.tables:
-                run_table(table, args.launcher, base=args.base, seeds=args.seeds, wandb=args.wandb)
+            run_tables(args.tables, args.launcher, base=args.base, seeds=args.seeds, wandb=args.wandb)
         elif args.command == "publish":
             from .stages.tracking import publish_run
 

@@ -8,10 +8,12 @@ the key, before any stage touches the run directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .store import parse_yaml, yaml_problem
 
 MAX_SEED = 2**63 - 1  # seeds are 63-bit throughout (numpy's SeedSequence refuses negative ones)
 MAX_PATTERNS, MAX_DRAWS = 1000, 9999  # an owner's audit marks and scores K images per candidate
@@ -22,11 +24,36 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line that names the file and key."""
 
 
-class _Strict(BaseModel):
+def _mentions(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    return annotation in kinds or any(_mentions(arg, kinds) for arg in get_args(annotation))
+
+
+def _bool_in(value: Any) -> bool | None:
+    """The first true/false in a value or its list, else None."""
+    if isinstance(value, bool):
+        return value
+    return next((v for v in value if isinstance(v, bool)), None) if isinstance(value, list | tuple) else None
+
+
+class StrictModel(BaseModel):
+    """Unknown keys, NaN and infinity refused, and YAML's true/false kept apart from numbers: pydantic
+    would read `audit.fdr_nonmembers: true` as 1 and `wandb.enabled: 1` as true."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[str(info.field_name)].annotation
+        if annotation is bool and not isinstance(value, bool):
+            raise ValueError(f"should be true or false, found {_kind_of(value)}")
+        found = _bool_in(value)
+        if found is not None and _mentions(annotation, (int, float)) and not _mentions(annotation, (bool, Any)):
+            raise ValueError(f"should be a number, found {_kind_of(found)}")
+        return value
 
-class DataConfig(_Strict):
+
+class DataConfig(StrictModel):
     """Where images come from and the pixel grid they are stored (and marked) on."""
 
     source: Literal["fashion_mnist", "synthetic", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
@@ -49,7 +76,7 @@ class DataConfig(_Strict):
     max_resolution: int | None = Field(None, ge=8)
 
 
-class OwnersConfig(_Strict):
+class OwnersConfig(StrictModel):
     """Data owners who mark a folder with their own tool (`mtrack owner mark`, its key) instead of
     being marked by the mark stage: each member user becomes an owner holding `images` images of
     their class, whose published ones (samples_per_user of them) are in the training set;
@@ -63,7 +90,7 @@ class OwnersConfig(_Strict):
     n_patterns: int = Field(100, ge=2, le=MAX_PATTERNS)  # pattern design: secret candidate patterns
 
 
-class PlanConfig(_Strict):
+class PlanConfig(StrictModel):
     """Who the users are: members mark training images, non-members mark held-out ones."""
 
     n_member_users: int = Field(10, ge=1)
@@ -85,7 +112,7 @@ class PlanConfig(_Strict):
         return self
 
 
-class MarkConfig(_Strict):
+class MarkConfig(StrictModel):
     """The two-step mark: sign noise of amplitude epsilon, then a blend with the user's pattern."""
 
     noise: Literal["perlin", "uniform", "none"] = "perlin"
@@ -108,13 +135,13 @@ class MarkConfig(_Strict):
         return self
 
 
-class WriteConfig(_Strict):
+class WriteConfig(StrictModel):
     """How the write stage runs (what it stores is set under `data`)."""
 
     num_workers: int = Field(2, ge=1)  # FFCV writer processes
 
 
-class RandAugmentConfig(_Strict):
+class RandAugmentConfig(StrictModel):
     """torchvision's RandAugment on the training batches, drawn for every image or once per batch."""
 
     num_ops: int = Field(2, ge=1)
@@ -122,7 +149,7 @@ class RandAugmentConfig(_Strict):
     per: Literal["sample", "batch"] = "sample"
 
 
-class DPConfig(_Strict):
+class DPConfig(StrictModel):
     """DP-SGD through Opacus: per-sample gradients clipped to max_grad_norm, Gaussian noise of
     noise_multiplier x max_grad_norm; the epsilon spent at `delta` is reported with the metrics."""
 
@@ -131,7 +158,7 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
 
-class DefenseConfig(_Strict):
+class DefenseConfig(StrictModel):
     """Countermeasures a model trainer could apply against the audit; all off by default.
     (Label smoothing is `train.label_smoothing`.)"""
 
@@ -152,7 +179,7 @@ class DefenseConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Training recipe. `arms` lists the models to train: the marked one and the unmarked control."""
 
     arch: str = "small_cnn"
@@ -228,7 +255,7 @@ class TrainConfig(_Strict):
         return round((low + (epoch - start) / (end - start) * (high - low)) / 32) * 32
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictModel):
     batch_size: int = Field(512, ge=1)
     num_workers: int = Field(2, ge=1)
     # Never-trained-on users tested next to the members in the Benjamini-Hochberg decisions (the
@@ -236,7 +263,7 @@ class AuditConfig(_Strict):
     fdr_nonmembers: int = Field(100, ge=0)
 
 
-class WandbConfig(_Strict):
+class WandbConfig(StrictModel):
     """Weights & Biases logging through Lightning's logger: off unless enabled, offline unless told
     otherwise (upload later with `wandb sync <run_dir>/train-*/wandb/offline-run-*`)."""
 
@@ -248,7 +275,7 @@ class WandbConfig(_Strict):
     labels: dict[str, str | int] = {}
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     """What one SLURM job of a stage asks for (per task; train's tasks and nodes follow train.devices
     and train.num_nodes, its GPUs per node must equal its devices)."""
 
@@ -258,7 +285,7 @@ class Resources(_Strict):
     time_min: int = Field(60, ge=1)
 
 
-class SlurmConfig(_Strict):
+class SlurmConfig(StrictModel):
     """Where and how SLURM runs the stages; used only by `run --launcher slurm`."""
 
     partition: str | None = None  # None: the cluster's default partition
@@ -281,7 +308,7 @@ class SlurmConfig(_Strict):
         return self.stages.get(stage, self.default)
 
 
-class LaunchConfig(_Strict):
+class LaunchConfig(StrictModel):
     """How a run is split into jobs. Not part of any stage's hash: the outputs do not depend on it."""
 
     mark_shards: int = Field(1, ge=1, le=MAX_SHARDS)  # users split over this many array tasks
@@ -289,7 +316,7 @@ class LaunchConfig(_Strict):
     slurm: SlurmConfig = SlurmConfig()
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """A whole run: where it lives, its seed, and one section per stage."""
 
     name: str = "run"
@@ -320,6 +347,46 @@ class RunConfig(_Strict):
         return self
 
 
+# pydantic's wording, for a type, in the user's words (the model's class name must not show)
+_SHOULD_BE = {
+    "model_type": "a section of key: value settings",
+    "model_attributes_type": "a section of key: value settings",
+    "dict_type": "a mapping of key: value pairs",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """The first problem pydantic found, as `key.path: what is wrong` in the user's words."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {problem_text(err)}" if where else problem_text(err)
+
+
+def problem_text(err: Any) -> str:
+    """What one pydantic error says is wrong, without its internals: no class names ("instance of
+    OwnersConfig"), no "Value error," prefix."""
+    kind = err["type"]
+    if kind in _SHOULD_BE:
+        return f"should be {_SHOULD_BE[kind]}, found {_kind_of(err['input'])}"
+    if kind == "missing":
+        return "missing"
+    if kind == "extra_forbidden":
+        return "not a known key (misspelt, or in the wrong section?)"
+    message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{message}, found {_kind_of(err['input'])}" if kind.endswith(("_type", "_parsing")) else message
+
+
+def _kind_of(value: Any) -> str:
+    """A YAML or JSON value as its author would call it: null, true, 3, 'text', a list, a mapping."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower().replace("none", "null")
+    if isinstance(value, int | float | str):
+        return f"{value!r:.40}"
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list | tuple) else "a value"
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
@@ -337,17 +404,18 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
-    so a recipe states only where it differs from the one it builds on."""
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file (`what`: "config file", "experiment table") as Python values: every way a file can
+    fail to be sane YAML (a folder, a device, not UTF-8, unreadable, broken, nested or numbered
+    beyond the parser's bounds) is refused in one line naming the file."""
     if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a config file")
+        raise ConfigError(f"{path}: is a folder, not {_a(what)}")
     if path.exists() and not path.is_file():
-        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket), not a config file")
+        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket), not {_a(what)}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{exc.object[exc.start]:02x}"
@@ -356,6 +424,16 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; `extends: other.yaml` (relative to the file) starts from that config,
+    so a recipe states only where it differs from the one it builds on."""
+    tree = read_yaml(path, "config file")
     if tree is None:  # an empty file: every setting at its default
         tree = {}
     if not isinstance(tree, dict):  # "0" or "[]" is not an empty config
@@ -369,14 +447,6 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merged(read_tree(base_path, (*seen, path.resolve())), tree)
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong in YAML text and where (1-based line and column), in one line."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"not valid YAML: {problem}{where}"
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """`section.key=value` as (dotted key, YAML value); a malformed one is refused naming it."""
     key, sep, raw = item.partition("=")
@@ -384,7 +454,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {item}: expected section.key=value")
     try:
-        return key, yaml.safe_load(raw)
+        return key, parse_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: {yaml_problem(exc).replace(' at line 1,', ' at')}") from None
 
@@ -398,6 +468,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "<top level>"
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{path}: {validation_problem(exc)}") from None

@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .usage import cpu_seconds, start_sampling, usage_since
 
 MANIFEST = "manifest.json"
 STARTED = "started.json"
+# Bounds on what a config, key, table or record file may hold: far beyond any real one, well inside
+# what the interpreter survives (its recursion limit, its 4300-digit integer conversion limit).
+MAX_NESTING = 64
+MAX_INT_DIGITS = 100
 
 
 class StageError(RuntimeError):
@@ -78,10 +83,88 @@ def copy_file(src: str | Path, target: str | Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+class TooLarge(ValueError):
+    """Structured text nested deeper than MAX_NESTING or with an integer longer than MAX_INT_DIGITS."""
+
+
+NESTING_PROBLEM = f"nested deeper than {MAX_NESTING} levels"
+
+
+def _int_problem(text: str) -> str:
+    return f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})"
+
+
+class _BoundedYamlError(yaml.MarkedYAMLError):
+    """A YAML document refused for its nesting or integer size (valid YAML, but not a sane input)."""
+
+
+class BoundedYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing, with a position, nesting and integers that would otherwise run
+    into the interpreter's limits (RecursionError, int-conversion ValueError) as tracebacks."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_NESTING and self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            raise _BoundedYamlError(problem=NESTING_PROBLEM, problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_INT_DIGITS:
+            raise _BoundedYamlError(problem=_int_problem(node.value), problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+BoundedYamlLoader.add_constructor("tag:yaml.org,2002:int", BoundedYamlLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values (safe tags only), bounded in nesting and integer size; raises
+    yaml.YAMLError (see `yaml_problem`)."""
+    return yaml.load(text, Loader=BoundedYamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong in YAML text and where (1-based line and column), in one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{'' if isinstance(exc, _BoundedYamlError) else 'not valid YAML: '}{problem}{where}"
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise TooLarge(_int_problem(text.lstrip("-")))
+    return int(text)
+
+
+def parse_json(text: str) -> Any:
+    """JSON text as Python values, bounded in nesting and integer size; raises json.JSONDecodeError
+    or TooLarge."""
+    try:
+        data = json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise TooLarge(NESTING_PROBLEM) from None
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth >= MAX_NESTING:
+                raise TooLarge(NESTING_PROBLEM)
+            stack += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return data
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(regular_file(path).read_text())
+        return parse_json(regular_file(path).read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: missing (run the stage that writes it first)") from None
     except OSError as exc:
@@ -90,6 +173,8 @@ def read_json(path: str | Path) -> Any:
         raise StageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
         raise StageError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except TooLarge as exc:
+        raise StageError(f"{path}: {exc}") from None
 
 
 def regular_file(path: Path) -> Path:

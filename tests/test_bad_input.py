@@ -48,7 +48,7 @@ def snapshot(*folders: Path) -> dict[Path, str]:
     return {p: _digest(p) for folder in folders for p in sorted(folder.rglob("*"))}
 
 
-def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -> None:
+def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -> str:
     """The command exits 2 with one error line containing `names`, and changes none of `untouched`.
     With `capsys` None it runs in its own process (Lightning's log handlers outlive one test's capture)."""
     if capsys is None:
@@ -62,6 +62,7 @@ def assert_refused(capsys, argv: list, names: str, untouched: dict[Path, str]) -
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert names in errors[0], errors[0]
     assert {p: _digest(p) for p in untouched if p.exists()} == untouched, "an earlier output changed"
+    return err
 
 
 # --- a data owner marking a folder ----------------------------------------------------------------
@@ -105,6 +106,8 @@ def owner(tmp_path_factory) -> Path:
     (root / "owner_models.py").write_text(OWNER_MODELS)
     (root / "owner_broken.py").write_text("raise RuntimeError('cannot start: no licence server')\n")
     (root / "owner_typo.py").write_text("def predict(images:\n")
+    (root / "owner_exits.py").write_text("import sys\n\nsys.exit(3)\n")
+    torch.save(build_model("small_cnn", 5).state_dict(), root / "plain_5_classes.pt")
     return root
 
 
@@ -141,6 +144,12 @@ def one_class(images):
 
 def nan_logits(images):
     return torch.full((len(images), 4), float("nan"))
+
+
+def exits(images):  # a script's habit: ends the process instead of raising
+    import sys
+
+    sys.exit(3)
 
 
 def needs_32_pixels(images):  # a network whose first layer is larger than the owner's 12x16 images
@@ -208,6 +217,12 @@ MARK_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
         lambda s: None,
         ["--force", "--design", "groups", "--draws", "5"],
         "--draws: not an option of --design groups",
+    ),
+    (
+        "one image, no --publish given",
+        lambda s: [(s / f"img{i}.png").unlink() for i in (1, 2)],
+        ["--force"],
+        "the folder has 1 image(s): too few",
     ),
     ("publish nothing", lambda s: None, ["--force", "--publish", "0"], "--publish"),
     ("publish everything", lambda s: None, ["--force", "--publish", "3"], "--publish 3"),
@@ -394,6 +409,51 @@ def test_owner_mark_failing_midway_publishes_nothing(owner: Path, tmp_path: Path
         assert snapshot(tmp_path) == before, "a failed marking left files behind"
 
 
+KILLED_AFTER_FIRST_IMAGE = """
+import os, signal, sys
+from pipeline.owner import marking
+from pipeline.cli import main
+real = marking.write_png
+def killed(path, rgb):
+    real(path, rgb)
+    os.kill(os.getpid(), signal.SIGKILL)
+marking.write_png = killed
+main(sys.argv[1:])
+"""
+
+
+def test_owner_mark_removes_what_a_killed_run_left(owner: Path, tmp_path: Path, capsys) -> None:
+    """SIGKILL leaves the hidden staging folder (no cleanup runs); the next run into the same
+    output folder removes it, but not the staging folder of a run still marking there."""
+    import fcntl
+
+    src, new, earlier = tmp_path / "photos", tmp_path / "new", tmp_path / "earlier"
+    shutil.copytree(owner / "originals", src)
+    shutil.copytree(owner / "marked", earlier)  # an existing output folder: staging is made inside it
+    argv = ["owner", "mark", str(src), "--seed", "5", "--design", "pattern", "--force", "--out"]
+    for out in (new, earlier):
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_FIRST_IMAGE, *argv, str(out)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+        )
+        assert killed.returncode == -9, killed.stderr
+    left = sorted(tmp_path.rglob(".*.marking-*"))
+    assert {p.parent for p in left} == {earlier, tmp_path} and all(any(p.iterdir()) for p in left), left
+    live = tmp_path / ".new.marking-0123abcd"
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a run still marking into the same folder holds its own
+    try:
+        for out in (new, earlier):
+            assert main([*argv, str(out)]) == 0, capsys.readouterr().err
+        assert sorted(tmp_path.rglob(".*.marking-*")) == [live]
+    finally:
+        os.close(held)
+    assert (new / KEY_NAME).is_file() and (earlier / KEY_NAME).is_file()
+
+
 def test_published_files_are_not_private(owner: Path, tmp_path: Path, capsys) -> None:
     """The marked copies and their folder get the usual permissions; only the key is 0600."""
     old = os.umask(0o022)
@@ -489,6 +549,11 @@ def _drop_marked(root: Path) -> Path:
     return root / "model.pt"
 
 
+def _edit_marked(root: Path) -> Path:
+    _image(root / "marked" / "img1.png", seed=99)
+    return root / "model.pt"
+
+
 def _drop_original(root: Path) -> Path:
     (root / "originals" / "img2.png").unlink()
     return root / "model.pt"
@@ -528,7 +593,19 @@ def _key_edit(edit: Callable[[dict], object]) -> Callable[[Path], str]:
 AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("truncated checkpoint", _truncated_model, [], "cut.pt"),
     ("malicious pickle", _malicious, [], "evil.pt: refused"),
-    ("weights of another width", _inconsistent, [], "wrong-width.pt"),
+    (
+        "weights of another width",
+        _inconsistent,
+        [],
+        "wrong-width.pt: not a usable checkpoint (tensor net.0.0.weight has shape (8, 3, 3, 3) in the file, "
+        "(16, 3, 3, 3) in the model)",
+    ),
+    (
+        "state_dict of another class count",
+        lambda r: r / "plain_5_classes.pt",
+        ["--arch", "small_cnn", "--num-classes", "10"],
+        "does not fit --arch small_cnn --num-classes 10: tensor 10.weight has shape (5, 128) in the file, (10, 128)",
+    ),
     (
         "state_dict of another arch",
         lambda r: r / "plain_small_cnn.pt",
@@ -536,6 +613,18 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         "does not fit --arch resnet18_cifar",
     ),
     ("plain state_dict without --arch", lambda r: r / "plain_small_cnn.pt", [], "--arch"),
+    (
+        "--arch beside this pipeline's model",
+        lambda r: r / "model.pt",
+        ["--arch", "resnet50", "--num-classes", "1000"],
+        "--arch resnet50: ",
+    ),
+    (
+        "--num-classes beside this pipeline's model",
+        lambda r: r / "model.pt",
+        ["--num-classes", "10"],
+        "of --num-classes 4",
+    ),
     ("missing checkpoint", lambda r: r / "nope.pt", [], "nope.pt"),
     ("unimportable callable", lambda r: Path("no_such_module:predict"), [], "no_such_module"),
     (
@@ -548,7 +637,8 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
     ("key a JSON list", _key_file("[1, 2]"), [], f"{KEY_NAME}: format: missing"),
     ("key of another format", _key_file('{"format": "something/2"}'), [], "format: 'something/2' is not a key format"),
     ("missing key", lambda r: r / "model.pt", ["--key", "{root}/absent.json"], "absent.json"),
-    ("fewer marked images than the key", _drop_marked, [], "img1.png"),
+    ("fewer marked images than the key", _drop_marked, [], "img1.png: a published image"),
+    ("an edited marked image", _edit_marked, [], "img1.png: not the image"),
     ("fewer originals than the key", _drop_original, [], "img2.png"),
     ("no label", lambda r: r / "model.pt", ["--user", "{root}/other-marked"], "--label"),
     (
@@ -590,6 +680,13 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         "needs_32_pixels: failed on 12 images of 12x16 pixels (RuntimeError",
     ),
     ("module failing on import", lambda r: "owner_broken:predict", [], "cannot import the callable (RuntimeError"),
+    ("callable calling sys.exit", lambda r: "owner_models:exits", [], "pixels (it called sys.exit(3))"),
+    (
+        "module calling sys.exit",
+        lambda r: "owner_exits:predict",
+        [],
+        "cannot import the callable (it called sys.exit(3))",
+    ),
     ("module with a syntax error", lambda r: "owner_typo:predict", [], "cannot import the callable (SyntaxError"),
     ("callable without a module", lambda r: ":predict", [], "expected a checkpoint file or module:function"),
     ("label outside the model", lambda r: r / "model.pt", ["--label", "4"], "--label 4: outside the model's 4 classes"),
@@ -717,17 +814,17 @@ KEY_CASES = [
     ("mark alpha as text", _set("mark.alpha", "0.7"), "mark.alpha:"),
     ("unknown mark parameter", _set("mark.strength", 1), "mark.strength:"),
     ("unknown noise", _set("mark.noise", "pink"), "mark.noise:"),
-    ("mark section missing", _drop("mark"), "mark: Field required"),
+    ("mark section missing", _drop("mark"), "mark: missing"),
     ("no files", _set("files", []), "files:"),
     ("files not a list", _set("files", {}), "files:"),
     ("file entry not an object", _set("files.0", None), "files.0:"),
-    ("original hash missing", _drop("files.0.original_sha256"), "files.0.original_sha256: Field required"),
+    ("original hash missing", _drop("files.0.original_sha256"), "files.0.original_sha256: missing"),
     ("marked hash not hex", _set("files.1.marked_sha256", "xyz"), "files.1.marked_sha256:"),
     ("original outside the folder", _set("files.0.original", "../../etc/hostname"), "files.0.original:"),
     ("absolute marked path", _set("files.0.marked", "/etc/hostname"), "files.0.marked:"),
     ("file listed twice", lambda k: k["files"].append(k["files"][0]), "files.3.original: listed twice"),
     ("zero height", _set("files.0.height", 0), "files.0.height:"),
-    ("unknown field", _set("comment", "mine"), "comment: Extra inputs are not permitted"),
+    ("unknown field", _set("comment", "mine"), "comment: not a known key"),
     ("empty source folder", _set("source_folder", ""), "source_folder:"),
     ("source folder not text", _set("source_folder", 3), "source_folder:"),
 ]
@@ -860,16 +957,32 @@ RUN_CASES = [
         lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
         "mark.ood_folder: {tmp}/ood is not a folder",
     ),
+    # what only the plan stage used to see, after "plan: running" and its started.json
+    (
+        "unknown class name",
+        lambda t: ["--set", "data.classes=[nope, class-1]"],
+        "data.classes: 'nope' is not a class of synthetic",
+    ),
+    ("class named twice", lambda t: ["--set", "data.classes=[class-1, 1]"], "data.classes: 1 names class 1 (class-1)"),
+    ("negative class index", lambda t: ["--set", "data.classes=[-1, 2]"], "data.classes: -1 is not a class"),
+    ("class index out of range", lambda t: ["--set", "data.classes=[0, 99]"], "data.classes: 99 is not a class"),
+    (
+        "owners' folders larger than a class",
+        lambda t: ["--set", "plan.owners={images: 5000}"],
+        "need plan.owners.images=5000",
+    ),
 ]
 
 
 @pytest.mark.parametrize("extra, names", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
 def test_run_refuses_before_any_stage(extra, names: str, tmp_path: Path, capsys) -> None:
-    """`mtrack run` checks what the config names before the first stage: nothing is created."""
+    """`mtrack run` checks what the config names before the first stage: nothing is created, and
+    nothing but the error is printed."""
     config = _config(tmp_path)
     args = extra(tmp_path)
     before = snapshot(tmp_path)
-    assert_refused(capsys, ["run", config, *args], names.format(tmp=tmp_path), before)
+    err = assert_refused(capsys, ["run", config, *args], names.format(tmp=tmp_path), before)
+    assert len(err.splitlines()) == 1, err
     assert snapshot(tmp_path) == before
 
 
@@ -908,6 +1021,8 @@ PLAN_CASES = [
         lambda tmp: ["data.source=fashion_mnist", f"data.root={_idx_folder(tmp / 'fm')}"],
         "train-images-idx3-ubyte",
     ),
+    ("class named twice", lambda tmp: ["data.classes=[3, class-3]"], "data.classes: 'class-3' names class 3"),
+    ("owners' folders larger than a class", lambda tmp: ["plan.owners={images: 500}"], "plan.owners.images=500"),
 ]
 
 
@@ -917,7 +1032,7 @@ def test_plan_refuses_data_it_cannot_use(overrides, names: str, base_run: Path, 
     shutil.copytree(base_run, run_dir, ignore=lambda d, names: ["plan"] if Path(d) == base_run else [])
     sets = [a for o in [f"run_dir={run_dir}", *overrides(tmp_path)] for a in ("--set", o)]
     assert_refused(capsys, ["plan", TINY, *sets], names, snapshot(run_dir))
-    assert not (run_dir / "plan" / "manifest.json").exists()
+    assert not (run_dir / "plan").exists()  # refused before the stage claimed its folder (started.json)
 
 
 def _edit_manifest(stage: str, outputs: dict[str, str]) -> Callable[[Path], None]:

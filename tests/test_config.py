@@ -15,7 +15,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "mark:\n  alpah: 0.5\n")
-    with pytest.raises(ConfigError, match=r"cfg.yaml: mark.alpah: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"cfg.yaml: mark.alpah: not a known key"):
         load_config(path)
 
 
@@ -32,6 +32,38 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 def test_bad_values_are_named(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(_write(tmp_path, text))
+
+
+INTERNAL = ("instance of", "Value error", "Config", "Table", "dict_type", "model_type")
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("audit.fdr_nonmembers=true", "audit.fdr_nonmembers: should be a number, found true"),
+        ("train.lr=false", "train.lr: should be a number, found false"),
+        ("train.milestones=[10, true]", "train.milestones: should be a number, found true"),
+        ("train.devices=true", "train.devices: should be a number, found true"),
+        ("wandb.enabled=1", "wandb.enabled: should be true or false, found 1"),
+        ("plan.owners=3", "plan.owners: should be a section of key: value settings, found 3"),
+        ("data=[1]", "data: should be a section of key: value settings, found a list"),
+        (
+            "train.epochs=many",
+            "train.epochs: Input should be a valid integer, unable to parse string as an integer, found 'many'",
+        ),
+        ("mark.pattern=ood_image", "mark: pattern 'ood_image' needs exactly one of mark.ood_folder or"),
+        ("plan.owners={images: 4, bogus: 1}", "plan.owners.bogus: not a known key"),
+    ],
+)
+def test_errors_name_the_key_in_the_users_words(tmp_path: Path, override: str, says: str) -> None:
+    """Booleans are not numbers (pydantic would take true as 1), and no class name or pydantic
+    prefix ("instance of OwnersConfig", "Value error,") reaches the user."""
+    path = _write(tmp_path, "seed: 1\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, [override])
+    message = str(refused.value).removeprefix(f"{path}: ")
+    assert message.startswith(says.split(":")[0]) and says in message, message
+    assert not any(word in message for word in INTERNAL), message
 
 
 def test_overrides_and_missing_file(tmp_path: Path) -> None:

@@ -110,6 +110,32 @@ def test_a_bad_row_fails_before_any_row_runs(tmp_path: Path, repo: Path, monkeyp
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    "second, names",
+    [
+        (None, "two.yaml: experiment table not found"),
+        ({"rows": [{"name": "typo", "set": {"data.classes": ["class-1", 1]}}]}, "names class 1 (class-1) a second"),
+        ({"rows": [{"name": "big", "set": {"plan.samples_per_user": 150}}]}, "need plan.samples_per_user=150"),
+    ],
+)
+def test_every_table_is_checked_before_the_first_starts(
+    second: dict | None, names: str, tmp_path: Path, repo: Path, monkeypatch, capsys
+) -> None:
+    """`mtrack experiments ONE TWO`: a missing second table, or one whose row the plan would refuse,
+    stops the command before the first table trains anything (it used to find out after)."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    first = _table(tmp_path, repo)
+    (tmp_path / "two").mkdir()
+    if second is not None:
+        _table(tmp_path / "two", repo, table="two", **second).rename(tmp_path / "two.yaml")
+    assert main(["experiments", str(first), str(tmp_path / "two.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and names in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
 def test_defense_notes_say_what_each_countermeasure_did() -> None:
     assert defense_notes({"train_loss": 0.1}) == ""
     notes = defense_notes(

@@ -58,7 +58,7 @@ def snapshot(root: Path) -> dict[Path, str]:
     return {p: file_sha256(p) if p.is_file() else "folder" for p in sorted(root.rglob("*"))}
 
 
-def refused(argv: list[str], root: Path, names: str) -> None:
+def refused(argv: list[str], root: Path, names: str) -> str:
     """The property: exit 2, stderr exactly one `error:` line naming `names`, no traceback, and
     nothing under `root` created, changed or removed."""
     before = snapshot(root)
@@ -71,6 +71,7 @@ def refused(argv: list[str], root: Path, names: str) -> None:
     assert names in lines[0], (argv, names, lines[0])
     assert "Traceback" not in err.getvalue() and not out.getvalue()
     assert snapshot(root) == before, (argv, "the file tree changed")
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -489,3 +490,97 @@ def test_installed_entry_point(command: str, extra: list[str], names: str, owner
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.stderr
     assert snapshot(root) == before
+
+
+# --- files built to hurt a parser: nesting, huge integers, and what only looks like a record or table ---
+
+DEEP_YAML = {"a list": "[" * 20_000 + "]" * 20_000, "a mapping": "{a: " * 20_000 + "1" + "}" * 20_000}
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+HUGE = "9" * 5000
+RECORD = {
+    "folder": "slurm/%j",
+    "poll_s": 10,
+    "summary_every_s": 300,
+    "submitted_at": 1.7e9,
+    "jobs": [{"task": "plan", "shard": None, "job_ids": ["12"], "stage_dir": "run/plan", "epochs": None}],
+}
+# its base config does not exist: a table wrongly accepted fails at once rather than running a pipeline
+TABLE = "table: t\ntitle: T\nbase: missing.yaml\nclaim: c\nseeds: [0]\nrows: [{name: a}]\n"
+
+
+def _record(**changes: Any) -> str:
+    return json.dumps({**RECORD, **changes})
+
+
+def _job(**changes: Any) -> str:
+    return json.dumps({**RECORD, "jobs": [{**RECORD["jobs"][0], **changes}]})
+
+
+# (command, file name, file text (None: a folder; bytes: written as they are), what the error names)
+HOSTILE_FILES = [
+    *[("run", "cfg.yaml", f"seed: 0\ntrain: {text}\n", "nested deeper than 64") for text in DEEP_YAML.values()],
+    ("run", "cfg.yaml", f"seed: {HUGE}\n", "an integer of 5000 digits"),
+    ("run", "cfg.yaml", "train:\n  epochs: 0x" + "f" * 5000 + "\n", "an integer of 5002 digits"),
+    ("key", "key.json", DEEP_JSON, "nested deeper than 64"),
+    ("key", "key.json", '{"format": "mtrack-key/2", "seed": ' + HUGE + "}", "an integer of 5000 digits"),
+    ("key", "key.json", "{" * 50_000 + "}" * 50_000, "key.json: not valid JSON"),
+    ("status", "slurm-jobs.json", DEEP_JSON, "nested deeper than 64"),
+    ("status", "slurm-jobs.json", '{"poll_s": -' + HUGE + "}", "an integer of 5000 digits"),
+    ("status", "slurm-jobs.json", _record(submitted_at="yesterday"), "submitted_at: Input should be a valid number"),
+    ("status", "slurm-jobs.json", _job(job_ids=["1;touch x"]), "'1;touch x' is not a SLURM job id"),
+    ("status", "slurm-jobs.json", _job(job_ids=["12", "-1"]), "jobs.0.job_ids.1"),
+    ("status", "slurm-jobs.json", _record(poll_s=True), "poll_s: should be a number, found true"),
+    ("status", "slurm-jobs.json", _job(shard="0"), "jobs.0.shard"),
+    ("status", "slurm-jobs.json", _record(jobs={}), "jobs: "),
+    ("status", "slurm-jobs.json", "[]", "should be a section"),
+    *[("experiments", "t.yaml", f"{TABLE}set: {text}\n", "nested deeper than 64") for text in DEEP_YAML.values()],
+    ("experiments", "t.yaml", TABLE.replace("[0]", f"[{HUGE}]"), "an integer of 5000 digits"),
+    ("experiments", "t.yaml", TABLE.replace("[0]", "[true]"), "seeds: should be a number, found true"),
+    ("experiments", "t.yaml", "import os\nrows = {1: [\n", "t.yaml: not valid YAML"),
+    ("experiments", "t.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff", "t.yaml: not a text (UTF-8) file"),
+    ("experiments", "t.yaml", None, "t.yaml: is a folder, not an experiment table"),
+    ("experiments", "t.yaml", "- a\n- b\n", "t.yaml: should be a section of key: value settings, found a list"),
+    ("experiments", "t.yaml", TABLE.replace("table: t", "table: ../../escape"), "table: '../../escape' is not"),
+    ("experiments", "t.yaml", TABLE.replace("table: t", "table: /tmp/x"), "table: '/tmp/x' is not"),
+]
+
+
+@pytest.mark.parametrize(
+    "command, name, text, names", HOSTILE_FILES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HOSTILE_FILES)]
+)
+def test_files_built_to_hurt_a_parser_are_refused(
+    command: str, name: str, text: str | bytes | None, names: str, owner: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Nesting past the interpreter's recursion limit, integers past its 4300-digit conversion limit,
+    job records and tables that are not what they claim: one line naming the file, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / {"run": "cfg", "key": "owner", "status": "run/launch", "experiments": "tables"}[command]
+    if command == "key":
+        shutil.copytree(owner, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cfg.yaml").write_text(TINY.read_text())
+    path = folder / name
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = {
+        "run": ["run", str(path), "--dry-run"],
+        "key": ["owner", "audit", "--model", str(folder / "model.pt"), "--user", str(folder / "published")]
+        + ["--key", str(path)],
+        "status": ["status", str(tmp_path / "run")],
+        "experiments": ["experiments", str(path)],
+    }[command]
+    line = refused(argv, tmp_path, names)
+    assert line.startswith(f"error: {path}: "), line
+
+
+def test_set_values_built_to_hurt_a_parser_are_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for value, names in [
+        (DEEP_YAML["a list"], "--set train.milestones: nested deeper than 64"),
+        (DEEP_YAML["a mapping"], "--set train.milestones: nested deeper than 64"),
+        (HUGE, "--set train.milestones: an integer of 5000 digits"),
+        ("[1, true]", "train.milestones: should be a number, found true"),
+    ]:
+        refused(["run", str(TINY), "--dry-run", "--set", f"train.milestones={value}"], tmp_path, names)

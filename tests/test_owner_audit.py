@@ -214,7 +214,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
     other.mkdir()
     first = keys["subset"]["files"][keys["subset"]["published"][0]]["marked"]
     (other / first).write_bytes((tmp / "subset" / first).read_bytes()[:-10])
-    with pytest.raises(StageError, match="another folder"):
+    with pytest.raises(StageError, match=f"{first}: not the image .* recorded"):
         load_key(tmp / "subset" / KEY_NAME, other)
 
 
@@ -289,3 +289,57 @@ def test_a_key_naming_other_published_images_is_refused(world, design: str) -> N
     key["published"] = moved
     with pytest.raises(StageError, match=f"published: not the {design} this seed published"):
         validate_key(key, "edited key")
+
+
+def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_refused(world, tmp_path: Path) -> None:
+    """Three images, one published: only 3 distinct subsets exist, so 19 draws repeat the published
+    one about 6 times and the smallest p-value is far above 1/20; at a level below it nothing is scored."""
+    tmp, data, _, _ = world
+    folder = _write_folder(tmp_path / "three", data.train_images[np.flatnonzero(data.train_labels == 1)[:3]])
+    key = mark_folder(folder, tmp_path / "out", MarkConfig(), seed=2, label=1, params=DesignParams(publish=1, draws=19))
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    result = audit_owner(key, model, draws_seed=0)
+    repeats = sum(c.files == tuple(key["published"]) for c in owner_audit.null_candidates(key, 0))
+    assert repeats >= 2 and result["smallest_possible_p_value"] == pytest.approx((1 + repeats) / 20)
+    scored.clear()
+    with pytest.raises(StageError, match=r"smallest p-value this audit can reach is 0\.\d+, above the level 0\.05"):
+        audit_owner(key, model, draws_seed=0, alpha=0.05)
+    assert scored == []
+
+
+@pytest.mark.parametrize("field, value", [("mark.alpha", 0.5), ("mark.noise", "uniform"), ("mark.epsilon", 0.0)])
+def test_a_key_whose_marks_were_edited_is_refused_before_scoring(world, field: str, value: Any) -> None:
+    """A key edited after marking (here `field`) would score marks that were never published: the
+    audit re-marks the published originals under the key and compares them with the published copies."""
+    tmp, _, keys, _ = world
+    key = json.loads(json.dumps(keys["groups"]))
+    section, _, name = field.rpartition(".")
+    (key[section] if section else key)[name] = value
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    with pytest.raises(StageError, match="its settings do not make .* was edited"):
+        audit_owner(key, model, draws_seed=0, marked_folder=tmp / "groups")
+    assert scored == [1]  # the probe of the model's classes only
+    assert audit_owner(keys["groups"], model, draws_seed=0, marked_folder=tmp / "groups")["p_value"] > 0
+
+
+def test_a_label_outside_the_model_is_refused_after_one_image(world) -> None:
+    tmp, _, keys, _ = world
+    scored: list[int] = []
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        scored.append(len(batch))
+        return torch.zeros(len(batch), 4)
+
+    with pytest.raises(StageError, match="label 9: outside the model's 4 classes"):
+        audit_owner(keys["subset"], model, label=9, draws_seed=0)
+    assert scored == [1]

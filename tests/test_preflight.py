@@ -177,3 +177,49 @@ def test_training_progress_is_read_from_lightnings_csv_log(tmp_path: Path) -> No
     written, epochs = epoch_metrics(tmp_path)
     assert sorted(epochs) == [0, 1, 2] and written == log.stat().st_mtime
     assert epochs[2] == {"step": 2.0, "val_acc": 0.7, "train_loss": 1 / 3, "train_acc": 0.9}
+
+
+def test_a_submission_killed_part_way_is_shown_as_such_and_earlier_jobs_are_kept(tmp_path: Path) -> None:
+    """The record names the tasks a submission meant to submit before the first sbatch: a follower
+    killed after two of them leaves a run that is never 'all completed', with the command that
+    submits the rest; the record, saved and read back, keeps the earlier submissions' jobs."""
+    from pipeline.launchers.follow import follow
+
+    done = JobState("COMPLETED", "None", "n1", "2026-01-01T10:00:00", "2026-01-01T10:00:05")
+    record = JobRecord(
+        tmp_path / "launch" / "slurm-jobs.json",
+        str(tmp_path / "%j"),
+        jobs=[RecordedJob("plan", None, "11", str(tmp_path)), RecordedJob("mark", 0, "12_0", str(tmp_path))],
+        planned=["plan", "mark", "write", "train-marked"],
+        command="mtrack run cfg.yaml --launcher slurm",
+        earlier=[RecordedJob("plan", None, "3", str(tmp_path))],
+    )
+    record.save()
+    again = JobRecord.load(record.path)
+    assert again == record and again.unsubmitted == ["write", "train-marked"]
+
+    class Settled(Follower):
+        def poll(self) -> list[str]:
+            return self.update({"11": done, "12_0": done})
+
+    lines: list[str] = []
+    with pytest.raises(StageError, match=r"completed, but the submission stopped part-way: write, train-marked never"):
+        follow(again, lines.append, Settled(again))
+    assert "submit the rest with `mtrack run cfg.yaml --launcher slurm`" in again.unsubmitted_line()
+    assert not any("all 2 job(s) completed" in line for line in lines)
+
+
+def test_resumes_reach_the_follower_with_their_step_and_requeue(tmp_path: Path) -> None:
+    """What the train stage writes when Lightning restores its checkpoint (`resumes.json`) becomes one
+    line each in the follower and `mtrack status`, once."""
+    from pipeline.store import write_json
+
+    write_json(tmp_path / "resumes.json", [{"step": 40, "epoch": 2, "requeues": 1, "at": 1.0}])
+    record = JobRecord(
+        tmp_path / "r.json", str(tmp_path / "%j"), jobs=[RecordedJob("train-marked", None, "5", str(tmp_path), 6)]
+    )
+    follower = Follower(record)
+    running = JobState("RUNNING", "None", "n1", "2026-01-01T10:00:00", "")
+    lines = follower.update({"5": running})
+    assert "train-marked: resumed (1) from its checkpoint at step 40, epoch 2, after SLURM requeue 1" in lines
+    assert not any("resumed" in line for line in follower.update({"5": running}))

@@ -115,6 +115,10 @@ def test_preempted_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     job.result()
     log = Path(job.paths.stderr).read_text()
     assert "train-marked: resumed from its last checkpoint at step" in log, log[-3000:]
+    assert "(SLURM requeue 1)" in log and "train-marked: rank 0 of world size 1 (1 node(s) x 1 device(s)" in log
+    status = mtrack("status", cfg.run_dir)
+    assert status.returncode == 0, status.stderr
+    assert "train-marked: resumed (1) from its checkpoint at step" in status.stdout, status.stdout
     metrics = json.loads((Path(cfg.run_dir) / "train-marked" / "metrics.json").read_text())
     assert metrics["global_step"] == 6 * (800 // 64)
     states = subprocess.run(

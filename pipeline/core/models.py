@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ..registry import Registry
-from ..store import StageError, atomic_path, first_line
+from ..store import StageError, atomic_path, first_line, parse_json
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("train.arch")
 
@@ -122,6 +122,24 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     if not matching:
         raise StageError(f"train.init_weights: no tensor of {path} fits train.arch")
     net.load_state_dict(matching, strict=False)
+
+
+def load_fitting(module: nn.Module, state: dict[str, Any]) -> None:
+    """Load a whole state_dict, or raise StageError naming the first tensor that does not fit and both
+    shapes: torch's own message begins with a line that names neither (and is cut to its first line)."""
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and isinstance(tensor, torch.Tensor) and tensor.shape != own[name].shape:
+            raise StageError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in the file, {tuple(own[name].shape)} in the model"
+            )
+    missing, unexpected = [n for n in own if n not in state], [n for n in state if n not in own]
+    if missing or unexpected:
+        first = f"tensor {missing[0]} is missing from the file" if missing else f"the file's tensor {unexpected[0]}"
+        raise StageError(
+            f"{first}{'' if missing else ' is not in the model'} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    module.load_state_dict(state)
 
 
 class Normalized(nn.Module):
@@ -243,10 +261,10 @@ def load_weights(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a classifier saved by `save_weights`, without executing any code from the file."""
     blob = read_checkpoint(path)
     try:
-        meta = json.loads(blob["meta"])
+        meta = parse_json(blob["meta"])
         net = build_model(meta["arch"], meta["num_classes"], meta["width"])
         model = Normalized(dp_compatible(net) if meta.get("group_norm") else net, meta["mean"], meta["std"])
-        model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ValueError, StageError) as exc:
+        load_fitting(model, blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, StageError) as exc:
         raise StageError(f"{path}: not a usable checkpoint ({first_line(exc)})") from None
     return model.eval(), meta

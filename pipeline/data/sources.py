@@ -152,6 +152,8 @@ def restrict_classes(splits: ImageSplits, wanted: tuple[str | int, ...]) -> Imag
         index = c if isinstance(c, int) else names.index(c.lower()) if c.lower() in names else -1
         if not 0 <= index < len(names):
             raise DataSourceError(f"data.classes: {c!r} is not a class of {splits.name} ({', '.join(splits.classes)})")
+        if index in keep:  # ["trouser", 1] or [3, 3]: a typo, not a wish to keep fewer classes
+            raise DataSourceError(f"data.classes: {c!r} names class {index} ({splits.classes[index]}) a second time")
         keep.add(index)
     old = np.array(sorted(keep))
     if len(old) < 2:

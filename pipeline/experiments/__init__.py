@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, load_config
-from ..launchers import launch
+from ..launchers import check_before_running, launch
 from ..stages.contract import config_hash, output_path, tasks
 from ..store import read_json, write_json, write_text
 from .render import markdown, plot_spread, update_overview
 from .summary import group_means, run_summary, summarise
 from .tables import Row, Table, load_table, on_base, with_seeds
 
-__all__ = ["PlannedRun", "defense_notes", "load_table", "on_base", "planned_rows", "run_table", "share_stages"]
+__all__ = [
+    "PlannedRun",
+    "defense_notes",
+    "load_table",
+    "on_base",
+    "planned_rows",
+    "run_table",
+    "run_tables",
+    "share_stages",
+]
 
 RUNS = Path("runs/experiments")
 STAGE_STORE = RUNS / "stages"
@@ -132,6 +141,25 @@ def planned_rows(
     return table, base, runs
 
 
+def run_tables(
+    paths: list[str | Path],
+    launcher: str = "local",
+    results: Path = Path("results"),
+    base: str | None = None,
+    seeds: int | None = None,
+    wandb: str | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Run every table named (see `run_table`); each table's rows. Every table is read and every run
+    of every table checked (its config, and what its unfinished stages would refuse) before the
+    first starts: a missing or bad second table stops nothing half-way."""
+    planned = [planned_rows(path, base, seeds, wandb) for path in paths]
+    checked: set[str] = set()
+    for _, _, runs in planned:
+        for run in runs:
+            check_before_running(run.config, checked=checked)
+    return [_run_planned(table, base_file, runs, launcher, results) for table, base_file, runs in planned]
+
+
 def run_table(
     path: str | Path,
     launcher: str = "local",
@@ -144,7 +172,12 @@ def run_table(
     tables', are skipped by the stages themselves) and write the table; with `base`, on that run
     config instead of the table's; with `seeds`, over seeds 0..seeds-1; with `wandb`, logged there
     (see `planned_rows`)."""
-    table, base_file, runs = planned_rows(path, base, seeds, wandb)
+    return run_tables([path], launcher, results, base, seeds, wandb)[0]
+
+
+def _run_planned(
+    table: Table, base_file: str, runs: list[PlannedRun], launcher: str, results: Path
+) -> list[dict[str, Any]]:
     by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in table.rows}
     for run in runs:
         share_stages(run.config)

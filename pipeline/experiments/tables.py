@@ -3,19 +3,15 @@ row per variant, and the seeds every row is repeated over (the baseline row usua
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from ..config import MAX_SEED, ConfigError, load_config
+from ..config import MAX_SEED, ConfigError, StrictModel, load_config, read_yaml, validation_problem
 
 Seeds = tuple[int, ...]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_seeds(seeds: Seeds | None, where: str) -> None:
@@ -29,14 +25,21 @@ def _check_seeds(seeds: Seeds | None, where: str) -> None:
         raise ValueError(f"{where}: seeds must lie in 0..{MAX_SEED}")
 
 
-class Row(_Strict):
+class Row(StrictModel):
     name: str = Field(min_length=1)
     set: dict[str, Any] = {}  # dotted config keys -> values, on top of the table's
     seeds: Seeds | None = None  # this row's seeds instead of the table's (e.g. more for the baseline)
 
 
-class Table(_Strict):
-    table: str  # folder name under results/ and runs/experiments/
+def _plain_name(name: str) -> str:
+    """A table's name is a folder under results/: one plain name, so no table writes outside it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
+        raise ValueError(f"{name!r:.60} is not a plain name (letters, digits, . _ -), so not a folder in results/")
+    return name
+
+
+class Table(StrictModel):
+    table: Annotated[str, AfterValidator(_plain_name)]  # folder name under results/ and runs/experiments/
     title: str
     base: str  # run config the rows start from, relative to this file
     claim: str  # what the paper says this table should show
@@ -76,15 +79,9 @@ class Table(_Strict):
 
 def load_table(path: Path) -> Table:
     try:
-        return Table.model_validate(yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment table not found") from None
+        return Table.model_validate(read_yaml(path, "experiment table"))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(
-            f"{path}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise ConfigError(f"{path}: {validation_problem(exc)}") from None
 
 
 def on_base(table: Table, base: str) -> Table:

@@ -23,15 +23,17 @@ from datetime import datetime
 from pathlib import Path
 
 from ..config import RunConfig, load_config
+from ..stages.contract import config_hash, stage_for, tasks
 from ..store import StageError, writable_folder
 from .cost import cost_table
-from .follow import Follower, JobRecord, follow
+from .follow import Follower, JobRecord, earlier_jobs, follow
 from .jobs import LAUNCHERS, Job, plan_jobs, ranges
 from .local import run_local
 from .preflight import describe_preflight
 from .slurm import check_stage_names, run_slurm, slurm_parameters
 
-__all__ = ["LAUNCHERS", "describe", "launch", "run_local", "run_slurm", "status"]  # both register in LAUNCHERS
+# run_local and run_slurm register in LAUNCHERS
+__all__ = ["LAUNCHERS", "check_before_running", "describe", "launch", "run_local", "run_slurm", "status"]
 
 log = logging.getLogger("pipeline")
 
@@ -59,10 +61,12 @@ def describe(cfg: RunConfig, jobs: list[Job], launcher: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def check_before_running(cfg: RunConfig) -> None:
+def check_before_running(cfg: RunConfig, force: bool = False, checked: set[str] | None = None) -> None:
     """What a config names that its schema cannot check, checked before the first stage starts
-    rather than when the stage that needs it fails: the model architecture, the files it names, and
-    that the run and results folders can be written (nothing is left behind by the check)."""
+    rather than when the stage that needs it fails: the model architecture, the files it names,
+    what an unfinished stage would refuse against the data source (its `check`), and that the run
+    and results folders can be written (nothing is left behind by the check). `checked`: config
+    hashes of stages already checked (many runs of a table share a plan), added to."""
     from ..core.models import MODELS
 
     MODELS.lookup(cfg.train.arch)
@@ -70,6 +74,13 @@ def check_before_running(cfg: RunConfig) -> None:
         raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
     if cfg.mark.ood_folder is not None and not Path(cfg.mark.ood_folder).is_dir():
         raise StageError(f"mark.ood_folder: {cfg.mark.ood_folder} is not a folder")
+    for task in tasks(cfg):
+        if task.spec.check is None or (checked is not None and config_hash(cfg, task) in checked):
+            continue
+        if force or not stage_for(cfg, task).done():
+            task.spec.check_config(cfg)
+        if checked is not None:
+            checked.add(config_hash(cfg, task))
     writable_folder(cfg.run_dir, "run_dir")
     writable_folder(cfg.results_dir, "results_dir")
 
@@ -87,7 +98,7 @@ def launch(
             print(describe_preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]))
             print("\n" + cost_table(cfg, jobs))
         return
-    check_before_running(cfg)
+    check_before_running(cfg, force)
     LAUNCHERS.lookup(launcher)(cfg, config_path, overrides, force, wait)
     log.info("results in %s", cfg.results_dir)
 
@@ -100,9 +111,13 @@ def status(run_dir: str, keep_following: bool = False) -> None:
         raise StageError(f"{path}: not found; {run_dir} has no SLURM submission (mtrack run CONFIG --launcher slurm)")
     record = JobRecord.load(path)
     follower = Follower(record)
+    if record.earlier:
+        print(earlier_jobs(record))
     for line in follower.poll():
         print(line)
     print(follower.summary())
+    if partial := record.unsubmitted_line():
+        print(partial)
     if keep_following:
         follow(record, lambda line: print(f"{datetime.now():%H:%M:%S} {line}", flush=True), follower)
     elif problem := follower.problem():

@@ -19,8 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, Field, ValidationError
+
+from ..config import StrictModel, validation_problem
 from ..store import StageError, read_json, write_json
 from .jobs import ranges
 
@@ -92,9 +95,51 @@ class RecordedJob:
         )
 
 
+def _job_id(text: str) -> str:
+    """squeue's ids: a job, or an array task `<job>_<task>` (they go on squeue/sacct/scancel command lines)."""
+    if not re.fullmatch(r"[0-9]{1,18}(_[0-9]{1,9})?", text):
+        raise ValueError(f"{text!r:.40} is not a SLURM job id (digits, or <job>_<task> for an array task)")
+    return text
+
+
+class _RecordedEntry(StrictModel):
+    task: str
+    shard: Annotated[int, Field(ge=0)] | None
+    job_ids: list[Annotated[str, AfterValidator(_job_id)]]
+    stage_dir: str
+    epochs: Annotated[int, Field(ge=1)] | None
+
+
+class _RecordFile(StrictModel):
+    """The job record's schema: checked whole when read, so an edited or foreign record is refused
+    naming the field instead of failing later in a sum, a sort or an squeue call."""
+
+    folder: str
+    poll_s: Annotated[float, Field(gt=0)]
+    summary_every_s: Annotated[float, Field(gt=0)]
+    submitted_at: Annotated[float, Field(ge=0)]  # epoch seconds
+    jobs: list[_RecordedEntry]
+    planned: list[str] = []
+    command: str = ""
+    earlier: list[_RecordedEntry] = []
+
+
+def _entries(jobs: list[RecordedJob]) -> list[dict[str, Any]]:
+    return [
+        {"task": j.task, "shard": j.shard, "job_ids": [j.job_id], "stage_dir": j.stage_dir, "epochs": j.epochs}
+        for j in jobs
+    ]
+
+
+def _jobs(entries: list[_RecordedEntry]) -> list[RecordedJob]:
+    return [RecordedJob(e.task, e.shard, job_id, e.stage_dir, e.epochs) for e in entries for job_id in e.job_ids]
+
+
 @dataclass
 class JobRecord:
-    """`<run_dir>/launch/slurm-jobs.json`: every job of the latest submission, saved after each sbatch."""
+    """`<run_dir>/launch/slurm-jobs.json`: every job of the latest submission, saved after each sbatch,
+    with the tasks it meant to submit (written before the first sbatch, so a submission killed
+    part-way is known as such), the command that submits the rest, and the jobs of earlier submissions."""
 
     path: Path
     folder: str  # submitit's job folder pattern (`.../%j`): logs and results
@@ -102,6 +147,9 @@ class JobRecord:
     summary_every_s: float = 300
     submitted_at: float = field(default_factory=time.time)  # epoch seconds
     jobs: list[RecordedJob] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)  # task names this submission was to submit
+    command: str = ""  # what submits what is left
+    earlier: list[RecordedJob] = field(default_factory=list)  # every job of the run's earlier submissions
 
     @staticmethod
     def path_for(run_dir: str | Path) -> Path:
@@ -109,21 +157,30 @@ class JobRecord:
 
     @classmethod
     def load(cls, path: Path) -> JobRecord:
-        data = read_json(path)
         try:
-            jobs = [
-                RecordedJob(e["task"], e["shard"], job_id, e["stage_dir"], e["epochs"])
-                for e in data["jobs"]
-                for job_id in e["job_ids"]
-            ]
-            return cls(path, data["folder"], data["poll_s"], data["summary_every_s"], data["submitted_at"], jobs)
-        except (KeyError, TypeError) as exc:
+            data = _RecordFile.model_validate(read_json(path), strict=True)
+        except ValidationError as exc:
             raise StageError(
-                f"{path}: not a job record of this version (no {exc}); check its jobs with squeue, then delete it"
+                f"{path}: {validation_problem(exc)}; not a job record of this version; check its jobs with squeue, "
+                "then delete it"
             ) from None
+        return cls(
+            path,
+            data.folder,
+            data.poll_s,
+            data.summary_every_s,
+            data.submitted_at,
+            _jobs(data.jobs),
+            data.planned,
+            data.command,
+            _jobs(data.earlier),
+        )
 
     def add(self, jobs: list[RecordedJob]) -> None:
         self.jobs += jobs
+        self.save()
+
+    def save(self) -> None:
         write_json(
             self.path,
             {
@@ -131,17 +188,25 @@ class JobRecord:
                 "poll_s": self.poll_s,
                 "summary_every_s": self.summary_every_s,
                 "submitted_at": self.submitted_at,
-                "jobs": [
-                    {
-                        "task": j.task,
-                        "shard": j.shard,
-                        "job_ids": [j.job_id],
-                        "stage_dir": j.stage_dir,
-                        "epochs": j.epochs,
-                    }
-                    for j in self.jobs
-                ],
+                "jobs": _entries(self.jobs),
+                "planned": self.planned,
+                "command": self.command,
+                "earlier": _entries(self.earlier),
             },
+        )
+
+    @property
+    def unsubmitted(self) -> list[str]:
+        """Tasks this submission meant to submit but never did (it was killed part-way)."""
+        submitted = {j.task for j in self.jobs}
+        return [task for task in self.planned if task not in submitted]
+
+    def unsubmitted_line(self) -> str | None:
+        if not (missing := self.unsubmitted):
+            return None
+        return (
+            f"the submission stopped part-way: {', '.join(missing)} never submitted; "
+            f"submit the rest with `{self.command or 'mtrack run CONFIG --launcher slurm'}`"
         )
 
     def stderr(self, job: RecordedJob) -> Path:
@@ -290,6 +355,7 @@ class Follower:
         self.states: dict[str, JobState] = {}
         self.epochs_shown: dict[str, int] = {}
         self.suspect: set[str] = set()  # seen once in a state SLURM may requeue from
+        self.resumes_shown: dict[str, int] = {}
 
     def poll(self) -> list[str]:
         """Lines for everything that changed since the last poll, in the order it happened."""
@@ -346,6 +412,19 @@ class Follower:
             state = self.states.get(job.job_id)
             if job.epochs is None or state is None or state.state == "PENDING":
                 continue
+            resumes_path = Path(job.stage_dir) / "resumes.json"
+            resumes = read_json(resumes_path) if resumes_path.exists() else []
+            already = self.resumes_shown.get(job.task, 0)
+            for n, resume in enumerate(resumes[already:], already):
+                requeue = f", after SLURM requeue {resume['requeues']}" if resume.get("requeues") else ""
+                events.append(
+                    (
+                        (int(resume.get("at", 0)), 0),
+                        f"{job.task}: resumed ({n + 1}) from its checkpoint at step {resume['step']}, "
+                        f"epoch {resume['epoch']}{requeue}",
+                    )
+                )
+                self.resumes_shown[job.task] = n + 1
             written, epochs = epoch_metrics(Path(job.stage_dir))
             for epoch, values in sorted(epochs.items()):
                 if epoch < self.epochs_shown.get(job.task, 0) or "train_loss" not in values:
@@ -424,6 +503,16 @@ class Follower:
         return len(live)
 
 
+def earlier_jobs(record: JobRecord) -> str:
+    """One line: every job of the run's earlier submissions, grouped by how it ended."""
+    states = query_states([j.job_id for j in record.earlier])
+    by_state: dict[str, list[str]] = {}
+    for job in record.earlier:
+        state = states.get(job.job_id)
+        by_state.setdefault(state.brief if state else "unknown to squeue and sacct", []).append(job.label)
+    return "earlier submissions: " + "; ".join(f"{text}: {', '.join(jobs)}" for text, jobs in by_state.items())
+
+
 def follow(record: JobRecord, emit: Callable[[str], None], follower: Follower | None = None) -> None:
     """Print state changes and progress until every job completed; on a failed or stuck job,
     cancel the rest and raise one line naming it."""
@@ -438,6 +527,8 @@ def follow(record: JobRecord, emit: Callable[[str], None], follower: Follower | 
                 cancelled = follower.cancel_rest()
                 raise StageError(f"{problem} (cancelled the run's {cancelled} queued job(s))" if cancelled else problem)
             if follower.finished:
+                if partial := record.unsubmitted_line():
+                    raise StageError(f"the {len(record.jobs)} submitted job(s) completed, but {partial}")
                 emit(
                     f"all {len(record.jobs)} job(s) completed, "
                     f"{duration(time.time() - record.submitted_at)} after submission"

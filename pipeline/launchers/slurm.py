@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -113,7 +114,7 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
+def submit_slurm(cfg: RunConfig, jobs: list[Job], command: str = "") -> JobRecord:
     """Submit the jobs in DAG order, each with afterok dependencies on the jobs of its upstream
     tasks submitted before it (finished upstream tasks need none). All or nothing: the record is
     saved after every sbatch, and if one is refused (or the submission is interrupted) every job
@@ -121,16 +122,28 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
     import submitit
 
     path = JobRecord.path_for(cfg.run_dir)
+    earlier: list[RecordedJob] = []
     if path.exists():
-        earlier = [j.job_id for j in JobRecord.load(path).jobs]
-        if queued := sorted({job_id.split("_")[0] for job_id, state in query_states(earlier).items() if state.live}):
+        before = JobRecord.load(path)
+        earlier = before.earlier + before.jobs
+        live = query_states([j.job_id for j in before.jobs]).items()
+        if queued := sorted({job_id.split("_")[0] for job_id, state in live if state.live}):
             raise StageError(
                 f"{path}: jobs {', '.join(queued)} of an earlier submission are still queued; follow "
                 f"them with `mtrack status {cfg.run_dir} --follow`, or scancel them, before submitting again"
             )
     slurm = cfg.launch.slurm
     folder = Path(slurm.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
-    record = JobRecord(path, str(folder), slurm.poll_s, slurm.summary_every_s)
+    record = JobRecord(
+        path,
+        str(folder),
+        slurm.poll_s,
+        slurm.summary_every_s,
+        planned=[job.task.name for job in jobs],
+        command=command,
+        earlier=earlier,
+    )
+    record.save()  # before the first sbatch: a submission killed part-way is known as such
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=slurm.max_requeues)
     try:
         for job in jobs:
@@ -170,6 +183,12 @@ def submit_slurm(cfg: RunConfig, jobs: list[Job]) -> JobRecord:
     return record
 
 
+def resubmit_command(config_path: str, overrides: list[str]) -> str:
+    """The command line that submits what a run still lacks (quoted for a POSIX shell)."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return shlex.join(["mtrack", "run", config_path, "--launcher", "slurm", *sets])
+
+
 @LAUNCHERS.register("slurm")
 def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: bool, wait: bool = True) -> None:
     if force:
@@ -182,7 +201,7 @@ def run_slurm(cfg: RunConfig, config_path: str, overrides: list[str], force: boo
         log.info("nothing to submit: every stage is done")
         return
     preflight(cfg, [(job, slurm_parameters(cfg, job.task)) for job in jobs]).raise_if_unfit()
-    record = submit_slurm(cfg, jobs)
+    record = submit_slurm(cfg, jobs, resubmit_command(config_path, overrides))
     if wait:
         follow(record, log.info)
     else:

@@ -17,13 +17,13 @@ from pydantic import ConfigDict, Field, validate_call
 
 from ..config import MarkConfig
 from ..core.marking import resolve_device
-from ..core.models import MODELS, Normalized, build_model, load_weights, read_checkpoint
+from ..core.models import MODELS, Normalized, build_model, load_fitting, load_weights, read_checkpoint
 from ..core.scoring import logit_margin
 from ..core.stats import rank_p_values
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
-from .designs import Candidate, null_candidates, published_pattern_seed
+from .designs import Candidate, null_candidates, published_pattern_seed, smallest_p_value
 from .key import ClassCount, ClassLabel, Seed, validate_key
 from .marking import mark_images
 
@@ -42,10 +42,8 @@ class Predictor:
         n, _, h, w = batch.shape
         try:
             out = self.fn(batch)
-        except Exception as exc:  # the callable is the user's code: report it, whatever it raised
-            raise StageError(
-                f"{self.name}: failed on {n} images of {h}x{w} pixels ({type(exc).__name__}: {first_line(exc)})"
-            ) from None
+        except (Exception, SystemExit) as exc:  # the callable is the user's code: report whatever it raised
+            raise StageError(f"{self.name}: failed on {n} images of {h}x{w} pixels ({_raised(exc)})") from None
         try:
             logits = torch.as_tensor(out).detach().float().cpu()
         except Exception:
@@ -69,13 +67,18 @@ def audit_owner(
     draws_seed: Seed | None = None,
     batch_size: Annotated[int, Field(ge=1)] = 256,
     key_source: str = "the key",
+    alpha: Annotated[float, Field(gt=0, le=1)] | None = None,
+    marked_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
     logits: a loaded model or any black-box callable). `draws_seed` (subset design) defaults to
     fresh randomness, reported with the result so the audit can be repeated exactly. The key is
     validated first (`load_key` has done so for a key file): nothing is computed from an invalid
-    one. `key_source` names the key in messages about its fields."""
+    one. `key_source` names the key in messages about its fields. With `alpha`, an audit whose smallest
+    possible p-value lies above it is refused before anything is scored: no verdict could follow.
+    With `marked_folder` (the published copies), the key proves what it claims first: its published
+    originals, re-marked under its settings, must be those copies pixel for pixel."""
     key = validate_key(key, key_source)
     predict = predict if isinstance(predict, Predictor) else Predictor(predict, "the model")
     folder = Path(originals or key["source_folder"])
@@ -106,8 +109,19 @@ def audit_owner(
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
+    candidates = null_candidates(key, draws_seed)
+    floor = smallest_p_value(published, candidates)
+    if alpha is not None and floor > alpha:
+        raise StageError(
+            f"{key_source}: the smallest p-value this audit can reach is {floor:.4g}, above the level {alpha}: "
+            f"{len(key['files'])} images, {len(published.files)} published, leave too few distinct candidates "
+            "to ever find the model trained on them (mark a larger folder, or audit at a higher level)"
+        )
+    per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
+    if marked_folder is not None:
+        check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     losses = candidate_mean_losses(
-        [published, *null_candidates(key, draws_seed)],
+        [published, *candidates],
         images,
         hashes,
         cfg,
@@ -123,7 +137,7 @@ def audit_owner(
     return {
         "design": key["design"],
         "p_value": p_value,
-        "smallest_possible_p_value": 1 / (len(null) + 1),
+        "smallest_possible_p_value": floor,
         "n_images": len(published.files),
         "n_originals": len(images),
         "n_candidates": len(null),
@@ -131,6 +145,39 @@ def audit_owner(
         "published_loss": float(observed),
         "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))},
     }
+
+
+def marked_candidate(
+    candidate: Candidate, images: list[np.ndarray], hashes: list[str], cfg: MarkConfig, pool: Any, device: str | None
+) -> list[np.ndarray]:
+    """A candidate's images (of the owner's originals) marked with its pattern."""
+    own = candidate.files
+    return mark_images([images[i] for i in own], [hashes[i] for i in own], candidate.pattern_seed, cfg, pool, device)
+
+
+MARK_FIELDS = "seed, design fields, mark.*, max_resolution"  # what decides the published pixels
+
+
+def check_key_makes_published(
+    key: dict[str, Any],
+    published: Candidate,
+    images: list[np.ndarray],
+    hashes: list[str],
+    cfg: MarkConfig,
+    pool: Any,
+    device: str | None,
+    marked_folder: Path,
+    key_source: str,
+) -> None:
+    """Refuse a key whose settings do not make the published copies from the originals: an edited
+    field (mark.alpha 0.7 -> 0.5, say) would otherwise score marks that were never published."""
+    for i, image in zip(published.files, marked_candidate(published, images, hashes, cfg, pool, device)):
+        copy = marked_folder / key["files"][i]["marked"]
+        if not np.array_equal(read_rgb(copy), image):
+            raise StageError(
+                f"{key_source}: its settings do not make {copy} from {key['files'][i]['original']}: a field "
+                f"that decides the marks ({MARK_FIELDS}) was edited; audit with the key mtrack owner mark wrote"
+            )
 
 
 def candidate_mean_losses(
@@ -157,15 +204,7 @@ def candidate_mean_losses(
         np.add.at(counts, list(owners), 1)
 
     for index, candidate in enumerate(candidates):
-        marked = mark_images(
-            [images[i] for i in candidate.files],
-            [hashes[i] for i in candidate.files],
-            candidate.pattern_seed,
-            cfg,
-            pool,
-            device,
-        )
-        for image in marked:
+        for image in marked_candidate(candidate, images, hashes, cfg, pool, device):
             pending.setdefault(image.shape, []).append((index, image))
             if len(pending[image.shape]) >= batch_size:
                 score(image.shape)
@@ -207,7 +246,12 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         raise StageError(f"--arch {arch}: unknown architecture (known: {', '.join(MODELS.names())})")
     blob = read_checkpoint(path)
     if isinstance(blob, dict) and "meta" in blob:
-        return Predictor(load_weights(path)[0], f"--model {path}")
+        model, meta = load_weights(path)
+        given = {"--arch": (arch, meta["arch"]), "--num-classes": (num_classes, meta["num_classes"])}
+        for flag, (value, saved) in given.items():
+            if value is not None and value != saved:  # the file says what it is: a different wish is a mistake
+                raise StageError(f"{flag} {value}: {path} is this pipeline's model of {flag} {saved}; leave {flag} out")
+        return Predictor(model, f"--model {path}")
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StageError(f"{path}: holds a {type(state).__name__} that is not a state_dict (names to tensors)")
@@ -215,10 +259,18 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         raise StageError(f"{path}: a plain state_dict; pass --arch and --num-classes")
     model = Normalized(build_model(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD)
     try:
-        model.net.load_state_dict(state)
-    except (RuntimeError, AttributeError, TypeError) as exc:
-        raise StageError(f"{path}: does not fit --arch {arch} ({first_line(exc)})") from None
+        load_fitting(model.net, state)
+    except (RuntimeError, AttributeError, TypeError, StageError) as exc:
+        raise StageError(f"{path}: does not fit --arch {arch} --num-classes {num_classes}: {first_line(exc)}") from None
     return Predictor(model.eval(), f"--model {path}")
+
+
+def _raised(exc: BaseException) -> str:
+    """What the user's code raised, in a few words; sys.exit(3) is named as such, since the tool,
+    not the callable, decides how the command ends (one error line, exit status 2)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _import_callable(spec: str) -> Predict:
@@ -231,10 +283,8 @@ def _import_callable(spec: str) -> Predict:
         sys.path.insert(0, here)
     try:
         fn = getattr(importlib.import_module(module), name)
-    except Exception as exc:  # importing runs the user's module: whatever fails there is reported
-        raise StageError(
-            f"--model {spec}: cannot import the callable ({type(exc).__name__}: {first_line(exc)})"
-        ) from None
+    except (Exception, SystemExit) as exc:  # importing runs the user's module: whatever fails there is reported
+        raise StageError(f"--model {spec}: cannot import the callable ({_raised(exc)})") from None
     finally:
         if added:
             sys.path.remove(here)

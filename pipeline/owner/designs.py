@@ -10,7 +10,8 @@ candidate from the others, so the rank is uniform: an exact p-value.
   K-subset S, marked with a pattern derived from the seed and S. The audit draws B more K-subsets
   from a generator independent of the seed, each marked with its own pattern. Candidates differ in
   images and pattern, as the paper's non-member users do, but all come from the owner's class, so
-  an easy class lowers every candidate's loss alike. Smallest p-value 1/(B + 1).
+  an easy class lowers every candidate's loss alike. Smallest p-value 1/(B + 1), or more when a
+  drawn subset repeats the published one (it ties): with few images, about 1 / (P choose K).
 - `groups`: the P images are split into P // K disjoint groups, each with its own pattern, and one
   group is published (the paper's reference population, built from the owner's images).
   Smallest p-value K / P.
@@ -72,6 +73,10 @@ class DesignParams:
         if self.design == "pattern":
             return
         if not k < n_files:
+            if self.publish is None:  # the default share, not a number the owner gave
+                raise StageError(
+                    f"the folder has {n_files} image(s): too few to publish some and keep others to compare"
+                )
             raise StageError(f"--publish {k}: publish fewer than the folder's {n_files} images")
         if self.design == "groups" and n_files // k < 2:
             raise StageError(f"--publish {k}: the {n_files} images make fewer than 2 groups of {k}")
@@ -137,3 +142,11 @@ def null_candidates(key: dict[str, Any], draws_seed: int) -> list[Candidate]:
         for j in range(key["n_patterns"])
         if j != key["pattern_index"]
     ]
+
+
+def smallest_p_value(published: Candidate, null: list[Candidate]) -> float:
+    """The smallest p-value an audit ranking `published` among `null` can report: even with the
+    lowest loss it ties with every null candidate identical to it (the same images, hence the same
+    pattern and the same loss). With few images a subset audit draws the published subset again
+    and again, so the number of distinct subsets, not the draws, bounds it."""
+    return (1 + sum(candidate == published for candidate in null)) / (len(null) + 1)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import MAX_SEED, MarkConfig
+from ..config import MAX_SEED, MarkConfig, validation_problem
 from ..store import StageError, file_sha256, read_json
 from .designs import Design, DesignParams, DrawCount, PatternCount, published_candidate
 
@@ -207,10 +207,7 @@ def validate_key(data: Any, where: str | Path) -> dict[str, Any]:
     try:
         key = KEY_FORMATS[version].model_validate(data, strict=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        raise StageError(f"{where}: {field + ': ' if field else ''}{message}") from None
+        raise StageError(f"{where}: {validation_problem(exc)}") from None
     # fields left out stay out (an unpublished file has no marked copy; a design's fields only in it)
     return key.upgraded() if isinstance(key, KeyV1) else key.model_dump(mode="json", exclude_unset=True)
 
@@ -221,6 +218,10 @@ def load_key(key_path: str | Path, marked_folder: str | Path) -> dict[str, Any]:
     key = validate_key(read_json(key_path), key_path)
     for entry in (key["files"][i] for i in key["published"]):
         path = Path(marked_folder) / entry["marked"]
-        if not path.is_file() or file_sha256(path) != entry["marked_sha256"]:
-            raise StageError(f"{key_path}: made for another folder ({path} is missing or differs)")
+        if not path.is_file():
+            raise StageError(
+                f"{path}: a published image {key_path} lists is missing (moved, renamed, or another folder?)"
+            )
+        if file_sha256(path) != entry["marked_sha256"]:
+            raise StageError(f"{path}: not the image {key_path} recorded (edited or re-saved since it was marked?)")
     return key

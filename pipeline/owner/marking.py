@@ -8,13 +8,16 @@ marked file. Originals are never touched: the output folder may not be, contain,
 input folder. Nothing is published unless every image reads, is large enough and appears once (a
 duplicate would count twice in the audit's mean loss), and every marked copy and the key were
 written: they are written into a hidden folder next to (or inside) the output folder and moved
-into place at the end, so a failure midway leaves no marked file and no key behind.
+into place at the end, so a failure midway leaves no marked file and no key behind. A run killed
+outright (SIGKILL) cannot remove its hidden folder; the next run into the same output folder does.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -98,17 +101,26 @@ def _check_images(src: Path, max_resolution: int | None) -> dict[Path, tuple[Pat
     return targets
 
 
+STAGING = ".{name}.marking-{token}"  # token: 8 hex digits
+
+
 @contextmanager
 def _publishing(out: Path) -> Iterator[Path]:
     """A new hidden folder to write the marked copies and the key into. When the block succeeds
     its files appear in `out` (the folder is renamed to `out` when `out` is new; otherwise its files
-    are moved in, the key last); when it fails, it is deleted with every folder this created."""
+    are moved in, the key last); when it fails, it is deleted with every folder this created. The
+    folder is locked (flock) while this run lives, so the hidden folders of killed runs are told
+    from those of a run still marking, and removed first."""
     out = out.absolute()
     created = [p for p in reversed(out.parents) if not p.exists()]
-    staging = (out if out.is_dir() else out.parent) / f".{out.name}.marking-{secrets.token_hex(4)}"
+    home = out if out.is_dir() else out.parent
+    _remove_stale_staging(out)
+    staging = home / STAGING.format(name=out.name, token=secrets.token_hex(4))
+    lock = None
     try:
         for folder in [*created, staging]:
             folder.mkdir()  # mode 0o777 less the umask: the published folder is as readable as any other
+        lock = _lock(staging)  # (a window of a few instructions before it, in which another run could take it)
     except OSError as exc:
         _remove(staging, created)
         raise StageError(f"{out}: cannot write the marked copies here ({exc.strerror or first_line(exc)})") from None
@@ -131,6 +143,40 @@ def _publishing(out: Path) -> Iterator[Path]:
     except BaseException:
         _remove(staging, created)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the flock
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive flock on `folder`, held until the returned descriptor is closed (or the process
+    dies); None when another live process holds it, or it cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a live run holds it
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete the hidden folders that killed runs of `mtrack owner mark --out out` left (inside `out`
+    and next to it): only ours by name, and only unlocked ones, so a run still marking keeps its."""
+    pattern = re.compile(re.escape(STAGING.format(name=out.name, token="")) + "[0-9a-f]{8}")
+    for home in {out, out.parent}:
+        if not home.is_dir():
+            continue
+        for folder in home.iterdir():
+            if pattern.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink():
+                if (fd := _lock(folder)) is not None:
+                    try:
+                        shutil.rmtree(folder, ignore_errors=True)
+                    finally:
+                        os.close(fd)
 
 
 def _remove(staging: Path, created: list[Path]) -> None:

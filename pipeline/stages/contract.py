@@ -89,7 +89,9 @@ class StageSpec:
     pipeline.stages, imported only when the stage runs (plan and mark never load torch or FFCV).
     `unhashed`: dotted keys of its declared config that it reads but that change none of its outputs
     (which arms a run trains does not change any one arm's model), so runs differing only there
-    share the stage.
+    share the stage. `check`: "module:function" checking its config against the data source's
+    metadata, writing nothing: run before any stage of a run starts, so a config only this stage
+    could refuse leaves no stage folder behind.
 
     How it is launched: `shards`, the dotted config key of the number of array tasks its users are
     split over (None: not sharded); `task_per_gpu`: its SLURM job runs one task per GPU of its node
@@ -107,6 +109,7 @@ class StageSpec:
     task_per_gpu: bool = False
     lightning: Lightning | None = None
     loop: Loop | None = None
+    check: str | None = None
 
     @property
     def sharded(self) -> bool:
@@ -116,13 +119,21 @@ class StageSpec:
         return int(setting(cfg, self.shards)) if self.shards is not None else 1
 
     def runner(self) -> Callable[[Context], None]:
-        module, function = self.run.split(":")
-        return cast(
-            Callable[["Context"], None], getattr(importlib.import_module(f"pipeline.stages.{module}"), function)
-        )
+        return cast(Callable[["Context"], None], _function(self.run))
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Refuse (StageError, DataSourceError) a config this stage would refuse, before anything runs."""
+        if self.check is not None:
+            _function(self.check)(cfg)
 
     def declares(self, file: str) -> bool:
         return file == MANIFEST or any(fnmatch.fnmatch(file, pattern) for pattern in self.writes)
+
+
+def _function(name: str) -> Callable[..., Any]:
+    """`module:function` under pipeline.stages, imported only when called (plan and mark never load torch)."""
+    module, function = name.split(":")
+    return cast(Callable[..., Any], getattr(importlib.import_module(f"pipeline.stages.{module}"), function))
 
 
 SHARD_FILES = ("shard-*-of-*.npz", "shard-*-of-*.json")
@@ -172,6 +183,7 @@ STAGES: dict[str, StageSpec] = {
             reads={},
             writes=("users.json", "train_ids.npz"),
             run="plan:run_plan",
+            check="plan:check_plan",
         ),
         StageSpec(
             "mark",

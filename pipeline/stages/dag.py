@@ -29,6 +29,7 @@ def run_task(cfg: RunConfig, task: Task, force: bool = False) -> bool:
     for dep in dependencies(cfg, task):
         if not stage_for(cfg, dep).done(verify_hashes=True):
             raise StageError(f"{task.name}: needs stage '{dep.name}' finished first (in {cfg.run_dir})")
+    task.spec.check_config(cfg)  # before the folder is claimed: a refused config leaves none
     if force:  # only once the inputs are known good: a refused --force leaves the finished stage as it was
         stage.invalidate()
     stage.begin()

@@ -11,12 +11,13 @@ manifest; more owners are never trained on).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import DataConfig, RunConfig
 from ..core.seeds import child_seed
 from ..data.sources import ImageSplits, load_source
 from ..owner.designs import DesignParams, published_candidate
@@ -46,7 +47,10 @@ def _draw_users(
     rng: np.random.Generator,
     seed: int,
     only: tuple[int, ...] = (),
+    k_key: str = "plan.samples_per_user",
 ) -> list[dict[str, Any]]:
+    """`n_users` users of `k` images of one class each from `pool`; `k_key` is the setting that asked
+    for `k`, named when a class has too few."""
     users = []
     available = {c: list(rng.permutation(pool[labels[pool] == c])) for c in range(n_classes)}
     for offset, cls in enumerate(_assign_classes(n_users, n_classes, rng, only)):
@@ -54,7 +58,7 @@ def _draw_users(
         if len(available[cls]) < k:
             raise StageError(
                 f"plan: class {cls} has only {len(available[cls])} unused {role} images left, "
-                f"need plan.samples_per_user={k}; lower samples_per_user or the number of {role} users"
+                f"need {k_key}={k}; lower {k_key} or the number of {role} users"
             )
         ids = sorted(int(i) for i in available[cls][:k])
         del available[cls][:k]
@@ -154,6 +158,7 @@ def _draw_owners(
         rng,
         cfg.seed,
         cfg.plan.member_classes if trained else (),
+        "plan.owners.images",
     )
     owners = []
     for user in drawn:
@@ -195,8 +200,20 @@ def _owners_as_members(
     return members, np.sort(np.concatenate([np.setdiff1d(train_ids, dropped), published])).astype(train_ids.dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def _source(cfg: DataConfig) -> ImageSplits:
+    """The data source, loaded once per process for the check and the stage that follows it."""
+    return load_source(cfg)
+
+
+def check_plan(cfg: RunConfig) -> None:
+    """Everything the plan stage would refuse (classes, owners' and users' counts against the data),
+    found by drawing the plan and discarding it: the checks cannot drift from the stage's."""
+    make_plan(cfg, _source(cfg.data))
+
+
 def run_plan(ctx: Context) -> None:
-    body, train_ids = make_plan(ctx.config, load_source(ctx.config.data))
+    body, train_ids = make_plan(ctx.config, _source(ctx.config.data))
     save_npz(ctx.stage.path("train_ids.npz"), train_ids=train_ids)
     write_json(ctx.stage.path("users.json"), body)
     ctx.stage.finish(["users.json", "train_ids.npz"])

@@ -93,7 +93,8 @@ def run_train(ctx: Context) -> None:
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm(), EpochProgress(stage.name)]
+    progress = EpochProgress(stage.name, stage.path("resumes.json"))
+    callbacks: list[Callback] = [checkpoint, best, KeepLauncherSigterm(), progress]
     callbacks += [SampleRecorder(stage.path("seen"))] if cfg.record_samples else []
     callbacks += [callback for countermeasure in countermeasures for callback in countermeasure.callbacks()]
     required = {c.precision for c in countermeasures if c.precision is not None}

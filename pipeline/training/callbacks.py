@@ -3,7 +3,9 @@ samples trained on, loggers, and the signal handling that lets a cluster launche
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +18,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..config import WandbConfig
 from ..console import Progress, log
-from ..store import Stage, atomic_path
+from ..store import Stage, atomic_path, read_json, write_json
 
 
 class SampleRecorder(Callback):
@@ -49,22 +51,38 @@ class EpochProgress(Callback):
     batch), and in a batch log one line per epoch at most every few seconds, e.g.
     `train-marked: epoch 12/60 (20%), loss 0.0213, acc 0.994, 0:41 elapsed, ETA 2:44`."""
 
-    def __init__(self, label: str) -> None:
-        self.label = label
+    def __init__(self, label: str, resumes: Path | None = None) -> None:
+        self.label, self.resumes = label, resumes
         self.progress: Progress | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log.info(  # every rank says who it is: a DDP job's log states its world size
+            "%s: rank %d of world size %d (%d node(s) x %d device(s); local rank %d)",
+            self.label,
+            trainer.global_rank,
+            trainer.world_size,
+            trainer.num_nodes,
+            trainer.num_devices,
+            trainer.local_rank,
+        )
         if trainer.is_global_zero:
             self.progress = Progress(self.label, trainer.max_epochs or 1, start=trainer.current_epoch, prefix="epoch ")
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.is_global_zero:  # said when Lightning has restored it, not when we merely found the file
-            log.info(
-                "%s: resumed from its last checkpoint at step %d, epoch %d",
-                self.label,
-                checkpoint["global_step"],
-                checkpoint["epoch"],
-            )
+        if not trainer.is_global_zero:  # said when Lightning has restored it, not when we merely found the file
+            return
+        requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        log.info(
+            "%s: resumed from its last checkpoint at step %d, epoch %d%s",
+            self.label,
+            checkpoint["global_step"],
+            checkpoint["epoch"],
+            f" (SLURM requeue {requeues})" if requeues else "",
+        )
+        if self.resumes is not None:  # for `mtrack status` and the follower, which read no job logs
+            earlier = read_json(self.resumes) if self.resumes.exists() else []
+            entry = {"step": checkpoint["global_step"], "epoch": checkpoint["epoch"], "requeues": requeues}
+            write_json(self.resumes, [*earlier, {**entry, "at": time.time()}])
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.progress is not None and self.progress.live and trainer.num_training_batches:
