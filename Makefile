@@ -14,15 +14,15 @@ demo: $(SETUP)
 	$(PY) -m pipeline.cli run configs/demo.yaml
 	@echo "demo finished: see results/demo/report.md"
 
-test: lint
-	$(PY) -m pytest -q --durations=25
+test: lint  # on every core (pytest-xdist; tests/conftest.py groups what must share a worker)
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=25
 
 lint: $(SETUP)  # seconds: ruff's lint rules and formatting (configured in pyproject.toml)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 test-fast: $(SETUP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 bench: $(SETUP)
 	$(PY) -m bench.marking

@@ -78,3 +78,15 @@ def slurm_cluster() -> None:
     if os.environ.get("MTRACK_REQUIRE_SLURM") == "1":
         pytest.fail("no SLURM cluster answers; start one with `sudo bash slurm/setup-local-slurm.sh`")
     pytest.skip("no SLURM cluster (start one with `sudo bash slurm/setup-local-slurm.sh`)")
+
+
+SHARED = {"tiny_run", "slurm_cluster"}  # the session's tiny run; the cluster's two CPUs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`): a module's tests stay on one
+    worker, so its module fixtures are built once; every test using the tiny run or the SLURM
+    cluster shares one worker, so the run is made once and cluster jobs never queue behind each other."""
+    for item in items:
+        shared = SHARED & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("shared" if shared else item.nodeid.split("::")[0]))
