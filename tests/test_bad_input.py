@@ -900,6 +900,19 @@ def test_config_refused_before_anything_runs(overrides: list[str], names: str, b
     assert_refused(capsys, ["mark", TINY, *sets, "--force"], names, snapshot(base_run))
 
 
+def test_a_source_smaller_than_the_config_is_refused_before_any_sbatch(tmp_path: Path, capsys) -> None:
+    """The data sizes are checked against the source before anything is submitted: a folder smaller
+    than data.n_train is refused in one line, with no job, no run folder and no SLURM call (it used
+    to be submitted and fail in the plan job)."""
+    config = _config(tmp_path)
+    before = snapshot(tmp_path)
+    err = assert_refused(
+        capsys, ["run", config, "--launcher", "slurm", "--set", "data.n_train=1600"], "n_train", before
+    )
+    assert "leaves no held-out images in the 1600-image train split" in err
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
 def test_unreadable_config_files(tmp_path: Path, capsys) -> None:
     (tmp_path / "broken.yaml").write_text("seed: 1\nplan: [unclosed\n")
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
