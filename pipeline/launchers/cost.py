@@ -143,8 +143,9 @@ def _cpu_marking(path: Path) -> dict[str, Rate]:
 
 
 def _scale_rates(path: Path) -> dict[str, Rate]:
-    """Whole-stage CPU rates of the rehearsal at its largest size (`make scale`): images through the
-    stage per CPU-second of all its jobs, at the stored size (the recipe's longer side)."""
+    """CPU rates of the rehearsal at its largest size (`make scale`): images through a sharded stage
+    per CPU-second of its shard jobs (its merge is a fixed cost, not a rate), of its one job
+    otherwise, at the stored size (the recipe's longer side)."""
     report = read_json(path)
     largest = max(s["n_images"] for s in report["stages"])
     side = max(size["config"]["max_resolution"] or 0 for size in report["sizes"].values()) or 256
@@ -154,7 +155,7 @@ def _scale_rates(path: Path) -> dict[str, Rate]:
         stage["stage"]: Rate(
             {side: float(stage["images_per_s_per_core"])},
             "core",
-            f"{where} (whole stage: decode, mark or encode, write)",
+            f"{where} (decode, mark or encode, write)",
         )
         for stage in report["stages"]
         if stage["n_images"] == largest and stage["images_per_s_per_core"]
