@@ -343,3 +343,15 @@ def test_a_label_outside_the_model_is_refused_after_one_image(world) -> None:
     with pytest.raises(StageError, match="label 9: outside the model's 4 classes"):
         audit_owner(keys["subset"], model, label=9, draws_seed=0)
     assert scored == [1]
+
+
+def test_a_key_whose_draws_were_edited_is_refused(world) -> None:
+    """The number of draws is part of the test the owner committed to: the key holds a number the
+    seed derives from it, so an edited `draws` is refused naming the field; an early key without
+    that number is still read."""
+    _, _, keys, _ = world
+    edited = {**keys["subset"], "draws": keys["subset"]["draws"] + 1}
+    with pytest.raises(StageError, match=r"the key: draws: 20 is not the number of draws this key was made with"):
+        validate_key(edited, "the key")
+    early = {k: v for k, v in keys["subset"].items() if k != "draws_check"}
+    assert validate_key(early, "the key")["draws"] == 19

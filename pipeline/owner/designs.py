@@ -37,7 +37,7 @@ Design = Literal["subset", "groups", "pattern"]
 DESIGNS: tuple[Design, ...] = ("subset", "groups", "pattern")
 DESIGN_OPTIONS = {"subset": ("publish", "draws"), "groups": ("publish",), "pattern": ("n_patterns",)}  # of DesignParams
 # Streams derived from the owner's seed: patterns, the published choice, the groups' partition.
-PATTERN_STREAM, CHOICE_STREAM, PARTITION_STREAM = 1, 3, 4
+PATTERN_STREAM, CHOICE_STREAM, PARTITION_STREAM, DRAWS_STREAM = 1, 3, 4, 5
 PatternCount = Annotated[int, Field(ge=2, le=MAX_PATTERNS)]
 DrawCount = Annotated[int, Field(ge=1, le=MAX_DRAWS)]
 PublishCount = Annotated[int, Field(ge=1)]
@@ -98,13 +98,22 @@ def groups_of(seed: int, n_files: int, k: int) -> np.ndarray:
     return np.sort(order[: n_files // k * k].reshape(-1, k), axis=1)
 
 
+def draws_check(seed: int, draws: int) -> int:
+    """A number only the owner's seed derives from the draws they chose: the key holds it, so a
+    `draws` edited afterwards (to try other numbers of candidates) is found."""
+    return child_seed(seed, DRAWS_STREAM, draws) % 10**9
+
+
 def published_candidate(params: DesignParams, seed: int, n_files: int) -> tuple[Candidate, dict[str, Any]]:
     """The candidate the owner publishes, and what the key must hold to find it again."""
     choice = np.random.default_rng(child_seed(seed, CHOICE_STREAM))
     k = params.published_count(n_files)
     if params.design == "subset":
         files = tuple(sorted(int(i) for i in choice.choice(n_files, k, replace=False)))
-        return Candidate(files, subset_pattern_seed(seed, files)), {"draws": params.draws}
+        return Candidate(files, subset_pattern_seed(seed, files)), {
+            "draws": params.draws,
+            "draws_check": draws_check(seed, params.draws),
+        }
     if params.design == "groups":
         groups = groups_of(seed, n_files, k)
         g = int(choice.integers(len(groups)))

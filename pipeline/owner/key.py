@@ -154,6 +154,7 @@ class KeyV2(_Key):
     design: Design
     published: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     draws: DrawCount | None = None
+    draws_check: Annotated[int, Field(ge=0)] | None = None  # derived from seed and draws (absent in early keys)
     group: Annotated[int, Field(ge=0)] | None = None
     n_patterns: PatternCount | None = None
     pattern_index: Annotated[int, Field(ge=0)] | None = None
@@ -182,6 +183,9 @@ class KeyV2(_Key):
             raise ValueError(f"published: {k} of {n} files is not a {self.design} design")
         params = DesignParams(self.design, k, self.draws or 1, self.n_patterns or 2)
         expected, fields = published_candidate(params, self.seed, n)
+        if self.draws_check is not None and self.draws_check != fields.pop("draws_check", None):
+            raise ValueError(f"draws: {self.draws} is not the number of draws this key was made with (an edited key?)")
+        fields.pop("draws_check", None)  # an early key has none to compare
         for field, value in fields.items():  # an edited choice would test what was never published
             if getattr(self, field) != value:
                 among = f" among n_patterns {self.n_patterns}" if field == "pattern_index" else ""
