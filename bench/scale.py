@@ -466,6 +466,7 @@ def report(result: dict[str, Any]) -> None:
 
     split_merges(result)
     result["fits"] = fits(result["stages"])
+    write_json(OUT, result)  # first: the dry-run estimate beside the extrapolation reads these rates from it
     result["imagenet"] = imagenet_estimates(result)
     write_json(OUT, result)
     plot(result, OUT.with_suffix(".png"))
