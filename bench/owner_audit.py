@@ -48,13 +48,15 @@ def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[
     return [*overrides, f"plan.owners.design={design}", f"run_dir={folder}", f"results_dir={folder}/results", *extra]
 
 
-def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
-    """`mtrack owner audit` for each owner of a finished run, with draws independent of the owners' seeds."""
+def audit_every_owner(cfg: RunConfig, access: str = "logits") -> list[dict[str, Any]]:
+    """`mtrack owner audit` for each owner of a finished run, with draws independent of the owners'
+    seeds, seeing of the trained network only what `access` allows (an API at that level)."""
     run = Path(cfg.run_dir)
     model = run / "train-marked" / "model.pt"
+    folder = run / ("owner-audit" if access == "logits" else f"owner-audit-{access.replace(':', '')}")
     results = []
     for owner in read_json(run / "plan" / "users.json")["owners"]:
-        out = run / "owner-audit" / f"{owner['owner_id']:05d}.json"
+        out = folder / f"{owner['owner_id']:05d}.json"
         if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already
             results.append(
                 {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
@@ -68,6 +70,8 @@ def audit_every_owner(cfg: RunConfig) -> list[dict[str, Any]]:
                     "audit",
                     "--model",
                     str(model),
+                    "--access",
+                    access,
                     "--user",
                     str(owner_folder(run / "mark", owner["owner_id"]) / "published"),
                     "--draws-seed",
@@ -101,6 +105,8 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
     population = read_json(Path(cfg.run_dir) / "audit-marked" / "metrics.json")
     return {
         "design": design,
+        "access": audits[0]["access"],
+        "queries_per_audit": float(np.median([a["queries"] for a in audits])),
         "trained_on_p": trained,
         "never_trained_on_p": never,
         "n_images_per_owner": k,
@@ -132,16 +138,18 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).",
         "",
-        "| design | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
-        "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | seconds per audit |",
-        "|---|---|---|---|---|---|",
+        "| design | access | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
+        "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | queries per audit | seconds per audit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, lo_hi = np.array(r["trained_on_p"]), r["never_trained_on_limits_at_0.05"]
         lines.append(
-            f"| {r['design']} | {r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
-            f"{np.median(t):.4g}, {t.max():.4g} | {r['never_trained_on_rate_at_0.05']:.3f} of "
-            f"{len(r['never_trained_on_p'])} ({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {_seconds(r['audit_seconds_median'])} |"
+            f"| {r['design']} | {r.get('access', 'logits')} | {r['smallest_possible_p_value']:.4g} | "
+            f"{r['trained_on_at_0.01']} of {len(t)} | {np.median(t):.4g}, {t.max():.4g} | "
+            f"{r['never_trained_on_rate_at_0.05']:.3f} of {len(r['never_trained_on_p'])} "
+            f"({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {r.get('queries_per_audit', '—')} | "
+            f"{_seconds(r['audit_seconds_median'])} |"
         )
     lines += [
         "",
@@ -152,6 +160,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("access", "logits") != "logits":
+            continue  # one row per design's run
         pop = r["population_audit"]
         p = np.array(pop["member_p_values"])
         lines.append(
@@ -179,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="config override for every design's run (its run folder is named after run_dir)",
     )
+    parser.add_argument(
+        "--access",
+        nargs="+",
+        default=["logits"],
+        help="access levels each trained network is audited at (logits, probs, topk:K, label), one row each",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
@@ -187,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)
         launch(args.config, overrides, "local")
         cfg = load_config(args.config, overrides)
-        rows.append(summarise(cfg, design, audit_every_owner(cfg)))
-        write_json(args.out / f"{design}.json", rows[-1])
+        for access in args.access:
+            rows.append(summarise(cfg, design, audit_every_owner(cfg, access)))
+            suffix = "" if access == "logits" else f"-{access.replace(':', '')}"
+            write_json(args.out / f"{design}{suffix}.json", rows[-1])
     write_json(args.out / "results.json", rows[0])
     command = "python -m bench.owner_audit " + " ".join(argv if argv is not None else sys.argv[1:])
     write_text(args.out / "README.md", markdown(rows, command.strip()))

@@ -241,9 +241,17 @@ def _owner_audit_command(tools: Any) -> None:
         "--model",
         required=True,
         metavar="MODEL",
-        help="checkpoint file (loaded as weights only), or module:function returning logits for uint8 NCHW "
-        "images; the module is imported as `python -m` would, from the current directory first, then "
-        "PYTHONPATH and installed packages",
+        help="checkpoint file (loaded as weights only), or module:function returning what --access says for "
+        "uint8 NCHW images; the module is imported as `python -m` would, from the current directory first, "
+        "then PYTHONPATH and installed packages",
+    )
+    p.add_argument(
+        "--access",
+        default="logits",
+        metavar="LEVEL",
+        help="what the model gives: logits (default), probs (every class's probability), topk:K (a pair: the K "
+        "best classes and their probabilities) or label (the predicted class; 8 queries per image); a "
+        "checkpoint is audited as an API at that level would answer",
     )
     p.add_argument(
         "--user", required=True, metavar="FOLDER", help="your folder of marked images (the --out of mtrack owner mark)"
@@ -416,7 +424,7 @@ def audit_own_model(args: argparse.Namespace) -> None:
             + (f"; is {user} the --out folder of mtrack owner mark? Otherwise pass --key" if args.key is None else "")
         )
     key = load_key(key_path, user)
-    predict = load_predictor(args.model, args.arch, args.num_classes)
+    predict = load_predictor(args.model, args.arch, args.num_classes, args.access)
     if args.json_out is not None:
         if Path(args.json_out).is_dir():
             raise StageError(f"--json {args.json_out}: is a folder; name a file")
@@ -430,6 +438,7 @@ def audit_own_model(args: argparse.Namespace) -> None:
         key_source=str(key_path),
         alpha=args.alpha,
         marked_folder=user,
+        notify=lambda text: print(f"note: {text}", file=sys.stderr),
     )
     used = result["p_value"] <= args.alpha
     print(
@@ -439,9 +448,10 @@ def audit_own_model(args: argparse.Namespace) -> None:
     )
     redo = f"; repeat with --draws-seed {result['draws_seed']}" if result["draws_seed"] is not None else ""
     print(
-        f"evidence: mean loss on your {result['n_images']} published images {result['published_loss']:.4g}; on the "
-        f"{result['n_candidates']} other candidates of design {result['design']}: min "
-        f"{result['candidates_loss']['min']:.4g}, median {result['candidates_loss']['median']:.4g}{redo}"
+        f"evidence: mean {'loss' if result['access'] == 'logits' else 'score'} on your {result['n_images']} "
+        f"published images {result['published_loss']:.4g}; on the {result['n_candidates']} other candidates of "
+        f"design {result['design']}: min {result['candidates_loss']['min']:.4g}, median "
+        f"{result['candidates_loss']['median']:.4g} ({result['queries']:,} queries at access {result['access']}){redo}"
     )
     if args.json_out is not None:
         write_json(args.json_out, result)

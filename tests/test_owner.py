@@ -145,6 +145,7 @@ OWNER_HELP = {
     },
     "audit": {
         "--model": "",
+        "--access": "",
         "--user": "",
         "--arch": "",
         "--num-classes": "(2 <= C <= 100000)",

@@ -5,6 +5,7 @@ trained on Fashion-MNIST), for every design, as callables and on the command lin
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.core.stats import binomial_limits
 from pipeline.data.images import read_rgb
 from pipeline.data.sources import load_source
 from pipeline.owner import audit as owner_audit
+from pipeline.owner.access import Access
 from pipeline.owner.audit import audit_owner, candidate_mean_losses
 from pipeline.owner.designs import DESIGNS, DesignParams, published_candidate
 from pipeline.owner.key import KEY_NAME, load_key, validate_key
@@ -251,9 +253,19 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
             "plan.owners={images: 16, never_trained: 2, draws: 19}",
             "--set",
             "train.epochs=1",
+            "--access",
+            "logits",
+            "label",
         ]
     )
     result = json.loads((tmp_path / "results" / "results.json").read_text())
+    label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
+    assert label_only["access"] == "label" and label_only["queries_per_audit"] == 8 * (1 + 8 * 20)
+    assert (
+        len(label_only["trained_on_p"]) == 3
+        and "| subset | label |" in (tmp_path / "results" / "README.md").read_text()
+    )
+    scored = scored[:5]  # the logits audits; the label-only ones follow
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
     folder = Path(f"{run}-subset")
     plan = json.loads((folder / "plan" / "users.json").read_text())
@@ -273,7 +285,7 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     assert [int(Path(key["files"][i]["original"]).stem) for i in key["published"]] == owner["published"]
     member = next(u for u in plan["users"] if u.get("owner") == owner["owner_id"])
     assert member["sample_ids"] == owner["published"]  # the published images are what the model trained on
-    assert "| subset |" in (tmp_path / "results" / "README.md").read_text()
+    assert "| subset | logits |" in (tmp_path / "results" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("design", ["subset", "groups"])
@@ -291,9 +303,10 @@ def test_a_key_naming_other_published_images_is_refused(world, design: str) -> N
         validate_key(key, "edited key")
 
 
-def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_refused(world, tmp_path: Path) -> None:
+def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_said_up_front(world, tmp_path: Path) -> None:
     """Three images, one published: only 3 distinct subsets exist, so 19 draws repeat the published
-    one about 6 times and the smallest p-value is far above 1/20; at a level below it nothing is scored."""
+    one about 6 times and the smallest p-value is far above 1/20; an audit at a level below it says so
+    before it scores anything."""
     tmp, data, _, _ = world
     folder = _write_folder(tmp_path / "three", data.train_images[np.flatnonzero(data.train_labels == 1)[:3]])
     key = mark_folder(folder, tmp_path / "out", MarkConfig(), seed=2, label=1, params=DesignParams(publish=1, draws=19))
@@ -307,9 +320,12 @@ def test_few_images_report_the_true_smallest_p_and_an_unreachable_level_is_refus
     repeats = sum(c.files == tuple(key["published"]) for c in owner_audit.null_candidates(key, 0))
     assert repeats >= 2 and result["smallest_possible_p_value"] == pytest.approx((1 + repeats) / 20)
     scored.clear()
-    with pytest.raises(StageError, match=r"smallest p-value this audit can reach is 0\.\d+, above the level 0\.05"):
-        audit_owner(key, model, draws_seed=0, alpha=0.05)
-    assert scored == []
+    said: list[tuple[str, int]] = []
+    audit_owner(key, model, draws_seed=0, alpha=0.05, notify=lambda text: said.append((text, len(scored))))
+    ((text, scored_before),) = said
+    assert scored_before == 0 and re.match(
+        r"the smallest p-value this audit can reach is 0\.\d+, above the level 0\.05", text
+    )
 
 
 @pytest.mark.parametrize("field, value", [("mark.alpha", 0.5), ("mark.noise", "uniform"), ("mark.epsilon", 0.0)])
@@ -355,3 +371,86 @@ def test_a_key_whose_draws_were_edited_is_refused(world) -> None:
         validate_key(edited, "the key")
     early = {k: v for k, v in keys["subset"].items() if k != "draws_check"}
     assert validate_key(early, "the key")["draws"] == 19
+
+
+LEVELS = ("probs", "topk:2", "topk:1", "label")
+
+
+class ExactRecall:
+    """Class 0 for exactly the memorised images, else what `fallback` says of the other classes: in
+    pixel space every marked image lies nearest to a marked one, so a nearest-neighbour memoriser
+    labels any marked image 0, and a label-only audit needs a model whose label depends on recall."""
+
+    def __init__(self, memorised: np.ndarray, fallback: NearestNeighbour) -> None:
+        self.memorised = torch.from_numpy(memorised).permute(0, 3, 1, 2).reshape(len(memorised), -1).float()
+        self.fallback = fallback
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.fallback(batch)
+        recalled = torch.cdist(batch.reshape(len(batch), -1).float(), self.memorised).min(1).values < 1e-3
+        logits[:, 0] = torch.where(recalled, logits.max(1).values + 1, logits[:, 1:].min(1).values - 1)
+        return logits
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_access_level_detects_a_memoriser_and_stays_exact_without_one(world, level: str) -> None:
+    """A memoriser that knows of the owner's class only the published images, seen through an API at
+    each level: they still rank first (the subset design), 30 owners it never saw get p-values that
+    do not pile up at small values, and the queries are counted (the label level asks 8 views)."""
+    tmp, data, keys, others = world
+    key = keys["subset"]
+    published = _published(tmp / "subset", key)
+    other_classes = others[data.train_labels[others] != 0][:300]  # all it knows of class 0 is what it memorised
+    memoriser = NearestNeighbour(
+        np.concatenate([data.train_images[other_classes], published]),
+        np.concatenate([data.train_labels[other_classes], np.zeros(len(published), np.int64)]),
+    )
+    if level == "label":  # every marked image is nearest to a marked one: only exact recall keeps the label
+        memoriser = ExactRecall(published, memoriser)
+    seen = audit_owner(key, owner_audit.Predictor(memoriser, "api", Access.parse(level), restrict=True), draws_seed=0)
+    assert seen["p_value"] == pytest.approx(seen["smallest_possible_p_value"]) and seen["access"] == level
+    per_image = 8 if level == "label" else 1
+    assert seen["queries"] == per_image * (1 + 6 * 20)  # the probe, then K images of B + 1 candidates
+    never = NearestNeighbour(data.train_images[others[:300]], data.train_labels[others[:300]])
+    api = owner_audit.Predictor(never, "api", Access.parse(level), restrict=True)
+    p = np.array([audit_owner(_another_owner(key, 2000 + s), api, draws_seed=s)["p_value"] for s in range(30)])
+    for alpha in (0.2, 0.5):  # never piled up at small values (the owners share their images: not independent)
+        assert binom.sf((p <= alpha + 1e-9).sum() - 1, len(p), alpha) > 1e-3, (alpha, np.sort(p))
+
+
+@pytest.mark.parametrize(
+    "level, returns, says",
+    [
+        ("probs", lambda b: torch.randn(len(b), 4), "probabilities in [0, 1]"),
+        ("probs", lambda b: torch.full((len(b), 4), 0.5), "summing to 1, found 2"),
+        ("topk:2", lambda b: torch.rand(len(b), 4).softmax(1), "a pair (classes, probabilities), found Tensor"),
+        ("topk:2", lambda b: (torch.zeros(len(b), 3, dtype=torch.long), torch.full((len(b), 3), 0.1)), "(1, 2)"),
+        ("topk:2", lambda b: (torch.zeros(len(b), 2), torch.full((len(b), 2), 0.1)), "whole-number classes"),
+        ("label", lambda b: torch.randn(len(b), 4), "(1,) whole-number classes, found (1, 4)"),
+        ("logits", lambda b: torch.zeros(len(b)), "shape (1, classes)"),
+    ],
+)
+def test_a_callable_not_answering_its_level_is_refused_in_one_line(world, level: str, returns, says: str) -> None:
+    _, _, keys, _ = world
+    with pytest.raises(StageError) as refused:
+        audit_owner(keys["subset"], owner_audit.Predictor(returns, "--model api:f", Access.parse(level)), draws_seed=0)
+    message = str(refused.value)
+    assert message.startswith(f"--model api:f: for --access {level}, expected") and says in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["topk", "topk:0", "topk:x", "probabilities", "topk:-1", ""])
+def test_an_unknown_access_level_is_refused(text: str) -> None:
+    with pytest.raises(StageError, match=f"--access {text}: expected one of logits, probs, topk:K, label"):
+        Access.parse(text)
+
+
+def test_label_scores_count_the_views_that_keep_the_label() -> None:
+    """A model that is right on the image and its mirror only: 6 of the 8 views lose the label."""
+    access = Access.parse("label")
+    batch = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).reshape(2, 3, 6, 6)
+    outs = [torch.tensor([1, 0]) if i < 2 else torch.tensor([0, 0]) for i in range(len(access.views))]
+    assert access.scores(outs, 1).tolist() == [pytest.approx(6 / 8), 1.0]
+    assert [tuple(view(batch).shape) for view in access.views] == [(2, 3, 6, 6)] * 8
+    censored = Access.parse("topk:2").scores([(torch.tensor([[2, 3]]), torch.tensor([[0.5, 0.3]]))], 1)
+    assert censored[0] == pytest.approx(-np.log(0.2))  # the label could have at most 1 - 0.8

@@ -12,17 +12,16 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import ConfigDict, Field, validate_call
 
 from ..config import MarkConfig
 from ..core.marking import resolve_device
 from ..core.models import MODELS, Normalized, build_model, load_fitting, load_weights, read_checkpoint
-from ..core.scoring import logit_margin
 from ..core.stats import rank_p_values
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
+from .access import Access
 from .designs import Candidate, null_candidates, published_pattern_seed, smallest_p_value
 from .key import ClassCount, ClassLabel, Seed, validate_key
 from .marking import mark_images
@@ -31,31 +30,29 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Predictor:
-    """A model or black-box callable as the audit uses it (uint8 NCHW images -> logits): whatever it
-    raises, and any output that is not finite logits of shape (images, classes), ends in one line
-    naming it, never in a traceback or a p-value computed from garbage."""
+    """A model or black-box callable as the audit uses it (uint8 NCHW images -> what its access level
+    returns: logits, probabilities, the top K, or labels; `owner.access`): whatever it raises, and any
+    output that is not what the level promises, ends in one line naming it, never in a traceback or
+    a p-value computed from garbage. With `restrict`, the callable returns logits and the predictor
+    passes on only what an API at the level would (a trained network audited at each level)."""
 
-    def __init__(self, fn: Predict, name: str) -> None:
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Predict, name: str, access: Access = Access(), restrict: bool = False) -> None:
+        self.fn, self.name, self.access, self.restrict = fn, name, access, restrict
+        self.queries = 0  # images sent to the model so far
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> Any:
         n, _, h, w = batch.shape
+        self.queries += n
         try:
             out = self.fn(batch)
+            if self.restrict:
+                out = self.access.restrict(Access().check(out, n, self.name))
+        except StageError:
+            raise
         except (Exception, SystemExit) as exc:  # the callable is the user's code: report whatever it raised
-            raise StageError(f"{self.name}: failed on {n} images of {h}x{w} pixels ({_raised(exc)})") from None
-        try:
-            logits = torch.as_tensor(out).detach().float().cpu()
-        except Exception:
-            raise StageError(f"{self.name}: returned a {type(out).__name__}, not logits") from None
-        if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
-            raise StageError(
-                f"{self.name}: returned shape {tuple(logits.shape)} for {n} images; expected logits "
-                f"of shape ({n}, classes) with at least 2 classes"
-            )
-        if not torch.isfinite(logits).all():
-            raise StageError(f"{self.name}: returned NaN or infinite logits")
-        return logits
+            images = f"{n} image{'' if n == 1 else 's'}"
+            raise StageError(f"{self.name}: failed on {images} of {h}x{w} pixels ({_raised(exc)})") from None
+        return self.access.check(out, n, self.name)
 
 
 @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
@@ -69,14 +66,16 @@ def audit_owner(
     key_source: str = "the key",
     alpha: Annotated[float, Field(gt=0, le=1)] | None = None,
     marked_folder: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
     logits: a loaded model or any black-box callable). `draws_seed` (subset design) defaults to
     fresh randomness, reported with the result so the audit can be repeated exactly. The key is
     validated first (`load_key` has done so for a key file): nothing is computed from an invalid
-    one. `key_source` names the key in messages about its fields. With `alpha`, an audit whose smallest
-    possible p-value lies above it is refused before anything is scored: no verdict could follow.
+    one. `key_source` names the key in messages about its fields. With `alpha` and `notify`, an audit
+    whose smallest possible p-value lies above that level says so before anything is scored (no
+    verdict "trained on" can follow; the p-value is still computed).
     With `marked_folder` (the published copies), the key proves what it claims first: its published
     originals, re-marked under its settings, must be those copies pixel for pixel."""
     key = validate_key(key, key_source)
@@ -111,11 +110,11 @@ def audit_owner(
     published = Candidate(tuple(key["published"]), published_pattern_seed(key))
     candidates = null_candidates(key, draws_seed)
     floor = smallest_p_value(published, candidates)
-    if alpha is not None and floor > alpha:
-        raise StageError(
-            f"{key_source}: the smallest p-value this audit can reach is {floor:.4g}, above the level {alpha}: "
+    if alpha is not None and notify is not None and floor > alpha:
+        notify(
+            f"the smallest p-value this audit can reach is {floor:.4g}, above the level {alpha}: "
             f"{len(key['files'])} images, {len(published.files)} published, leave too few distinct candidates "
-            "to ever find the model trained on them (mark a larger folder, or audit at a higher level)"
+            "for a verdict 'trained on' (mark a larger folder, or audit at a higher level)"
         )
     per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
     if marked_folder is not None:
@@ -141,6 +140,8 @@ def audit_owner(
         "n_images": len(published.files),
         "n_originals": len(images),
         "n_candidates": len(null),
+        "access": str(predict.access),
+        "queries": predict.queries,
         "draws_seed": draws_seed if key["design"] == "subset" else None,
         "published_loss": float(observed),
         "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))},
@@ -215,18 +216,17 @@ def candidate_mean_losses(
 
 @torch.no_grad()
 def per_image_losses(
-    predict: Predict, images: np.ndarray, label: int, batch_size: int, label_name: str = "label"
+    predict: Predictor, images: np.ndarray, label: int, batch_size: int, label_name: str = "label"
 ) -> np.ndarray:
-    """fp32 cross-entropy of each (H, W, 3) uint8 image for `label`, computed from the logit margin."""
-    out = []
+    """Each (H, W, 3) uint8 image's loss-like score for `label` at the predictor's access level
+    (fp32 cross-entropy from the logit margin for logits; see `owner.access`)."""
+    access, out = predict.access, []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).contiguous()
-        logits = predict(batch).float().cpu()
-        if not 0 <= label < logits.shape[1]:
-            raise StageError(
-                f"{label_name} {label}: outside the model's {logits.shape[1]} classes (0 to {logits.shape[1] - 1})"
-            )
-        out.append(F.softplus(-logit_margin(logits, torch.full((len(batch),), label))).numpy())
+        outs = [predict(view(batch)) for view in access.views]
+        if (classes := access.classes(outs[0])) is not None and not 0 <= label < classes:
+            raise StageError(f"{label_name} {label}: outside the model's {classes} classes (0 to {classes - 1})")
+        out.append(access.scores(outs, label))
     return np.concatenate(out)
 
 
@@ -234,14 +234,24 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @validate_call
-def load_predictor(spec: str | Path, arch: str | None = None, num_classes: ClassCount | None = None) -> Predictor:
+def load_predictor(
+    spec: str | Path, arch: str | None = None, num_classes: ClassCount | None = None, access: str = "logits"
+) -> Predictor:
     """`spec` is a checkpoint file (this pipeline's model.pt, or a plain state_dict given --arch and
-    --num-classes, normalised with ImageNet statistics), loaded as weights only; or `module:function`,
-    a black-box callable taking uint8 NCHW images and returning logits, imported as `python -m`
-    would: from the current directory first, then PYTHONPATH and the installed packages."""
+    --num-classes, normalised with ImageNet statistics), loaded as weights only, of which the audit
+    sees only what `access` allows (an API at that level, simulated); or `module:function`, a
+    black-box callable taking uint8 NCHW images and returning what `access` says (logits by
+    default), imported as `python -m` would: from the current directory first, then PYTHONPATH and
+    the installed packages."""
+    level = Access.parse(access)
     path = Path(spec)
     if not path.exists() and ":" in str(spec):
-        return Predictor(_import_callable(str(spec)), f"--model {spec}")
+        return Predictor(_import_callable(str(spec)), f"--model {spec}", level)
+    predictor = _load_network(path, arch, num_classes)
+    return Predictor(predictor, f"--model {path}", level, restrict=level.level != "logits")
+
+
+def _load_network(path: Path, arch: str | None, num_classes: int | None) -> torch.nn.Module:
     if arch is not None and arch not in MODELS.names():
         raise StageError(f"--arch {arch}: unknown architecture (known: {', '.join(MODELS.names())})")
     blob = read_checkpoint(path)
@@ -251,7 +261,7 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         for flag, (value, saved) in given.items():
             if value is not None and value != saved:  # the file says what it is: a different wish is a mistake
                 raise StageError(f"{flag} {value}: {path} is this pipeline's model of {flag} {saved}; leave {flag} out")
-        return Predictor(model, f"--model {path}")
+        return model
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StageError(f"{path}: holds a {type(state).__name__} that is not a state_dict (names to tensors)")
@@ -262,7 +272,7 @@ def load_predictor(spec: str | Path, arch: str | None = None, num_classes: Class
         load_fitting(model.net, state)
     except (RuntimeError, AttributeError, TypeError, StageError) as exc:
         raise StageError(f"{path}: does not fit --arch {arch} --num-classes {num_classes}: {first_line(exc)}") from None
-    return Predictor(model.eval(), f"--model {path}")
+    return model.eval()
 
 
 def _raised(exc: BaseException) -> str:

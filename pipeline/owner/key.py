@@ -227,5 +227,7 @@ def load_key(key_path: str | Path, marked_folder: str | Path) -> dict[str, Any]:
                 f"{path}: a published image {key_path} lists is missing (moved, renamed, or another folder?)"
             )
         if file_sha256(path) != entry["marked_sha256"]:
-            raise StageError(f"{path}: not the image {key_path} recorded (edited or re-saved since it was marked?)")
+            raise StageError(
+                f"{path}: not the image {key_path} recorded (edited since it was marked, or the key of another folder?)"
+            )
     return key
