@@ -139,8 +139,9 @@ def test_a_job_stuck_pending_is_shown_by_status_and_ends_the_run(tmp_path: Path)
 
 
 def test_make_rehearsal_runs_the_imagenet_recipe_on_the_local_cluster(tmp_path: Path) -> None:
-    """The headline command on a small ImageNet-layout folder: refused as the recipe stands (8 GPUs
-    per training job), then rehearsed with one switch (`make rehearsal`: the recipe's storage and
+    """The headline command on a small ImageNet-layout folder: refused as the recipe stands (its
+    dry-run shows 8 GPUs per training job that no node has; the folder is smaller than the recipe's
+    data.n_train), then rehearsed with one switch (`make rehearsal`: the recipe's storage and
     crops, a small network on the CPU, sizes from the folder) and followed to the report. Fewer
     shards, one CPU per job and no control model only to keep the test short."""
     folder = tmp_path / "imagenet"
@@ -167,7 +168,8 @@ def test_make_rehearsal_runs_the_imagenet_recipe_on_the_local_cluster(tmp_path: 
         "has a GPU" in recipe.stdout
     )
     errors = [line for line in recipe.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "launch.slurm.stages.train.gpus_per_node" in errors[0], recipe.stderr[-2000:]
+    assert len(errors) == 1, recipe.stderr[-2000:]  # the folder's size, checked against the recipe before any sbatch
+    assert "data.n_train=1131167 leaves no held-out images in the 400-image train split" in errors[0], errors
     assert not (run_dir / "launch").exists() and not _our_queued_jobs()
 
     quick = " ".join(
