@@ -83,6 +83,7 @@ def slurm_cluster() -> None:
 SHARED = {"tiny_run", "slurm_cluster"}  # the session's tiny run; the cluster's two CPUs
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`): a module's tests stay on one
     worker, so its module fixtures are built once; every test using the tiny run or the SLURM
