@@ -94,7 +94,8 @@ def markdown(table: Table, rows: list[dict[str, Any]], means: list[dict[str, Any
         for r in rows
     ]
     text = (
-        f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}` with {json.dumps(table.set)}; "
+        f"# {table.title}\n\nPaper: {table.claim}\n\nBase config `{table.base}`"
+        f"{f' with {json.dumps(table.set)}' if table.set else ''}; "
         f"set-based audit of the marked model against M = {m:,} non-member users (FPR resolved to 1/M; "
         "TPR @ FPR < t counts false positives strictly below t, as the official code does). Each cell: mean "
         f"over the row's seeds [{INTERVAL}]; Δ: difference from the baseline row *{baseline}*, paired by "
