@@ -74,13 +74,14 @@ def check_before_running(cfg: RunConfig, force: bool = False, checked: set[str] 
         raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
     if cfg.mark.ood_folder is not None and not Path(cfg.mark.ood_folder).is_dir():
         raise StageError(f"mark.ood_folder: {cfg.mark.ood_folder} is not a folder")
-    for task in tasks(cfg):
-        if task.spec.check is None or (checked is not None and config_hash(cfg, task) in checked):
+    for task in (t for t in tasks(cfg) if t.spec.check is not None):
+        key = config_hash(cfg, task)
+        if checked is not None and key in checked:
             continue
         if force or not stage_for(cfg, task).done():
             task.spec.check_config(cfg)
         if checked is not None:
-            checked.add(config_hash(cfg, task))
+            checked.add(key)
     writable_folder(cfg.run_dir, "run_dir")
     writable_folder(cfg.results_dir, "results_dir")
 

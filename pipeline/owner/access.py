@@ -16,7 +16,7 @@ the model knows the image better.
 - `label`: (images,) predicted classes. Score: the share of VIEWS (the image, its mirror, and shifts
   of 2 pixels: a trainer's usual augmentations) whose predicted class is not the label; a model
   that memorised an image keeps its label under small changes (label-only membership inference,
-  Choquette-Choo et al., ICML 2021). Costs len(VIEWS) queries per image.
+  Choquette-Choo et al., ICML 2021). Costs len(VIEWS) queries per image (`views`).
 """
 
 from __future__ import annotations
@@ -76,10 +76,6 @@ class Access:
         return f"topk:{self.k}" if self.level == "topk" else self.level
 
     @property
-    def queries_per_image(self) -> int:
-        return len(VIEWS) if self.level == "label" else 1
-
-    @property
     def views(self) -> tuple[Any, ...]:
         return VIEWS if self.level == "label" else VIEWS[:1]
 
@@ -133,9 +129,8 @@ class Access:
         if self.level == "topk":
             classes, probs = outs[0]
             hit = classes == label
-            listed = torch.where(hit.any(1), (probs * hit).sum(1), torch.zeros(n, dtype=probs.dtype))
             bound = torch.minimum(probs.min(1).values, (1 - probs.sum(1)).clamp_min(0))
-            return (-torch.log(torch.where(hit.any(1), listed, bound).clamp_min(1e-30))).numpy()
+            return (-torch.log(torch.where(hit.any(1), (probs * hit).sum(1), bound).clamp_min(1e-30))).numpy()
         return 1 - torch.stack([out == label for out in outs]).float().mean(0).numpy()
 
     def restrict(self, logits: torch.Tensor) -> Any:
