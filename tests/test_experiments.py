@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.config import ConfigError
 from pipeline.experiments import defense_notes, load_table, on_base, planned_rows, run_table
+from pipeline.experiments.render import OVERVIEW_HEADER, overview_header
 
 
 def _table(folder: Path, repo: Path, **changes: object) -> Path:
@@ -88,6 +89,20 @@ def test_a_table_repeats_rows_over_seeds_and_shares_stages(
     assert "## Tiny ablation\n\nPaper: both parts of the mark help. Ours ([table](tiny-ablation/README.md)" in overview
     assert overview.count("- smoothed (2 seeds): AUC") == 1
     assert ("Standing out from seed noise" in overview) or ("Within seed noise of the baseline: smoothed" in overview)
+
+
+def test_the_overview_names_the_tables_still_made_by_one_run() -> None:
+    entries = {
+        "Old table": "Old table\n\nPaper: x. Ours ([table](old/README.md)):\n\n- a: AUC 0.9\n",
+        "New table": "New table\n\nPaper: y. Ours ([table](new/README.md), [figure](new/spread.png); M = 2,500 "
+        "non-member users; mean [95% t-interval] over seeds):\n\n- a (3 seeds): AUC 0.9 [0.8, 1.0]\n",
+        "Reproduction: the demo run": "Reproduction: the demo run\n\nOurs, Fashion-MNIST: AUC 0.97\n",
+    }
+    header = overview_header(entries)
+    assert header.startswith(OVERVIEW_HEADER) and header.rstrip().endswith("*Old table*.")
+    assert "New table" not in header and "Reproduction" not in header
+    del entries["Old table"]
+    assert overview_header(entries) == OVERVIEW_HEADER
 
 
 def test_table_errors_name_the_file_and_key(tmp_path: Path, repo: Path) -> None:
