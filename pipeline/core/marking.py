@@ -167,13 +167,16 @@ def _axis(n_pixels: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cell, offset, _fade(offset)
 
 
-def _octave_factors(perm: np.ndarray, scale: float, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One Perlin octave as a product of two small matrices: noise = rows @ cols, (H, 2m) @ (2m, W).
+def _octave_factors(
+    perm: np.ndarray, scale: float, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Perlin octave as a product of two small matrices: noise = L @ R, L (H, 2m), R (2m, W).
 
     Within a lattice cell, Perlin noise is separable: interpolating the four corner gradients along
     x gives, for each lattice row j, a value P[j, x] and a slope Q[j, x] in y; the noise at (y, x)
     is (1-v) (P[j, x] + fy Q[j, x]) + v (P[j+1, x] + (fy-1) Q[j+1, x]) with j the pixel's cell row.
-    So the whole map is one matrix product with at most four non-zeros per row on the left."""
+    So row y of L has only four non-zeros: returned as their columns and weights, (H, 4) each, with
+    R = [P; Q]."""
     cx, fx, u = _axis(width, scale)
     cy, fy, v = _axis(height, scale)
     n_rows, n_cols = int(cy[-1]) + 2, int(cx[-1]) + 2
@@ -182,11 +185,9 @@ def _octave_factors(perm: np.ndarray, scale: float, height: int, width: int) -> 
     gx, gy = _GRADIENTS[corner, 0], _GRADIENTS[corner, 1]
     p_rows = (1 - u) * gx[:, cx] * fx + u * gx[:, cx + 1] * (fx - 1)  # (n_rows, W)
     q_rows = (1 - u) * gy[:, cx] + u * gy[:, cx + 1]
-    left = np.zeros((height, 2 * n_rows))
-    r = np.arange(height)
-    left[r, cy], left[r, n_rows + cy] = 1 - v, (1 - v) * fy
-    left[r, cy + 1], left[r, n_rows + cy + 1] = v, v * (fy - 1)
-    return left, np.concatenate([p_rows, q_rows])
+    columns = np.stack([cy, n_rows + cy, cy + 1, n_rows + cy + 1], axis=1)
+    weights = np.stack([1 - v, (1 - v) * fy, v, v * (fy - 1)], axis=1)
+    return columns, weights, np.concatenate([p_rows, q_rows])
 
 
 def perlin_params(seeds: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,11 +225,32 @@ def perlin_signs(seeds: np.ndarray, height: int, width: int, xp: Backend = NUMPY
 
 
 def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, width: int, xp: Backend = NUMPY) -> Any:
-    """(H, W) sum over octaves k of perlin(x 2^k / period, y 2^k / period) / 2^k, as one matrix product."""
+    """(H, W) sum over octaves k of perlin(x 2^k / period, y 2^k / period) / 2^k, as one matrix
+    product L @ R whose left factor has four non-zeros per row and octave: on numpy only those are
+    multiplied (`_sparse_rows`, 4 x octaves multiply-adds per pixel instead of one per column of L,
+    ~25x fewer at 512 x 384), on torch the dense product runs on the device."""
     factors = [_octave_factors(perm, 2.0**k / period, height, width) for k in range(octaves)]
-    left = np.concatenate([f[0] / 2.0**k for k, f in enumerate(factors)], axis=1)
-    right = np.concatenate([f[1] for f in factors])
+    offsets = np.cumsum([0] + [len(f[2]) for f in factors])
+    columns = np.concatenate([f[0] + offsets[k] for k, f in enumerate(factors)], axis=1)
+    weights = np.concatenate([f[1] / 2.0**k for k, f in enumerate(factors)], axis=1)
+    right = np.concatenate([f[2] for f in factors])
+    if xp is NUMPY:
+        return _sparse_rows(columns, weights, right)
+    left = np.zeros((height, len(right)))
+    np.add.at(left, (np.arange(height)[:, None], columns), weights)
     return xp.asarray(left) @ xp.asarray(right)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sparse_rows(columns: np.ndarray, weights: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """L @ right for L given row by row as (columns, weights) of its non-zeros, summed in that order."""
+    out = np.zeros((columns.shape[0], right.shape[1]))
+    for y in range(columns.shape[0]):
+        for j in range(columns.shape[1]):
+            row, weight = right[columns[y, j]], weights[y, j]
+            for x in range(right.shape[1]):
+                out[y, x] += weight * row[x]
+    return out
 
 
 def _warp_signs(total: Any, freq: float, xp: Backend) -> Any:
