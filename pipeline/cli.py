@@ -286,6 +286,12 @@ def _owner_audit_command(tools: Any) -> None:
         help="subset design: seed of the audit's random subsets (default: fresh, printed, so the audit can be "
         "repeated exactly)",
     )
+    p.add_argument(
+        "--all-draws",
+        action="store_true",
+        help="score every candidate of the design, for the p-value to full resolution (default: stop once "
+        "enough candidates score at least as low for p to lie above --alpha; the verdict is the same)",
+    )
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result to this JSON file")
 
 
@@ -439,6 +445,7 @@ def audit_own_model(args: argparse.Namespace) -> None:
         alpha=args.alpha,
         marked_folder=user,
         notify=lambda text: print(f"note: {text}", file=sys.stderr),
+        all_draws=args.all_draws,
     )
     used = result["p_value"] <= args.alpha
     print(
@@ -447,12 +454,19 @@ def audit_own_model(args: argparse.Namespace) -> None:
         f"{result['smallest_possible_p_value']:.4g})"
     )
     redo = f"; repeat with --draws-seed {result['draws_seed']}" if result["draws_seed"] is not None else ""
+    n, used = result["n_candidates"], result["n_scored"]
     print(
         f"evidence: mean {'loss' if result['access'] == 'logits' else 'score'} on your {result['n_images']} "
-        f"published images {result['published_loss']:.4g}; on the {result['n_candidates']} other candidates of "
-        f"design {result['design']}: min {result['candidates_loss']['min']:.4g}, median "
+        f"published images {result['published_loss']:.4g}; on {'the' if used == n else f'{used} of the'} {n} other "
+        f"candidates of design {result['design']}: min {result['candidates_loss']['min']:.4g}, median "
         f"{result['candidates_loss']['median']:.4g} ({result['queries']:,} queries at access {result['access']}){redo}"
     )
+    if result["stopped"]:
+        print(
+            f"stopped early: {result['stop_after']} of the first {result['n_scored']} candidates scored at least as "
+            f"low as yours, so p = {result['stop_after']}/{result['n_scored']} lies above the level whatever the "
+            "rest would score (--all-draws scores every one)"
+        )
     if args.json_out is not None:
         write_json(args.json_out, result)
 

@@ -20,7 +20,7 @@ from scipy.stats import binom
 
 from pipeline.config import DataConfig, MarkConfig
 from pipeline.core.models import Normalized, build_model, save_weights
-from pipeline.core.stats import binomial_limits
+from pipeline.core.stats import binomial_limits, sequential_p_value
 from pipeline.data.images import read_rgb
 from pipeline.data.sources import load_source
 from pipeline.owner import audit as owner_audit
@@ -95,10 +95,10 @@ def test_model_that_memorised_the_published_images_gets_the_smallest_p(world, de
     assert result["published_loss"] < result["candidates_loss"]["min"]
 
 
-def _another_owner(key: dict[str, Any], seed: int) -> dict[str, Any]:
+def _another_owner(key: dict[str, Any], seed: int, params: DesignParams | None = None) -> dict[str, Any]:
     """The key another owner with the same originals would hold: what mark_folder writes, with its
     published files' marked copies named but never written (the audit scores the originals)."""
-    params = PARAMS[key["design"]]
+    params = params or PARAMS[key["design"]]
     published, fields = published_candidate(params, seed, len(key["files"]))
     originals = [{k: e[k] for k in ("original", "original_sha256", "height", "width")} for e in key["files"]]
     for i in published.files:
@@ -119,6 +119,34 @@ def test_owners_the_model_never_saw_get_uniform_p_values(world, design: str) -> 
         lo, hi = binomial_limits(len(p), level)
         assert lo <= (p <= level + 1e-9).mean() <= hi, (level, (p <= level + 1e-9).mean())
     assert binom.sf((p <= 0.5).sum() - 1, len(p), 0.5) > 1e-3  # not piled up at small values
+
+
+def test_the_audit_stops_early_for_owners_the_model_never_saw_and_decides_as_scoring_all(world) -> None:
+    """At the CLI's level the audit scores candidates a round at a time and stops once p must lie
+    above it: never-trained-on owners get the verdict and (where p <= level) the p-value that scoring
+    all 49 draws gives, for a fraction of the queries (validity at every level: test_stats); a
+    memoriser's owner is scored in full and gets the smallest p."""
+    tmp, data, keys, others = world
+    params = DesignParams("subset", publish=6, draws=49)
+    model = NearestNeighbour(data.train_images[others[:300]], data.train_labels[others[:300]])
+    scored, queries = [], []
+    for s in range(16):
+        key = _another_owner(keys["subset"], 3000 + s, params)
+        quick = audit_owner(key, owner_audit.Predictor(model, "m"), draws_seed=s, alpha=0.05, batch_size=30)
+        full = audit_owner(key, owner_audit.Predictor(model, "m"), draws_seed=s, alpha=0.05, all_draws=True)
+        assert (quick["p_value"] <= 0.05) == (full["p_value"] <= 0.05) and full["n_scored"] == 49
+        assert quick["p_value"] == full["p_value"] or (quick["stopped"] and quick["p_value"] > 0.05)
+        scored.append(quick["n_scored"])
+        queries.append(quick["queries"] / full["queries"])
+    assert np.mean(scored) < 30 and np.mean(queries) < 0.7, (scored, np.mean(queries))
+    memorised = _published(tmp / "subset", keys["subset"])
+    memoriser = NearestNeighbour(
+        np.concatenate([data.train_images[others[:300]], memorised]),
+        np.concatenate([data.train_labels[others[:300]], np.zeros(len(memorised), np.int64)]),
+    )
+    seen = audit_owner(keys["subset"], memoriser, draws_seed=0, alpha=0.05)
+    assert seen["n_scored"] == 19 and not seen["stopped"]
+    assert seen["p_value"] == pytest.approx(seen["smallest_possible_p_value"])
 
 
 def _fashion(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -210,8 +238,9 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
     assert "verdict:" in result.stdout and "p = " in result.stdout and "--draws-seed" in result.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["design"] == "subset" and saved["n_candidates"] == 19 and saved["n_images"] == 6
-    again = audit_owner(keys["subset"], model, draws_seed=saved["draws_seed"])
+    again = audit_owner(keys["subset"], model, draws_seed=saved["draws_seed"], alpha=0.05)  # the CLI's default level
     assert again["p_value"] == saved["p_value"] and again["published_loss"] == pytest.approx(saved["published_loss"])
+    assert (saved["n_scored"] < 19) == saved["stopped"] == (f"stopped early: {saved['stop_after']} of" in result.stdout)
     other = tmp_path / "elsewhere"
     other.mkdir()
     first = keys["subset"]["files"][keys["subset"]["published"][0]]["marked"]
@@ -223,17 +252,23 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
 def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch) -> None:
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
     training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and each
-    reported p-value is (1 + #{draws with mean loss <= the published one's}) / (draws + 1), counted
+    reported p-value is the sequential one at the CLI's level (`sequential_p_value`), counted
     here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job)."""
     from bench.owner_audit import main as owner_benchmark
 
-    scored = []
+    scored: list[list[np.ndarray]] = [[]]  # per audit, the losses of each round it scored
 
     def recording(*args: Any, **kwargs: Any) -> np.ndarray:
-        scored.append(candidate_mean_losses(*args, **kwargs))
-        return scored[-1]
+        scored[-1].append(candidate_mean_losses(*args, **kwargs))
+        return scored[-1][-1]
+
+    def deciding(*args: Any) -> tuple[float, int] | None:
+        if (decided := sequential_p_value(*args)) is not None:
+            scored.append([])  # the audit ends here
+        return decided
 
     monkeypatch.setattr(owner_audit, "candidate_mean_losses", recording)
+    monkeypatch.setattr(owner_audit, "sequential_p_value", deciding)
     run = tmp_path / "run"
     owner_benchmark(
         [
@@ -260,12 +295,15 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     )
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
-    assert label_only["access"] == "label" and label_only["queries_per_audit"] == 8 * (1 + 8 * 20)
+    assert label_only["access"] == "label"
+    for audit in map(json.loads, map(Path.read_text, Path(f"{run}-subset").glob("owner-audit-label/*.json"))):
+        # 8 views of the probe image, then of K = 8 images per candidate scored (stop 1: rounds of one)
+        assert audit["queries"] == 8 * (1 + 8 * (1 + audit["n_scored"]))
     assert (
         len(label_only["trained_on_p"]) == 3
         and "| subset | label |" in (tmp_path / "results" / "README.md").read_text()
     )
-    scored = scored[:5]  # the logits audits; the label-only ones follow
+    scored = [np.concatenate(rounds) for rounds in scored[:5]]  # the logits audits; the label-only ones follow
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
     folder = Path(f"{run}-subset")
     plan = json.loads((folder / "plan" / "users.json").read_text())
@@ -274,8 +312,9 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     for owner, losses in zip(plan["owners"], scored):
         audit = json.loads((folder / "owner-audit" / f"{owner['owner_id']:05d}.json").read_text())
         published, draws = losses[0], losses[1:]
-        assert len(draws) == 19 and audit["published_loss"] == pytest.approx(published)
-        assert audit["p_value"] == pytest.approx((1 + np.sum(draws <= published)) / 20), owner
+        assert len(draws) == audit["n_scored"] and audit["published_loss"] == pytest.approx(published)
+        expected, used = sequential_p_value(draws <= published, 19, audit["stop_after"])
+        assert (audit["p_value"], used) == (pytest.approx(expected), len(draws)), owner
         p.setdefault(owner["trained"], []).append(audit["p_value"])
     assert (result["trained_on_p"], result["never_trained_on_p"]) == (p[True], p[False])
     assert len(p[True]) == 3 and len(p[False]) == 2

@@ -16,6 +16,8 @@ from pipeline.core.stats import (
     leave_one_out_p_values,
     null_calibration,
     rank_p_values,
+    sequential_p_value,
+    sequential_stop,
 )
 
 
@@ -36,6 +38,44 @@ def test_p_values_are_valid_under_the_null() -> None:
         assert binomtest(int((p <= level).sum()), trials, level).pvalue > 0.001
     loo = leave_one_out_p_values(rng.normal(size=500))
     assert np.allclose(np.sort(loo), np.arange(1, 501) / 500)
+
+
+def test_sequential_p_value_by_hand() -> None:
+    hits = np.array([False, True, False, True, True])
+    assert sequential_p_value(hits, 10, 2) == (2 / 4, 4)  # stops at the second hit: p = h / draws used
+    assert sequential_p_value(hits[:3], 10, 2) is None  # undecided: score more
+    assert sequential_p_value(np.r_[hits, [False] * 5], 10, None) == ((1 + 3) / 11, 10)  # the full test
+    assert sequential_p_value(np.zeros(10, bool), 10, 2) == (1 / 11, 10)  # never stopped: every draw scored
+    assert [sequential_stop(a, b) for a, b in ((0.01, 999), (0.05, 999), (0.05, 19), (0.001, 999), (1.0, 9))] == [
+        10,
+        50,
+        1,
+        1,
+        10,
+    ]
+
+
+def test_sequential_p_values_are_valid_and_decide_as_the_full_test() -> None:
+    """Besag-Clifford p-values under the null: P(p <= u) = u at its attainable levels, at every level,
+    not only the one that set the stop; members and non-members alike get the full test's verdict
+    at that level, and its p-value wherever p <= level, after far fewer draws for non-members."""
+    rng = np.random.default_rng(1)
+    draws, level, trials = 99, 0.05, 4000
+    stop = sequential_stop(level, draws)
+    used, p = [], []
+    for shift in (0.0, 3.0):  # never trained on, then trained on (the observed score stands out)
+        for _ in range(trials if shift == 0 else 300):
+            observed, null = rng.normal() - shift, rng.normal(size=draws)  # loss-like: lower = member-like
+            sequential, n = sequential_p_value(null <= observed, draws, stop)
+            full, _ = sequential_p_value(null <= observed, draws, None)
+            assert (sequential <= level) == (full <= level) and (sequential == full or sequential > level)
+            if shift == 0:
+                used.append(n)
+                p.append(sequential)
+    p = np.array(p)
+    for u in (1 / 100, 5 / 100, stop / 20, stop / 10, stop / 5):  # values the sequential p-value takes
+        assert binomtest(int((p <= u + 1e-12).sum()), trials, u).pvalue > 0.001, u
+    assert np.mean(used) < draws / 3
 
 
 def test_benjamini_hochberg_controls_fdr() -> None:

@@ -27,6 +27,33 @@ def rank_p_values(scores: np.ndarray, null_scores: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / (len(null_sorted) + 1.0)
 
 
+def sequential_stop(level: float, draws: int) -> int:
+    """How many null draws at least as extreme as the observed score stop a sequential test of
+    `draws` draws at `level` (`sequential_p_value`): the smallest h with h / draws > level, so a test
+    that stops reports p > level, and one that does not has seen every draw. Its verdict at `level`
+    is then always that of the full test on the same draws."""
+    h = max(1, math.floor(level * draws))
+    while h / draws <= level:
+        h += 1
+    return h
+
+
+def sequential_p_value(as_extreme: np.ndarray, draws: int, stop: int | None) -> tuple[float, int] | None:
+    """Besag & Clifford's (1991) sequential Monte-Carlo p-value, from the draws scored so far (in
+    draw order; True where a draw is at least as extreme as the observed score): once `stop` of them
+    are, p = stop / (draws used) and no more are needed; otherwise, after all `draws`, the usual
+    p = (1 + count) / (draws + 1). Valid at every level (P(p <= u) <= u under exchangeability), and a
+    never-trained-on owner stops after about stop * (1 + ln(draws / stop)) draws instead of all.
+    Returns (p, draws used), or None while neither rule has decided (score more draws)."""
+    hits = np.cumsum(np.asarray(as_extreme, dtype=bool))
+    if stop is not None and hits.size and hits[-1] >= stop:
+        used = int(np.argmax(hits >= stop)) + 1
+        return stop / used, used
+    if hits.size < draws:
+        return None
+    return (1.0 + float(hits[draws - 1])) / (draws + 1), draws
+
+
 def leave_one_out_p_values(null_scores: np.ndarray) -> np.ndarray:
     """Each null score's p-value against the other M - 1: what a never-trained-on user would get.
     Under the null these are uniform on {1/M, ..., 1}, which the report shows as a check."""

@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, validate_call
 from ..config import MarkConfig
 from ..core.marking import resolve_device
 from ..core.models import MODELS, Normalized, build_model, load_fitting, load_weights, read_checkpoint
-from ..core.stats import rank_p_values
+from ..core.stats import sequential_p_value, sequential_stop
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
@@ -67,6 +67,7 @@ def audit_owner(
     alpha: Annotated[float, Field(gt=0, le=1)] | None = None,
     marked_folder: str | Path | None = None,
     notify: Callable[[str], None] | None = None,
+    all_draws: bool = False,
 ) -> dict[str, Any]:
     """Rank the published candidate's mean loss among the design's other candidates (each of the
     owner's originals re-marked as that candidate says), scored with `predict` (uint8 NCHW images ->
@@ -76,6 +77,9 @@ def audit_owner(
     one. `key_source` names the key in messages about its fields. With `alpha` and `notify`, an audit
     whose smallest possible p-value lies above that level says so before anything is scored (no
     verdict "trained on" can follow; the p-value is still computed).
+    With `alpha`, candidates are scored a batch at a time and scoring stops once enough of them score
+    at least as low as the published one for p to lie above `alpha` (Besag-Clifford; the verdict is
+    that of scoring all, and the p-value stays exact); `all_draws` scores every candidate.
     With `marked_folder` (the published copies), the key proves what it claims first: its published
     originals, re-marked under its settings, must be those copies pixel for pixel."""
     key = validate_key(key, key_source)
@@ -119,32 +123,33 @@ def audit_owner(
     per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
     if marked_folder is not None:
         check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
-    losses = candidate_mean_losses(
-        [published, *candidates],
-        images,
-        hashes,
-        cfg,
-        pool,
-        device,
-        predict,
-        label,
-        batch_size,
-        label_name,
-    )
-    observed, null = losses[0], losses[1:]
-    p_value = float(rank_p_values(np.array([-observed]), -null)[0])  # higher score = more member-like
+    stop = None if alpha is None or all_draws else sequential_stop(alpha, len(candidates))
+    # a round fills about one forward batch, and holds no more candidates than the fewest that can stop it
+    per_round = max(1, min(batch_size // len(published.files), stop or len(candidates)))
+
+    def losses_of(chosen: list[Candidate]) -> np.ndarray:
+        return candidate_mean_losses(chosen, images, hashes, cfg, pool, device, predict, label, batch_size, label_name)
+
+    first = losses_of([published, *candidates[:per_round]])
+    observed, null = first[0], first[1:]
+    while (decided := sequential_p_value(null <= observed, len(candidates), stop)) is None:  # ties count against
+        null = np.concatenate([null, losses_of(candidates[len(null) : len(null) + per_round])])
+    p_value, used = decided
     return {
         "design": key["design"],
         "p_value": p_value,
         "smallest_possible_p_value": floor,
         "n_images": len(published.files),
         "n_originals": len(images),
-        "n_candidates": len(null),
+        "n_candidates": len(candidates),
+        "n_scored": used,
+        "stopped": stop is not None and int(np.sum(null[:used] <= observed)) >= stop,  # p = stop / n_scored
+        "stop_after": stop,  # candidates scoring at least as low that end the audit (None: all scored)
         "access": str(predict.access),
         "queries": predict.queries,
         "draws_seed": draws_seed if key["design"] == "subset" else None,
         "published_loss": float(observed),
-        "candidates_loss": {"min": float(null.min()), "median": float(np.median(null))},
+        "candidates_loss": {"min": float(null[:used].min()), "median": float(np.median(null[:used]))},
     }
 
 
