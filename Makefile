@@ -30,6 +30,7 @@ bench: $(SETUP)
 	$(PY) -m bench.audit
 	$(PY) -m bench.loader
 	$(PY) -m bench.lightning
+	$(PY) -m bench.owner_speed
 	@echo "benchmarks written under results/bench/ and results/marking/"
 
 # On a CUDA machine: every GPU path in one run of under 8 minutes -> results/bench/gpu.json
