@@ -684,7 +684,7 @@ AUDIT_CASES: list[tuple[str, Callable[[Path], Path | str], list[str], str]] = [
         "callable returning another batch size",
         lambda r: "owner_models:wrong_batch",
         [],
-        "expected shape (12, classes) with at least 2 classes, found (1, 4)",
+        "expected shape (6, classes) with at least 2 classes, found (1, 4)",  # first round: published + 1 draw
     ),
     ("callable with one class", lambda r: "owner_models:one_class", [], "at least 2 classes"),
     (

@@ -154,6 +154,7 @@ OWNER_HELP = {
         "--label": "(0 <= L < 100000,",
         "--alpha": "(0.0 < A < 1.0;",
         "--draws-seed": "",
+        "--all-draws": "",
         "--json": "",
     },
 }
