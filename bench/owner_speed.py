@@ -2,12 +2,12 @@
 it ran before (every candidate scored, the Perlin maps as one dense matrix product), side by side
 on the same folder, key and draws.
 
-The owner holds 200 photos of 512 x 384 pixels, publishes 20 with the default subset design and
-its 999 draws, and audits a model through a callable cheap enough that the audit's own work
-(marking K (B + 1) images, the p-value) is what is timed. Two models: one that never saw the
-photos (the audit can stop early) and one that recalls the published copies exactly (every draw
-must be scored for p to reach its floor). Seconds are CPU seconds of this process (what the audit
-costs, whatever else the machine runs), wall seconds beside them.
+The owner holds 200 photos of 512 x 384 pixels (JPEGs of one tint plus noise), publishes 20 with
+the default subset design and its 999 draws, and audits a model through a callable cheap enough
+that the audit's own work (marking K (B + 1) images, the p-value) is what is timed. Two models: one
+that never saw the photos (the audit can stop early) and one that recalls the published copies
+exactly (every draw must be scored for p to reach its floor). Seconds are CPU seconds of this
+process (what the audit costs, whatever else the machine runs), wall seconds beside them.
 
     python -m bench.owner_speed [--photos 200] [--draws 999] [--owners 5]
 
@@ -35,21 +35,9 @@ from pipeline.owner.audit import Predictor, audit_owner
 from pipeline.owner.designs import DesignParams
 from pipeline.owner.marking import mark_folder
 
-from .common import machine, publish
+from .common import machine, publish, write_jpeg_folder
 
 LEVEL = 0.05  # the command line's default level
-
-
-def photos(folder: Path, n: int, height: int = 384, width: int = 512) -> Path:
-    """`n` smooth photo-like JPEGs (upsampled coarse colour fields with grain), different per index."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        coarse = rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8)
-        image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
-        image += rng.integers(-8, 9, image.shape, dtype=np.int16)
-        cv2.imwrite(str(folder / f"{i:04d}.jpg"), np.clip(image, 0, 255).astype(np.uint8))
-    return folder
 
 
 STRIDE = 8  # the stand-in models look at every 8th pixel each way: their cost stays far below the audit's
@@ -83,9 +71,7 @@ class Recall:
 
 def dense_rows(columns: np.ndarray, weights: np.ndarray, right: np.ndarray) -> np.ndarray:
     """The earlier Perlin product: the left factor built densely, then one matrix product."""
-    left = np.zeros((columns.shape[0], right.shape[0]))
-    np.add.at(left, (np.arange(columns.shape[0])[:, None], columns), weights)
-    return left @ right
+    return marking.dense_left(columns, weights, len(right)) @ right
 
 
 def timed_audit(key: dict[str, Any], model: Any, earlier: bool) -> dict[str, Any]:
@@ -104,7 +90,8 @@ def run(n_photos: int, draws: int, owners: int) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = photos(Path(tmp) / "photos", n_photos)
+        write_jpeg_folder(Path(tmp), "photos", 1, n_photos, ((512, 384),))
+        folder = Path(tmp) / "photos"
         params = DesignParams(publish=n_photos // 10, draws=draws)
         keys = [
             mark_folder(folder, Path(tmp) / f"marked{s}", MarkConfig(), seed=s, label=0, params=params)

@@ -236,9 +236,14 @@ def fractal_perlin(perm: np.ndarray, period: float, octaves: int, height: int, w
     right = np.concatenate([f[2] for f in factors])
     if xp is NUMPY:
         return _sparse_rows(columns, weights, right)
-    left = np.zeros((height, len(right)))
-    np.add.at(left, (np.arange(height)[:, None], columns), weights)
-    return xp.asarray(left) @ xp.asarray(right)
+    return xp.asarray(dense_left(columns, weights, len(right))) @ xp.asarray(right)
+
+
+def dense_left(columns: np.ndarray, weights: np.ndarray, n_columns: int) -> np.ndarray:
+    """The left factor as a dense (H, n_columns) matrix, from its non-zeros per row."""
+    left = np.zeros((columns.shape[0], n_columns))
+    np.add.at(left, (np.arange(columns.shape[0])[:, None], columns), weights)
+    return left
 
 
 @numba.njit(cache=True, nogil=True)
