@@ -327,6 +327,41 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     assert "| subset | logits |" in (tmp_path / "results" / "README.md").read_text()
 
 
+def test_score_benchmark_p_values_are_the_audits(tmp_path: Path) -> None:
+    """bench.owner_scores on the tiny run: its default score's p-value for each owner is the one
+    `mtrack owner audit --all-draws` reports with the same draws, and every score gives each owner a
+    p-value among those the design can reach."""
+    from bench.owner_scores import SCORES
+    from bench.owner_scores import main as score_benchmark
+    from pipeline.core.models import load_weights
+    from pipeline.core.seeds import child_seed
+
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", "train.arms=[marked]", "plan.n_member_users=2"]
+    overrides += ["plan.owners={images: 16, never_trained: 2, draws: 19}", "train.epochs=1"]
+    score_benchmark(
+        ["--name", "tiny", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "results")]
+        + [arg for override in overrides for arg in ("--set", override)]
+    )
+    result = json.loads((tmp_path / "results" / "scores-tiny.json").read_text())
+    assert [row["score"] for row in result["rows"]] == list(SCORES)
+    assert "## tiny: augment none" in (tmp_path / "results" / "scores.md").read_text()
+    folder = Path(f"{run}-subset")
+    model, _ = load_weights(folder / "train-marked" / "model.pt")
+    assert len(result["owners"]) == 4
+    for owner in result["owners"]:
+        published = folder / "mark" / "owners" / f"{owner['owner_id']:05d}" / "published"
+        audit = audit_owner(
+            load_key(published / KEY_NAME, published),
+            model.eval(),
+            published.parent / "originals",
+            draws_seed=child_seed(0, 7, owner["owner_id"]),
+            all_draws=True,
+        )
+        assert owner["p"]["loss"] == pytest.approx(audit["p_value"]), owner
+        assert all(p * 20 == pytest.approx(round(p * 20)) and p > 0 for p in owner["p"].values()), owner
+
+
 @pytest.mark.parametrize("design", ["subset", "groups"])
 def test_a_key_naming_other_published_images_is_refused(world, design: str) -> None:
     """Moving the published marks to other images of the folder would audit images that were never

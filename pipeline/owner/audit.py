@@ -95,19 +95,7 @@ def audit_owner(
             f"{where}: {'not a folder' if folder.exists() else 'folder not found'}; pass --originals "
             "FOLDER (your original images)"
         )
-    images, hashes = [], []
-    for entry in key["files"]:
-        path = folder / entry["original"]
-        if not path.is_file() or file_sha256(path) != entry["original_sha256"]:
-            raise StageError(f"{path}: missing or not the original the key was made from (pass --originals)")
-        image = fit_to_grid(read_rgb(path), key["max_resolution"])
-        if image.shape[:2] != (entry["height"], entry["width"]):
-            raise StageError(
-                f"{path}: {image.shape[0]}x{image.shape[1]} pixels on the grid, but the key says "
-                f"{entry['height']}x{entry['width']} (its max_resolution was changed?)"
-            )
-        images.append(image)
-        hashes.append(entry["original_sha256"])
+    images, hashes = read_originals(key, folder)
     cfg = MarkConfig.model_validate(key["mark"])
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     draws_seed = secrets.randbits(63) if draws_seed is None else draws_seed
@@ -151,6 +139,25 @@ def audit_owner(
         "published_loss": float(observed),
         "candidates_loss": {"min": float(null[:used].min()), "median": float(np.median(null[:used]))},
     }
+
+
+def read_originals(key: dict[str, Any], folder: Path) -> tuple[list[np.ndarray], list[str]]:
+    """The owner's originals the key lists (on the key's grid) and their hashes, each checked to be
+    the file the key was made from."""
+    images, hashes = [], []
+    for entry in key["files"]:
+        path = folder / entry["original"]
+        if not path.is_file() or file_sha256(path) != entry["original_sha256"]:
+            raise StageError(f"{path}: missing or not the original the key was made from (pass --originals)")
+        image = fit_to_grid(read_rgb(path), key["max_resolution"])
+        if image.shape[:2] != (entry["height"], entry["width"]):
+            raise StageError(
+                f"{path}: {image.shape[0]}x{image.shape[1]} pixels on the grid, but the key says "
+                f"{entry['height']}x{entry['width']} (its max_resolution was changed?)"
+            )
+        images.append(image)
+        hashes.append(entry["original_sha256"])
+    return images, hashes
 
 
 def marked_candidate(

@@ -1,0 +1,201 @@
+"""How much power each per-image score gives the owner's audit on a trained network (issue 24, item 5).
+
+The subset design's p-value is exact for any score that is a function of the candidate alone (the
+published candidate and the drawn ones are scored alike), so a score may be chosen for power. For
+every owner of the owner-audit run of a recipe (bench.owner_audit's subset run, trained or reused
+through the stage store), every candidate (the published one and the B drawn ones) is marked and
+queried once per view of `owner.access.VIEWS` (the image, its mirror and 2-pixel shifts: what a
+trainer's flip + translate makes of it), and every score below gives every owner the full test's
+p-value from the same logits. Recipes that do not train to zero loss (flip + translate, weight
+decay) are where the default's power is in doubt.
+
+    python -m bench.owner_scores --name flip-translate --set train.augment=flip_translate
+                                 [--config configs/owner-audit.yaml] [--never-trained N]
+
+writes results/owner-audit/scores-<name>.json and rewrites results/owner-audit/scores.md from every
+scores-*.json there (one table per recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.owner_audit import RESULTS, design_overrides
+from pipeline.config import MarkConfig, load_config
+from pipeline.core.marking import resolve_device
+from pipeline.core.models import load_weights
+from pipeline.core.scoring import logit_margin
+from pipeline.core.seeds import child_seed
+from pipeline.core.stats import binomial_limits
+from pipeline.data.ood import ood_pool
+from pipeline.launchers import launch
+from pipeline.owner.access import VIEWS
+from pipeline.owner.audit import marked_candidate, read_originals
+from pipeline.owner.designs import Candidate, null_candidates, published_pattern_seed
+from pipeline.owner.key import KEY_NAME, load_key
+from pipeline.stages.mark import owner_folder
+from pipeline.store import read_json, write_json, write_text
+
+# A score: (per-view logit margins of the candidates' images (views, images), the same of the
+# owner's unmarked originals, each image's index among the originals) -> per-image score, lower
+# meaning better known. Candidates are then ranked by the mean over their images.
+Score = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _loss(margins: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, -margins)  # cross-entropy = softplus(-margin), exact for confident models
+
+
+SCORES: dict[str, tuple[str, int, Score]] = {  # name: (meaning, views queried per image, score)
+    "loss": ("cross-entropy of the image (the audit's default)", 1, lambda m, o, i: _loss(m[0])),
+    "confidence": ("-log(p / (1 - p)) of the label: the loss without its saturation at 0", 1, lambda m, o, i: -m[0]),
+    "loss, mirrored": ("cross-entropy averaged over the image and its mirror", 2, lambda m, o, i: _loss(m[:2]).mean(0)),
+    "loss, 8 views": ("cross-entropy averaged over the 8 views", 8, lambda m, o, i: _loss(m).mean(0)),
+    "confidence, 8 views": ("-log(p / (1 - p)) averaged over the 8 views", 8, lambda m, o, i: -m.mean(0)),
+    "confidence - original's": (
+        "-log(p / (1 - p)) minus that of the same image unmarked (its difficulty), 8 views each",
+        8,
+        lambda m, o, i: -m.mean(0) + o.mean(0)[i],
+    ),
+}
+
+
+@torch.no_grad()
+def view_margins(model: torch.nn.Module, images: np.ndarray, label: int, batch_size: int = 2048) -> np.ndarray:
+    """(views, images) logit margins of `label` for (N, H, W, 3) uint8 images."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).contiguous()
+        labels = torch.full((len(batch),), label)
+        out.append(torch.stack([logit_margin(model(view(batch)), labels) for view in VIEWS]).numpy())
+    return np.concatenate(out, axis=1)
+
+
+def owner_p_values(model: torch.nn.Module, folder: Path, draws_seed: int) -> dict[str, float]:
+    """Each score's full-test p-value for one owner (ties count against, as in the audit)."""
+    published_dir = folder / "published"
+    key = load_key(published_dir / KEY_NAME, published_dir)
+    images, hashes = read_originals(key, folder / "originals")
+    cfg = MarkConfig.model_validate(key["mark"])
+    pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
+    candidates = [Candidate(tuple(key["published"]), published_pattern_seed(key)), *null_candidates(key, draws_seed)]
+    marked = np.stack([image for c in candidates for image in marked_candidate(c, images, hashes, cfg, pool, device)])
+    margins = view_margins(model, marked, key["label"])
+    originals = view_margins(model, np.stack(images), key["label"])
+    index = np.concatenate([c.files for c in candidates])
+    k = len(candidates[0].files)
+    p_values = {}
+    for name, (_, _, score) in SCORES.items():
+        means = score(margins, originals, index).reshape(len(candidates), k).mean(1)
+        p_values[name] = float((1 + np.sum(means[1:] <= means[0])) / len(candidates))
+    return p_values
+
+
+def score_recipe(config: str, overrides: list[str], never_trained: int | None) -> dict[str, Any]:
+    """Train (or reuse) the recipe's subset-design run and every score's p-values for its owners."""
+    overrides = design_overrides(load_config(config, overrides), "subset", overrides)
+    launch(config, overrides, "local")
+    cfg = load_config(config, overrides)
+    run = Path(cfg.run_dir)
+    model, _ = load_weights(run / "train-marked" / "model.pt")
+    model.eval()
+    owners = read_json(run / "plan" / "users.json")["owners"]
+    never = [o for o in owners if not o["trained"]][:never_trained]
+    audited = [o for o in owners if o["trained"]] + never
+    per_owner = []
+    for n, owner in enumerate(audited, 1):
+        draws_seed = child_seed(cfg.seed, 7, owner["owner_id"])  # the draws bench.owner_audit's audits use
+        p = owner_p_values(model, owner_folder(run / "mark", owner["owner_id"]), draws_seed)
+        per_owner.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], "p": p})
+        print(f"owner {n}/{len(audited)} scored", file=sys.stderr, flush=True)
+    trained = read_json(run / "train-marked" / "metrics.json")
+    rows = []
+    for name, (meaning, views, _) in SCORES.items():
+        on = np.array([o["p"][name] for o in per_owner if o["trained"]])
+        off = np.array([o["p"][name] for o in per_owner if not o["trained"]])
+        rows.append(
+            {
+                "score": name,
+                "meaning": meaning,
+                "trained_on_at_0.01": int((on <= 0.01).sum()),
+                "trained_on_at_0.05": int((on <= 0.05).sum()),
+                "trained_on_p_median": float(np.median(on)),
+                "trained_on_p_max": float(on.max()),
+                "never_trained_on_rate_at_0.05": float(np.mean(off <= 0.05)),
+                "never_trained_on_limits_at_0.05": binomial_limits(len(off), 0.05),
+                "n_trained_on": len(on),
+                "n_never_trained_on": len(off),
+                "queries_per_image": views,  # and, for the difficulty, 8 per original once per audit
+            }
+        )
+    return {
+        "overrides": overrides,
+        "train_loss": trained["train_loss"],
+        "test_accuracy": trained["test_accuracy"],
+        "augment": cfg.train.augment,
+        "weight_decay": cfg.train.weight_decay,
+        "epochs": cfg.train.epochs,
+        "draws": cfg.plan.owners.draws if cfg.plan.owners else None,
+        "rows": rows,
+        "owners": per_owner,
+    }
+
+
+def markdown(recipes: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "# Owner audit: power of each per-image score (subset design, full test)",
+        "",
+        "Each table: one network of the owner-audit setting trained by the recipe named, its trained-on "
+        "and never-trained-on owners audited with every score from the same queries; each score's p-value "
+        "is exact (the never-trained-on column only checks it). Regenerate a table with the command "
+        "under it.",
+    ]
+    for name, r in sorted(recipes.items()):
+        lines += [
+            "",
+            f"## {name}: augment {r['augment']}, weight decay {r['weight_decay']:g}, {r['epochs']} epochs "
+            f"(training loss {r['train_loss']:.3g}, test accuracy {r['test_accuracy']:.3f})",
+            "",
+            "| score | trained-on owners at p ≤ 0.01 | at p ≤ 0.05 | trained-on p (median, max) | "
+            "never-trained-on at p ≤ 0.05 (a calibrated test's 95% range) | queries per image |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            lo, hi = row["never_trained_on_limits_at_0.05"]
+            lines.append(
+                f"| {row['score']} | {row['trained_on_at_0.01']} of {row['n_trained_on']} | "
+                f"{row['trained_on_at_0.05']} | {row['trained_on_p_median']:.3g}, {row['trained_on_p_max']:.3g} | "
+                f"{row['never_trained_on_rate_at_0.05']:.3f} of {row['n_never_trained_on']} ({lo:.3f}–{hi:.3f}) | "
+                f"{row['queries_per_image']} |"
+            )
+        lines += ["", f"`{r['command']}`"]
+    lines += ["", "Scores:", ""] + [f"- **{name}**: {meaning}" for name, (meaning, _, _) in SCORES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="the recipe's name in the results")
+    parser.add_argument("--config", default="configs/owner-audit.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--never-trained", type=int, help="score only the first N never-trained-on owners")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    result = score_recipe(args.config, args.overrides, args.never_trained)
+    result["command"] = "python -m bench.owner_scores " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_json(args.out / f"scores-{args.name}.json", result)
+    recipes = {path.stem.removeprefix("scores-"): read_json(path) for path in args.out.glob("scores-*.json")}
+    write_text(args.out / "scores.md", markdown(recipes))
+    print(markdown({args.name: result}))
+
+
+if __name__ == "__main__":
+    main()
