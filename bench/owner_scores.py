@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from bench.owner_audit import RESULTS, design_overrides
 from pipeline.config import MarkConfig, load_config
@@ -63,6 +64,12 @@ SCORES: dict[str, tuple[str, int, Score]] = {  # name: (meaning, views queried p
         "-log(p / (1 - p)) minus that of the same image unmarked (its difficulty), 8 views each",
         8,
         lambda m, o, i: -m.mean(0) + o.mean(0)[i],
+    ),
+    "confidence rank, 8 views": (
+        "rank of 'confidence, 8 views' among every candidate's images (robust to a few hard images; "
+        "needs every candidate scored, so no early stop)",
+        8,
+        lambda m, o, i: rankdata(-m.mean(0)),
     ),
 }
 
