@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,24 @@ from pipeline.owner.key import KEY_NAME, load_key
 from pipeline.stages.mark import owner_folder
 from pipeline.store import read_json, write_json, write_text
 
-# A score: (per-view logit margins of the candidates' images (views, images), the same of the
-# owner's unmarked originals, each image's index among the originals) -> per-image score, lower
-# meaning better known. Candidates are then ranked by the mean over their images.
-Score = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+@dataclass(frozen=True)
+class Queried:
+    """What the scores see of one owner's candidates: the audited model's logit margins of the label
+    per view, (views, images), for every candidate's images in order (`marked`) and for the owner's
+    unmarked originals (`originals`, (views, P)); each candidate image's index among the originals
+    (`index`); and a reference model's margins for the candidates' images (`reference`: a model of
+    the same recipe that trained on no owner's image, None without one)."""
+
+    marked: np.ndarray
+    originals: np.ndarray
+    index: np.ndarray
+    reference: np.ndarray | None
+
+
+# A score: what was queried -> per-image score, lower meaning better known. Candidates are ranked by
+# the mean over their images.
+Score = Callable[[Queried], np.ndarray]
 
 
 def _loss(margins: np.ndarray) -> np.ndarray:
@@ -55,21 +70,44 @@ def _loss(margins: np.ndarray) -> np.ndarray:
 
 
 SCORES: dict[str, tuple[str, int, Score]] = {  # name: (meaning, views queried per image, score)
-    "loss": ("cross-entropy of the image (the audit's default)", 1, lambda m, o, i: _loss(m[0])),
-    "confidence": ("-log(p / (1 - p)) of the label: the loss without its saturation at 0", 1, lambda m, o, i: -m[0]),
-    "loss, mirrored": ("cross-entropy averaged over the image and its mirror", 2, lambda m, o, i: _loss(m[:2]).mean(0)),
-    "loss, 8 views": ("cross-entropy averaged over the 8 views", 8, lambda m, o, i: _loss(m).mean(0)),
-    "confidence, 8 views": ("-log(p / (1 - p)) averaged over the 8 views", 8, lambda m, o, i: -m.mean(0)),
+    "loss": ("cross-entropy of the image (the audit's default)", 1, lambda q: _loss(q.marked[0])),
+    "confidence": ("-log(p / (1 - p)) of the label: the loss without its saturation at 0", 1, lambda q: -q.marked[0]),
+    "loss, mirrored": (
+        "cross-entropy averaged over the image and its mirror",
+        2,
+        lambda q: _loss(q.marked[:2]).mean(0),
+    ),
+    "loss, 8 views": ("cross-entropy averaged over the 8 views", 8, lambda q: _loss(q.marked).mean(0)),
+    "confidence, 8 views": ("-log(p / (1 - p)) averaged over the 8 views", 8, lambda q: -q.marked.mean(0)),
     "confidence - original's": (
         "-log(p / (1 - p)) minus that of the same image unmarked (its difficulty), 8 views each",
         8,
-        lambda m, o, i: -m.mean(0) + o.mean(0)[i],
+        lambda q: -q.marked.mean(0) + q.originals.mean(0)[q.index],
     ),
     "confidence rank, 8 views": (
         "rank of 'confidence, 8 views' among every candidate's images (robust to a few hard images; "
         "needs every candidate scored, so no early stop)",
         8,
-        lambda m, o, i: rankdata(-m.mean(0)),
+        lambda q: rankdata(-q.marked.mean(0)),
+    ),
+}
+# Scores calibrated by a reference model (`--reference`): the image's difficulty, as a model of the
+# same recipe that never saw it rates it, taken off (difficulty calibration, as LiRA's offline test).
+REFERENCE_SCORES: dict[str, tuple[str, int, Score]] = {
+    "loss - reference's": (
+        "cross-entropy minus the reference model's cross-entropy of the same image",
+        1,
+        lambda q: _loss(q.marked[0]) - _loss(q.reference[0]),
+    ),
+    "loss - reference's, 8 views": (
+        "the same, each averaged over the 8 views",
+        8,
+        lambda q: _loss(q.marked).mean(0) - _loss(q.reference).mean(0),
+    ),
+    "confidence - reference's, 8 views": (
+        "-log(p / (1 - p)) minus the reference model's, each averaged over the 8 views",
+        8,
+        lambda q: -q.marked.mean(0) + q.reference.mean(0),
     ),
 }
 
@@ -85,7 +123,9 @@ def view_margins(model: torch.nn.Module, images: np.ndarray, label: int, batch_s
     return np.concatenate(out, axis=1)
 
 
-def owner_p_values(model: torch.nn.Module, folder: Path, draws_seed: int) -> dict[str, float]:
+def owner_p_values(
+    model: torch.nn.Module, folder: Path, draws_seed: int, reference: torch.nn.Module | None = None
+) -> dict[str, float]:
     """Each score's full-test p-value for one owner (ties count against, as in the audit)."""
     published_dir = folder / "published"
     key = load_key(published_dir / KEY_NAME, published_dir)
@@ -94,37 +134,48 @@ def owner_p_values(model: torch.nn.Module, folder: Path, draws_seed: int) -> dic
     pool, device = ood_pool(cfg, 224), resolve_device(cfg.device)
     candidates = [Candidate(tuple(key["published"]), published_pattern_seed(key)), *null_candidates(key, draws_seed)]
     marked = np.stack([image for c in candidates for image in marked_candidate(c, images, hashes, cfg, pool, device)])
-    margins = view_margins(model, marked, key["label"])
-    originals = view_margins(model, np.stack(images), key["label"])
-    index = np.concatenate([c.files for c in candidates])
+    queried = Queried(
+        view_margins(model, marked, key["label"]),
+        view_margins(model, np.stack(images), key["label"]),
+        np.concatenate([c.files for c in candidates]),
+        None if reference is None else view_margins(reference, marked, key["label"]),
+    )
     k = len(candidates[0].files)
     p_values = {}
-    for name, (_, _, score) in SCORES.items():
-        means = score(margins, originals, index).reshape(len(candidates), k).mean(1)
+    for name, (_, _, score) in scores(reference is not None).items():
+        means = score(queried).reshape(len(candidates), k).mean(1)
         p_values[name] = float((1 + np.sum(means[1:] <= means[0])) / len(candidates))
     return p_values
 
 
-def score_recipe(config: str, overrides: list[str], never_trained: int | None) -> dict[str, Any]:
-    """Train (or reuse) the recipe's subset-design run and every score's p-values for its owners."""
+def scores(with_reference: bool) -> dict[str, tuple[str, int, Score]]:
+    return {**SCORES, **REFERENCE_SCORES} if with_reference else SCORES
+
+
+def score_recipe(config: str, overrides: list[str], never_trained: int | None, reference: bool) -> dict[str, Any]:
+    """Train (or reuse) the recipe's subset-design run and every score's p-values for its owners;
+    with `reference`, the run's control arm too (the recipe on the clean training set, which holds no
+    owner's image: the owners' images are held out, and the published ones replace training images
+    only in the marked arm), whose independence of every owner's choice keeps the test exact."""
     overrides = design_overrides(load_config(config, overrides), "subset", overrides)
+    overrides += ["train.arms=[marked, control]"] if reference else []  # arms are not hashed: marked is reused
     launch(config, overrides, "local")
     cfg = load_config(config, overrides)
     run = Path(cfg.run_dir)
-    model, _ = load_weights(run / "train-marked" / "model.pt")
-    model.eval()
+    model = load_weights(run / "train-marked" / "model.pt")[0].eval()
+    control = load_weights(run / "train-control" / "model.pt")[0].eval() if reference else None
     owners = read_json(run / "plan" / "users.json")["owners"]
     never = [o for o in owners if not o["trained"]][:never_trained]
     audited = [o for o in owners if o["trained"]] + never
     per_owner = []
     for n, owner in enumerate(audited, 1):
         draws_seed = child_seed(cfg.seed, 7, owner["owner_id"])  # the draws bench.owner_audit's audits use
-        p = owner_p_values(model, owner_folder(run / "mark", owner["owner_id"]), draws_seed)
+        p = owner_p_values(model, owner_folder(run / "mark", owner["owner_id"]), draws_seed, control)
         per_owner.append({"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], "p": p})
         print(f"owner {n}/{len(audited)} scored", file=sys.stderr, flush=True)
     trained = read_json(run / "train-marked" / "metrics.json")
     rows = []
-    for name, (meaning, views, _) in SCORES.items():
+    for name, (meaning, views, _) in scores(reference).items():
         on = np.array([o["p"][name] for o in per_owner if o["trained"]])
         off = np.array([o["p"][name] for o in per_owner if not o["trained"]])
         rows.append(
@@ -183,7 +234,7 @@ def markdown(recipes: dict[str, dict[str, Any]]) -> str:
                 f"{row['queries_per_image']} |"
             )
         lines += ["", f"`{r['command']}`"]
-    lines += ["", "Scores:", ""] + [f"- **{name}**: {meaning}" for name, (meaning, _, _) in SCORES.items()]
+    lines += ["", "Scores:", ""] + [f"- **{name}**: {meaning}" for name, (meaning, _, _) in scores(True).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -193,10 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/owner-audit.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--never-trained", type=int, help="score only the first N never-trained-on owners")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also scores calibrated by the run's control model (trains it if needed): the recipe without any owner",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = score_recipe(args.config, args.overrides, args.never_trained)
+    result = score_recipe(args.config, args.overrides, args.never_trained, args.reference)
     result["command"] = "python -m bench.owner_scores " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(args.out / f"scores-{args.name}.json", result)
     recipes = {path.stem.removeprefix("scores-"): read_json(path) for path in args.out.glob("scores-*.json")}

@@ -330,8 +330,8 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
 def test_score_benchmark_p_values_are_the_audits(tmp_path: Path) -> None:
     """bench.owner_scores on the tiny run: its default score's p-value for each owner is the one
     `mtrack owner audit --all-draws` reports with the same draws, and every score gives each owner a
-    p-value among those the design can reach."""
-    from bench.owner_scores import SCORES
+    p-value among those the design can reach, the scores calibrated by the run's control model too."""
+    from bench.owner_scores import scores
     from bench.owner_scores import main as score_benchmark
     from pipeline.core.models import load_weights
     from pipeline.core.seeds import child_seed
@@ -340,11 +340,11 @@ def test_score_benchmark_p_values_are_the_audits(tmp_path: Path) -> None:
     overrides = [f"run_dir={run}", "train.arms=[marked]", "plan.n_member_users=2"]
     overrides += ["plan.owners={images: 16, never_trained: 2, draws: 19}", "train.epochs=1"]
     score_benchmark(
-        ["--name", "tiny", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "results")]
+        ["--name", "tiny", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "results"), "--reference"]
         + [arg for override in overrides for arg in ("--set", override)]
     )
     result = json.loads((tmp_path / "results" / "scores-tiny.json").read_text())
-    assert [row["score"] for row in result["rows"]] == list(SCORES)
+    assert [row["score"] for row in result["rows"]] == list(scores(with_reference=True))
     assert "## tiny: augment none" in (tmp_path / "results" / "scores.md").read_text()
     folder = Path(f"{run}-subset")
     model, _ = load_weights(folder / "train-marked" / "model.pt")
