@@ -331,8 +331,8 @@ def test_score_benchmark_p_values_are_the_audits(tmp_path: Path) -> None:
     """bench.owner_scores on the tiny run: its default score's p-value for each owner is the one
     `mtrack owner audit --all-draws` reports with the same draws, and every score gives each owner a
     p-value among those the design can reach, the scores calibrated by the run's control model too."""
-    from bench.owner_scores import scores
     from bench.owner_scores import main as score_benchmark
+    from bench.owner_scores import scores
     from pipeline.core.models import load_weights
     from pipeline.core.seeds import child_seed
 
