@@ -30,6 +30,7 @@ import torch
 from scipy.stats import rankdata
 
 from bench.owner_audit import RESULTS, design_overrides
+from pipeline.cli import main as mtrack
 from pipeline.config import MarkConfig, load_config
 from pipeline.core.marking import resolve_device
 from pipeline.core.models import load_weights
@@ -158,8 +159,11 @@ def score_recipe(config: str, overrides: list[str], never_trained: int | None, r
     owner's image: the owners' images are held out, and the published ones replace training images
     only in the marked arm), whose independence of every owner's choice keeps the test exact."""
     overrides = design_overrides(load_config(config, overrides), "subset", overrides)
-    overrides += ["train.arms=[marked, control]"] if reference else []  # arms are not hashed: marked is reused
     launch(config, overrides, "local")
+    if reference:  # the control arm's stage alone: a report of both arms would clash with bench.owner_audit's
+        both = [f"--set={o}" for o in [*overrides, "train.arms=[marked, control]"]]  # arms are not hashed
+        if mtrack(["train", config, *both, "--arm", "control"]) != 0:
+            raise SystemExit("training the reference (control arm) failed")
     cfg = load_config(config, overrides)
     run = Path(cfg.run_dir)
     model = load_weights(run / "train-marked" / "model.pt")[0].eval()
