@@ -190,8 +190,8 @@ def score_recipe(config: str, overrides: list[str], never_trained: int | None, r
                 "trained_on_at_0.05": int((on <= 0.05).sum()),
                 "trained_on_p_median": float(np.median(on)),
                 "trained_on_p_max": float(on.max()),
-                "never_trained_on_rate_at_0.05": float(np.mean(off <= 0.05)),
-                "never_trained_on_limits_at_0.05": binomial_limits(len(off), 0.05),
+                "never_trained_on_rate_at_0.05": float(np.mean(off <= 0.05)) if len(off) else None,
+                "never_trained_on_limits_at_0.05": binomial_limits(len(off), 0.05) if len(off) else None,
                 "n_trained_on": len(on),
                 "n_never_trained_on": len(off),
                 "queries_per_image": views,  # and, for the difficulty, 8 per original once per audit
@@ -230,11 +230,14 @@ def markdown(recipes: dict[str, dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
-            lo, hi = row["never_trained_on_limits_at_0.05"]
+            check = "—"  # no never-trained-on owner scored (`--never-trained 0`)
+            if row["n_never_trained_on"]:
+                lo, hi = row["never_trained_on_limits_at_0.05"]
+                check = f"{row['never_trained_on_rate_at_0.05']:.3f} of {row['n_never_trained_on']} ({lo:.3f}–{hi:.3f})"
             lines.append(
                 f"| {row['score']} | {row['trained_on_at_0.01']} of {row['n_trained_on']} | "
                 f"{row['trained_on_at_0.05']} | {row['trained_on_p_median']:.3g}, {row['trained_on_p_max']:.3g} | "
-                f"{row['never_trained_on_rate_at_0.05']:.3f} of {row['n_never_trained_on']} ({lo:.3f}–{hi:.3f}) | "
+                f"{check} | "
                 f"{row['queries_per_image']} |"
             )
         lines += ["", f"`{r['command']}`"]
@@ -247,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="the recipe's name in the results")
     parser.add_argument("--config", default="configs/owner-audit.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--never-trained", type=int, help="score only the first N never-trained-on owners")
+    parser.add_argument(
+        "--never-trained", type=int, help="score only the first N never-trained-on owners (0: none, power only)"
+    )
     parser.add_argument(
         "--reference",
         action="store_true",
