@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit clean slurm-up slurm-down imagenet-audit \
+.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit owner-power clean slurm-up slurm-down imagenet-audit \
 	imagenet-like rehearsal scale
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
@@ -43,6 +43,15 @@ experiments: $(SETUP)  # every table under configs/experiments/ -> results/<tabl
 
 owner-audit: $(SETUP)  # owners' own mark/audit tool on trained networks -> results/owner-audit/
 	$(PY) -m bench.owner_audit $(if $(DESIGNS),--designs $(DESIGNS))
+
+FT := --set train.augment=flip_translate --set run_dir=runs/owner-audit-ft
+owner-power: $(SETUP)  # each access level and per-image score on the demo recipe and with flip + translate (hours)
+	$(PY) -m bench.owner_audit --designs subset --access logits probs topk:5 label --out results/owner-audit/access
+	$(PY) -m bench.owner_audit --designs subset $(FT) --access logits probs topk:5 label \
+		--out results/owner-audit/access-flip-translate
+	$(PY) -m bench.owner_scores --name demo-recipe --never-trained 20
+	$(PY) -m bench.owner_scores --name flip-translate $(FT) --never-trained 30
+	$(PY) -m bench.owner_scores --name flip-translate-reference $(FT) --never-trained 0 --reference
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh
