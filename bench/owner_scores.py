@@ -1,4 +1,4 @@
-"""How much power each per-image score gives the owner's audit on a trained network (issue 24, item 5).
+"""How much power each per-image score gives the owner's audit on a trained network.
 
 The subset design's p-value is exact for any score that is a function of the candidate alone (the
 published candidate and the drawn ones are scored alike), so a score may be chosen for power. For
@@ -10,7 +10,7 @@ p-value from the same logits. Recipes that do not train to zero loss (flip + tra
 decay) are where the default's power is in doubt.
 
     python -m bench.owner_scores --name flip-translate --set train.augment=flip_translate
-                                 [--config configs/owner-audit.yaml] [--never-trained N]
+                                 [--config configs/owner-audit.yaml] [--never-trained N] [--reference]
 
 writes results/owner-audit/scores-<name>.json and rewrites results/owner-audit/scores.md from every
 scores-*.json there (one table per recipe).
