@@ -36,7 +36,7 @@ from pipeline.core.marking import resolve_device
 from pipeline.core.models import load_weights
 from pipeline.core.scoring import logit_margin
 from pipeline.core.seeds import child_seed
-from pipeline.core.stats import binomial_limits
+from pipeline.core.stats import binomial_limits, sequential_p_value
 from pipeline.data.ood import ood_pool
 from pipeline.launchers import launch
 from pipeline.owner.access import VIEWS
@@ -127,7 +127,7 @@ def view_margins(model: torch.nn.Module, images: np.ndarray, label: int, batch_s
 def owner_p_values(
     model: torch.nn.Module, folder: Path, draws_seed: int, reference: torch.nn.Module | None = None
 ) -> dict[str, float]:
-    """Each score's full-test p-value for one owner (ties count against, as in the audit)."""
+    """Each score's full-test p-value for one owner (every draw scored; ties count against, as in the audit)."""
     published_dir = folder / "published"
     key = load_key(published_dir / KEY_NAME, published_dir)
     images, hashes = read_originals(key, folder / "originals")
@@ -145,7 +145,7 @@ def owner_p_values(
     p_values = {}
     for name, (_, _, score) in scores(reference is not None).items():
         means = score(queried).reshape(len(candidates), k).mean(1)
-        p_values[name] = float((1 + np.sum(means[1:] <= means[0])) / len(candidates))
+        p_values[name], _ = sequential_p_value(means[1:] <= means[0], len(candidates) - 1, stop=None)
     return p_values
 
 
