@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from PIL import Image
 from pipeline.store import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def run_reporting_errors(main: Callable[[], None]) -> None:
+    """Run a benchmark's `main` as a command: a bad config, flag or input ends in one `error:` line
+    and exit status 2, as the pipeline's own commands do, not in a traceback."""
+    from pipeline.cli import USER_ERRORS
+
+    try:
+        main()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cpu_model() -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import run_reporting_errors
 from pipeline.cli import main as mtrack
 from pipeline.config import RunConfig, load_config
 from pipeline.core.seeds import child_seed
@@ -214,4 +215,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from bench.common import run_reporting_errors
 from bench.owner_audit import RESULTS, design_overrides
 from pipeline.cli import main as mtrack
 from pipeline.config import MarkConfig, load_config
@@ -270,4 +271,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

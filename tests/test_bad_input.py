@@ -1187,3 +1187,16 @@ def test_train_refuses_a_checkpoint_it_cannot_resume(make, names: str, base_run:
     assert_refused(None, ["train", TINY, "--set", f"run_dir={run_dir}", "--arm", "marked"], names, snapshot(run_dir))
     assert not (tmp_path / "executed").exists(), "loading the checkpoint ran code"
     assert not stage.path("model.pt").exists()
+
+
+@pytest.mark.parametrize("bench", ["owner_audit", "owner_scores"])
+def test_owner_benchmarks_refuse_a_bad_key_in_one_line(bench: str) -> None:
+    """The owner benchmarks are commands too: a misspelt --set key is one error line, exit 2."""
+    name = ["--name", "x"] if bench == "owner_scores" else []
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{bench}", *name, "--set", "train.nope=1"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [
+        "error: configs/owner-audit.yaml: train.nope: not a known key (misspelt, or in the wrong section?)"
+    ]
