@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit owner-power clean slurm-up slurm-down imagenet-audit \
+.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit owner-power owner-finetune clean slurm-up slurm-down imagenet-audit \
 	imagenet-like rehearsal scale
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
@@ -52,6 +52,12 @@ owner-power: $(SETUP)  # each access level and per-image score on the demo recip
 	$(PY) -m bench.owner_scores --name demo-recipe --never-trained 20
 	$(PY) -m bench.owner_scores --name flip-translate $(FT) --never-trained 30
 	$(PY) -m bench.owner_scores --name flip-translate-reference $(FT) --never-trained 0 --reference
+
+FINETUNE := --config configs/owner-finetune.yaml --pretrain configs/owner-pretrain.yaml --designs subset
+owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone without their classes (about 1 h)
+	$(PY) -m bench.owner_audit $(FINETUNE) --out results/owner-audit/finetune-full
+	$(PY) -m bench.owner_audit $(FINETUNE) --set train.finetune=head --set run_dir=runs/owner-finetune-head \
+		--out results/owner-audit/finetune-head
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh

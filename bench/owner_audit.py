@@ -8,10 +8,11 @@ as the owner would, for every owner. A calibrated audit gives the never-trained-
 at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
 
     python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
-                                [--set key=value ...] [--out results/owner-audit]
+                                [--set key=value ...] [--pretrain CONFIG] [--out results/owner-audit]
 
 writes <out>/<design>.json for every design, results.json for the first (the tool's default) and
-README.md comparing them. Each design is one training run of the config.
+README.md comparing them. Each design is one training run of the config; with --pretrain, each
+starts from the control-arm network of that config's run (`train.init_weights`), trained first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[
     folder = f"{cfg.run_dir}-{design}"
     extra = [f"plan.owners.images={cfg.plan.samples_per_user}"] if design == "pattern" else []
     return [*overrides, f"plan.owners.design={design}", f"run_dir={folder}", f"results_dir={folder}/results", *extra]
+
+
+def pretrained_backbone(config: str) -> str:
+    """Train `config`'s control arm (a network that sees no owner's image) and return its model.pt."""
+    cfg = load_config(config)
+    if "control" not in cfg.train.arms:
+        raise SystemExit(f"--pretrain {config}: train.arms must include control (the unmarked network)")
+    launch(config, [], "local")
+    return str(Path(cfg.run_dir) / "train-control" / "model.pt")
 
 
 def audit_every_owner(cfg: RunConfig, access: str = "logits") -> list[dict[str, Any]]:
@@ -98,12 +108,15 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
     k = cfg.plan.samples_per_user
     setting = (
         f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
-        f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}; {len(trained)} "
+        f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}"
+        f"{f', fine-tuned ({cfg.train.finetune}) from {cfg.train.init_weights}' if cfg.train.init_weights else ''}"
+        f"; {len(trained)} "
         f"trained-on and {len(never)} never-trained-on owners, each publishing {k} of "
         f"{o.images if design != 'pattern' else k} "
         f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)"
     )
     population = read_json(Path(cfg.run_dir) / "audit-marked" / "metrics.json")
+    trained_model = read_json(Path(cfg.run_dir) / "train-marked" / "metrics.json")
     return {
         "design": design,
         "access": audits[0]["access"],
@@ -126,6 +139,8 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
             "n_nonmember_users": cfg.plan.n_nonmember_users,
         },
         "classes": {str(a["owner_id"]): a["class"] for a in audits},
+        "train_loss": trained_model["train_loss"],  # how deeply the network memorised sets the power
+        "test_accuracy": trained_model["test_accuracy"],
     }
 
 
@@ -196,9 +211,16 @@ def main(argv: list[str] | None = None) -> None:
         default=["logits"],
         help="access levels each trained network is audited at (logits, probs, topk:K, label), one row each",
     )
+    parser.add_argument(
+        "--pretrain",
+        metavar="CONFIG",
+        help="fine-tune every design's run from this config's control-arm network, trained first",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
+    if args.pretrain:
+        args.overrides.append(f"train.init_weights={pretrained_backbone(args.pretrain)}")
     rows = []
     for design in args.designs:
         overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)

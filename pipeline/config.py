@@ -183,7 +183,10 @@ class TrainConfig(StrictModel):
     """Training recipe. `arms` lists the models to train: the marked one and the unmarked control."""
 
     arch: str = "small_cnn"
-    init_weights: str | None = None  # state_dict file to fine-tune from (matching tensors; the head is new)
+    init_weights: str | None = None  # state_dict or model.pt to fine-tune from (matching tensors; the head is new)
+    # What fine-tuning trains: every layer, or only the last linear layer on a frozen backbone
+    # (its BatchNorm statistics frozen too: a linear probe).
+    finetune: Literal["full", "head"] = "full"
     width: int = Field(32, ge=4)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -232,6 +235,10 @@ class TrainConfig(StrictModel):
             raise ValueError("train.min_resolution needs train.resolution at least as large")
         if self.resize_epochs[0] > self.resize_epochs[1]:
             raise ValueError("train.resize_epochs: the first epoch must not come after the second")
+        if self.finetune == "head" and self.init_weights is None:
+            raise ValueError(
+                "train.finetune 'head' trains the last layer of a pretrained network; set train.init_weights"
+            )
         if self.defense.finetune_epochs >= self.epochs:
             raise ValueError("train.defense.finetune_epochs must be fewer than train.epochs")
         if self.defense.dp is not None and (self.devices != 1 or self.num_nodes != 1):

@@ -108,20 +108,38 @@ for _name in ("resnet18", "resnet50", "swin_t"):  # torchvision's, as published 
 
 
 def load_pretrained(net: nn.Module, path: str | Path) -> None:
-    """Start fine-tuning from a state_dict file (e.g. torchvision's resnet18 ImageNet weights): every
-    tensor whose name and shape match is loaded; a classifier head sized for another label set is
-    left freshly initialised."""
+    """Start fine-tuning from a state_dict file (e.g. torchvision's resnet18 ImageNet weights) or a
+    model.pt this pipeline trained: every tensor whose name and shape match is loaded; a classifier
+    head sized for another label set is left freshly initialised."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StageError(f"train.init_weights: {path} not found") from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise StageError(f"train.init_weights: {path} is not a state_dict ({first_line(exc)})") from None
+    if isinstance(state, dict) and set(state) == {"state_dict", "meta"}:  # our model.pt: Normalized(net)
+        state = {name.removeprefix("net."): tensor for name, tensor in state["state_dict"].items()}
+    if not isinstance(state, dict):
+        raise StageError(f"train.init_weights: {path} is not a state_dict (it holds a {type(state).__name__})")
     own = net.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
         raise StageError(f"train.init_weights: no tensor of {path} fits train.arch")
     net.load_state_dict(matching, strict=False)
+
+
+def classifier_head(net: nn.Module) -> nn.Linear:
+    """The network's last linear layer, the one a linear probe trains (every registered model ends in one)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise StageError("train.finetune 'head': the network has no linear layer to train")
+    return linears[-1]
+
+
+def freeze_backbone(net: nn.Module) -> None:
+    """Every parameter but the classifier head's stops learning (last-layer fine-tuning)."""
+    net.requires_grad_(False)
+    classifier_head(net).requires_grad_(True)
 
 
 def load_fitting(module: nn.Module, state: dict[str, Any]) -> None:

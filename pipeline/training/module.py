@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..core.models import Normalized, build_model, load_pretrained
+from ..core.models import Normalized, build_model, classifier_head, freeze_backbone, load_pretrained
 from ..data.betons import BetonLoader, make_loader
 from ..data.torchdata import TorchBetonLoader, make_torch_loader
 from ..registry import Registry
@@ -109,13 +109,25 @@ class Classifier(L.LightningModule):
             load_pretrained(net, self.cfg.init_weights)
         for countermeasure in self.countermeasures:
             net = countermeasure.wrap_network(net)
+        if self.cfg.finetune == "head":
+            freeze_backbone(net)
         self.model = Normalized(net, tuple(mean), tuple(std))
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batch_transforms = [c for c in self.countermeasures if c.transforms_batches]
+        self.train()  # Lightning trains a fresh module without calling train() first
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Lightning switches modes around every validation; a frozen backbone stays in eval mode so
+        that its BatchNorm statistics are the pretrained ones."""
+        super().train(mode)
+        if self.cfg.finetune == "head":
+            self.model.eval()
+            classifier_head(self.model).train(mode)
+        return self
 
     def on_train_epoch_start(self) -> None:
         loader = self.trainer.datamodule.train_loader
@@ -151,7 +163,8 @@ class Classifier(L.LightningModule):
         c = self.cfg
         decay, no_decay = [], []
         for p in self.parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
         opt = OPTIMIZERS.lookup(c.optimizer)(
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], c
         )
