@@ -100,6 +100,25 @@ def audit_every_owner(cfg: RunConfig, access: str = "logits") -> list[dict[str, 
     return results
 
 
+def owner_power(trained: list[float] | np.ndarray, never: list[float] | np.ndarray) -> dict[str, Any]:
+    """Trained-on owners found at p <= 0.01, and the rate at which never-trained-on owners are
+    accused at 0.05 with the binomial 95% limits a calibrated audit's rate falls in (None: none audited)."""
+    on, off = np.asarray(trained), np.asarray(never)
+    return {
+        "trained_on_at_0.01": int((on <= 0.01).sum()),
+        "never_trained_on_rate_at_0.05": float(np.mean(off <= 0.05)) if len(off) else None,
+        "never_trained_on_limits_at_0.05": binomial_limits(len(off), 0.05) if len(off) else None,
+    }
+
+
+def never_trained_cell(power: dict[str, Any], n_never: int) -> str:
+    """The table cell of `owner_power`'s false-accusation rate: "—" when no never-trained-on owner was audited."""
+    if not n_never:
+        return "—"
+    low, high = power["never_trained_on_limits_at_0.05"]
+    return f"{power['never_trained_on_rate_at_0.05']:.3f} of {n_never} ({low:.3f}–{high:.3f})"
+
+
 def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict[str, Any]:
     o = cfg.plan.owners
     assert o is not None
@@ -127,9 +146,7 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
         "setting": setting,
         "images_per_owner_folder": o.images if design != "pattern" else k,
         "smallest_possible_p_value": audits[0]["smallest_possible_p_value"],
-        "trained_on_at_0.01": sum(p <= 0.01 for p in trained),
-        "never_trained_on_rate_at_0.05": float(np.mean([p <= 0.05 for p in never])),
-        "never_trained_on_limits_at_0.05": binomial_limits(len(never), 0.05),
+        **owner_power(trained, never),
         "audit_seconds_median": float(np.median(timed))
         if (timed := [a["seconds"] for a in audits if "seconds" in a])
         else None,  # the audits that were timed (resumed runs keep earlier results untimed)
@@ -159,12 +176,11 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t, lo_hi = np.array(r["trained_on_p"]), r["never_trained_on_limits_at_0.05"]
+        t = np.array(r["trained_on_p"])
         lines.append(
             f"| {r['design']} | {r.get('access', 'logits')} | {r['smallest_possible_p_value']:.4g} | "
             f"{r['trained_on_at_0.01']} of {len(t)} | {np.median(t):.4g}, {t.max():.4g} | "
-            f"{r['never_trained_on_rate_at_0.05']:.3f} of {len(r['never_trained_on_p'])} "
-            f"({lo_hi[0]:.3f}–{lo_hi[1]:.3f}) | {r.get('queries_per_audit', '—')} | "
+            f"{never_trained_cell(r, len(r['never_trained_on_p']))} | {r.get('queries_per_audit', '—')} | "
             f"{_seconds(r['audit_seconds_median'])} |"
         )
     lines += [

@@ -30,14 +30,14 @@ import torch
 from scipy.stats import rankdata
 
 from bench.common import run_reporting_errors
-from bench.owner_audit import RESULTS, design_overrides
+from bench.owner_audit import RESULTS, design_overrides, never_trained_cell, owner_power
 from pipeline.cli import main as mtrack
 from pipeline.config import MarkConfig, load_config
 from pipeline.core.marking import resolve_device
 from pipeline.core.models import load_weights
 from pipeline.core.scoring import logit_margin
 from pipeline.core.seeds import child_seed
-from pipeline.core.stats import binomial_limits, sequential_p_value
+from pipeline.core.stats import sequential_p_value
 from pipeline.data.ood import ood_pool
 from pipeline.launchers import launch
 from pipeline.owner.access import VIEWS
@@ -187,12 +187,10 @@ def score_recipe(config: str, overrides: list[str], never_trained: int | None, r
             {
                 "score": name,
                 "meaning": meaning,
-                "trained_on_at_0.01": int((on <= 0.01).sum()),
+                **owner_power(on, off),
                 "trained_on_at_0.05": int((on <= 0.05).sum()),
                 "trained_on_p_median": float(np.median(on)),
                 "trained_on_p_max": float(on.max()),
-                "never_trained_on_rate_at_0.05": float(np.mean(off <= 0.05)) if len(off) else None,
-                "never_trained_on_limits_at_0.05": binomial_limits(len(off), 0.05) if len(off) else None,
                 "n_trained_on": len(on),
                 "n_never_trained_on": len(off),
                 "queries_per_image": views,  # and, for the difficulty, 8 per original once per audit
@@ -231,14 +229,10 @@ def markdown(recipes: dict[str, dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
-            check = "—"  # no never-trained-on owner scored (`--never-trained 0`)
-            if row["n_never_trained_on"]:
-                lo, hi = row["never_trained_on_limits_at_0.05"]
-                check = f"{row['never_trained_on_rate_at_0.05']:.3f} of {row['n_never_trained_on']} ({lo:.3f}–{hi:.3f})"
             lines.append(
                 f"| {row['score']} | {row['trained_on_at_0.01']} of {row['n_trained_on']} | "
                 f"{row['trained_on_at_0.05']} | {row['trained_on_p_median']:.3g}, {row['trained_on_p_max']:.3g} | "
-                f"{check} | "
+                f"{never_trained_cell(row, row['n_never_trained_on'])} | "
                 f"{row['queries_per_image']} |"
             )
         lines += ["", f"`{r['command']}`"]
