@@ -161,8 +161,8 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict
     }
 
 
-def _seconds(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+def _number(value: float | None, spec: str = ".1f") -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
@@ -181,15 +181,16 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"| {r['design']} | {r.get('access', 'logits')} | {r['smallest_possible_p_value']:.4g} | "
             f"{r['trained_on_at_0.01']} of {len(t)} | {np.median(t):.4g}, {t.max():.4g} | "
             f"{never_trained_cell(r, len(r['never_trained_on_p']))} | {r.get('queries_per_audit', '—')} | "
-            f"{_seconds(r['audit_seconds_median'])} |"
+            f"{_number(r['audit_seconds_median'])} |"
         )
     lines += [
         "",
         "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
         "of all classes, `audit-marked` of each run):",
         "",
-        "| design's run | non-member users | AUC | trained-on owners at p ≤ 0.01 | member p (median, max) |",
-        "|---|---|---|---|---|",
+        "| design's run | training loss | test accuracy | non-member users | AUC | trained-on owners at p ≤ 0.01 | "
+        "member p (median, max) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("access", "logits") != "logits":
@@ -197,7 +198,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         pop = r["population_audit"]
         p = np.array(pop["member_p_values"])
         lines.append(
-            f"| {r['design']} | {pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
+            f"| {r['design']} | {_number(r.get('train_loss'), '.2g')} | {_number(r.get('test_accuracy'), '.3f')} | "
+            f"{pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
             f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |"
         )
     return "\n".join(lines) + "\n"
