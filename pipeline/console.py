@@ -25,6 +25,7 @@ NOISE = (
     r"The `srun` command is available on your system but is not used",  # Lightning, on any machine with SLURM
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 calling torch's pytree
     r".*does not have many workers which may be a bottleneck",  # Lightning on FFCV loaders (threads, not workers)
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # a frozen backbone (train.finetune: head)
 )
 
 

@@ -59,6 +59,7 @@ def test_head_only_fine_tuning_changes_only_the_head(tiny_run: Path, tmp_path: P
         "--set", f"train.init_weights={pretrained}", "--set", "train.finetune=head", "--set", "train.epochs=1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval mode" not in result.stderr  # Lightning's remark on the frozen backbone, which is meant
     before = torch.load(pretrained, weights_only=True)["state_dict"]
     after = torch.load(copy / "train-marked" / "model.pt", weights_only=True)["state_dict"]
     head = [name for name in after if after[name].ndim == 2][-1]  # the only linear layer's weight
