@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := .venv/.setup-stamp
 
-.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit owner-power owner-finetune clean slurm-up slurm-down imagenet-audit \
+.PHONY: setup demo test lint test-fast bench gpu-check experiments owner-audit owner-power owner-finetune owner-levers clean slurm-up slurm-down imagenet-audit \
 	imagenet-like rehearsal scale
 
 $(SETUP): pyproject.toml constraints.txt scripts/setup-env.sh
@@ -53,11 +53,28 @@ owner-power: $(SETUP)  # each access level and per-image score on the demo recip
 	$(PY) -m bench.owner_scores --name flip-translate $(FT) --never-trained 30
 	$(PY) -m bench.owner_scores --name flip-translate-reference $(FT) --never-trained 0 --reference
 
-FINETUNE := --config configs/owner-finetune.yaml --pretrain configs/owner-pretrain.yaml --designs subset
-owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone without their classes (about 1 h)
-	$(PY) -m bench.owner_audit $(FINETUNE) --out results/owner-audit/finetune-full
-	$(PY) -m bench.owner_audit $(FINETUNE) --set train.finetune=head --set run_dir=runs/owner-finetune-head \
+FINETUNE := --config configs/owner-finetune.yaml --designs subset
+BACKBONE := --pretrain configs/owner-pretrain.yaml
+owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone without their classes (about 40 min)
+	$(PY) -m bench.owner_audit $(FINETUNE) $(BACKBONE) --out results/owner-audit/finetune-full
+	$(PY) -m bench.owner_audit $(FINETUNE) $(BACKBONE) --set train.finetune=head --set run_dir=runs/owner-finetune-head \
 		--out results/owner-audit/finetune-head
+	$(PY) -m bench.owner_audit $(FINETUNE) --set run_dir=runs/owner-finetune-scratch --out results/owner-audit/finetune-scratch
+	$(PY) -m bench.owner_audit $(FINETUNE) $(BACKBONE) --set train.augment=flip_translate --set run_dir=runs/owner-finetune-ft \
+		--out results/owner-audit/finetune-full-flip-translate
+
+# what an owner (K published, mark strength) and a trainer (weight decay, epochs) change under flip + translate
+LEVER = $(PY) -m bench.owner_audit --designs subset --set train.augment=flip_translate
+K40 := --set plan.samples_per_user=40 --set plan.n_nonmember_users=500
+K80 := --set plan.samples_per_user=80 --set plan.n_nonmember_users=250
+owner-levers: $(SETUP)  # one training run and 110 owner audits per row (about 1 h 30 min)
+	$(LEVER) $(K40) --set run_dir=runs/owner-audit-ft-k40 --out results/owner-audit/levers/k40
+	$(LEVER) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-alpha05 --out results/owner-audit/levers/alpha0.5
+	$(LEVER) $(K40) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k40-alpha05 --out results/owner-audit/levers/k40-alpha0.5
+	$(LEVER) $(K80) --set run_dir=runs/owner-audit-ft-k80 --out results/owner-audit/levers/k80
+	$(LEVER) $(K80) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k80-alpha05 --out results/owner-audit/levers/k80-alpha0.5
+	$(LEVER) --set train.weight_decay=0.0005 --set run_dir=runs/owner-audit-ft-wd --out results/owner-audit/levers/recipe-wd5e-4
+	$(LEVER) --set train.epochs=30 --set run_dir=runs/owner-audit-ft-e30 --out results/owner-audit/levers/recipe-30-epochs
 
 slurm-up:  # a real single-node SLURM cluster on this Debian machine (root), for the SLURM tests
 	bash slurm/setup-local-slurm.sh
