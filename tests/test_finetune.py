@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import mtrack
+from conftest import mtrack, tiny_config
 
 from pipeline.config import ConfigError, load_config
 from pipeline.core.models import Normalized, build_model, load_pretrained, save_weights
@@ -65,3 +65,19 @@ def test_head_only_fine_tuning_changes_only_the_head(tiny_run: Path, tmp_path: P
     head = [name for name in after if after[name].ndim == 2][-1]  # the only linear layer's weight
     changed = {name for name in after if not torch.equal(after[name], before[name])}
     assert changed == {head, head.replace(".weight", ".bias")}
+
+
+def test_replacing_the_weights_file_reruns_training_not_planning(tmp_path: Path) -> None:
+    """The weights to start from are an input of the train stage: new bytes under the same name give
+    it (and the audit after it) another hash, so a finished run refuses to mix them in; the stages
+    before training keep theirs."""
+    from pipeline.stages.contract import Task, config_hash
+
+    weights = tmp_path / "backbone.pt"
+    torch.save({"w": torch.zeros(1)}, weights)
+    cfg = load_config(tiny_config(tmp_path), [f"train.init_weights={weights}"])
+    tasks = [Task("plan"), Task("write"), Task("train", "marked"), Task("audit", "marked")]
+    before = {t.name: config_hash(cfg, t) for t in tasks}
+    torch.save({"w": torch.ones(4)}, weights)
+    after = {t.name: config_hash(cfg, t) for t in tasks}
+    assert [name for name in before if before[name] != after[name]] == ["train-marked", "audit-marked"]

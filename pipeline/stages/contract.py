@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from ..config import RunConfig, WandbConfig
-from ..store import Stage, StageError, read_json
+from ..store import Stage, StageError, file_sha256, read_json
 
 ARMS = ("marked", "control")
 MANIFEST = "manifest.json"  # every finished stage has one; a stage may read an upstream stage's
@@ -91,7 +91,9 @@ class StageSpec:
     (which arms a run trains does not change any one arm's model), so runs differing only there
     share the stage. `check`: "module:function" checking its config against the data source's
     metadata, writing nothing: run before any stage of a run starts, so a config only this stage
-    could refuse leaves no stage folder behind.
+    could refuse leaves no stage folder behind. `files`: dotted keys naming files outside the run
+    that it reads (weights to start from): their content joins its hash, so a replaced file re-runs
+    the stage instead of leaving outputs made from the old one.
 
     How it is launched: `shards`, the dotted config key of the number of array tasks its users are
     split over (None: not sharded); `task_per_gpu`: its SLURM job runs one task per GPU of its node
@@ -110,6 +112,7 @@ class StageSpec:
     lightning: Lightning | None = None
     loop: Loop | None = None
     check: str | None = None
+    files: tuple[str, ...] = ()
 
     @property
     def sharded(self) -> bool:
@@ -231,6 +234,7 @@ STAGES: dict[str, StageSpec] = {
             run="train:run_train",
             arms=True,
             unhashed=("train.arms",),
+            files=("train.init_weights",),
             lightning=Lightning(devices="train.devices", nodes="train.num_nodes", epochs="train.epochs"),
             loop=Loop(
                 lambda cfg: [(cfg.data.n_train, size) for size in train_sizes(cfg)],
@@ -344,15 +348,36 @@ def _declared_values(cfg: RunConfig, spec: StageSpec) -> dict[str, Any]:
     return values
 
 
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: str, mtime_ns: int, size: int) -> str:
+    """A file's SHA-256, read once per version of the file (hashes are computed many times a run)."""
+    return file_sha256(path)
+
+
+def _file_digests(cfg: RunConfig, spec: StageSpec) -> dict[str, str]:
+    """The content digest of each external file the stage declares and the config names (a missing
+    file is the pre-flight check's to refuse)."""
+    digests = {}
+    for key in spec.files:
+        value = setting(cfg, key)
+        if value is not None and Path(value).is_file():
+            stat = Path(value).stat()
+            digests[key] = _content_digest(str(Path(value).resolve()), stat.st_mtime_ns, stat.st_size)
+    return digests
+
+
 def config_hash(cfg: RunConfig, task: Task) -> str:
-    """What a task's outputs depend on: its declared config, its arm, and the hashes of the tasks
-    it reads (Merkle-style, so an upstream change reaches it and an unrelated one does not)."""
-    payload = {
+    """What a task's outputs depend on: its declared config, its arm, the content of the external
+    files it reads, and the hashes of the tasks it reads (Merkle-style, so an upstream change
+    reaches it and an unrelated one does not)."""
+    payload: dict[str, Any] = {
         "stage": task.stage,
         "arm": task.arm,
         "config": _declared_values(cfg, task.spec),
         "inputs": {dep.name: config_hash(cfg, dep) for dep in dependencies(cfg, task)},
     }
+    if files := _file_digests(cfg, task.spec):  # only when set: hashes of runs without any stay as they were
+        payload["files"] = files
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
