@@ -77,6 +77,9 @@ owner-levers: $(SETUP)  # one training run and 110 owner audits per row (about 1
 		--out results/owner-audit/levers/k80-of-400
 	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
 		--set plan.n_nonmember_users=150 --set run_dir=runs/owner-audit-ft-k160-p400 --out results/owner-audit/levers/k160-of-400
+	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
+		--set plan.n_nonmember_users=150 --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-seed1 \
+		--out results/owner-audit/levers/k160-of-400-seed1
 	$(LEVER) --set train.weight_decay=0.0005 --set run_dir=runs/owner-audit-ft-wd --out results/owner-audit/levers/recipe-wd5e-4
 	$(LEVER) --set train.epochs=30 --set run_dir=runs/owner-audit-ft-e30 --out results/owner-audit/levers/recipe-30-epochs
 
