@@ -67,7 +67,7 @@ owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone
 LEVER = $(PY) -m bench.owner_audit --designs subset --set train.augment=flip_translate
 K40 := --set plan.samples_per_user=40 --set plan.n_nonmember_users=500
 K80 := --set plan.samples_per_user=80 --set plan.n_nonmember_users=250
-owner-levers: $(SETUP)  # one training run and 110 owner audits per row (about 1 h 30 min)
+owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (about 2 h 30 min alone on 2 cores)
 	$(LEVER) $(K40) --set run_dir=runs/owner-audit-ft-k40 --out results/owner-audit/levers/k40
 	$(LEVER) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-alpha05 --out results/owner-audit/levers/alpha0.5
 	$(LEVER) $(K40) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k40-alpha05 --out results/owner-audit/levers/k40-alpha0.5

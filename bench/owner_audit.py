@@ -31,7 +31,7 @@ import torch
 
 from bench.common import run_reporting_errors
 from pipeline.cli import main as mtrack
-from pipeline.config import RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.core.seeds import child_seed
 from pipeline.core.stats import binomial_limits
 from pipeline.launchers import launch
@@ -54,7 +54,7 @@ def pretrained_backbone(config: str) -> str:
     """Train `config`'s control arm (a network that sees no owner's image) and return its model.pt."""
     cfg = load_config(config)
     if "control" not in cfg.train.arms:
-        raise SystemExit(f"--pretrain {config}: train.arms must include control (the unmarked network)")
+        raise ConfigError(f"--pretrain {config}: train.arms must include control (the unmarked network)")
     launch(config, [], "local")
     return str(Path(cfg.run_dir) / "train-control" / "model.pt")
 

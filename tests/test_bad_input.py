@@ -987,6 +987,11 @@ RUN_CASES = [
         "train.init_weights: {tmp}/resnet.pt is not a file",
     ),
     (
+        "weights to fine-tune from that are text",
+        lambda t: ["--set", f"train.init_weights={_a_file(t)}"],
+        "train.init_weights: {tmp}/notes.txt: not a loadable checkpoint: a text file",
+    ),
+    (
         "missing OOD folder",
         lambda t: ["--set", "mark.pattern=ood_image", "--set", f"mark.ood_folder={t}/ood"],
         "mark.ood_folder: {tmp}/ood is not a folder",
@@ -1199,4 +1204,17 @@ def test_owner_benchmarks_refuse_a_bad_key_in_one_line(bench: str) -> None:
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.splitlines() == [
         "error: configs/owner-audit.yaml: train.nope: not a known key (misspelt, or in the wrong section?)"
+    ]
+
+
+def test_owner_benchmark_refuses_a_backbone_config_without_a_control_arm() -> None:
+    """--pretrain trains the unmarked control arm of its config; one without it is refused up front."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.owner_audit", "--pretrain", "configs/owner-audit.yaml"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [
+        "error: --pretrain configs/owner-audit.yaml: train.arms must include control (the unmarked network)"
     ]

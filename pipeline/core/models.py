@@ -107,20 +107,25 @@ for _name in ("resnet18", "resnet50", "swin_t"):  # torchvision's, as published 
     )
 
 
-def load_pretrained(net: nn.Module, path: str | Path) -> None:
-    """Start fine-tuning from a state_dict file (e.g. torchvision's resnet18 ImageNet weights) or a
-    model.pt this pipeline trained: every tensor whose name and shape match is loaded; a classifier
-    head sized for another label set is left freshly initialised."""
+def pretrained_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file to fine-tune from: a state_dict (e.g. torchvision's resnet18
+    ImageNet weights) or a model.pt this pipeline trained; anything else is refused in one line that
+    says what the file is (read as untrusted bytes, like any checkpoint)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"train.init_weights: {path} not found") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise StageError(f"train.init_weights: {path} is not a state_dict ({first_line(exc)})") from None
+        state = read_checkpoint(Path(path))
+    except StageError as exc:
+        raise StageError(f"train.init_weights: {exc}") from None
     if isinstance(state, dict) and set(state) == {"state_dict", "meta"}:  # our model.pt: Normalized(net)
         state = {name.removeprefix("net."): tensor for name, tensor in state["state_dict"].items()}
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise StageError(f"train.init_weights: {path} is not a state_dict (it holds a {type(state).__name__})")
+    return state
+
+
+def load_pretrained(net: nn.Module, path: str | Path) -> None:
+    """Start fine-tuning from `pretrained_state(path)`: every tensor whose name and shape match is
+    loaded; a classifier head sized for another label set is left freshly initialised."""
+    state = pretrained_state(path)
     own = net.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:

@@ -67,11 +67,13 @@ def check_before_running(cfg: RunConfig, force: bool = False, checked: set[str] 
     what an unfinished stage would refuse against the data source (its `check`), and that the run
     and results folders can be written (nothing is left behind by the check). `checked`: config
     hashes of stages already checked (many runs of a table share a plan), added to."""
-    from ..core.models import MODELS
+    from ..core.models import MODELS, pretrained_state
 
     MODELS.lookup(cfg.train.arch)
-    if cfg.train.init_weights is not None and not Path(cfg.train.init_weights).is_file():
-        raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
+    if cfg.train.init_weights is not None:
+        if not Path(cfg.train.init_weights).is_file():
+            raise StageError(f"train.init_weights: {cfg.train.init_weights} is not a file")
+        pretrained_state(cfg.train.init_weights)
     if cfg.mark.ood_folder is not None and not Path(cfg.mark.ood_folder).is_dir():
         raise StageError(f"mark.ood_folder: {cfg.mark.ood_folder} is not a folder")
     for task in (t for t in tasks(cfg) if t.spec.check is not None):
