@@ -6,13 +6,18 @@ training images through the normal plan / mark / write / train stages (`plan.own
 are never trained on. Then `mtrack owner audit --model <model.pt> --user <published folder>` is run,
 as the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
 at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
+`--arms marked control` also audits every owner against the run's control network (the same recipe
+on the clean training set, which holds no owner's image): a calibration check where every owner is
+never trained on.
 
     python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
-                                [--set key=value ...] [--pretrain CONFIG] [--out results/owner-audit]
+                                [--set key=value ...] [--access LEVEL ...] [--arms marked control]
+                                [--pretrain CONFIG] [--out results/owner-audit]
 
-writes <out>/<design>.json for every design, results.json for the first (the tool's default) and
-README.md comparing them. Each design is one training run of the config; with --pretrain, each
-starts from the control-arm network of that config's run (`train.init_weights`), trained first.
+writes <out>/<design>[-<access>][-control].json for every design, access level and arm, results.json
+for the first (the tool's default) and README.md comparing them. Each design is one training run of
+the config; with --pretrain, each starts from the control-arm network of that config's run
+(`train.init_weights`), trained first.
 """
 
 from __future__ import annotations
@@ -59,19 +64,23 @@ def pretrained_backbone(config: str) -> str:
     return str(Path(cfg.run_dir) / "train-control" / "model.pt")
 
 
-def audit_every_owner(cfg: RunConfig, access: str = "logits") -> list[dict[str, Any]]:
-    """`mtrack owner audit` for each owner of a finished run, with draws independent of the owners'
-    seeds, seeing of the trained network only what `access` allows (an API at that level)."""
+def row_suffix(access: str, arm: str) -> str:
+    """How a row's files are told apart: the access level unless logits, then the arm unless marked."""
+    return ("" if access == "logits" else f"-{access.replace(':', '')}") + ("" if arm == "marked" else f"-{arm}")
+
+
+def audit_every_owner(cfg: RunConfig, access: str = "logits", arm: str = "marked") -> list[dict[str, Any]]:
+    """`mtrack owner audit` for each owner of a finished run against the `arm` network, with draws
+    independent of the owners' seeds, seeing of it only what `access` allows (an API at that level)."""
     run = Path(cfg.run_dir)
-    model = run / "train-marked" / "model.pt"
-    folder = run / ("owner-audit" if access == "logits" else f"owner-audit-{access.replace(':', '')}")
+    model = run / f"train-{arm}" / "model.pt"
+    folder = run / f"owner-audit{row_suffix(access, arm)}"
     results = []
     for owner in read_json(run / "plan" / "users.json")["owners"]:
         out = folder / f"{owner['owner_id']:05d}.json"
+        seen = {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"]}
         if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already
-            results.append(
-                {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
-            )
+            results.append({**seen, **read_json(out)})
             continue
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -94,9 +103,7 @@ def audit_every_owner(cfg: RunConfig, access: str = "logits") -> list[dict[str, 
         if status != 0:
             raise SystemExit(f"mtrack owner audit failed for owner {owner['owner_id']} (exit {status})")
         write_json(out, {**read_json(out), "seconds": time.perf_counter() - started})
-        results.append(
-            {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"], **read_json(out)}
-        )
+        results.append({**seen, **read_json(out)})
     return results
 
 
@@ -119,25 +126,27 @@ def never_trained_cell(power: dict[str, Any], n_never: int) -> str:
     return f"{power['never_trained_on_rate_at_0.05']:.3f} of {n_never} ({low:.3f}–{high:.3f})"
 
 
-def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]], arm: str = "marked") -> dict[str, Any]:
     o = cfg.plan.owners
     assert o is not None
-    trained = [a["p_value"] for a in audits if a["trained"]]
-    never = [a["p_value"] for a in audits if not a["trained"]]
+    # the control network trained on no owner's images: every owner is a null there
+    trained = [a["p_value"] for a in audits if a["trained"] and arm == "marked"]
+    never = [a["p_value"] for a in audits if not (a["trained"] and arm == "marked")]
     k = cfg.plan.samples_per_user
     setting = (
         f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
         f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}"
         f"{f', fine-tuned ({cfg.train.finetune}) from {cfg.train.init_weights}' if cfg.train.init_weights else ''}"
-        f"; {len(trained)} "
-        f"trained-on and {len(never)} never-trained-on owners, each publishing {k} of "
+        f"; {sum(a['trained'] for a in audits)} trained-on and {sum(not a['trained'] for a in audits)} "
+        f"never-trained-on owners, each publishing {k} of "
         f"{o.images if design != 'pattern' else k} "
         f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)"
     )
-    population = read_json(Path(cfg.run_dir) / "audit-marked" / "metrics.json")
-    trained_model = read_json(Path(cfg.run_dir) / "train-marked" / "metrics.json")
+    population = read_json(Path(cfg.run_dir) / f"audit-{arm}" / "metrics.json")
+    trained_model = read_json(Path(cfg.run_dir) / f"train-{arm}" / "metrics.json")
     return {
         "design": design,
+        "arm": arm,
         "access": audits[0]["access"],
         "queries_per_audit": float(np.median([a["queries"] for a in audits])),
         "trained_on_p": trained,
@@ -171,15 +180,17 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"Setting: {rows[0]['setting']}. Regenerate: `{command}` (one training run per design).",
         "",
-        "| design | access | smallest possible p | trained-on owners at p ≤ 0.01 | trained-on p (median, max) | "
-        "never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | queries per audit | seconds per audit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| design | network | access | smallest possible p | trained-on owners at p ≤ 0.01 | "
+        "trained-on p (median, max) | never-trained-on owners at p ≤ 0.05 (binomial 95% limits) | "
+        "queries per audit | seconds per audit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = np.array(r["trained_on_p"])
         lines.append(
-            f"| {r['design']} | {r.get('access', 'logits')} | {r['smallest_possible_p_value']:.4g} | "
-            f"{r['trained_on_at_0.01']} of {len(t)} | {np.median(t):.4g}, {t.max():.4g} | "
+            f"| {r['design']} | {r.get('arm', 'marked')} | {r.get('access', 'logits')} | "
+            f"{r['smallest_possible_p_value']:.4g} | {r['trained_on_at_0.01']} of {len(t)} | "
+            f"{f'{np.median(t):.4g}, {t.max():.4g}' if len(t) else '—'} | "
             f"{never_trained_cell(r, len(r['never_trained_on_p']))} | {r.get('queries_per_audit', '—')} | "
             f"{_number(r['audit_seconds_median'])} |"
         )
@@ -188,17 +199,18 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
         "of all classes, `audit-marked` of each run):",
         "",
-        "| design's run | training loss | test accuracy | non-member users | AUC | trained-on owners at p ≤ 0.01 | "
-        "member p (median, max) |",
-        "|---|---|---|---|---|---|---|",
+        "| design's run | network | training loss | test accuracy | non-member users | AUC | "
+        "trained-on owners at p ≤ 0.01 | member p (median, max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("access", "logits") != "logits":
-            continue  # one row per design's run
+            continue  # one row per network of a design's run
         pop = r["population_audit"]
         p = np.array(pop["member_p_values"])
         lines.append(
-            f"| {r['design']} | {_number(r.get('train_loss'), '.2g')} | {_number(r.get('test_accuracy'), '.3f')} | "
+            f"| {r['design']} | {r.get('arm', 'marked')} | {_number(r.get('train_loss'), '.2g')} | "
+            f"{_number(r.get('test_accuracy'), '.3f')} | "
             f"{pop['n_nonmember_users']} | {pop['auc']:.3f} | {int((p <= 0.01).sum())} of "
             f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |"
         )
@@ -230,6 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         help="access levels each trained network is audited at (logits, probs, topk:K, label), one row each",
     )
     parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=("marked", "control"),
+        default=["marked"],
+        help="networks of each run audited (the config's train.arms is set to these): control, trained on "
+        "the clean training set, holds no owner's image, so its rows check calibration",
+    )
+    parser.add_argument(
         "--pretrain",
         metavar="CONFIG",
         help="fine-tune every design's run from this config's control-arm network, trained first",
@@ -239,19 +259,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
     if args.pretrain:
         args.overrides.append(f"train.init_weights={pretrained_backbone(args.pretrain)}")
+    args.overrides.append(f"train.arms=[{','.join(dict.fromkeys(args.arms))}]")
     rows = []
     for design in args.designs:
         overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)
         launch(args.config, overrides, "local")
         cfg = load_config(args.config, overrides)
-        for access in args.access:
-            rows.append(summarise(cfg, design, audit_every_owner(cfg, access)))
-            suffix = "" if access == "logits" else f"-{access.replace(':', '')}"
-            write_json(args.out / f"{design}{suffix}.json", rows[-1])
+        for arm in dict.fromkeys(args.arms):
+            for access in args.access:
+                rows.append(summarise(cfg, design, audit_every_owner(cfg, access, arm), arm))
+                write_json(args.out / f"{design}{row_suffix(access, arm)}.json", rows[-1])
     write_json(args.out / "results.json", rows[0])
     command = "python -m bench.owner_audit " + " ".join(argv if argv is not None else sys.argv[1:])
     write_text(args.out / "README.md", markdown(rows, command.strip()))
-    print(json.dumps({r["design"]: r["trained_on_at_0.01"] for r in rows}))
+    print(json.dumps({r["design"] + row_suffix(r["access"], r["arm"]): r["trained_on_at_0.01"] for r in rows}))
 
 
 if __name__ == "__main__":

@@ -253,7 +253,9 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
     training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and each
     reported p-value is the sequential one at the CLI's level (`sequential_p_value`), counted
-    here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job)."""
+    here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job).
+    With `--arms marked control`, every owner is audited again against the control network, where
+    each is a null: their rows hold no trained-on owner."""
     from bench.owner_audit import main as owner_benchmark
 
     scored: list[list[np.ndarray]] = [[]]  # per audit, the losses of each round it scored
@@ -281,8 +283,6 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
             "--set",
             f"run_dir={run}",
             "--set",
-            "train.arms=[marked]",
-            "--set",
             "plan.n_member_users=3",
             "--set",
             "plan.owners={images: 16, never_trained: 2, draws: 19}",
@@ -291,6 +291,9 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
             "--access",
             "logits",
             "label",
+            "--arms",
+            "marked",
+            "control",
         ]
     )
     result = json.loads((tmp_path / "results" / "results.json").read_text())
@@ -301,7 +304,7 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
         assert audit["queries"] == 8 * (1 + 8 * (1 + audit["n_scored"]))
     assert (
         len(label_only["trained_on_p"]) == 3
-        and "| subset | label |" in (tmp_path / "results" / "README.md").read_text()
+        and "| subset | marked | label |" in (tmp_path / "results" / "README.md").read_text()
     )
     scored = [np.concatenate(rounds) for rounds in scored[:5]]  # the logits audits; the label-only ones follow
     assert result["design"] == "subset" and result["n_images_per_owner"] == 8
@@ -324,7 +327,19 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     assert [int(Path(key["files"][i]["original"]).stem) for i in key["published"]] == owner["published"]
     member = next(u for u in plan["users"] if u.get("owner") == owner["owner_id"])
     assert member["sample_ids"] == owner["published"]  # the published images are what the model trained on
-    assert "| subset | logits |" in (tmp_path / "results" / "README.md").read_text()
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert "| subset | marked | logits |" in readme and "| subset | control | label |" in readme
+    control = json.loads((tmp_path / "results" / "subset-control.json").read_text())
+    assert control["arm"] == "control" and control["trained_on_p"] == [] and control["trained_on_at_0.01"] == 0
+
+    def audits(folder_name: str) -> list[dict[str, Any]]:
+        return [json.loads((folder / folder_name / f"{o['owner_id']:05d}.json").read_text()) for o in plan["owners"]]
+
+    assert control["never_trained_on_p"] == [a["p_value"] for a in audits("owner-audit-control")]
+    # scored by the control network, not the marked one
+    assert [a["published_loss"] for a in audits("owner-audit-control")] != [
+        a["published_loss"] for a in audits("owner-audit")
+    ]
 
 
 def test_score_benchmark_p_values_are_the_audits(tmp_path: Path) -> None:
