@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import comparison, interleaved_medians, machine, publish
+from bench.common import comparison, interleaved_medians, machine, publish, run_reporting_errors
 from pipeline.config import AuditConfig
 from pipeline.core.models import Normalized, build_model
 from pipeline.data.betons import make_loader, write_beton
@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

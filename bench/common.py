@@ -19,16 +19,21 @@ from pipeline.store import write_json, write_text
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def run_reporting_errors(main: Callable[[], None]) -> None:
-    """Run a benchmark's `main` as a command: a bad config, flag or input ends in one `error:` line
-    and exit status 2, as the pipeline's own commands do, not in a traceback."""
+def run_reporting_errors(main: Callable[[], int | None]) -> None:
+    """Run a benchmark's `main` as a command: a bad config, flag or input, or a path it cannot read or
+    write, ends in one `error:` line and exit status 2, as the pipeline's own commands do, not in a
+    traceback; otherwise exit with what `main` returns."""
     from pipeline.cli import USER_ERRORS
 
     try:
-        main()
+        status = main()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status)
 
 
 def cpu_model() -> str:

@@ -44,7 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, comparison, cpu_model, interleaved_medians, machine, update_bench_readme
+from bench.common import (
+    RESULTS,
+    comparison,
+    cpu_model,
+    interleaved_medians,
+    machine,
+    run_reporting_errors,
+    update_bench_readme,
+)
 
 # Kept light on purpose: spawned marking workers import this module again, and the heavy imports
 # (torch, Lightning, FFCV) live in the parts that need them.
@@ -979,4 +987,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_reporting_errors(main)

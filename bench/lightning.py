@@ -19,7 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench.common import comparison, interleaved_medians, publish
+from bench.common import comparison, interleaved_medians, publish, run_reporting_errors
 from pipeline.config import TrainConfig
 from pipeline.training.module import Classifier
 
@@ -140,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

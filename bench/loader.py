@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from bench.common import comparison, interleaved_medians, publish, write_jpeg_folder
+from bench.common import comparison, interleaved_medians, publish, run_reporting_errors, write_jpeg_folder
 from pipeline.config import DataConfig
 from pipeline.data.betons import ImageStorage, make_loader, write_beton
 from pipeline.data.sources import full_resolution, load_source
@@ -88,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from noise import pnoise2  # noqa: E402
 
-from bench.common import machine, publish  # noqa: E402
+from bench.common import machine, publish, run_reporting_errors  # noqa: E402
 from pipeline.config import MarkConfig  # noqa: E402
 from pipeline.core.marking import mark_batch, perlin_params, stripe_pattern  # noqa: E402
 
@@ -167,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -35,7 +35,7 @@ from pipeline.owner.audit import Predictor, audit_owner
 from pipeline.owner.designs import DesignParams
 from pipeline.owner.marking import mark_folder
 
-from .common import machine, publish, write_jpeg_folder
+from .common import machine, publish, run_reporting_errors, write_jpeg_folder
 
 LEVEL = 0.05  # the command line's default level
 
@@ -154,4 +154,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, comparison, interleaved_medians, machine, update_bench_readme
+from bench.common import RESULTS, comparison, interleaved_medians, machine, run_reporting_errors, update_bench_readme
 from bench.imagenet_like import generate
 from pipeline.config import load_config
 from pipeline.launchers.follow import JobRecord
@@ -522,4 +522,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_reporting_errors(main)

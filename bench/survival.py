@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.common import RESULTS, machine, write_text
+from bench.common import RESULTS, machine, run_reporting_errors, write_text
 from pipeline.config import MarkConfig
 from pipeline.core.marking import make_pattern, mark_batch
 from pipeline.core.survival import summarise_survival, survival_correlations
@@ -108,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -1218,3 +1218,17 @@ def test_owner_benchmark_refuses_a_backbone_config_without_a_control_arm() -> No
     assert done.stderr.splitlines() == [
         "error: --pretrain configs/owner-audit.yaml: train.arms must include control (the unmarked network)"
     ]
+
+
+def test_a_benchmark_that_cannot_write_its_output_says_where_in_one_line(tmp_path: Path) -> None:
+    """A path a benchmark cannot write (here: a folder under a file) is one error line naming it, exit 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.imagenet_like", str(blocker / "out"), "--images", "2", "--per-class", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [f"error: {blocker}/out/train/n00000000: Not a directory"]
+    assert blocker.read_text() == "not a folder"
