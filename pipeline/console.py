@@ -26,6 +26,7 @@ NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 calling torch's pytree
     r".*does not have many workers which may be a bottleneck",  # Lightning on FFCV loaders (threads, not workers)
     r"Found \d+ module\(s\) in eval mode at the start of training",  # a frozen backbone (train.finetune: head)
+    r"Checkpoint directory .* exists and is not empty",  # a resumed training: the pipeline logs the resume itself
 )
 
 
