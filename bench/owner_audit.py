@@ -41,6 +41,8 @@ from pipeline.core.seeds import child_seed
 from pipeline.core.stats import binomial_limits
 from pipeline.launchers import launch
 from pipeline.owner.designs import DESIGNS
+from pipeline.stages.contract import Task
+from pipeline.stages.dag import run_task
 from pipeline.stages.mark import owner_folder
 from pipeline.store import read_json, write_json, write_text
 
@@ -246,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         choices=("marked", "control"),
         default=["marked"],
-        help="networks of each run audited (the config's train.arms is set to these): control, trained on "
-        "the clean training set, holds no owner's image, so its rows check calibration",
+        help="networks of each run audited, trained if the config's train.arms lacks them: control, trained "
+        "on the clean training set, holds no owner's image, so its rows check calibration",
     )
     parser.add_argument(
         "--pretrain",
@@ -259,13 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # audits score small batches: on a shared CPU one thread is several times faster
     if args.pretrain:
         args.overrides.append(f"train.init_weights={pretrained_backbone(args.pretrain)}")
-    args.overrides.append(f"train.arms=[{','.join(dict.fromkeys(args.arms))}]")
     rows = []
     for design in args.designs:
         overrides = design_overrides(load_config(args.config, args.overrides), design, args.overrides)
         launch(args.config, overrides, "local")
         cfg = load_config(args.config, overrides)
         for arm in dict.fromkeys(args.arms):
+            for stage in ("train", "audit"):  # an arm the run did not train (its report stays the run's)
+                run_task(cfg, Task(stage, arm))
             for access in args.access:
                 rows.append(summarise(cfg, design, audit_every_owner(cfg, access, arm), arm))
                 write_json(args.out / f"{design}{row_suffix(access, arm)}.json", rows[-1])

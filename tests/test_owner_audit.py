@@ -283,6 +283,8 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
             "--set",
             f"run_dir={run}",
             "--set",
+            "train.arms=[marked]",  # the control arm is trained for --arms alone
+            "--set",
             "plan.n_member_users=3",
             "--set",
             "plan.owners={images: 16, never_trained: 2, draws: 19}",
