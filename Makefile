@@ -76,7 +76,8 @@ owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (abou
 	$(LEVER) $(K80) --set plan.owners.images=400 --set plan.owners.never_trained=50 --set run_dir=runs/owner-audit-ft-k80-p400 \
 		--out results/owner-audit/levers/k80-of-400
 	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
-		--set plan.n_nonmember_users=150 --set run_dir=runs/owner-audit-ft-k160-p400 --out results/owner-audit/levers/k160-of-400
+		--set plan.n_nonmember_users=150 --set run_dir=runs/owner-audit-ft-k160-p400 --arms marked control \
+		--out results/owner-audit/levers/k160-of-400
 	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
 		--set plan.n_nonmember_users=150 --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-seed1 \
 		--out results/owner-audit/levers/k160-of-400-seed1

@@ -199,7 +199,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines += [
         "",
         "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
-        "of all classes, `audit-marked` of each run):",
+        "of all classes, the `audit-<network>` stage of each run):",
         "",
         "| design's run | network | training loss | test accuracy | non-member users | AUC | "
         "trained-on owners at p ≤ 0.01 | member p (median, max) |",
