@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.core.stats import t_interval
 from pipeline.experiments import defense_notes, load_table, on_base, planned_rows, run_table
 from pipeline.experiments.render import OVERVIEW_HEADER, overview_header
+from pipeline.experiments.summary import SPREAD, spread, summarise
 
 
 def _table(folder: Path, repo: Path, **changes: object) -> Path:
@@ -67,7 +69,8 @@ def test_a_table_repeats_rows_over_seeds_and_shares_stages(
     assert plain["n_seeds"] == 2 and plain["seeds"] == [0, 1] and plain["mean"]["auc"] == pytest.approx(np.mean(aucs))
     lo, hi = plain["interval"]["auc"]
     half = 12.7062047 * np.std(aucs, ddof=1) / np.sqrt(2)  # t(0.975) with 1 degree of freedom
-    assert lo == pytest.approx(np.mean(aucs) - half, abs=1e-6) and hi == pytest.approx(np.mean(aucs) + half, abs=1e-6)
+    assert lo == pytest.approx(max(np.mean(aucs) - half, 0), abs=1e-6)  # cut to AUC's range
+    assert hi == pytest.approx(min(np.mean(aucs) + half, 1), abs=1e-6)
     assert "vs_baseline" not in plain
     diff = smoothed["vs_baseline"]["auc"]
     expected = np.mean([s["auc"] - p["auc"] for s, p in zip(smoothed["runs"], plain["runs"])])
@@ -89,6 +92,26 @@ def test_a_table_repeats_rows_over_seeds_and_shares_stages(
     assert "## Tiny ablation\n\nPaper: both parts of the mark help. Ours ([table](tiny-ablation/README.md)" in overview
     assert overview.count("- smoothed (2 seeds): AUC") == 1
     assert ("Standing out from seed noise" in overview) or ("Within seed noise of the baseline: smoothed" in overview)
+
+
+def test_intervals_stay_inside_the_range_a_number_can_take() -> None:
+    """A t-interval of a rate near 1 over few seeds would reach past 1 (and of differences past ±1);
+    it is cut to the range, while the mean and the noise verdict stay those of the uncut interval."""
+    runs = [
+        {"seed": s, **dict.fromkeys(SPREAD, v), "psnr": 10 * v, "n_nonmember_users": 9}
+        for s, v in enumerate([1.0, 1.0, 0.0])
+    ]
+    base = [{"seed": s, **dict.fromkeys(SPREAD, 0.0), "psnr": 0.0, "n_nonmember_users": 9} for s in range(3)]
+    got = spread(runs)
+    uncut = t_interval([1.0, 1.0, 0.0])
+    assert uncut is not None and uncut[0] < 0 and uncut[1] > 1
+    assert got["interval"]["tpr_at_fpr_below_0.001"] == [0.0, 1.0] and got["mean"]["auc"] == pytest.approx(2 / 3)
+    assert got["interval"]["train_loss"] == [0.0, uncut[1]]  # a loss has no upper bound
+    assert got["interval"]["psnr"] == pytest.approx([10 * uncut[0], 10 * uncut[1]])  # PSNR has no range
+    plain, row = summarise([{"name": "b", "runs": base}, {"name": "r", "runs": runs}], "b")
+    diff = row["vs_baseline"]["auc"]
+    assert diff["interval"][0] == pytest.approx(uncut[0]) and diff["interval"][1] == 1.0
+    assert diff["beyond_noise"] is False
 
 
 def test_the_overview_names_the_tables_still_made_by_one_run() -> None:

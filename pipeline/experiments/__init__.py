@@ -199,7 +199,7 @@ def _run_planned(
             "base": table.base,
             "set": table.set,
             "baseline": table.baseline_row.name,
-            "interval": "95% Student-t over seeds; differences paired by seed",
+            "interval": "95% Student-t over seeds, cut to the range a number can take; differences paired by seed",
             "rows": rows,
             "averages": means,
         },

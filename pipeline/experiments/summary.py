@@ -4,6 +4,7 @@ whether that difference stands out from seed noise (its interval excludes 0)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,10 @@ SPREAD = (
     "psnr",
 )
 HEADLINE = ("auc", "fpr_at_tpr_1", "tpr_at_fpr_below_0.001", "test_accuracy")
-INTERVAL = "95% Student-t interval over seeds"
+INTERVAL = "95% Student-t interval over seeds (cut to the range a number can take)"
+# The range each number cannot leave: intervals are cut to it (rates, AUCs, p-values, accuracy in
+# [0, 1]; a loss is not negative); PSNR has none.
+RANGE = {key: (0.0, 1.0) for key in SPREAD if key not in ("train_loss", "psnr")} | {"train_loss": (0.0, math.inf)}
 
 
 def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +73,15 @@ def spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [run.get(key) for run in runs]
         ok = None not in values and bool(values)
         mean[key] = float(np.mean(values)) if ok else None
-        bounds = t_interval(values) if ok else None  # type: ignore[arg-type]
+        bounds = t_interval(values, within=RANGE.get(key)) if ok else None  # type: ignore[arg-type]
         interval[key] = None if bounds is None else list(bounds)
     return {"mean": mean, "interval": interval}
+
+
+def _span(key: str) -> float:
+    """How far apart two values of `key` can lie: the most a difference of them can be."""
+    low, high = RANGE.get(key, (-math.inf, math.inf))
+    return high - low
 
 
 def by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
@@ -94,7 +104,8 @@ def summarise(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]
         }
         if row is not base:
             entry["vs_baseline"] = {
-                key: paired_difference(by_seed(runs, key), by_seed(base["runs"], key)) for key in HEADLINE
+                key: paired_difference(by_seed(runs, key), by_seed(base["runs"], key), span=_span(key))
+                for key in HEADLINE
             }
         out.append(entry)
     return out
