@@ -67,6 +67,8 @@ owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone
 LEVER = $(PY) -m bench.owner_audit --designs subset --set train.augment=flip_translate
 K40 := --set plan.samples_per_user=40 --set plan.n_nonmember_users=500
 K80 := --set plan.samples_per_user=80 --set plan.n_nonmember_users=250
+K160 := --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
+	--set plan.n_nonmember_users=150
 owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (about 2 h 30 min alone on 2 cores)
 	$(LEVER) $(K40) --set run_dir=runs/owner-audit-ft-k40 --out results/owner-audit/levers/k40
 	$(LEVER) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-alpha05 --out results/owner-audit/levers/alpha0.5
@@ -75,12 +77,14 @@ owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (abou
 	$(LEVER) $(K80) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k80-alpha05 --out results/owner-audit/levers/k80-alpha0.5
 	$(LEVER) $(K80) --set plan.owners.images=400 --set plan.owners.never_trained=50 --set run_dir=runs/owner-audit-ft-k80-p400 \
 		--out results/owner-audit/levers/k80-of-400
-	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
-		--set plan.n_nonmember_users=150 --set run_dir=runs/owner-audit-ft-k160-p400 --arms marked control \
+	$(LEVER) $(K160) --set run_dir=runs/owner-audit-ft-k160-p400 --arms marked control \
 		--out results/owner-audit/levers/k160-of-400
-	$(LEVER) --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
-		--set plan.n_nonmember_users=150 --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-seed1 \
+	$(LEVER) $(K160) --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-seed1 \
 		--out results/owner-audit/levers/k160-of-400-seed1
+	$(LEVER) $(K160) --set seed=2 --set run_dir=runs/owner-audit-ft-k160-p400-seed2 \
+		--out results/owner-audit/levers/k160-of-400-seed2
+	$(LEVER) $(K160) --set seed=3 --set run_dir=runs/owner-audit-ft-k160-p400-seed3 \
+		--out results/owner-audit/levers/k160-of-400-seed3
 	$(LEVER) --set train.weight_decay=0.0005 --set run_dir=runs/owner-audit-ft-wd --out results/owner-audit/levers/recipe-wd5e-4
 	$(LEVER) --set train.epochs=30 --set run_dir=runs/owner-audit-ft-e30 --out results/owner-audit/levers/recipe-30-epochs
 
