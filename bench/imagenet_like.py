@@ -13,7 +13,6 @@ Every file is a function of (seed, split, class, index): the same command gives 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import run_reporting_errors
+from pipeline.cli import CommandParser
 from pipeline.store import write_json
 
 QUALITY = 90
@@ -135,7 +135,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.imagenet_like", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m bench.imagenet_like", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write train/ and val/ into")
     parser.add_argument("--images", type=int, default=20_000, help="training images, rounded up to whole classes")
     parser.add_argument("--per-class", type=int, default=1300, help="training images per class (ImageNet: ~1,300)")

@@ -22,7 +22,6 @@ the config; with --pretrain, each starts from the control-arm network of that co
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.common import run_reporting_errors
+from pipeline.cli import CommandParser
 from pipeline.cli import main as mtrack
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.core.seeds import child_seed
@@ -220,7 +220,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m bench.owner_audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/owner-audit.yaml")
     parser.add_argument(
         "--designs",

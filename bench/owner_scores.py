@@ -18,7 +18,6 @@ scores-*.json there (one table per recipe).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from scipy.stats import rankdata
 
 from bench.common import run_reporting_errors
 from bench.owner_audit import RESULTS, design_overrides, never_trained_cell, owner_power
+from pipeline.cli import CommandParser
 from pipeline.cli import main as mtrack
 from pipeline.config import MarkConfig, load_config
 from pipeline.core.marking import resolve_device
@@ -241,7 +241,7 @@ def markdown(recipes: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m bench.owner_scores", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="the recipe's name in the results")
     parser.add_argument("--config", default="configs/owner-audit.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -16,7 +16,6 @@ writes results/bench/owner_speed.json and its line in results/bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import tempfile
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.cli import CommandParser
 from pipeline.config import MarkConfig
 from pipeline.core import marking
 from pipeline.owner.audit import Predictor, audit_owner
@@ -144,7 +144,7 @@ def readme_line(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m bench.owner_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--draws", type=int, default=999)
     parser.add_argument("--owners", type=int, default=5, help="never-trained-on owners audited the current way")

@@ -18,7 +18,6 @@ Each size is merged into results/bench/scale.json (other sizes kept), so sizes c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import numpy as np
 
 from bench.common import RESULTS, comparison, interleaved_medians, machine, run_reporting_errors, update_bench_readme
 from bench.imagenet_like import generate
+from pipeline.cli import CommandParser
 from pipeline.config import load_config
 from pipeline.launchers.follow import JobRecord
 from pipeline.store import read_json, write_json
@@ -487,7 +487,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="folder sizes to (re)measure")
     parser.add_argument("--data-dir", type=Path, default=REPO / "data", help="where the generated folders go")
     parser.add_argument("--runs", type=Path, default=REPO / "runs", help="where the rehearsals' run folders go")

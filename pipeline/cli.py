@@ -68,8 +68,9 @@ DESCRIPTION = f"""Data-use auditing: a data owner's tool, and the benchmark pipe
                                ({", ".join(STAGES)}), each on a run config"""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as the pipeline's one line (no usage block) and exit status 2."""
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with its errors as the pipeline's one line (no usage block) and exit status 2; the
+    benchmark commands parse with it too."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = message.removeprefix("argument ")
@@ -136,7 +137,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mtrack", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="mtrack", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _owner_commands(sub)
     _run_command(sub)

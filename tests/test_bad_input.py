@@ -1232,3 +1232,20 @@ def test_a_benchmark_that_cannot_write_its_output_says_where_in_one_line(tmp_pat
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.splitlines() == [f"error: {blocker}/out/train/n00000000: Not a directory"]
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ["bench.owner_audit", "--arms", "nope"],
+            "error: --arms: invalid choice: 'nope' (choose from 'marked', 'control')",
+        ),
+        (["bench.imagenet_like"], "error: python -m bench.imagenet_like: the following arguments are required: out"),
+        (["bench.scale", "--sizes", "x"], "error: --sizes: invalid int value: 'x'"),
+    ],
+)
+def test_a_benchmark_refuses_a_bad_flag_in_one_line(command: list[str], expected: str) -> None:
+    """The benchmark commands parse as the pipeline's do: a bad flag is one error line, no usage block."""
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr.splitlines()) == (2, "", [expected])
