@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         launch(args.config, overrides, "local")
         cfg = load_config(args.config, overrides)
         for arm in dict.fromkeys(args.arms):
-            for stage in ("train", "audit"):  # an arm the run did not train (its report stays the run's)
-                run_task(cfg, Task(stage, arm))
+            if arm not in cfg.train.arms:  # trained apart from the run, whose report stays as it was
+                for stage in ("train", "audit"):
+                    run_task(cfg, Task(stage, arm))
             for access in args.access:
                 rows.append(summarise(cfg, design, audit_every_owner(cfg, access, arm), arm))
                 write_json(args.out / f"{design}{row_suffix(access, arm)}.json", rows[-1])
