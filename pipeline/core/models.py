@@ -101,6 +101,14 @@ def wrn28_4(num_classes: int, width: int = 4) -> nn.Module:
     return wide_resnet(28, 4, num_classes)
 
 
+@MODELS.register("wrn10_1")
+def wrn10_1(num_classes: int, width: int = 1) -> nn.Module:
+    """WRN-10-1 (78k parameters): a residual network of the small CNN's size at width 16 (72k),
+    so the audit can be measured on another architecture family at equal capacity and CPU cost;
+    `train.width` is not used."""
+    return wide_resnet(10, 1, num_classes)
+
+
 for _name in ("resnet18", "resnet50", "swin_t"):  # torchvision's, as published (Swin-T: stochastic depth 0.2)
     MODELS.register(_name)(
         lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
