@@ -61,6 +61,17 @@ def test_flip_is_per_sample_and_shuffle_is_seeded(tmp_path: Path) -> None:
     assert sorted(orders[0]) == list(range(n))
 
 
+def test_ids_kept_across_batches_stay_what_was_read(tmp_path: Path) -> None:
+    """FFCV reuses its batch buffers: ids collected without copying (as the outlier filter and the
+    record of trained samples do) read later batches' ids unless the loader hands out copies."""
+    n = 2000
+    path = tmp_path / "ids.beton"
+    write_beton(path, np.zeros((n, 4, 4, 3), np.uint8), np.arange(n) % 10, np.arange(n), np.arange(n) % 7 - 1)
+    kept = list(make_loader(path, 128, 2, train=False))
+    for field, expected in ((1, np.arange(n) % 10), (2, np.arange(n)), (3, np.arange(n) % 7 - 1)):
+        assert np.array_equal(np.concatenate([batch[field].numpy() for batch in kept]), expected)
+
+
 def test_loader_keeps_torch_threads(tmp_path: Path) -> None:
     images, labels, samples, _ = _data()
     path = tmp_path / "d.beton"

@@ -143,7 +143,12 @@ class EpochPosition:
 class BetonLoader(EpochPosition):
     """An FFCV loader as training and audit code should see it: with its `EpochPosition`; torch
     keeps its own thread count (FFCV resets it on every `iter()`); the FFCV iterator starts lazily
-    on the first batch, so Lightning's probe starts no prefetch."""
+    on the first batch, so Lightning's probe starts no prefetch.
+
+    FFCV fills a small ring of preallocated buffers and reuses them for later batches, so a tensor
+    it yields changes under whoever keeps it. The ids (label, sample, user) are copied here, a few
+    bytes per image, since code collects them across batches; the images stay FFCV's buffers, valid
+    until the next batch or two: compute from them at once or copy what is kept."""
 
     def __init__(self, loader: Loader, torch_threads: int, decoder: SimpleRGBImageDecoder | None = None) -> None:
         self.loader = loader
@@ -171,7 +176,8 @@ class BetonLoader(EpochPosition):
         self.loader.next_epoch = self.epoch
         iterator = iter(self.loader)
         torch.set_num_threads(self.torch_threads)
-        yield from self._from_position(iterator)
+        for images, *ids in self._from_position(iterator):
+            yield images, *(field.clone() for field in ids)
 
 
 def image_decoder(train: bool, resolution: int | None) -> SimpleRGBImageDecoder:
