@@ -8,12 +8,14 @@ belong to no user), so any loader's output can be traced back to the manifest. A
 inside FFCV's per-sample operations (each image its own flip and shift, or its own random-resized
 crop).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,8 +26,12 @@ import torch
 TORCH_THREADS = torch.get_num_threads()
 
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
-                                  SimpleRGBImageDecoder)
+from ffcv.fields.decoders import (
+    CenterCropRGBImageDecoder,
+    IntDecoder,
+    RandomResizedCropRGBImageDecoder,
+    SimpleRGBImageDecoder,
+)
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
@@ -61,8 +67,10 @@ class _EncodeByRecord:
     """Encodes an (image, as_jpeg) value with the storage's JPEG quality or raw, at the size given."""
 
     def __init__(self, storage: ImageStorage) -> None:
-        self.encoders = {False: RGBImageField(write_mode="raw"),
-                         True: RGBImageField(write_mode="jpg", jpeg_quality=storage.jpeg_quality)}
+        self.encoders = {
+            False: RGBImageField(write_mode="raw"),
+            True: RGBImageField(write_mode="jpg", jpeg_quality=storage.jpeg_quality),
+        }
 
     def __call__(self, destination: Any, value: tuple[np.ndarray, bool], malloc: Any) -> None:
         image, as_jpeg = value
@@ -81,21 +89,26 @@ class _Records:
     """The indexable view FFCV's writer wants: one ((image, as_jpeg), label, sample, user) tuple per
     index. Images are fetched (for file-backed sources: decoded) only when the writer asks."""
 
-    def __init__(self, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray,
-                 as_jpeg: np.ndarray) -> None:
+    def __init__(
+        self, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray, as_jpeg: np.ndarray
+    ) -> None:
         self.images, self.labels, self.samples, self.users, self.as_jpeg = images, labels, samples, users, as_jpeg
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, bool], int, int, int]:
-        return ((self.images[i], bool(self.as_jpeg[i])), int(self.labels[i]), int(self.samples[i]),
-                int(self.users[i]))
+        return ((self.images[i], bool(self.as_jpeg[i])), int(self.labels[i]), int(self.samples[i]), int(self.users[i]))
 
 
 def write_beton(
-    path: str | Path, images: Any, labels: np.ndarray, samples: np.ndarray, users: np.ndarray | None = None,
-    num_workers: int = 1, storage: ImageStorage = ImageStorage(),
+    path: str | Path,
+    images: Any,
+    labels: np.ndarray,
+    samples: np.ndarray,
+    users: np.ndarray | None = None,
+    num_workers: int = 1,
+    storage: ImageStorage = ImageStorage(),
 ) -> None:
     """Write images (anything indexable by record giving (H, W, 3) uint8, stored at that size) with
     their ids, each raw or JPEG as `storage` decides for its sample id; the file appears only when
@@ -191,9 +204,18 @@ def image_decoder(train: bool, resolution: int | None) -> SimpleRGBImageDecoder:
 
 
 def make_loader(
-    path: str | Path, batch_size: int, num_workers: int, *, train: bool, augment: str = "none",
-    translate_pixels: int = 0, seed: int = 0, distributed: bool = False, indices: Sequence[int] | None = None,
-    torch_threads: int | None = None, resolution: int | None = None,
+    path: str | Path,
+    batch_size: int,
+    num_workers: int,
+    *,
+    train: bool,
+    augment: str = "none",
+    translate_pixels: int = 0,
+    seed: int = 0,
+    distributed: bool = False,
+    indices: Sequence[int] | None = None,
+    torch_threads: int | None = None,
+    resolution: int | None = None,
 ) -> BetonLoader:
     """An FFCV loader yielding (uint8 NCHW images, labels, sample ids, user ids) on the CPU.
 

@@ -4,6 +4,7 @@ Any format PIL reads; EXIF orientation applied; grey, palette, 16-bit, RGBA and 
 become RGB uint8 (transparency composited on white), so marking always sees what a viewer sees.
 Corrupt or non-image files raise `ImageError` naming the file.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,8 +29,10 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a folder")
-    return sorted((p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=lambda p: p.as_posix())
+    return sorted(
+        (p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: p.as_posix(),
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -1,4 +1,5 @@
 """Where out-of-distribution patterns come from: a folder of images or a dataset's test split."""
+
 from __future__ import annotations
 
 from pathlib import Path

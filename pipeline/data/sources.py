@@ -9,6 +9,7 @@ Small datasets (Fashion-MNIST, CIFAR, synthetic) are decoded into memory. An ima
 and label up front and decode an image only when it is indexed, so planning reads no pixels,
 marking decodes only the users' images and writing streams the files through FFCV's workers.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,16 +18,16 @@ import pickle
 import shutil
 import struct
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import cv2
 import numpy as np
 
 from ..config import DataConfig
-from .images import IMAGE_SUFFIXES, fit_to_grid, read_rgb
 from ..registry import Registry
+from .images import IMAGE_SUFFIXES, fit_to_grid, read_rgb
 
 
 class DataSourceError(RuntimeError):
@@ -53,7 +54,7 @@ class ImageFiles:
         image = read_rgb(self.root / self.files[i])
         return to_grid(image[None], self.size)[0] if self.on_grid else image
 
-    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> Union[np.ndarray, "ImageFiles"]:
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray | ImageFiles:
         if isinstance(index, slice):
             return ImageFiles(self.root, self.files[index], self.size, self.on_grid)
         if np.ndim(index) == 0:
@@ -61,11 +62,11 @@ class ImageFiles:
         batch = [self._decode(int(i)) for i in np.asarray(index).reshape(-1)]
         return np.stack(batch) if batch else np.zeros((0, self.size, self.size, 3), np.uint8)
 
-    def originals(self) -> "ImageFiles":
+    def originals(self) -> ImageFiles:
         return ImageFiles(self.root, self.files, self.size, on_grid=False)
 
 
-ImageArray = Union[np.ndarray, ImageFiles]
+ImageArray = np.ndarray | ImageFiles
 
 
 def full_resolution(images: ImageArray) -> ImageArray:
@@ -161,9 +162,14 @@ def restrict_classes(splits: ImageSplits, wanted: tuple[str | int, ...]) -> Imag
     relabel = np.full(len(names), -1, np.int64)
     relabel[old] = np.arange(len(old))
     train, test = np.flatnonzero(np.isin(splits.train_labels, old)), np.flatnonzero(np.isin(splits.test_labels, old))
-    return ImageSplits(splits.name, tuple(splits.classes[i] for i in old), _take(splits.train_images, train),
-                       relabel[splits.train_labels[train]], _take(splits.test_images, test),
-                       relabel[splits.test_labels[test]])
+    return ImageSplits(
+        splits.name,
+        tuple(splits.classes[i] for i in old),
+        _take(splits.train_images, train),
+        relabel[splits.train_labels[train]],
+        _take(splits.test_images, test),
+        relabel[splits.test_labels[test]],
+    )
 
 
 def load_source(cfg: DataConfig) -> ImageSplits:
@@ -186,7 +192,16 @@ def load_source(cfg: DataConfig) -> ImageSplits:
 # --- Fashion-MNIST -------------------------------------------------------------------------------
 
 FASHION_MNIST_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 )
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -272,7 +287,9 @@ SYNTHETIC_SEED = 20240906
 SYNTHETIC_CHUNK = 256  # images computed at a time: the float64 temporaries stay a few MB whatever the size
 
 
-def _synthetic_split(n_per_class: int, n_classes: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_split(
+    n_per_class: int, n_classes: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Class c is an oriented grating with its own angle, frequency and tint; each sample varies in
     phase, contrast, position of a bright blob, and pixel noise, so a model must learn the class.
     Computed in chunks (the pixel noise drawn chunk after chunk is the same stream as drawn at once)."""
@@ -289,7 +306,9 @@ def _synthetic_split(n_per_class: int, n_classes: int, size: int, rng: np.random
     for start in range(0, n, SYNTHETIC_CHUNK):
         i = slice(start, start + SYNTHETIC_CHUNK)
         proj = np.cos(angle[i])[:, None, None] * xx + np.sin(angle[i])[:, None, None] * yy
-        grating = 0.5 + 0.5 * contrast[i, None, None] * np.sin(2 * np.pi * freq[i, None, None] * proj + phase[i, None, None])
+        grating = 0.5 + 0.5 * contrast[i, None, None] * np.sin(
+            2 * np.pi * freq[i, None, None] * proj + phase[i, None, None]
+        )
         blob = np.exp(-((yy - cy[i, None, None]) ** 2 + (xx - cx[i, None, None]) ** 2) / 0.01)
         img = grating[..., None] * (0.4 + 0.6 * tint[i, None, None, :]) + 0.3 * blob[..., None]
         img += rng.normal(0, 0.06, img.shape)
@@ -317,8 +336,11 @@ def _image_files(folder: Path) -> list[str]:
     """Image files under `folder`, recursively, as sorted POSIX paths relative to it."""
     found = []
     for parent, _, names in os.walk(folder):
-        found += [os.path.relpath(os.path.join(parent, n), folder) for n in names
-                  if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+        found += [
+            os.path.relpath(os.path.join(parent, n), folder)
+            for n in names
+            if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
+        ]
     return sorted(Path(f).as_posix() for f in found)
 
 
@@ -381,11 +403,18 @@ def load_imagefolder(cfg: DataConfig) -> ImageSplits:
     for split_dir, files in ((train_dir, train_files), (val_dir, test_files)):
         if not files:
             raise DataSourceError(f"{split_dir}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageSplits(root.name, classes, ImageFiles(root, train_files, cfg.image_size), train_labels,
-                       ImageFiles(root, test_files, cfg.image_size), test_labels)
+    return ImageSplits(
+        root.name,
+        classes,
+        ImageFiles(root, train_files, cfg.image_size),
+        train_labels,
+        ImageFiles(root, test_files, cfg.image_size),
+        test_labels,
+    )
 
 
 # --- CIFAR (the python pickle archives) -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CifarArchive:
@@ -400,8 +429,14 @@ class CifarArchive:
 
 
 CIFAR_ARCHIVES = {
-    "cifar10": CifarArchive("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-                            "batches.meta", b"labels", b"label_names"),
+    "cifar10": CifarArchive(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
     "cifar100": CifarArchive("cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names"),
 }
 
@@ -436,12 +471,20 @@ def _load_cifar(cfg: DataConfig, name: str) -> ImageSplits:
     root = Path(cfg.root).expanduser()
     folder = root / archive.folder if (root / archive.folder).is_dir() else root
     if not (folder / archive.meta).is_file():
-        raise DataSourceError(f"{folder / archive.meta}: not found; data.root must hold the extracted {archive.folder}/")
+        raise DataSourceError(
+            f"{folder / archive.meta}: not found; data.root must hold the extracted {archive.folder}/"
+        )
     train = [_cifar_batch(folder / b, archive.label_key) for b in archive.train_batches]
     test_images, test_labels = _cifar_batch(folder / archive.test_batch, archive.label_key)
     classes = tuple(n.decode() for n in _unpickle(folder / archive.meta)[archive.names_key])
-    return ImageSplits(name, classes, np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
-                       test_images, test_labels)
+    return ImageSplits(
+        name,
+        classes,
+        np.concatenate([t[0] for t in train]),
+        np.concatenate([t[1] for t in train]),
+        test_images,
+        test_labels,
+    )
 
 
 for _variant in CIFAR_ARCHIVES:

@@ -12,10 +12,11 @@ kept identical to `betons.make_loader`:
 - the output: (uint8 NCHW channels-last images, labels, sample ids, user ids).
 Random draws differ from FFCV's (each worker has its own generator), so augmented pixels do too.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -24,8 +25,8 @@ from ffcv.fields.rgb_image import IMAGE_MODES, get_center_crop, get_random_crop
 from ffcv.reader import Reader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from .betons import EVAL_CROP_RATIO, FIELDS, EpochPosition
 from ..store import StageError
+from .betons import EVAL_CROP_RATIO, FIELDS, EpochPosition
 
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # FFCV's RandomResizedCropRGBImageDecoder defaults
 
@@ -144,9 +145,18 @@ class TorchBetonLoader(EpochPosition):
 
 
 def make_torch_loader(
-    path: str | Path, batch_size: int, num_workers: int, *, train: bool, augment: str = "none",
-    translate_pixels: int = 0, seed: int = 0, distributed: bool = False, indices: Sequence[int] | None = None,
-    torch_threads: int | None = None, resolution: int | None = None,
+    path: str | Path,
+    batch_size: int,
+    num_workers: int,
+    *,
+    train: bool,
+    augment: str = "none",
+    translate_pixels: int = 0,
+    seed: int = 0,
+    distributed: bool = False,
+    indices: Sequence[int] | None = None,
+    torch_threads: int | None = None,
+    resolution: int | None = None,
 ) -> TorchBetonLoader:
     """Same arguments and batches as `betons.make_loader` (torch_threads is unused: DataLoader
     workers leave torch's thread count alone)."""
@@ -156,6 +166,10 @@ def make_torch_loader(
     records = BetonRecords(path, train=train, augment=augment, translate_pixels=translate_pixels, resolution=resolution)
     chosen = np.arange(len(records)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = EpochOrder(chosen, shuffle=train, seed=seed, distributed=distributed)
-    loader = DataLoader(records, batch_sampler=BatchSampler(order, batch_size, drop_last=train),
-                        num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        records,
+        batch_sampler=BatchSampler(order, batch_size, drop_last=train),
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
     return TorchBetonLoader(loader, order)
