@@ -27,6 +27,8 @@ NOISE = (
     r".*does not have many workers which may be a bottleneck",  # Lightning on FFCV loaders (threads, not workers)
     r"Found \d+ module\(s\) in eval mode at the start of training",  # a frozen backbone (train.finetune: head)
     r"Checkpoint directory .* exists and is not empty",  # a resumed training: the pipeline logs the resume itself
+    r"Full backward hook is firing when gradients are computed with respect to module outputs",  # Opacus's hooks
+    r"grad and param do not obey the gradient layout contract",  # Opacus's per-sample sums on channels_last weights
 )
 
 

@@ -138,6 +138,7 @@ def _train_and_audit(tiny_run: Path, tmp_path: Path, defense: dict) -> tuple[dic
     for stage in ("train", "audit"):
         result = mtrack(stage, str(config), "--arm", "marked")
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "Warning" not in result.stderr, "a library's warning reached the console"
     return (
         read_json(tmp_path / "run" / "train-marked" / "metrics.json"),
         json.loads((tmp_path / "run" / "audit-marked" / "manifest.json").read_text()),
