@@ -37,6 +37,7 @@ from bench.common import run_reporting_errors
 from pipeline.cli import CommandParser
 from pipeline.cli import main as mtrack
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.console import track
 from pipeline.core.seeds import child_seed
 from pipeline.core.stats import binomial_limits
 from pipeline.launchers import launch
@@ -78,7 +79,8 @@ def audit_every_owner(cfg: RunConfig, access: str = "logits", arm: str = "marked
     model = run / f"train-{arm}" / "model.pt"
     folder = run / f"owner-audit{row_suffix(access, arm)}"
     results = []
-    for owner in read_json(run / "plan" / "users.json")["owners"]:
+    owners = read_json(run / "plan" / "users.json")["owners"]
+    for owner in track(owners, f"owner audits ({access}, {arm} network)", len(owners), "owners"):
         out = folder / f"{owner['owner_id']:05d}.json"
         seen = {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"]}
         if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already

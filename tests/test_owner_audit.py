@@ -249,7 +249,7 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
         load_key(tmp / "subset" / KEY_NAME, other)
 
 
-def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch) -> None:
+def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch, caplog) -> None:
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
     training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and each
     reported p-value is the sequential one at the CLI's level (`sequential_p_value`), counted
@@ -298,6 +298,9 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
             "control",
         ]
     )
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("owner audits (")]
+    finished = {m.split(":")[0] for m in progress if ": 5/5 owners (100%)" in m}
+    assert finished == {f"owner audits ({a}, {n} network)" for a in ("logits", "label") for n in ("marked", "control")}
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
     assert label_only["access"] == "label"
