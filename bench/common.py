@@ -24,9 +24,11 @@ def run_reporting_errors(main: Callable[[], int | None]) -> None:
     write, ends in one `error:` line and exit status 2, as the pipeline's own commands do, not in a
     traceback; otherwise exit with what `main` returns."""
     from pipeline.cli import USER_ERRORS
+    from pipeline.console import console
 
     try:
-        status = main()
+        with console():  # the benchmark's own progress lines, as the CLI's
+            status = main()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

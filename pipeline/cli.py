@@ -29,7 +29,7 @@ from typing import Annotated, Any, get_args
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from .config import MAX_SHARDS, ConfigError, MarkConfig, load_config, problem_text
-from .console import attach_console
+from .console import console
 from .data.images import ImageError
 from .data.sources import DataSourceError
 from .launchers import LAUNCHERS, launch, status
@@ -473,11 +473,8 @@ def audit_own_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = attach_console()
-    try:
+    with console():
         return _dispatch(argv)
-    finally:
-        logging.getLogger().removeHandler(handler)  # called again in one process (tests, scripts): log each line once
 
 
 def _old_owner_spelling(argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ filling up with carriage-return updates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -40,21 +41,40 @@ class _OursOrWarnings(logging.Filter):
         return record.name == "pipeline" or record.name.startswith("pipeline.") or record.levelno >= logging.WARNING
 
 
-def attach_console() -> logging.Handler:
+class _Console(logging.StreamHandler):
+    """The pipeline's console handler: one per process, however many commands run in it."""
+
+
+def attach_console() -> logging.Handler | None:
     """Send log lines to stderr with a time stamp (the CLI and SLURM jobs alike) and keep library
-    chatter off the console; returns the handler, so a caller that runs twice in one process (tests)
-    can detach it. The handler sits on the root logger before Lightning is imported, so Lightning
-    adds no handler of its own and its records pass the filter above."""
+    chatter off the console; returns the handler, or None where the console is attached already (a
+    benchmark running the CLI in its own process), so each caller detaches only what it attached.
+    The handler sits on the root logger before Lightning is imported, so Lightning adds no handler
+    of its own and its records pass the filter above."""
+    if any(isinstance(h, _Console) for h in logging.getLogger().handlers):
+        return None
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     if not sys.stderr.isatty():  # FFCV's writer bars: carriage returns that make one endless line in a log
         os.environ.setdefault("TQDM_DISABLE", "1")
-    handler = logging.StreamHandler()
+    handler = _Console()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     handler.addFilter(_OursOrWarnings())
     logging.getLogger().addHandler(handler)
     log.setLevel(logging.INFO)
     return handler
+
+
+@contextlib.contextmanager
+def console() -> Iterator[None]:
+    """The console for one command: attached unless it is already, and detached after, so a command
+    run again in one process (tests, a benchmark calling the CLI) logs each line once."""
+    handler = attach_console()
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
 
 
 def clock(seconds: float) -> str:

@@ -249,13 +249,14 @@ def test_command_line_verdict_json_and_wrong_key(world, tmp_path: Path) -> None:
         load_key(tmp / "subset" / KEY_NAME, other)
 
 
-def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkeypatch, capfd) -> None:
     """`make owner-audit` on the tiny synthetic run: owners' folders marked by their own tool replace
     training images through plan/mark/write/train, `mtrack owner audit` runs for every owner, and each
     reported p-value is the sequential one at the CLI's level (`sequential_p_value`), counted
     here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job).
     With `--arms marked control`, every owner is audited again against the control network, where
     each is a null: their rows hold no trained-on owner."""
+    from bench.common import run_reporting_errors
     from bench.owner_audit import main as owner_benchmark
 
     scored: list[list[np.ndarray]] = [[]]  # per audit, the losses of each round it scored
@@ -272,35 +273,39 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     monkeypatch.setattr(owner_audit, "candidate_mean_losses", recording)
     monkeypatch.setattr(owner_audit, "sequential_p_value", deciding)
     run = tmp_path / "run"
-    owner_benchmark(
-        [
-            "--config",
-            "configs/tiny.yaml",
-            "--designs",
-            "subset",
-            "--out",
-            str(tmp_path / "results"),
-            "--set",
-            f"run_dir={run}",
-            "--set",
-            "train.arms=[marked]",  # the control arm is trained for --arms alone
-            "--set",
-            "plan.n_member_users=3",
-            "--set",
-            "plan.owners={images: 16, never_trained: 2, draws: 19}",
-            "--set",
-            "train.epochs=1",
-            "--access",
-            "logits",
-            "label",
-            "--arms",
-            "marked",
-            "control",
-        ]
-    )
-    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("owner audits (")]
-    finished = {m.split(":")[0] for m in progress if ": 5/5 owners (100%)" in m}
-    assert finished == {f"owner audits ({a}, {n} network)" for a in ("logits", "label") for n in ("marked", "control")}
+    with pytest.raises(SystemExit) as finished:  # as a command: its console, its exit status
+        run_reporting_errors(
+            lambda: owner_benchmark(
+                [
+                    "--config",
+                    "configs/tiny.yaml",
+                    "--designs",
+                    "subset",
+                    "--out",
+                    str(tmp_path / "results"),
+                    "--set",
+                    f"run_dir={run}",
+                    "--set",
+                    "train.arms=[marked]",  # the control arm is trained for --arms alone
+                    "--set",
+                    "plan.n_member_users=3",
+                    "--set",
+                    "plan.owners={images: 16, never_trained: 2, draws: 19}",
+                    "--set",
+                    "train.epochs=1",
+                    "--access",
+                    "logits",
+                    "label",
+                    "--arms",
+                    "marked",
+                    "control",
+                ]
+            )
+        )
+    assert finished.value.code in (0, None)
+    printed = capfd.readouterr().err
+    done = set(re.findall(r"pipeline: (owner audits \(\w+, \w+ network\)): 5/5 owners \(100%\)", printed))
+    assert done == {f"owner audits ({a}, {n} network)" for a in ("logits", "label") for n in ("marked", "control")}
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
     assert label_only["access"] == "label"
