@@ -69,7 +69,7 @@ K40 := --set plan.samples_per_user=40 --set plan.n_nonmember_users=500
 K80 := --set plan.samples_per_user=80 --set plan.n_nonmember_users=250
 K160 := --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
 	--set plan.n_nonmember_users=150
-owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (about 3 h 30 min alone on 2 cores)
+owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (about 3 h 40 min alone on 2 cores)
 	$(LEVER) $(K40) --set run_dir=runs/owner-audit-ft-k40 --out results/owner-audit/levers/k40
 	$(LEVER) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-alpha05 --out results/owner-audit/levers/alpha0.5
 	$(LEVER) $(K40) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k40-alpha05 --out results/owner-audit/levers/k40-alpha0.5
@@ -87,6 +87,7 @@ owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (abou
 		--out results/owner-audit/levers/k160-of-400-seed3
 	$(LEVER) $(K160) --set train.arch=wrn10_1 --set run_dir=runs/owner-audit-ft-k160-p400-wrn10 \
 		--out results/owner-audit/levers/k160-of-400-wrn10-1
+	$(LEVER) --set train.arch=wrn10_1 --set run_dir=runs/owner-audit-ft-wrn10 --out results/owner-audit/levers/recipe-wrn10-1
 	$(LEVER) --set train.weight_decay=0.0005 --set run_dir=runs/owner-audit-ft-wd --out results/owner-audit/levers/recipe-wd5e-4
 	$(LEVER) --set train.epochs=30 --set run_dir=runs/owner-audit-ft-e30 --out results/owner-audit/levers/recipe-30-epochs
 
