@@ -8,11 +8,13 @@ as the owner would, for every owner. A calibrated audit gives the never-trained-
 at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
 `--arms marked control` also audits every owner against the run's control network (the same recipe
 on the clean training set, which holds no owner's image): a calibration check where every owner is
-never trained on.
+never trained on. `--rekey N` marks each never-trained-on owner's originals N more times with fresh
+seeds (other published subsets and patterns): N times as many owners the network never saw, for a
+larger calibration check without training another network.
 
     python -m bench.owner_audit [--config configs/owner-audit.yaml] [--designs subset pattern groups]
                                 [--set key=value ...] [--access LEVEL ...] [--arms marked control]
-                                [--pretrain CONFIG] [--out results/owner-audit]
+                                [--rekey N] [--pretrain CONFIG] [--out results/owner-audit]
 
 writes <out>/<design>[-<access>][-control].json for every design, access level and arm, results.json
 for the first (the tool's default) and README.md comparing them. Each design is one training run of
@@ -28,13 +30,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from bench.common import run_reporting_errors
-from pipeline.cli import CommandParser
+from pipeline.cli import CommandParser, checked
 from pipeline.cli import main as mtrack
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.console import track
@@ -42,12 +45,16 @@ from pipeline.core.seeds import child_seed
 from pipeline.core.stats import binomial_limits
 from pipeline.launchers import launch
 from pipeline.owner.designs import DESIGNS
+from pipeline.owner.key import KEY_NAME
+from pipeline.owner.marking import mark_folder
 from pipeline.stages.contract import Task
 from pipeline.stages.dag import run_task
 from pipeline.stages.mark import owner_folder
+from pipeline.stages.plan import owner_params
 from pipeline.store import read_json, write_json, write_text
 
 RESULTS = Path("results/owner-audit")
+RekeyCount = Annotated[int, Field(ge=0, le=100)]
 
 
 def design_overrides(cfg: RunConfig, design: str, overrides: list[str]) -> list[str]:
@@ -72,21 +79,55 @@ def row_suffix(access: str, arm: str) -> str:
     return ("" if access == "logits" else f"-{access.replace(':', '')}") + ("" if arm == "marked" else f"-{arm}")
 
 
-def audit_every_owner(cfg: RunConfig, access: str = "logits", arm: str = "marked") -> list[dict[str, Any]]:
-    """`mtrack owner audit` for each owner of a finished run against the `arm` network, with draws
-    independent of the owners' seeds, seeing of it only what `access` allows (an API at that level)."""
+def planned_owners(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The run's owners as the audit sees them: each with the folder they published and a name."""
+    run = Path(cfg.run_dir)
+    return [
+        {**o, "name": f"{o['owner_id']:05d}", "folder": owner_folder(run / "mark", o["owner_id"]) / "published"}
+        for o in read_json(run / "plan" / "users.json")["owners"]
+    ]
+
+
+def rekeyed_owners(cfg: RunConfig, times: int) -> list[dict[str, Any]]:
+    """Each never-trained-on owner's originals marked `times` more times by the owner's tool with
+    seeds of their own: new owners of the same images whose published subsets and patterns the
+    network never saw. Given the network, their p-values are independent and uniform if the audit
+    is exact, so their count at a level is binomial."""
+    run, design = Path(cfg.run_dir), owner_params(cfg)
+    rekeyed = []
+    for owner in planned_owners(cfg):
+        if owner["trained"]:
+            continue
+        for j in range(times):
+            name = f"{owner['name']}-rekeyed-{j}"
+            folder = run / "owner-rekeyed" / name
+            if not (folder / KEY_NAME).exists():
+                seed = child_seed(cfg.seed, 9, owner["owner_id"], j)
+                originals = owner["folder"].parent / "originals"
+                mark_folder(originals, folder, cfg.mark, seed=seed, force=True, label=owner["class"], params=design)
+            rekeyed.append({**owner, "name": name, "folder": folder, "rekeyed": j})
+    return rekeyed
+
+
+def audit_every_owner(
+    cfg: RunConfig, access: str = "logits", arm: str = "marked", rekey: int = 0
+) -> list[dict[str, Any]]:
+    """`mtrack owner audit` for each owner of a finished run (and `rekey` re-keyed owners per
+    never-trained-on one) against the `arm` network, with draws independent of the owners' seeds,
+    seeing of it only what `access` allows (an API at that level)."""
     run = Path(cfg.run_dir)
     model = run / f"train-{arm}" / "model.pt"
     folder = run / f"owner-audit{row_suffix(access, arm)}"
     results = []
-    owners = read_json(run / "plan" / "users.json")["owners"]
+    owners = planned_owners(cfg) + rekeyed_owners(cfg, rekey)
     for owner in track(owners, f"owner audits ({access}, {arm} network)", len(owners), "owners"):
-        out = folder / f"{owner['owner_id']:05d}.json"
-        seen = {"owner_id": owner["owner_id"], "trained": owner["trained"], "class": owner["class"]}
+        out = folder / f"{owner['name']}.json"
+        seen = {k: owner[k] for k in ("owner_id", "trained", "class")} | {"rekeyed": owner.get("rekeyed")}
         if out.exists() and out.stat().st_mtime > model.stat().st_mtime:  # audited this model already
             results.append({**seen, **read_json(out)})
             continue
         started = time.perf_counter()
+        rekeyed = () if owner.get("rekeyed") is None else (owner["rekeyed"],)
         with contextlib.redirect_stdout(io.StringIO()):
             status = mtrack(
                 [
@@ -97,15 +138,15 @@ def audit_every_owner(cfg: RunConfig, access: str = "logits", arm: str = "marked
                     "--access",
                     access,
                     "--user",
-                    str(owner_folder(run / "mark", owner["owner_id"]) / "published"),
+                    str(owner["folder"]),
                     "--draws-seed",
-                    str(child_seed(cfg.seed, 7, owner["owner_id"])),
+                    str(child_seed(cfg.seed, 7, owner["owner_id"], *rekeyed)),
                     "--json",
                     str(out),
                 ]
             )
         if status != 0:
-            raise SystemExit(f"mtrack owner audit failed for owner {owner['owner_id']} (exit {status})")
+            raise SystemExit(f"mtrack owner audit failed for owner {owner['name']} (exit {status})")
         write_json(out, {**read_json(out), "seconds": time.perf_counter() - started})
         results.append({**seen, **read_json(out)})
     return results
@@ -122,6 +163,25 @@ def owner_power(trained: list[float] | np.ndarray, never: list[float] | np.ndarr
     }
 
 
+CALIBRATION_LEVELS = (0.05, 0.1)
+
+
+def calibration(p_values: list[float]) -> dict[str, Any]:
+    """How many null p-values lie at or below each level, with the 95% range of that count when
+    they are independent and uniform (an exact audit, given the network)."""
+    p, n = np.asarray(p_values), len(p_values)
+    return {
+        "n": n,
+        **{
+            str(level): {
+                "count": int((p <= level).sum()),
+                "range": [round(limit * n) for limit in binomial_limits(n, level)] if n else None,
+            }
+            for level in CALIBRATION_LEVELS
+        },
+    }
+
+
 def never_trained_cell(power: dict[str, Any], n_never: int) -> str:
     """The table cell of `owner_power`'s false-accusation rate: "—" when no never-trained-on owner was audited."""
     if not n_never:
@@ -134,14 +194,16 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]], arm: st
     o = cfg.plan.owners
     assert o is not None
     # the control network trained on no owner's images: every owner is a null there
-    trained = [a["p_value"] for a in audits if a["trained"] and arm == "marked"]
-    never = [a["p_value"] for a in audits if not (a["trained"] and arm == "marked")]
+    planned = [a for a in audits if a.get("rekeyed") is None]
+    trained = [a["p_value"] for a in planned if a["trained"] and arm == "marked"]
+    never = [a["p_value"] for a in planned if not (a["trained"] and arm == "marked")]
+    rekeyed = [a["p_value"] for a in audits if a.get("rekeyed") is not None]
     k = cfg.plan.samples_per_user
     setting = (
         f"{cfg.name}: {cfg.data.source}, {cfg.data.n_train} training images, {cfg.train.arch} width "
         f"{cfg.train.width}, {cfg.train.epochs} epochs, augmentation {cfg.train.augment}"
         f"{f', fine-tuned ({cfg.train.finetune}) from {cfg.train.init_weights}' if cfg.train.init_weights else ''}"
-        f"; {sum(a['trained'] for a in audits)} trained-on and {sum(not a['trained'] for a in audits)} "
+        f"; {sum(a['trained'] for a in planned)} trained-on and {sum(not a['trained'] for a in planned)} "
         f"never-trained-on owners, each publishing {k} of "
         f"{o.images if design != 'pattern' else k} "
         f"images of one class ({100 * k / cfg.data.n_train:.2f}% of the training set per owner)"
@@ -160,6 +222,8 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]], arm: st
         "images_per_owner_folder": o.images if design != "pattern" else k,
         "smallest_possible_p_value": audits[0]["smallest_possible_p_value"],
         **owner_power(trained, never),
+        "rekeyed_never_trained_on_p": rekeyed,
+        "calibration": {"never-trained-on": calibration(never), "re-keyed": calibration(rekeyed)},
         "audit_seconds_median": float(np.median(timed))
         if (timed := [a["seconds"] for a in audits if "seconds" in a])
         else None,  # the audits that were timed (resumed runs keep earlier results untimed)
@@ -168,7 +232,7 @@ def summarise(cfg: RunConfig, design: str, audits: list[dict[str, Any]], arm: st
             "member_p_values": population["statistics"]["member_p_values"],
             "n_nonmember_users": cfg.plan.n_nonmember_users,
         },
-        "classes": {str(a["owner_id"]): a["class"] for a in audits},
+        "classes": {str(a["owner_id"]): a["class"] for a in planned},
         "train_loss": trained_model["train_loss"],  # how deeply the network memorised sets the power
         "test_accuracy": trained_model["test_accuracy"],
     }
@@ -198,6 +262,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"{never_trained_cell(r, len(r['never_trained_on_p']))} | {r.get('queries_per_audit', '—')} | "
             f"{_number(r['audit_seconds_median'])} |"
         )
+    if any(r.get("rekeyed_never_trained_on_p") for r in rows):
+        lines += calibration_table(rows)
     lines += [
         "",
         "The same trained models audited the paper's way (trained-on owners ranked among non-member users "
@@ -219,6 +285,32 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"{len(p)} | {np.median(p):.4g}, {p.max():.4g} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def calibration_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Null p-values at 0.05 and 0.1 against the range an exact audit's count falls in 95% of the time."""
+    levels = " | ".join(f"at p ≤ {level} (95% range if exact)" for level in CALIBRATION_LEVELS)
+    lines = [
+        "",
+        "Calibration: the never-trained-on owners, and each never-trained-on owner's originals marked again "
+        "with seeds of their own (`--rekey`: other published subsets and patterns, which the network never "
+        "saw; given the network their p-values are independent and uniform if the audit is exact):",
+        "",
+        f"| design | network | access | owners | {levels} |",
+        "|---|---|---|---|" + "---|" * len(CALIBRATION_LEVELS),
+    ]
+    for r in rows:
+        for who, cal in r["calibration"].items():
+            if cal["n"]:
+                counts = " | ".join(
+                    f"{cal[str(level)]['count']} ({cal[str(level)]['range'][0]}–{cal[str(level)]['range'][1]})"
+                    for level in CALIBRATION_LEVELS
+                )
+                lines.append(
+                    f"| {r['design']} | {r.get('arm', 'marked')} | {r.get('access', 'logits')} | "
+                    f"{cal['n']} {who} | {counts} |"
+                )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,6 +346,14 @@ def main(argv: list[str] | None = None) -> None:
         "on the clean training set, holds no owner's image, so its rows check calibration",
     )
     parser.add_argument(
+        "--rekey",
+        type=checked(RekeyCount, "N"),
+        default=0,
+        metavar="N",
+        help="also audit each never-trained-on owner's originals marked N more times with seeds of their own: "
+        "a calibration check N times larger, without training",
+    )
+    parser.add_argument(
         "--pretrain",
         metavar="CONFIG",
         help="fine-tune every design's run from this config's control-arm network, trained first",
@@ -273,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                 for stage in ("train", "audit"):
                     run_task(cfg, Task(stage, arm))
             for access in args.access:
-                rows.append(summarise(cfg, design, audit_every_owner(cfg, access, arm), arm))
+                rows.append(summarise(cfg, design, audit_every_owner(cfg, access, arm, args.rekey), arm))
                 write_json(args.out / f"{design}{row_suffix(access, arm)}.json", rows[-1])
     write_json(args.out / "results.json", rows[0])
     command = "python -m bench.owner_audit " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -29,6 +29,7 @@ from pipeline.owner.audit import audit_owner, candidate_mean_losses
 from pipeline.owner.designs import DESIGNS, DesignParams, published_candidate
 from pipeline.owner.key import KEY_NAME, load_key, validate_key
 from pipeline.owner.marking import mark_folder
+from pipeline.stages.mark import owner_folder
 from pipeline.store import StageError
 
 # Each design publishes 6 images (subset and groups: of 60); small candidate families keep the tests fast
@@ -255,7 +256,9 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     reported p-value is the sequential one at the CLI's level (`sequential_p_value`), counted
     here from the losses the audit scored (power is the trained-CNN test's and the benchmark's job).
     With `--arms marked control`, every owner is audited again against the control network, where
-    each is a null: their rows hold no trained-on owner."""
+    each is a null: their rows hold no trained-on owner. With `--rekey 1`, each never-trained-on
+    owner's originals are marked again by the owner's tool with a seed of their own (another
+    published subset) and audited too, counted apart in the calibration table."""
     from bench.common import run_reporting_errors
     from bench.owner_audit import main as owner_benchmark
 
@@ -299,12 +302,14 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
                     "--arms",
                     "marked",
                     "control",
+                    "--rekey",
+                    "1",
                 ]
             )
         )
     assert finished.value.code in (0, None)
     printed = capfd.readouterr().err
-    done = set(re.findall(r"pipeline: (owner audits \(\w+, \w+ network\)): 5/5 owners \(100%\)", printed))
+    done = set(re.findall(r"pipeline: (owner audits \(\w+, \w+ network\)): 7/7 owners \(100%\)", printed))
     assert done == {f"owner audits ({a}, {n} network)" for a in ("logits", "label") for n in ("marked", "control")}
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
@@ -346,6 +351,20 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
         return [json.loads((folder / folder_name / f"{o['owner_id']:05d}.json").read_text()) for o in plan["owners"]]
 
     assert control["never_trained_on_p"] == [a["p_value"] for a in audits("owner-audit-control")]
+    never = [o for o in plan["owners"] if not o["trained"]]
+    rekeyed = [folder / "owner-rekeyed" / f"{o['owner_id']:05d}-rekeyed-0" for o in never]
+    again = [load_key(f / KEY_NAME, f) for f in rekeyed]
+    published_folders = [owner_folder(folder / "mark", o["owner_id"]) / "published" for o in never]
+    first = [load_key(f / KEY_NAME, f) for f in published_folders]
+    for new, old in zip(again, first):  # the same originals, published under another seed
+        assert [f["original_sha256"] for f in new["files"]] == [f["original_sha256"] for f in old["files"]]
+        assert new["seed"] != old["seed"] and new["published"] != old["published"]
+    assert result["rekeyed_never_trained_on_p"] == [
+        json.loads((folder / "owner-audit" / f"{f.name}.json").read_text())["p_value"] for f in rekeyed
+    ]
+    assert result["calibration"]["re-keyed"]["n"] == 2 and result["calibration"]["never-trained-on"]["n"] == 2
+    assert control["calibration"]["never-trained-on"]["n"] == 5  # every owner is a null on the control network
+    assert "| subset | control | label | 2 re-keyed |" in readme
     # scored by the control network, not the marked one
     assert [a["published_loss"] for a in audits("owner-audit-control")] != [
         a["published_loss"] for a in audits("owner-audit")
