@@ -96,16 +96,18 @@ def rekeyed_owners(cfg: RunConfig, times: int) -> list[dict[str, Any]]:
     run, design = Path(cfg.run_dir), owner_params(cfg)
     rekeyed = []
     for owner in planned_owners(cfg):
-        if owner["trained"]:
-            continue
-        for j in range(times):
+        originals = owner["folder"].parent / "originals"
+        for j in () if owner["trained"] else range(times):
             name = f"{owner['name']}-rekeyed-{j}"
-            folder = run / "owner-rekeyed" / name
-            if not (folder / KEY_NAME).exists():
-                seed = child_seed(cfg.seed, 9, owner["owner_id"], j)
-                originals = owner["folder"].parent / "originals"
-                mark_folder(originals, folder, cfg.mark, seed=seed, force=True, label=owner["class"], params=design)
-            rekeyed.append({**owner, "name": name, "folder": folder, "rekeyed": j})
+            rekeyed.append(
+                {**owner, "name": name, "folder": run / "owner-rekeyed" / name, "originals": originals, "rekeyed": j}
+            )
+    unmarked = [owner for owner in rekeyed if not (owner["folder"] / KEY_NAME).exists()]
+    for owner in track(unmarked, "re-keyed owners marked", len(unmarked), "owners") if unmarked else ():
+        seed = child_seed(cfg.seed, 9, owner["owner_id"], owner["rekeyed"])
+        mark_folder(
+            owner["originals"], owner["folder"], cfg.mark, seed=seed, force=True, label=owner["class"], params=design
+        )
     return rekeyed
 
 

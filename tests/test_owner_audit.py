@@ -311,6 +311,7 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
     printed = capfd.readouterr().err
     done = set(re.findall(r"pipeline: (owner audits \(\w+, \w+ network\)): 7/7 owners \(100%\)", printed))
     assert done == {f"owner audits ({a}, {n} network)" for a in ("logits", "label") for n in ("marked", "control")}
+    assert len(re.findall(r"pipeline: re-keyed owners marked: 2/2 owners \(100%\)", printed)) == 1  # marked once
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     label_only = json.loads((tmp_path / "results" / "subset-label.json").read_text())
     assert label_only["access"] == "label"
