@@ -303,12 +303,17 @@ class Stage:
     def finish(self, outputs: list[str], **extra: Any) -> dict[str, Any]:
         """Record the stage as done; written last, so a killed stage is never taken as finished.
         Its `usage` is this process's since the stage started (for a sharded stage: since the shards
-        were all done, i.e. the merge; each shard's record holds that shard's)."""
+        were all done, i.e. the merge; each shard's record holds that shard's); its `seconds` are the
+        stage's work, a sharded stage's shards summed (array tasks may run them at once) with the merge."""
+        records = [
+            self.path(shard_record(rel)) for rel in outputs if SHARD_FILE.fullmatch(rel) and rel.endswith(".npz")
+        ]
+        shard_seconds = sum(read_json(record)["usage"]["seconds"] for record in records if record.exists())
         manifest = {
             "stage": self.name,
             "status": "done",
             "config_hash": self.config_hash,
-            "seconds": round(time.perf_counter() - self.started, 3),
+            "seconds": round(time.perf_counter() - self.started + shard_seconds, 3),
             "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
             "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
             "usage": usage_since(

@@ -78,6 +78,11 @@ def test_metrics_file_schema(tiny_run: Path) -> None:
     assert sum(row["n_member_users"] for row in metrics["per_class"].values()) == 4
     assert len(metrics["per_member"]) == 4 and len(metrics["training"]["marked"]) >= 5
     assert set(metrics["seconds"]) >= {"plan", "mark", "write", "train-marked", "train-control"}
+    for stage in ("mark", "audit-marked"):  # sharded: the shards' work counts, not only the merge's
+        folder = Path(cfg.run_dir) / stage
+        merge = json.loads((folder / "manifest.json").read_text())["usage"]["seconds"]
+        shards = [json.loads(r.read_text())["usage"]["seconds"] for r in folder.glob("shard-*.json")]
+        assert shards and metrics["seconds"][stage] == pytest.approx(merge + sum(shards), abs=0.01)
     assert "| set-based, marked model" in (results / "report.md").read_text()
 
 
