@@ -63,13 +63,17 @@ owner-finetune: $(SETUP)  # owners' audit of networks fine-tuned from a backbone
 	$(PY) -m bench.owner_audit $(FINETUNE) $(BACKBONE) --set train.augment=flip_translate --set run_dir=runs/owner-finetune-ft \
 		--out results/owner-audit/finetune-full-flip-translate
 
-# what an owner (K published, mark strength) and a trainer (weight decay, epochs) change under flip + translate
+# what an owner (K published, mark strength), a trainer (weight decay, epochs, architecture) and the training set's
+# size change under flip + translate
 LEVER = $(PY) -m bench.owner_audit --designs subset --set train.augment=flip_translate
 K40 := --set plan.samples_per_user=40 --set plan.n_nonmember_users=500
 K80 := --set plan.samples_per_user=80 --set plan.n_nonmember_users=250
 K160 := --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=50 \
 	--set plan.n_nonmember_users=150
-owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (about 3 h 40 min alone on 2 cores)
+# a training set 4x larger: its held-out images allow 10 never-trained-on owners (re-keyed 4 times each)
+N40K := --set plan.samples_per_user=160 --set plan.owners.images=400 --set plan.owners.never_trained=10 \
+	--set plan.n_nonmember_users=50 --set data.n_train=40000 --rekey 4
+owner-levers: $(SETUP)  # one training run and 60-920 owner audits per row (about 6 h 30 min alone on 2 cores)
 	$(LEVER) $(K40) --set run_dir=runs/owner-audit-ft-k40 --out results/owner-audit/levers/k40
 	$(LEVER) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-alpha05 --out results/owner-audit/levers/alpha0.5
 	$(LEVER) $(K40) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k40-alpha05 --out results/owner-audit/levers/k40-alpha0.5
@@ -77,7 +81,7 @@ owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (abou
 	$(LEVER) $(K80) --set mark.alpha=0.5 --set run_dir=runs/owner-audit-ft-k80-alpha05 --out results/owner-audit/levers/k80-alpha0.5
 	$(LEVER) $(K80) --set plan.owners.images=400 --set plan.owners.never_trained=50 --set run_dir=runs/owner-audit-ft-k80-p400 \
 		--out results/owner-audit/levers/k80-of-400
-	$(LEVER) $(K160) --set run_dir=runs/owner-audit-ft-k160-p400 --arms marked control \
+	$(LEVER) $(K160) --set run_dir=runs/owner-audit-ft-k160-p400 --arms marked control --rekey 8 \
 		--out results/owner-audit/levers/k160-of-400
 	$(LEVER) $(K160) --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-seed1 \
 		--out results/owner-audit/levers/k160-of-400-seed1
@@ -85,6 +89,11 @@ owner-levers: $(SETUP)  # one training run and 60-110 owner audits per row (abou
 		--out results/owner-audit/levers/k160-of-400-seed2
 	$(LEVER) $(K160) --set seed=3 --set run_dir=runs/owner-audit-ft-k160-p400-seed3 \
 		--out results/owner-audit/levers/k160-of-400-seed3
+	$(LEVER) $(N40K) --set run_dir=runs/owner-audit-ft-k160-p400-n40k --out results/owner-audit/levers/k160-of-400-train40k
+	$(LEVER) $(N40K) --set seed=1 --set run_dir=runs/owner-audit-ft-k160-p400-n40k-seed1 \
+		--out results/owner-audit/levers/k160-of-400-train40k-seed1
+	$(LEVER) $(N40K) --set seed=2 --set run_dir=runs/owner-audit-ft-k160-p400-n40k-seed2 \
+		--out results/owner-audit/levers/k160-of-400-train40k-seed2
 	$(LEVER) $(K160) --set train.arch=wrn10_1 --set run_dir=runs/owner-audit-ft-k160-p400-wrn10 \
 		--out results/owner-audit/levers/k160-of-400-wrn10-1
 	$(LEVER) --set train.arch=wrn10_1 --set run_dir=runs/owner-audit-ft-wrn10 --out results/owner-audit/levers/recipe-wrn10-1

@@ -364,6 +364,10 @@ def test_owner_benchmark_runs_owners_through_the_pipeline(tmp_path: Path, monkey
         json.loads((folder / "owner-audit" / f"{f.name}.json").read_text())["p_value"] for f in rekeyed
     ]
     assert result["calibration"]["re-keyed"]["n"] == 2 and result["calibration"]["never-trained-on"]["n"] == 2
+    for level in ("0.05", "0.1"):
+        counted = result["calibration"]["re-keyed"][level]
+        assert counted["count"] == sum(p <= float(level) for p in result["rekeyed_never_trained_on_p"])
+        assert counted["range"] == [binom.ppf(0.025, 2, float(level)), binom.ppf(0.975, 2, float(level))]
     assert control["calibration"]["never-trained-on"]["n"] == 5  # every owner is a null on the control network
     assert "| subset | control | label | 2 re-keyed |" in readme
     # scored by the control network, not the marked one
