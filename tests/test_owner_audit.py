@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -577,3 +578,25 @@ def test_label_scores_count_the_views_that_keep_the_label() -> None:
     assert [tuple(view(batch).shape) for view in access.views] == [(2, 3, 6, 6)] * 8
     censored = Access.parse("topk:2").scores([(torch.tensor([[2, 3]]), torch.tensor([[0.5, 0.3]]))], 1)
     assert censored[0] == pytest.approx(-np.log(0.2))  # the label could have at most 1 - 0.8
+
+
+def test_candidates_are_marked_in_order_a_few_ahead() -> None:
+    """The audit marks candidates on several threads: results come back in the candidates' order,
+    at most 2 x threads + 1 are started before the consumer takes the first (memory stays a few
+    candidates' images), and what a candidate's marking raises reaches the caller."""
+    started: list[int] = []
+
+    def square(i: int) -> int:
+        started.append(i)
+        if i == 30:
+            raise StageError("candidate 30")
+        return i * i
+
+    results = owner_audit.in_parallel(square, list(range(40)), 2)
+    assert next(results) == 0
+    time.sleep(0.5)  # whatever was submitted has run by now
+    assert len(started) <= 5
+    assert [next(results) for _ in range(29)] == [i * i for i in range(1, 30)]
+    with pytest.raises(StageError, match="candidate 30"):
+        next(results)
+    assert list(owner_audit.in_parallel(square, list(range(5)), 1)) == [0, 1, 4, 9, 16]

@@ -6,7 +6,9 @@ import importlib
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -216,14 +218,39 @@ def candidate_mean_losses(
         np.add.at(totals, list(owners), per_image_losses(predict, np.stack(batch), label, batch_size, label_name))
         np.add.at(counts, list(owners), 1)
 
-    for index, candidate in enumerate(candidates):
-        for image in marked_candidate(candidate, images, hashes, cfg, pool, device):
+    def mark(candidate: Candidate) -> list[np.ndarray]:
+        return marked_candidate(candidate, images, hashes, cfg, pool, device)
+
+    for index, marked in enumerate(in_parallel(mark, candidates, 1 if device else marking_threads())):
+        for image in marked:
             pending.setdefault(image.shape, []).append((index, image))
             if len(pending[image.shape]) >= batch_size:
                 score(image.shape)
     for shape in list(pending):
         score(shape)
     return totals / counts
+
+
+def marking_threads() -> int:
+    """Threads that mark candidates at once on the CPU: the cores this process may use (the marking
+    kernels release the GIL)."""
+    return len(os.sched_getaffinity(0))
+
+
+def in_parallel(fn: Callable[[Any], Any], items: list[Any], threads: int) -> Iterator[Any]:
+    """fn(item) for each item, in order, computed by `threads` threads at most 2 x threads items
+    ahead of the consumer (so memory holds a few candidates' images, not all)."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as executor:
+        ahead: deque[Any] = deque()
+        for item in items:
+            ahead.append(executor.submit(fn, item))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 @torch.no_grad()
