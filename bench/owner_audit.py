@@ -88,14 +88,14 @@ def planned_owners(cfg: RunConfig) -> list[dict[str, Any]]:
     ]
 
 
-def rekeyed_owners(cfg: RunConfig, times: int) -> list[dict[str, Any]]:
-    """Each never-trained-on owner's originals marked `times` more times by the owner's tool with
-    seeds of their own: new owners of the same images whose published subsets and patterns the
-    network never saw. Given the network, their p-values are independent and uniform if the audit
-    is exact, so their count at a level is binomial."""
+def rekeyed_owners(cfg: RunConfig, owners: list[dict[str, Any]], times: int) -> list[dict[str, Any]]:
+    """Each never-trained-on owner's originals (of the run's `planned_owners`) marked `times` more
+    times by the owner's tool with seeds of their own: new owners of the same images whose published
+    subsets and patterns the network never saw. Given the network, their p-values are independent
+    and uniform if the audit is exact, so their count at a level is binomial."""
     run, design = Path(cfg.run_dir), owner_params(cfg)
     rekeyed = []
-    for owner in planned_owners(cfg):
+    for owner in owners:
         originals = owner["folder"].parent / "originals"
         for j in () if owner["trained"] else range(times):
             name = f"{owner['name']}-rekeyed-{j}"
@@ -121,7 +121,8 @@ def audit_every_owner(
     model = run / f"train-{arm}" / "model.pt"
     folder = run / f"owner-audit{row_suffix(access, arm)}"
     results = []
-    owners = planned_owners(cfg) + rekeyed_owners(cfg, rekey)
+    planned = planned_owners(cfg)
+    owners = planned + rekeyed_owners(cfg, planned, rekey)
     for owner in track(owners, f"owner audits ({access}, {arm} network)", len(owners), "owners"):
         out = folder / f"{owner['name']}.json"
         seen = {k: owner[k] for k in ("owner_id", "trained", "class")} | {"rekeyed": owner.get("rekeyed")}

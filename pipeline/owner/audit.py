@@ -233,8 +233,8 @@ def candidate_mean_losses(
 
 def marking_threads() -> int:
     """Threads that mark candidates at once on the CPU: the cores this process may use (the marking
-    kernels release the GIL)."""
-    return len(os.sched_getaffinity(0))
+    kernels release the GIL); all cores where the system cannot say (macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def in_parallel(fn: Callable[[Any], Any], items: list[Any], threads: int) -> Iterator[Any]:
