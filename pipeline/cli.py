@@ -465,8 +465,12 @@ def audit_own_model(args: argparse.Namespace) -> None:
     if result["stopped"]:
         print(
             f"stopped early: {result['stop_after']} of the first {result['n_scored']} candidates scored at least as "
-            f"low as yours, so p = {result['stop_after']}/{result['n_scored']} lies above the level whatever the "
-            "rest would score (--all-draws scores every one)"
+            f"low as yours, so p lies above the level whatever the rest would score (--all-draws scores every one)"
+        )
+    if result["decided_early"]:
+        print(
+            f"stopped early: none of the first {result['n_scored']} candidates scored as low as yours, so p = "
+            f"1/{result['n_scored'] + 1}, a tenth of the level or less (--all-draws scores all {n} for the full p)"
         )
     if args.json_out is not None:
         write_json(args.json_out, result)

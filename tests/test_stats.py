@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy.stats import binomtest
@@ -16,6 +19,7 @@ from pipeline.core.stats import (
     leave_one_out_p_values,
     null_calibration,
     rank_p_values,
+    sequential_design,
     sequential_p_value,
     sequential_stop,
 )
@@ -76,6 +80,87 @@ def test_sequential_p_values_are_valid_and_decide_as_the_full_test() -> None:
     for u in (1 / 100, 5 / 100, stop / 20, stop / 10, stop / 5):  # values the sequential p-value takes
         assert binomtest(int((p <= u + 1e-12).sum()), trials, u).pvalue > 0.001, u
     assert np.mean(used) < draws / 3
+
+
+def test_sequential_design_by_hand() -> None:
+    """The early look comes after n draws with 1 / (n + 1) <= level / 10, where it saves draws."""
+    assert sequential_design(0.05, 999) == (45, 199)  # the stop at level 0.05 - 1/200
+    assert sequential_design(0.05, 199) == (sequential_stop(0.05, 199), None)  # it would be the last draw
+    assert sequential_design(0.01, 999) == (10, None)
+    assert sequential_design(0.1, 999) == (sequential_stop(0.09, 999), 99)
+    unbeaten = np.zeros(199, bool)
+    assert sequential_p_value(unbeaten, 999, 45, 199) == (1 / 200, 199)  # the early look: p = 1 / (n + 1)
+    assert sequential_p_value(unbeaten[:198], 999, 45, 199) is None  # not there yet
+    once = np.r_[True, np.zeros(998, bool)]
+    assert sequential_p_value(once[:199], 999, 45, 199) is None  # beaten once: score on
+    assert sequential_p_value(once, 999, 45, 199) == (1 / 200 + 2 / 1000, 999)  # every other p raised by 1/200
+    assert sequential_p_value(np.ones(60, bool), 999, 45, 199) == (1.0, 45)  # raised, capped at 1
+    hits = np.r_[np.ones(44, bool), np.zeros(45, bool), True]
+    assert sequential_p_value(hits, 999, 45, 199) == (1 / 200 + 45 / 90, 90)
+
+
+@pytest.mark.parametrize(("level", "draws"), [(0.1, 199), (0.05, 999), (0.2, 60)])
+def test_sequential_p_values_are_exact_at_every_level(level: float, draws: int) -> None:
+    """The sequential p-value's exact distribution under the null, over every path of draws: given
+    the observed score's quantile q ~ U(0, 1), draws are at least as extreme independently with
+    probability q, so one path with s such draws among n has probability 1 / ((n + 1) C(n, s)).
+    P(p <= u) <= u at every value p takes (the early look and the Besag-Clifford stops included)."""
+    stop, early = sequential_design(level, draws)
+    paths = {0: 1}  # s -> paths still scoring after n draws
+    mass: dict[float, float] = {}
+    for n in range(1, draws + 1):
+        grown: dict[int, int] = {}
+        for s, count in paths.items():
+            grown[s] = grown.get(s, 0) + count
+            grown[s + 1] = grown.get(s + 1, 0) + count
+        paths = {}
+        for s, count in grown.items():
+            # one path standing for all that are here: its verdict depends only on n and s (a path with
+            # s = stop got its stop-th hit at this draw; one with s = 0 past the early look has ended)
+            last = int(s == stop)
+            history = np.r_[np.ones(s - last, bool), np.zeros(n - s, bool), np.ones(last, bool)]
+            decided = sequential_p_value(history, draws, stop, early)
+            if decided is None:
+                paths[s] = count
+            else:
+                assert decided[1] == n
+                mass[decided[0]] = mass.get(decided[0], 0.0) + count / ((n + 1) * math.comb(n, s))
+    assert not paths and sum(mass.values()) == pytest.approx(1.0)
+    below = 0.0
+    for u in sorted(mass):
+        below += mass[u]
+        assert below <= u + 1e-12, (u, below)
+    if early is not None:
+        assert mass[1 / (early + 1)] == pytest.approx(1 / (early + 1))
+
+
+def test_sequential_p_values_with_an_early_look_are_valid_with_ties() -> None:
+    """With ties (which count against the owner: label-only scores take few values) the p-value stays
+    valid under the null, P(p <= u) <= u; a clearly memorised owner ends at the early look, and
+    wherever the full test's p <= level - 1 / (n + 1) the sequential one is at most the level."""
+    rng = np.random.default_rng(2)
+    draws, level, trials = 199, 0.1, 6000
+    stop, early = sequential_design(level, draws)
+    assert early == 99
+
+    def scores(size: Any) -> np.ndarray:
+        return rng.integers(0, 40, size).astype(float)  # each value about 5 times among the draws
+
+    p, used = [], []
+    for _ in range(trials):
+        observed, null = scores(None), scores(draws)
+        sequential, n = sequential_p_value(null <= observed, draws, stop, early)
+        full, _ = sequential_p_value(null <= observed, draws, None)
+        assert full > level - 1 / (early + 1) or sequential <= level
+        p.append(sequential)
+        used.append(n)
+    p = np.array(p)
+    for u in (1 / 100, 0.02, 0.05, level, 0.2, 0.5):
+        count = int((p <= u + 1e-12).sum())
+        assert count <= trials * u or binomtest(count, trials, u).pvalue > 0.001, (u, count / trials)
+    assert np.mean(used) < draws / 2
+    memorised = [sequential_p_value(rng.normal(size=draws) <= -4.0, draws, stop, early) for _ in range(50)]
+    assert all(m == (1 / 100, 99) for m in memorised)
 
 
 def test_benjamini_hochberg_controls_fdr() -> None:

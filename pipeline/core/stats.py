@@ -27,6 +27,9 @@ def rank_p_values(scores: np.ndarray, null_scores: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / (len(null_sorted) + 1.0)
 
 
+EARLY_SPEND = 0.1  # the share of the level an early look spends (it raises every other p-value by that much)
+
+
 def sequential_stop(level: float, draws: int) -> int:
     """How many null draws at least as extreme as the observed score stop a sequential test of
     `draws` draws at `level` (`sequential_p_value`): the smallest h with h / draws > level, so a test
@@ -38,20 +41,43 @@ def sequential_stop(level: float, draws: int) -> int:
     return h
 
 
-def sequential_p_value(as_extreme: np.ndarray, draws: int, stop: int | None) -> tuple[float, int] | None:
+def sequential_design(level: float, draws: int) -> tuple[int, int | None]:
+    """(stop, early) for a sequential test of `draws` draws at `level`, which ends as soon as its verdict
+    is clear either way. `early` is the n with 1 / (n + 1) <= level / 10: if none of the first n draws
+    is at least as extreme as the observed score, the test ends there with p = 1 / (n + 1), which a
+    model that memorised the owner's images reaches after a fifth of 999 draws at level 0.05 instead of
+    all of them. That look raises every other p-value by 1 / (n + 1), so `stop` is Besag and Clifford's
+    at the level less it. No early look (None) where n would not come before the last draw."""
+    early = math.ceil(1 / (EARLY_SPEND * level) - 1e-9) - 1
+    if early >= draws:
+        return sequential_stop(level, draws), None
+    return sequential_stop(level - 1 / (early + 1), draws), early
+
+
+def sequential_p_value(
+    as_extreme: np.ndarray, draws: int, stop: int | None, early: int | None = None
+) -> tuple[float, int] | None:
     """Besag & Clifford's (1991) sequential Monte-Carlo p-value, from the draws scored so far (in
     draw order; True where a draw is at least as extreme as the observed score): once `stop` of them
     are, p = stop / (draws used) and no more are needed; otherwise, after all `draws`, the usual
-    p = (1 + count) / (draws + 1). Valid at every level (P(p <= u) <= u under exchangeability), and a
+    p = (1 + count) / (draws + 1). With an `early` look (`sequential_design`), a score that none of the
+    first `early` draws reached ends the test at p = 1 / (early + 1), and every other p is raised by
+    that much. Valid at every level either way (P(p <= u) <= u under exchangeability: the early look
+    has probability at most 1 / (early + 1), so raising the rest by it is a union bound), and a
     never-trained-on owner stops after about stop * (1 + ln(draws / stop)) draws instead of all.
-    Returns (p, draws used), or None while neither rule has decided (score more draws)."""
+    Returns (p, draws used), or None while no rule has decided (score more draws)."""
     hits = np.cumsum(np.asarray(as_extreme, dtype=bool))
+    raised = 0.0
+    if early is not None:
+        if hits.size >= early and hits[early - 1] == 0:
+            return 1.0 / (early + 1), early
+        raised = 1.0 / (early + 1)
     if stop is not None and hits.size and hits[-1] >= stop:
         used = int(np.argmax(hits >= stop)) + 1
-        return stop / used, used
+        return min(1.0, raised + stop / used), used
     if hits.size < draws:
         return None
-    return (1.0 + float(hits[draws - 1])) / (draws + 1), draws
+    return min(1.0, raised + (1.0 + float(hits[draws - 1])) / (draws + 1)), draws
 
 
 def leave_one_out_p_values(null_scores: np.ndarray) -> np.ndarray:

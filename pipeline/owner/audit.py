@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field, validate_call
 from ..config import MarkConfig
 from ..core.marking import resolve_device
 from ..core.models import MODELS, Normalized, build_model, load_fitting, load_weights, read_checkpoint
-from ..core.stats import sequential_p_value, sequential_stop
+from ..core.stats import sequential_design, sequential_p_value
 from ..data.images import fit_to_grid, read_rgb
 from ..data.ood import ood_pool
 from ..store import StageError, file_sha256, first_line
@@ -79,9 +79,10 @@ def audit_owner(
     one. `key_source` names the key in messages about its fields. With `alpha` and `notify`, an audit
     whose smallest possible p-value lies above that level says so before anything is scored (no
     verdict "trained on" can follow; the p-value is still computed).
-    With `alpha`, candidates are scored a batch at a time and scoring stops once enough of them score
-    at least as low as the published one for p to lie above `alpha` (Besag-Clifford; the verdict is
-    that of scoring all, and the p-value stays exact); `all_draws` scores every candidate.
+    With `alpha`, candidates are scored a batch at a time and scoring stops once the verdict is clear
+    (`sequential_design`): enough of them score at least as low as the published one for p to lie
+    above `alpha` (Besag-Clifford), or none of the first `early` does (p = 1 / (early + 1) <= alpha / 10);
+    the p-value stays exact. `all_draws` scores every candidate.
     With `marked_folder` (the published copies), the key proves what it claims first: its published
     originals, re-marked under its settings, must be those copies pixel for pixel."""
     key = validate_key(key, key_source)
@@ -113,18 +114,22 @@ def audit_owner(
     per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
     if marked_folder is not None:
         check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
-    stop = None if alpha is None or all_draws else sequential_stop(alpha, len(candidates))
+    stop, early = (None, None) if alpha is None or all_draws else sequential_design(alpha, len(candidates))
     # a round fills about one forward batch, and holds no more candidates than the fewest that can stop it
-    per_round = max(1, min(batch_size // len(published.files), stop or len(candidates)))
+    per_round = max(1, min(batch_size // len(published.files), stop or len(candidates), early or len(candidates)))
 
     def losses_of(chosen: list[Candidate]) -> np.ndarray:
         return candidate_mean_losses(chosen, images, hashes, cfg, pool, device, predict, label, batch_size, label_name)
 
     first = losses_of([published, *candidates[:per_round]])
     observed, null = first[0], first[1:]
-    while (decided := sequential_p_value(null <= observed, len(candidates), stop)) is None:  # ties count against
-        null = np.concatenate([null, losses_of(candidates[len(null) : len(null) + per_round])])
+    while (decided := sequential_p_value(null <= observed, len(candidates), stop, early)) is None:  # ties count against
+        end = len(null) + per_round
+        if early is not None and len(null) < early:  # a round ends at the early look, not past it
+            end = min(end, early)
+        null = np.concatenate([null, losses_of(candidates[len(null) : end])])
     p_value, used = decided
+    at_least_as_low = int(np.sum(null[:used] <= observed))
     return {
         "design": key["design"],
         "p_value": p_value,
@@ -133,8 +138,10 @@ def audit_owner(
         "n_originals": len(images),
         "n_candidates": len(candidates),
         "n_scored": used,
-        "stopped": stop is not None and int(np.sum(null[:used] <= observed)) >= stop,  # p = stop / n_scored
+        "stopped": stop is not None and at_least_as_low >= stop,  # p = stop / n_scored (+ 1 / (early + 1))
         "stop_after": stop,  # candidates scoring at least as low that end the audit (None: all scored)
+        "decided_early": early is not None and used == early and at_least_as_low == 0,  # p = 1 / (early + 1)
+        "early_look": early,  # candidates after which an unbeaten published mean loss ends the audit
         "access": str(predict.access),
         "queries": predict.queries,
         "draws_seed": draws_seed if key["design"] == "subset" else None,
