@@ -69,9 +69,9 @@ class Recall:
         return logits
 
 
-def dense_rows(columns: np.ndarray, weights: np.ndarray, right: np.ndarray) -> np.ndarray:
+def dense_rows(columns: np.ndarray, weights: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
     """The earlier Perlin product: the left factor built densely, then one matrix product."""
-    return marking.dense_left(columns, weights, len(right)) @ right
+    out[...] = marking.dense_left(columns, weights, len(right)) @ right
 
 
 def timed_audit(key: dict[str, Any], model: Any, earlier: bool) -> dict[str, Any]:

@@ -2,9 +2,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import MarkConfig
-from pipeline.core.marking import fractal_perlin, mark_batch, noise_delta, perlin_params, perlin_signs, stripe_pattern
+from pipeline.core.marking import (
+    _GRADIENTS,
+    NUMPY,
+    _fractal_factors,
+    _warp_signs,
+    _warp_stats,
+    dense_left,
+    fractal_perlin,
+    mark_batch,
+    noise_delta,
+    perlin_params,
+    perlin_signs,
+    stripe_pattern,
+    torch_backend,
+)
 
 EPS = 8 / 255
 
@@ -143,8 +158,6 @@ def test_separable_perlin_equals_per_pixel_definition() -> None:
 def test_warp_signs_match_the_sine_definition() -> None:
     """The phase-based threshold equals sign(norm(sin(pi f norm(perlin))) - 0.5) up to float32
     rounding of phases that sit on a boundary (a few pixels in 10^4)."""
-    from pipeline.core.marking import NUMPY, _warp_signs
-
     mismatched = total_pixels = 0
     for seed in range(20):
         p = perlin_params(np.array([seed], dtype=np.uint64))
@@ -179,3 +192,134 @@ def test_ood_image_patterns(tmp_path) -> None:
     assert make_pattern(dataset_cfg, 1, 16, 16, ood_pool(dataset_cfg, 16)).shape == (16, 16, 3)
     with pytest.raises(ValueError, match="ood_folder"):
         MarkConfig(pattern="ood_image")
+
+
+# Marks already published are re-marked at audit time and compared pixel for pixel: the compiled
+# numpy path must give exactly the bytes its array formulas give, for every size and parameter.
+SEEDS_ALL_OCTAVES = np.array([0, 1, 2, 3, 2**63 + 5, 123456789], np.uint64)
+ODD_SIZES = [(37, 53), (16, 16), (28, 28), (96, 128), (1, 1), (5, 2)]
+
+
+def _octave_reference(perm: np.ndarray, scale: float, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """One octave's (columns, weights, [P; Q]) as numpy array formulas, the code marks were first made with."""
+    axes = []
+    for n in (width, height):
+        coord = np.arange(n) * scale
+        cell = np.floor(coord).astype(np.int64)
+        t = coord - cell
+        axes.append((cell, t, t * t * t * (t * (t * 6 - 15) + 10)))
+    (cx, fx, u), (cy, fy, v) = axes
+    n_rows, n_cols = int(cy[-1]) + 2, int(cx[-1]) + 2
+    corner = perm[perm[np.arange(n_cols) & 255][None, :] + (np.arange(n_rows) & 255)[:, None]] & 7
+    gx, gy = _GRADIENTS[corner, 0], _GRADIENTS[corner, 1]
+    p_rows = (1 - u) * gx[:, cx] * fx + u * gx[:, cx + 1] * (fx - 1)
+    q_rows = (1 - u) * gy[:, cx] + u * gy[:, cx + 1]
+    columns = np.stack([cy, n_rows + cy, cy + 1, n_rows + cy + 1], axis=1)
+    return columns, np.stack([1 - v, (1 - v) * fy, v, v * (fy - 1)], axis=1), np.concatenate([p_rows, q_rows])
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("height, width", ODD_SIZES)
+def test_perlin_map_is_bit_identical_to_array_formulas(height: int, width: int) -> None:
+    """The compiled factors equal the array formulas bit for bit, and each pixel's sum adds its
+    products in column order from 0.0 (float64; the float32 map is that sum rounded once)."""
+    params = perlin_params(SEEDS_ALL_OCTAVES)
+    for perm, period in zip(params["perm"][:2], params["period"][:2]):
+        for octaves in (1, 2, 3, 4):
+            parts = [_octave_reference(perm, 2.0**k / period, height, width) for k in range(octaves)]
+            first = np.cumsum([0] + [len(part[2]) for part in parts])
+            columns, weights, right = _fractal_factors(perm, float(period), octaves, height, width)
+            assert _same_bytes(columns, np.concatenate([c + first[k] for k, (c, _, _) in enumerate(parts)], axis=1))
+            assert _same_bytes(weights, np.concatenate([w / 2.0**k for k, (_, w, _) in enumerate(parts)], axis=1))
+            assert _same_bytes(right, np.concatenate([r for _, _, r in parts]))
+            expected = np.zeros((height, width))
+            for j in range(columns.shape[1]):
+                expected = expected + weights[:, j, None] * right[columns[:, j]]
+            assert _same_bytes(fractal_perlin(perm, float(period), octaves, height, width), expected)
+            assert np.allclose(dense_left(columns, weights, len(right)) @ right, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("height, width", [(37, 53), (96, 128), (1, 1), (5, 2)])
+def test_numpy_signs_equal_torch_signs_bitwise(height: int, width: int) -> None:
+    """The compiled warp (per-lane minima, one pass for the signs) and torch's array version of the
+    same float32 operations threshold the same map identically."""
+    params = perlin_params(SEEDS_ALL_OCTAVES)
+    ours = perlin_signs(SEEDS_ALL_OCTAVES, height, width)
+    for i, (perm, period, octaves, freq) in enumerate(zip(*(params[k] for k in ("perm", "period", "octaves", "freq")))):
+        total = torch.from_numpy(fractal_perlin(perm, float(period), int(octaves), height, width))
+        theirs = _warp_signs(total, float(freq), torch_backend("cpu")).numpy().reshape(height, width)
+        assert _same_bytes(ours[i], theirs)
+        assert _same_bytes(ours[i], _warp_signs(total.numpy(), float(freq), NUMPY).reshape(height, width))
+
+
+@pytest.mark.parametrize("size", [1, 5, 63, 64, 65, 1000, 4099])
+def test_warp_stats_equal_array_minima(size: int) -> None:
+    """The compiled phase statistics, kept per lane, equal numpy's minima and maxima of the same
+    float32 phases, whatever the map's length (a partial last lane included)."""
+    rng = np.random.default_rng(size)
+    total = (rng.standard_normal(size) * 0.3).astype(np.float32)
+    for scale, offset in ((np.float32(17.3), np.float32(4.1)), (np.float32(0.05), np.float32(0.93))):
+        periods = total * scale + offset
+        phase = periods - np.floor(periods)
+        gap, far = np.abs(phase - np.float32(0.25)), np.abs(phase - np.float32(0.75))
+        expected = (gap.min(), gap.max(), far.min(), far.max())
+        assert [np.float32(x) for x in _warp_stats(total, scale, offset)] == list(expected)
+
+
+def _marked_reference(images: np.ndarray, pattern: np.ndarray, signs: np.ndarray, cfg: MarkConfig) -> np.ndarray:
+    """mark_batch's formula as float32 numpy arrays (the torch path's steps): clip(x + 255 epsilon
+    sign) alpha + (1 - alpha) 255 p, rounded."""
+    blend = ((1.0 - cfg.alpha) * 255.0 * pattern.astype(np.float64)).astype(np.float32)
+    noisy = np.clip(images.astype(np.float32) + (cfg.epsilon * 255.0 * signs)[..., None], 0.0, 255.0)
+    return np.rint(noisy * np.float32(cfg.alpha) + blend).astype(np.uint8)
+
+
+@pytest.mark.parametrize("height, width", ODD_SIZES)
+def test_fused_perlin_mark_is_bit_identical_to_its_pieces(height: int, width: int) -> None:
+    """One pass per image finds each pixel's sign and writes its blended channels: the same bytes
+    as perlin_signs and the blend formula, in either layout, for every octave count, epsilon and
+    alpha, with black and white images clipped at 0 and 255."""
+    rng = np.random.default_rng(height * 1000 + width)
+    assert set(perlin_params(SEEDS_ALL_OCTAVES)["octaves"]) == {1, 2, 3, 4}
+    images = rng.integers(0, 256, (len(SEEDS_ALL_OCTAVES), height, width, 3), dtype=np.uint8)
+    images[0], images[1] = 0, 255
+    signs = perlin_signs(SEEDS_ALL_OCTAVES, height, width)
+    for pattern in (stripe_pattern(4, height, width), rng.random((height, width, 3), dtype=np.float32)):
+        for epsilon, alpha in (
+            (8 / 255, 0.7),
+            (0.0, 1.0),
+            (0.5, 1.0),
+            (1.0, 0.05),
+            (3 / 255, 0.31),
+            (0.2697867137638703, 0.618034),
+        ):
+            cfg = MarkConfig(epsilon=epsilon, alpha=alpha)
+            out = mark_batch(images, pattern, SEEDS_ALL_OCTAVES, cfg)
+            assert _same_bytes(out, _marked_reference(images, pattern, signs, cfg))
+            first = mark_batch(images, pattern, SEEDS_ALL_OCTAVES, cfg, channels_first=True)
+            assert _same_bytes(first, np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+    clipped = mark_batch(images, pattern, SEEDS_ALL_OCTAVES, MarkConfig(epsilon=0.5, alpha=1.0))
+    assert (clipped[0][signs[0] < 0] == 0).all() and (clipped[1][signs[1] > 0] == 255).all()  # the bounds held
+
+
+@pytest.mark.parametrize("noise", ["perlin", "uniform", "none"])
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_channels_first_is_the_transpose(noise: str, device: str | None) -> None:
+    images, pattern, seeds = _images(3, 9, 14), stripe_pattern(2, 9, 14), np.arange(3, dtype=np.uint64)
+    cfg = MarkConfig(noise=noise)
+    last = mark_batch(images, pattern, seeds, cfg, device)
+    first = mark_batch(images, pattern, seeds, cfg, device, channels_first=True)
+    assert first.flags["C_CONTIGUOUS"] and _same_bytes(first, np.ascontiguousarray(last.transpose(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_non_contiguous_inputs_mark_like_contiguous_ones(channels_first: bool) -> None:
+    images, seeds = _images(4, 20, 12).transpose(0, 2, 1, 3), np.arange(4, dtype=np.uint64)  # (4, 12, 20, 3)
+    pattern = np.random.default_rng(1).random((20, 12, 3), dtype=np.float32).transpose(1, 0, 2)
+    assert not images.flags["C_CONTIGUOUS"] and not pattern.flags["C_CONTIGUOUS"]
+    expected = mark_batch(np.ascontiguousarray(images), np.ascontiguousarray(pattern), seeds, MarkConfig())
+    out = mark_batch(images, pattern, seeds, MarkConfig(), channels_first=channels_first)
+    assert _same_bytes(out, np.ascontiguousarray(expected.transpose(0, 3, 1, 2)) if channels_first else expected)

@@ -17,7 +17,7 @@ from pipeline.config import MarkConfig
 from pipeline.data.images import ImageError, read_rgb
 from pipeline.owner.designs import DesignParams
 from pipeline.owner.key import KEY_NAME
-from pipeline.owner.marking import mark_folder
+from pipeline.owner.marking import mark_folder, mark_images
 from pipeline.store import StageError, file_sha256
 
 
@@ -191,3 +191,15 @@ def test_publishes_a_secret_subset_and_lists_every_original(tmp_path: Path) -> N
     assert other["published"] != key["published"]  # the seed chooses (a clash has probability 1 / C(30, 4))
     default = mark_folder(src, tmp_path / "out3", MarkConfig(), seed=5)
     assert len(default["published"]) == 3  # a tenth of the folder
+
+
+def test_mark_images_channels_first() -> None:
+    """Images of two sizes, each marked (3, H, W) with `channels_first`: the transpose of (H, W, 3)."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 30, 3), (16, 16, 3), (20, 30, 3))]
+    shas = [f"{i:064x}" for i in (11, 12, 13)]
+    last = mark_images(images, shas, 7, MarkConfig(), None, None)
+    first = mark_images(images, shas, 7, MarkConfig(), None, None, channels_first=True)
+    assert [a.shape for a in first] == [(3, 20, 30), (3, 16, 16), (3, 20, 30)]
+    assert all(np.array_equal(a, b.transpose(2, 0, 1)) for a, b in zip(first, last))
+    assert not np.array_equal(last[0], images[0])

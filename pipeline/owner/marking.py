@@ -59,17 +59,23 @@ def _check_folders(src: Path, out: Path, force: bool) -> None:
 
 
 def mark_images(
-    images: list[np.ndarray], shas: list[str], pattern_seed: int, cfg: MarkConfig, pool: Any, device: str | None
+    images: list[np.ndarray],
+    shas: list[str],
+    pattern_seed: int,
+    cfg: MarkConfig,
+    pool: Any,
+    device: str | None,
+    channels_first: bool = False,
 ) -> list[np.ndarray]:
-    """The images marked with one pattern, batched by size; each image's noise is seeded by the
-    pattern and its original file's hash, so re-marking at audit time reproduces it exactly."""
+    """The (H, W, 3) images marked with one pattern, batched by size; each image's noise is seeded
+    by the pattern and its original file's hash, so re-marking at audit time reproduces it exactly.
+    With `channels_first` each comes back (3, H, W), the layout a model scores."""
     out = list(images)
     for group in shape_groups(images):
         h, w = images[group[0]].shape[:2]
         noise = np.array([child_seed(pattern_seed, 2, int(shas[i][:15], 16)) for i in group], np.uint64)
-        marked = mark_batch(
-            np.stack([images[i] for i in group]), make_pattern(cfg, pattern_seed, h, w, pool), noise, cfg, device
-        )
+        pattern = make_pattern(cfg, pattern_seed, h, w, pool)
+        marked = mark_batch(np.stack([images[i] for i in group]), pattern, noise, cfg, device, channels_first)
         for i, image in zip(group, marked):
             out[i] = image
     return out
