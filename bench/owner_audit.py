@@ -3,9 +3,12 @@
 Each data owner holds a folder of images of one class and marks it with their own tool (the code
 `mtrack owner mark` runs, with their seed and key); the trained-on owners' published images replace
 training images through the normal plan / mark / write / train stages (`plan.owners`), other owners'
-are never trained on. Then `mtrack owner audit --model <model.pt> --user <published folder>` is run,
-as the owner would, for every owner. A calibrated audit gives the never-trained-on owners p <= 0.05
-at a rate inside its binomial 95% limits; a powerful one gives the trained-on owners small p.
+are never trained on. Then `mtrack owner audit --model <model.pt> --user <published folder>
+--all-draws` is run, as the owner would, for every owner: every draw is scored, so each p-value is
+the full test's (the default audit ends early either way once its verdict at 0.05 is clear, which
+gives a trained-on owner p = 1/200 at best; `bench.owner_speed` measures what that saves). A
+calibrated audit gives the never-trained-on owners p <= 0.05 at a rate inside its binomial 95%
+limits; a powerful one gives the trained-on owners small p.
 `--arms marked control` also audits every owner against the run's control network (the same recipe
 on the clean training set, which holds no owner's image): a calibration check where every owner is
 never trained on. `--rekey N` marks each never-trained-on owner's originals N more times with fresh
@@ -146,6 +149,7 @@ def audit_every_owner(
                     str(child_seed(cfg.seed, 7, owner["owner_id"], *rekeyed)),
                     "--json",
                     str(out),
+                    "--all-draws",
                 ]
             )
         if status != 0:

@@ -111,7 +111,8 @@ def audit_owner(
             f"{len(key['files'])} images, {len(published.files)} published, leave too few distinct candidates "
             "for a verdict 'trained on' (mark a larger folder, or audit at a higher level)"
         )
-    per_image_losses(predict, images[0][None], label, 1, label_name)  # one image: its classes and input, before marking
+    probe = np.ascontiguousarray(images[0].transpose(2, 0, 1)[None])
+    per_image_losses(predict, probe, label, 1, label_name)  # one image: its classes and input, before marking
     if marked_folder is not None:
         check_key_makes_published(key, published, images, hashes, cfg, pool, device, Path(marked_folder), key_source)
     stop, early = (None, None) if alpha is None or all_draws else sequential_design(alpha, len(candidates))
@@ -170,11 +171,26 @@ def read_originals(key: dict[str, Any], folder: Path) -> tuple[list[np.ndarray],
 
 
 def marked_candidate(
-    candidate: Candidate, images: list[np.ndarray], hashes: list[str], cfg: MarkConfig, pool: Any, device: str | None
+    candidate: Candidate,
+    images: list[np.ndarray],
+    hashes: list[str],
+    cfg: MarkConfig,
+    pool: Any,
+    device: str | None,
+    channels_first: bool = False,
 ) -> list[np.ndarray]:
-    """A candidate's images (of the owner's originals) marked with its pattern."""
+    """A candidate's images (of the owner's originals) marked with its pattern, (H, W, 3) each, or
+    (3, H, W) as the model takes them with `channels_first`."""
     own = candidate.files
-    return mark_images([images[i] for i in own], [hashes[i] for i in own], candidate.pattern_seed, cfg, pool, device)
+    return mark_images(
+        [images[i] for i in own],
+        [hashes[i] for i in own],
+        candidate.pattern_seed,
+        cfg,
+        pool,
+        device,
+        channels_first=channels_first,
+    )
 
 
 MARK_FIELDS = "seed, design fields, mark.*, max_resolution"  # what decides the published pixels
@@ -226,7 +242,7 @@ def candidate_mean_losses(
         np.add.at(counts, list(owners), 1)
 
     def mark(candidate: Candidate) -> list[np.ndarray]:
-        return marked_candidate(candidate, images, hashes, cfg, pool, device)
+        return marked_candidate(candidate, images, hashes, cfg, pool, device, channels_first=True)
 
     for index, marked in enumerate(in_parallel(mark, candidates, 1 if device else marking_threads())):
         for image in marked:
@@ -264,11 +280,11 @@ def in_parallel(fn: Callable[[Any], Any], items: list[Any], threads: int) -> Ite
 def per_image_losses(
     predict: Predictor, images: np.ndarray, label: int, batch_size: int, label_name: str = "label"
 ) -> np.ndarray:
-    """Each (H, W, 3) uint8 image's loss-like score for `label` at the predictor's access level
+    """Each (3, H, W) uint8 image's loss-like score for `label` at the predictor's access level
     (fp32 cross-entropy from the logit margin for logits; see `owner.access`)."""
     access, out = predict.access, []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).contiguous()
+        batch = torch.from_numpy(images[start : start + batch_size])
         outs = [predict(view(batch)) for view in access.views]
         if (classes := access.classes(outs[0])) is not None and not 0 <= label < classes:
             raise StageError(f"{label_name} {label}: outside the model's {classes} classes (0 to {classes - 1})")
