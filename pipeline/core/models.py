@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from ..registry import Registry
@@ -48,10 +47,18 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
     )
 
 
+def _torchvision_models() -> Any:
+    """torchvision.models, imported when one of its architectures is first built: the import takes
+    about a second, which an owner's audit of a small network would otherwise spend waiting."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 @MODELS.register("resnet18_cifar")
 def resnet18_cifar(num_classes: int, width: int = 64) -> nn.Module:
     """torchvision's ResNet-18 with the small-image stem (3x3 stride-1 conv, no max-pool)."""
-    model = torchvision.models.resnet18(num_classes=num_classes)
+    model = _torchvision_models().resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -111,7 +118,7 @@ def wrn10_1(num_classes: int, width: int = 1) -> nn.Module:
 
 for _name in ("resnet18", "resnet50", "swin_t"):  # torchvision's, as published (Swin-T: stochastic depth 0.2)
     MODELS.register(_name)(
-        lambda num_classes, width=64, _name=_name: getattr(torchvision.models, _name)(num_classes=num_classes)
+        lambda num_classes, width=64, _name=_name: getattr(_torchvision_models(), _name)(num_classes=num_classes)
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import beta, binom, t
 
 
 def rank_p_values(scores: np.ndarray, null_scores: np.ndarray) -> np.ndarray:
@@ -123,6 +122,8 @@ def bh_smallest_null_size(n_members: int, n_hypotheses: int, fdr: float) -> int:
 def binomial_limits(n: int, rate: float, confidence: float = 0.95) -> tuple[float, float]:
     """Central `confidence` range of the observed rate k/n when k ~ Binomial(n, rate): where the
     share of null users with p <= rate should fall if their p-values are calibrated."""
+    from scipy.stats import binom  # scipy.stats takes half a second to import: only where it is used
+
     tail = (1 - confidence) / 2
     return float(binom.ppf(tail, n, rate)) / n, float(binom.ppf(1 - tail, n, rate)) / n
 
@@ -144,6 +145,8 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
     """Exact two-sided interval for a binomial proportion."""
     if trials == 0:
         return 0.0, 1.0
+    from scipy.stats import beta
+
     tail = (1.0 - confidence) / 2
     lo = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
     hi = 1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
@@ -174,6 +177,8 @@ def t_interval(
         return None
     mean, half = float(x.mean()), 0.0
     if np.ptp(x) > 0:
+        from scipy.stats import t
+
         half = float(t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
     low, high = within if within is not None else (-math.inf, math.inf)
     return max(mean - half, low), min(mean + half, high)
