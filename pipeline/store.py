@@ -309,18 +309,20 @@ class Stage:
             self.path(shard_record(rel)) for rel in outputs if SHARD_FILE.fullmatch(rel) and rel.endswith(".npz")
         ]
         shard_seconds = sum(read_json(record)["usage"]["seconds"] for record in records if record.exists())
+        hashes = {rel: file_sha256(self.path(rel)) for rel in outputs}  # hashing is the stage's work too
+        usage = usage_since(
+            self.started,
+            self.started_cpu,  # shard files are counted in their records
+            [self.path(rel) for rel in outputs if not SHARD_FILE.fullmatch(rel)],
+        )
         manifest = {
             "stage": self.name,
             "status": "done",
             "config_hash": self.config_hash,
-            "seconds": round(time.perf_counter() - self.started + shard_seconds, 3),
-            "outputs": {rel: file_sha256(self.path(rel)) for rel in outputs},
+            "seconds": round(usage["seconds"] + shard_seconds, 3),  # the same clock reading as `usage`
+            "outputs": hashes,
             "sizes": {rel: self.path(rel).stat().st_size for rel in outputs},
-            "usage": usage_since(
-                self.started,
-                self.started_cpu,  # shard files are counted in their records
-                [self.path(rel) for rel in outputs if not SHARD_FILE.fullmatch(rel)],
-            ),
+            "usage": usage,
             **extra,
         }
         write_json(self.path(MANIFEST), manifest)
